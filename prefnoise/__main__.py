@@ -1,0 +1,3 @@
+from prefnoise.cli import main
+
+main()

@@ -1,0 +1,18 @@
+"""The one user-facing error type: a message a person can act on, and an exit code."""
+
+from __future__ import annotations
+
+USAGE_OR_DATA_ERROR = 2
+
+
+class PrefnoiseError(Exception):
+    """A problem with the user's input, data or options.
+
+    The CLI prints ``message`` on one line and exits with ``exit_code`` (2 by default);
+    library callers catch it like any exception.
+    """
+
+    def __init__(self, message: str, exit_code: int = USAGE_OR_DATA_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code

@@ -1,0 +1,324 @@
+"""Label-noise models for preference pairs, as pure functions of (seed, pair_id, columns).
+
+Every model gives each pair a flip probability p; the pair flips when its uniform draw u < p.
+The draw is a keyed hash of (seed, model, pair_id), not a stateful RNG walking the rows, so a
+pair's fate is the same whatever the batch size, shard split or row order. Noise models follow
+Nishimori et al. (arXiv 2505.24709, Sec. 3.1) and the instance-dependent variants of their code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from prefnoise import columns as C
+from prefnoise.errors import PrefnoiseError
+
+NOISE_MODELS = ("symmetric", "asymmetric", "bt", "uniform")
+ORIENTATION_RULES = ("longer", "column:NAME", "compare:NAME")
+ALL, POSITIVE, NEGATIVE = "all", "positive", "negative"
+_TWO_POW_53 = float(2**53)
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """A noise model and its parameters; :meth:`check` validates them against a table schema."""
+
+    kind: str = "symmetric"
+    rate: float | None = None  # symmetric
+    rate_pos: float | None = None  # asymmetric: positive pairs (as oriented by `by`)
+    rate_neg: float | None = None  # asymmetric: the other pairs
+    by: str = "longer"  # asymmetric orientation rule
+    temperature: float = 1.0  # bt
+    max_rate: float = 0.3  # uniform: p ~ U[0, max_rate] per pair
+    exact: bool = False
+    seed: int = C.DEFAULT_SEED
+    force: bool = False
+
+    def parameters(self) -> dict[str, object]:
+        """The parameters this noise model uses (for provenance and summaries)."""
+        used = {
+            "symmetric": ("rate",),
+            "asymmetric": ("rate_pos", "rate_neg", "by"),
+            "bt": ("temperature",),
+            "uniform": ("max_rate",),
+        }.get(self.kind, ())
+        return {"noise": self.kind, **{name: getattr(self, name) for name in used}, "exact": self.exact}
+
+    def check(self, schema: pl.Schema | None = None) -> None:
+        """Raise PrefnoiseError for out-of-range parameters or columns the model needs but lacks."""
+        if self.kind not in NOISE_MODELS:
+            raise PrefnoiseError(f"unknown noise model {self.kind!r}; choose one of: {', '.join(NOISE_MODELS)}")
+        if self.kind == "symmetric":
+            _check_rate("--rate", self.rate)
+            if self.rate >= 0.5 and not self.force:  # type: ignore[operator]
+                raise PrefnoiseError(
+                    f"--rate {self.rate} flips at least half the labels, so they carry no signal "
+                    "(or the reverse one); pass --force if that is what you want"
+                )
+        elif self.kind == "asymmetric":
+            _check_rate("--rate-pos", self.rate_pos)
+            _check_rate("--rate-neg", self.rate_neg)
+            if self.rate_pos + self.rate_neg >= 1 and not self.force:  # type: ignore[operator]
+                raise PrefnoiseError(
+                    f"--rate-pos + --rate-neg = {self.rate_pos + self.rate_neg:g} >= 1: labels no "  # type: ignore[operator]
+                    "longer carry the true preference; pass --force if that is what you want"
+                )
+            _parse_rule(self.by)
+        elif self.kind == "bt":
+            if not self.temperature > 0:
+                raise PrefnoiseError(f"--temperature must be > 0, got {self.temperature}")
+        elif self.kind == "uniform":
+            _check_rate("--max-rate", self.max_rate)
+        if self.exact and self.kind not in ("symmetric", "asymmetric"):
+            raise PrefnoiseError("--exact applies to symmetric and asymmetric noise only")
+        if schema is not None:
+            _check_columns(self, schema)
+
+
+def _check_rate(flag: str, value: float | None) -> None:
+    if value is None:
+        raise PrefnoiseError(f"{flag} is required for this noise model")
+    if not 0.0 <= value <= 1.0 or math.isnan(value):
+        raise PrefnoiseError(f"{flag} must be within [0, 1], got {value}")
+
+
+def _parse_rule(rule: str) -> tuple[str, str | None]:
+    if rule == "longer":
+        return "longer", None
+    kind, _, name = rule.partition(":")
+    if kind in ("column", "compare") and name:
+        return kind, name
+    raise PrefnoiseError(f"unknown --by rule {rule!r}; use one of: {', '.join(ORIENTATION_RULES)}")
+
+
+def _check_columns(spec: NoiseSpec, schema: pl.Schema) -> None:
+    if spec.kind == "bt":
+        needed = [C.chosen(C.SCORE), C.rejected(C.SCORE)]
+        missing = [c for c in needed if c not in schema]
+        if missing:
+            raise PrefnoiseError(
+                f"--noise bt needs true scores in {' and '.join(needed)}; missing {', '.join(missing)}"
+            )
+    if spec.kind == "asymmetric":
+        kind, name = _parse_rule(spec.by)
+        if kind == "column" and name not in schema:
+            raise PrefnoiseError(f"--by column:{name}: no column {name!r}; columns are: {', '.join(schema)}")
+        if kind == "compare":
+            needed = [C.chosen(name), C.rejected(name)]  # type: ignore[arg-type]
+            missing = [c for c in needed if c not in schema]
+            if missing:
+                raise PrefnoiseError(
+                    f"--by compare:{name} needs columns {' and '.join(needed)}; missing {', '.join(missing)}"
+                )
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def uniform_draws(pair_ids: Sequence[str] | pl.Series, seed: int, stream: str = "flip") -> np.ndarray:
+    """One U[0, 1) number per pair id: a keyed hash of (seed, stream, pair_id), order independent."""
+    key = f"prefnoise:{seed}:{stream}".encode()[:64]
+    values = np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(pid.encode(), digest_size=8, key=key).digest(), "little") >> 11
+            for pid in pair_ids
+        ),
+        dtype=np.float64,
+        count=len(pair_ids),
+    )
+    return values / _TWO_POW_53
+
+
+def positive_pairs(frame: pl.DataFrame, rule: str) -> np.ndarray:
+    """Which pairs the orientation rule calls positive (``longer``, ``column:NAME``, ``compare:NAME``)."""
+    kind, name = _parse_rule(rule)
+    if kind == "longer":
+        expr = pl.col(C.CHOSEN).str.len_chars() > pl.col(C.REJECTED).str.len_chars()
+    elif kind == "column":
+        expr = pl.col(name).cast(pl.Boolean)  # type: ignore[arg-type]
+    else:
+        expr = pl.col(C.chosen(name)) > pl.col(C.rejected(name))  # type: ignore[arg-type]
+    return frame.select(expr.fill_null(False)).to_series().to_numpy().astype(bool)
+
+
+def bradley_terry_flip_probability(
+    chosen_score: np.ndarray, rejected_score: np.ndarray, temperature: float
+) -> np.ndarray:
+    """P(a Bradley–Terry annotator prefers the rejected response) = σ(−(s_c − s_r)/T)."""
+    margin = (np.asarray(chosen_score, dtype=np.float64) - np.asarray(rejected_score, dtype=np.float64)) / temperature
+    return 0.5 * (1.0 - np.tanh(margin / 2.0))  # σ(−m), stable for any |m|
+
+
+def flip_groups(frame: pl.DataFrame, spec: NoiseSpec) -> np.ndarray:
+    """The summary group of each pair: 'positive'/'negative' for asymmetric noise, else 'all'."""
+    if spec.kind == "asymmetric":
+        return np.where(positive_pairs(frame, spec.by), POSITIVE, NEGATIVE)
+    return np.full(frame.height, ALL)
+
+
+def flip_probability(frame: pl.DataFrame, spec: NoiseSpec) -> np.ndarray:
+    """Each pair's probability of being flipped under ``spec``."""
+    if spec.kind == "symmetric":
+        return np.full(frame.height, float(spec.rate))  # type: ignore[arg-type]
+    if spec.kind == "asymmetric":
+        return np.where(positive_pairs(frame, spec.by), spec.rate_pos, spec.rate_neg).astype(np.float64)
+    if spec.kind == "bt":
+        scores = frame.select(C.chosen(C.SCORE), C.rejected(C.SCORE)).cast(pl.Float64)
+        if scores.null_count().sum_horizontal().item():
+            raise PrefnoiseError("--noise bt: chosen_score/rejected_score contain nulls; fill or drop those rows")
+        return bradley_terry_flip_probability(scores[:, 0].to_numpy(), scores[:, 1].to_numpy(), spec.temperature)
+    # uniform: each pair draws its own rate from U[0, max_rate] (instance-dependent noise)
+    return spec.max_rate * uniform_draws(frame[C.PAIR_ID], spec.seed, stream="uniform-rate")
+
+
+def flip_mask(frame: pl.DataFrame, spec: NoiseSpec, thresholds: dict[str, float] | None = None) -> np.ndarray:
+    """Which pairs to flip: u < p, or with ``--exact`` the pairs whose draw is within their group's threshold."""
+    draws = uniform_draws(frame[C.PAIR_ID], spec.seed, stream=spec.kind)
+    if not spec.exact:
+        return draws < flip_probability(frame, spec)
+    if thresholds is None:
+        raise ValueError("exact flips need thresholds from exact_thresholds()")
+    groups = flip_groups(frame, spec)
+    limit = np.array([thresholds.get(g, -1.0) for g in groups]) if len(groups) else np.zeros(0)
+    return draws <= limit
+
+
+def exact_thresholds(batches: Iterable[pl.DataFrame], spec: NoiseSpec) -> dict[str, float]:
+    """Per group, the largest draw among the round(rate·n) smallest: flipping u <= it flips exactly that many."""
+    draws: dict[str, list[np.ndarray]] = {}
+    for frame in batches:
+        u = uniform_draws(frame[C.PAIR_ID], spec.seed, stream=spec.kind)
+        groups = flip_groups(frame, spec)
+        for group in np.unique(groups):
+            draws.setdefault(str(group), []).append(u[groups == group])
+    rates = {ALL: spec.rate, POSITIVE: spec.rate_pos, NEGATIVE: spec.rate_neg}
+    thresholds = {}
+    for group, parts in draws.items():
+        values = np.concatenate(parts)
+        k = int(round(float(rates[group]) * len(values)))  # type: ignore[arg-type]
+        thresholds[group] = float(np.partition(values, k - 1)[k - 1]) if k > 0 else -1.0
+    return thresholds
+
+
+def swap_responses(frame: pl.DataFrame, mask: np.ndarray | pl.Series) -> pl.DataFrame:
+    """Swap chosen/rejected and every chosen_<f>/rejected_<f> where ``mask``; XOR it into ``flipped``."""
+    flip = pl.Series("__flip", mask, dtype=pl.Boolean)
+    frame = frame.with_columns(flip)
+    swaps = []
+    for field_name in [None, *C.response_fields(frame.columns)]:
+        chosen_col = C.CHOSEN if field_name is None else C.chosen(field_name)
+        rejected_col = C.REJECTED if field_name is None else C.rejected(field_name)
+        swaps.append(pl.when("__flip").then(pl.col(rejected_col)).otherwise(pl.col(chosen_col)).alias(chosen_col))
+        swaps.append(pl.when("__flip").then(pl.col(chosen_col)).otherwise(pl.col(rejected_col)).alias(rejected_col))
+    previous = pl.col(C.FLIPPED).fill_null(False) if C.FLIPPED in frame.columns else pl.lit(False)
+    swaps.append((previous ^ pl.col("__flip")).alias(C.FLIPPED))
+    return frame.with_columns(swaps).drop("__flip")
+
+
+# --------------------------------------------------------------------------- streaming corrupt
+
+
+@dataclass
+class GroupCount:
+    """Rows and flips of one summary group."""
+
+    rows: int = 0
+    flips: int = 0
+    expected_flips: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Realized flip rate."""
+        return self.flips / self.rows if self.rows else 0.0
+
+    def interval(self, z: float = 1.959964) -> tuple[float, float]:
+        """Wilson 95% interval of the realized rate."""
+        return wilson_interval(self.flips, self.rows, z)
+
+
+@dataclass
+class CorruptionStats:
+    """Counts accumulated while corrupting, per summary group."""
+
+    groups: dict[str, GroupCount] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        """Rows processed."""
+        return sum(g.rows for g in self.groups.values())
+
+    @property
+    def flips(self) -> int:
+        """Pairs flipped."""
+        return sum(g.flips for g in self.groups.values())
+
+    def add(self, groups: np.ndarray, mask: np.ndarray, probability: np.ndarray) -> None:
+        """Accumulate one batch."""
+        for group in np.unique(groups):
+            sel = groups == group
+            count = self.groups.setdefault(str(group), GroupCount())
+            count.rows += int(sel.sum())
+            count.flips += int(mask[sel].sum())
+            count.expected_flips += float(probability[sel].sum())
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready summary."""
+        return {
+            "rows": self.rows,
+            "flips": self.flips,
+            "rate": self.flips / self.rows if self.rows else 0.0,
+            "groups": {
+                name: {
+                    "rows": g.rows,
+                    "flips": g.flips,
+                    "rate": g.rate,
+                    "ci95": list(g.interval()),
+                    "expected_rate": g.expected_flips / g.rows if g.rows else 0.0,
+                }
+                for name, g in sorted(self.groups.items())
+            },
+        }
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def corrupt_batches(
+    batches: Iterable[pl.DataFrame],
+    spec: NoiseSpec,
+    *,
+    stats: CorruptionStats | None = None,
+    thresholds: dict[str, float] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> Iterator[pl.DataFrame]:
+    """Yield each batch with the pairs chosen by ``spec`` flipped; counts go into ``stats``."""
+    for frame in batches:
+        mask = flip_mask(frame, spec, thresholds)
+        if stats is not None:
+            stats.add(flip_groups(frame, spec), mask, flip_probability(frame, spec))
+        yield swap_responses(frame, mask)
+        if on_progress is not None:
+            on_progress(frame.height)
+
+
+def corrupt_frame(frame: pl.DataFrame, spec: NoiseSpec) -> tuple[pl.DataFrame, CorruptionStats]:
+    """Corrupt an in-memory canonical table; return it and the flip counts."""
+    spec.check(frame.schema)
+    stats = CorruptionStats()
+    thresholds = exact_thresholds([frame], spec) if spec.exact else None
+    out = next(corrupt_batches([frame], spec, stats=stats, thresholds=thresholds))
+    return out, stats

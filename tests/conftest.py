@@ -1,0 +1,49 @@
+"""Shared fixtures: small canonical tables and paths to the bundled and real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data" / "pairs.parquet"
+REAL_HH = ROOT.parent / "shared" / "data" / "real" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def make_pairs(n: int, seed: int = 0, *, scores: bool = True) -> pl.DataFrame:
+    """n distinct synthetic pairs; chosen has the higher true score when ``scores``."""
+    rng = np.random.default_rng(seed)
+    sc = rng.normal(size=n)
+    sr = sc - np.abs(rng.normal(size=n)) - 1e-3
+    data = {
+        "prompt": [f"question {i}" for i in range(n)],
+        "chosen": [f"good answer {i} " + "x" * int(rng.integers(0, 20)) for i in range(n)],
+        "rejected": [f"bad answer {i} " + "y" * int(rng.integers(0, 20)) for i in range(n)],
+    }
+    if scores:
+        data["chosen_score"] = sc
+        data["rejected_score"] = sr
+    return pl.DataFrame(data)
+
+
+@pytest.fixture
+def pairs() -> pl.DataFrame:
+    """Twenty clean synthetic pairs with true scores."""
+    return make_pairs(20)
+
+
+@pytest.fixture
+def sample_path() -> Path:
+    """The bundled sample dataset."""
+    return SAMPLE
+
+
+@pytest.fixture
+def real_hh_path() -> Path:
+    """The real Anthropic HH slice in ../shared (skips when the checkout has no shared/)."""
+    if not REAL_HH.exists():
+        pytest.skip("shared/data/real is not beside this checkout")
+    return REAL_HH

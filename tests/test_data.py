@@ -1,0 +1,204 @@
+"""The data layer: readers, canonical form, validation, writer and provenance."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from prefnoise.data import (
+    ColumnMap,
+    content_pair_ids,
+    new_history_entry,
+    open_source,
+    read_history,
+    read_table,
+    write_table,
+)
+from prefnoise.errors import PrefnoiseError
+from tests.conftest import make_pairs
+
+CANONICAL = ["pair_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score"]
+
+
+def _same_content(a: pl.DataFrame, b: pl.DataFrame) -> None:
+    key = ["pair_id"]
+    assert a.sort(key).select(CANONICAL).equals(b.sort(key).select(CANONICAL))
+
+
+def test_pair_id_is_a_stable_content_hash(tmp_path, pairs):
+    table = read_table(_write_raw(pairs, tmp_path, "ids.parquet"))
+    # the same id whatever the order or slicing of the rows
+    reversed_ids = content_pair_ids(pairs["prompt"][::-1], pairs["chosen"][::-1], pairs["rejected"][::-1])
+    assert reversed_ids[::-1] == table["pair_id"].to_list()
+    assert table["pair_id"].n_unique() == 20
+    assert all(len(i) == 16 for i in table["pair_id"])
+    # fields are length-prefixed: moving text between fields changes the id
+    assert content_pair_ids(["ab"], ["c"], ["d"]) != content_pair_ids(["a"], ["bc"], ["d"])
+    # a known value pins the hash function across versions
+    assert content_pair_ids(["p"], ["c"], ["r"]) == ["f8450577b67a39a8"]
+
+
+def _write_raw(frame: pl.DataFrame, directory: Path, name: str) -> Path:
+    path = directory / name
+    frame.write_parquet(path)
+    return path
+
+
+def test_round_trip_every_reader(tmp_path, pairs):
+    reference = read_table(_write_raw(pairs, tmp_path, "ref.parquet"))
+    # Parquet directory of shards
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pairs[:7].write_parquet(shards / "part-0.parquet")
+    pairs[7:].write_parquet(shards / "part-1.parquet")
+    # JSONL, JSONL.gz, CSV
+    pairs.write_ndjson(tmp_path / "t.jsonl")
+    with gzip.open(tmp_path / "t.jsonl.gz", "wt") as handle:
+        handle.write(pairs.write_ndjson())
+    pairs.write_csv(tmp_path / "t.csv")
+    # datasets.save_to_disk
+    import datasets
+
+    datasets.Dataset.from_polars(pairs).save_to_disk(str(tmp_path / "saved"))
+    for name in ("shards", "t.jsonl", "t.jsonl.gz", "t.csv", "saved"):
+        table = read_table(tmp_path / name)
+        assert table.columns == CANONICAL, name
+        _same_content(table, reference)
+
+
+def test_writer_round_trip_keeps_types_and_history(tmp_path, pairs):
+    src = open_source(_write_raw(pairs, tmp_path, "in.parquet"))
+    entry = new_history_entry("test", {"alpha": 1}, seed=7, source=src)
+    rows = write_table(src.batches(), tmp_path / "out.parquet", entry=entry)
+    assert rows == 20
+    again = read_table(tmp_path / "out.parquet")
+    _same_content(again, read_table(tmp_path / "in.parquet"))
+    (step,) = read_history(tmp_path / "out.parquet")
+    assert step["command"] == "test" and step["parameters"] == {"alpha": 1} and step["seed"] == 7
+    assert step["input"]["rows"] == 20 and step["rows_out"] == 20
+    assert step["input"]["fingerprint"].startswith("blake2b:")
+    # a second command appends to the history
+    src2 = open_source(tmp_path / "out.parquet")
+    write_table(src2.collect(), tmp_path / "out2.parquet", entry=new_history_entry("second", {}, source=src2))
+    assert [s["command"] for s in read_history(tmp_path / "out2.parquet")] == ["test", "second"]
+    # the file is zstd-compressed
+    meta = pq.ParquetFile(tmp_path / "out2.parquet").metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_column_mapping_and_extra_columns(tmp_path):
+    raw = pl.DataFrame({"q": ["a", "b"], "good": ["x", "y"], "bad": ["z", "w"], "source": ["s1", "s2"]})
+    table = read_table(_write_raw(raw, tmp_path, "m.parquet"), columns=ColumnMap("q", "good", "bad"))
+    assert table.columns == ["pair_id", "prompt", "chosen", "rejected", "source"]
+    assert table["chosen"].to_list() == ["x", "y"]
+
+
+def test_conversational_explicit_and_implicit_prompt(tmp_path):
+    explicit = [
+        {
+            "prompt": [{"role": "user", "content": "Hi?"}],
+            "chosen": [{"role": "assistant", "content": "Hello!"}],
+            "rejected": [{"role": "assistant", "content": "Go away."}],
+        }
+    ]
+    implicit = [
+        {
+            "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"}],
+            "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go away."}],
+        }
+    ]
+    for name, rows in (("explicit", explicit), ("implicit", implicit)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        table = read_table(path)
+        assert table["prompt"].to_list() == ["user: Hi?"], name
+        assert table["chosen"].to_list() == ["Hello!"] and table["rejected"].to_list() == ["Go away."]
+        assert json.loads(table["prompt_messages"][0]) == [{"role": "user", "content": "Hi?"}]
+
+
+def test_hh_layout_splits_the_real_file(real_hh_path):
+    with pytest.raises(PrefnoiseError, match="--layout hh"):
+        read_table(real_hh_path)
+    with pytest.raises(PrefnoiseError, match=r"5 row\(s\) with transcript prefixes differ.*--drop-invalid"):
+        read_table(real_hh_path, layout="hh")
+    src = open_source(real_hh_path, layout="hh", drop_invalid=True)
+    table = src.collect()
+    assert src.rows_read == 2312
+    assert src.dropped == {"transcript prefixes differ": 5, "null or empty 'chosen'": 4}
+    assert table.height == 2312 - 9  # 5 prefix mismatches + 4 empty final replies
+    assert table["prompt"].str.starts_with("\n\nHuman:").all()
+    assert table["prompt"].str.ends_with("\n\nAssistant:").all()
+    assert not table["chosen"].str.contains("\n\nAssistant:", literal=True).any()
+
+
+def test_hh_split_by_hand(tmp_path):
+    rows = [{"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: good", "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: bad"}]
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps(rows[0]))
+    table = read_table(path, layout="hh")
+    assert table["prompt"][0] == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
+    assert (table["chosen"][0], table["rejected"][0]) == ("good", "bad")
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (pl.DataFrame({"prompt": ["p"], "chosen": ["c"]}), r"missing required column\(s\) 'rejected'; columns are: prompt, chosen"),
+        (pl.DataFrame({"prompt": ["p", None], "chosen": ["c", "d"], "rejected": ["r", "s"]}), r"1 row\(s\) with null or empty 'prompt', first at row 2"),
+        (pl.DataFrame({"prompt": ["p", "q"], "chosen": ["c", "  "], "rejected": ["r", "s"]}), r"null or empty 'chosen', first at row 2"),
+        (pl.DataFrame({"prompt": ["p"], "chosen": ["same"], "rejected": ["same"]}), r"'chosen' equals 'rejected', first at row 1 \(pair_id"),
+        (pl.DataFrame({"prompt": ["p"], "chosen": [1], "rejected": [2]}), r"column 'chosen' has type Int64; expected text"),
+        (pl.DataFrame({"prompt": ["p"], "chosen": ["c"], "rejected": ["r"], "flipped": ["yes"]}), r"'flipped' has type String; expected booleans"),
+    ],
+)
+def test_validation_errors_name_the_problem(tmp_path, frame, message):
+    path = _write_raw(frame, tmp_path, "bad.parquet")
+    with pytest.raises(PrefnoiseError, match=message) as info:
+        read_table(path)
+    assert str(path) in info.value.message and "\n" not in info.value.message
+
+
+def test_drop_invalid_counts_dropped_rows(tmp_path):
+    frame = pl.DataFrame({"prompt": ["p", "q", "r"], "chosen": ["c", "", "x"], "rejected": ["r", "s", "x"]})
+    src = open_source(_write_raw(frame, tmp_path, "bad.parquet"), drop_invalid=True)
+    assert src.collect().height == 1
+    assert src.dropped == {"null or empty 'chosen'": 1, "'chosen' equals 'rejected'": 1}
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(PrefnoiseError, match="cannot read as parquet"):
+        read_table(broken)
+    with pytest.raises(PrefnoiseError, match="no such file"):
+        read_table(tmp_path / "nope.parquet")
+    with pytest.raises(PrefnoiseError, match="column 'answer'.*columns are: prompt, chosen, rejected"):
+        read_table(_write_raw(make_pairs(2, scores=False), tmp_path, "ok.parquet"), columns=ColumnMap(chosen="answer"))
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path, pairs):
+    dest = tmp_path / "out.parquet"
+
+    def failing_batches():
+        yield read_table(_write_raw(pairs, tmp_path, "in.parquet"))
+        raise PrefnoiseError("boom")
+
+    with pytest.raises(PrefnoiseError, match="boom"):
+        write_table(failing_batches(), dest)
+    assert list(tmp_path.iterdir()) == [tmp_path / "in.parquet"]
+    # and an existing output is left untouched
+    dest.write_bytes(b"old")
+    with pytest.raises(PrefnoiseError):
+        write_table(failing_batches(), dest)
+    assert dest.read_bytes() == b"old"
+
+
+def test_batches_stream_in_bounded_chunks(tmp_path):
+    path = _write_raw(make_pairs(1000), tmp_path, "big.parquet")
+    sizes = [b.height for b in open_source(path, batch_size=128).batches()]
+    assert max(sizes) <= 128 and sum(sizes) == 1000
