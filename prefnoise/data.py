@@ -572,9 +572,10 @@ def write_table(
                 for frame in frames:
                     table = _drop_internal(frame).to_arrow()
                     if writer is None:
-                        writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-                    elif table.schema != writer.schema_arrow:
-                        table = table.cast(writer.schema_arrow)
+                        schema = table.schema
+                        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+                    elif table.schema != schema:
+                        table = table.cast(schema)
                     writer.write_table(table, row_group_size=row_group_size)
                     rows += table.num_rows
                 if writer is None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
@@ -122,17 +123,49 @@ def _check_columns(spec: NoiseSpec, schema: pl.Schema) -> None:
 
 
 def uniform_draws(pair_ids: Sequence[str] | pl.Series, seed: int, stream: str = "flip") -> np.ndarray:
-    """One U[0, 1) number per pair id: a keyed hash of (seed, stream, pair_id), order independent."""
-    key = f"prefnoise:{seed}:{stream}".encode()[:64]
-    values = np.fromiter(
-        (
-            int.from_bytes(hashlib.blake2b(pid.encode(), digest_size=8, key=key).digest(), "little") >> 11
-            for pid in pair_ids
-        ),
-        dtype=np.float64,
-        count=len(pair_ids),
+    """One U[0, 1) number per pair id: a keyed hash of (seed, stream, pair_id), order independent.
+
+    The hash is splitmix64 folded over the id's UTF-8 bytes in little-endian 8-byte words, keyed by
+    a blake2b digest of (seed, stream); vectorised with numpy, stable across platforms and versions.
+    """
+    ids = pl.Series(pair_ids, dtype=pl.String) if not isinstance(pair_ids, pl.Series) else pair_ids
+    key = np.uint64(
+        int.from_bytes(hashlib.blake2b(f"prefnoise:{seed}:{stream}".encode(), digest_size=8).digest(), "little")
     )
-    return values / _TWO_POW_53
+    words, lengths = _utf8_words(ids)
+    with np.errstate(over="ignore"):
+        state = _splitmix64(key ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
+        for j in range(words.shape[1]):
+            mixed = _splitmix64(state ^ words[:, j])
+            state = np.where(lengths > 8 * j, mixed, state)
+    return (state >> np.uint64(11)).astype(np.float64) / _TWO_POW_53
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _utf8_words(ids: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Each string's UTF-8 bytes as zero-padded little-endian uint64 words, and the byte lengths."""
+    if ids.null_count():
+        raise PrefnoiseError("pair_id has null values; fill them or drop the column to recompute ids")
+    array = ids.to_arrow().cast(pa.large_string())
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    n = len(array)
+    _, offsets_buffer, data_buffer = array.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[array.offset : array.offset + n + 1]
+    lengths = np.diff(offsets)
+    n_words = int(-(-lengths.max() // 8)) if n else 0
+    padded = np.zeros((n, max(n_words, 1) * 8), dtype=np.uint8)
+    if n and lengths.sum():
+        data = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[0] : offsets[-1]]
+        rows = np.repeat(np.arange(n), lengths)
+        cols = np.arange(len(data)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+        padded[rows, cols] = data
+    return padded.view("<u8")[:, :n_words], lengths
 
 
 def positive_pairs(frame: pl.DataFrame, rule: str) -> np.ndarray:

@@ -49,7 +49,18 @@ def test_corrupt_writes_flips_and_history(tmp_path, sample_path):
 
 
 def test_corrupt_human_summary(tmp_path, sample_path):
-    result = run("corrupt", sample_path, tmp_path / "o.parquet", "--noise", "asymmetric", "--rate-pos", "0.3", "--rate-neg", "0.1", "--exact")
+    result = run(
+        "corrupt",
+        sample_path,
+        tmp_path / "o.parquet",
+        "--noise",
+        "asymmetric",
+        "--rate-pos",
+        "0.3",
+        "--rate-neg",
+        "0.1",
+        "--exact",
+    )
     assert result.exit_code == 0
     assert "positive" in result.output and "negative" in result.output and "400 rows" in result.output
 
@@ -60,7 +71,10 @@ def test_corrupt_human_summary(tmp_path, sample_path):
         (["--rate", "0.7"], "carry no signal"),
         (["--rate", "-1"], "must be within"),
         (["--noise", "bt", "--temperature", "0"], "--temperature must be > 0"),
-        (["--noise", "asymmetric", "--rate-pos", "0.2", "--rate-neg", "0.1", "--by", "column:nope"], "no column 'nope'"),
+        (
+            ["--noise", "asymmetric", "--rate-pos", "0.2", "--rate-neg", "0.1", "--by", "column:nope"],
+            "no column 'nope'",
+        ),
     ],
 )
 def test_bad_options_exit_2_with_one_line_and_no_output(tmp_path, sample_path, args, message):
@@ -116,7 +130,9 @@ def test_real_pipe_through_subprocess(tmp_path, sample_path):
     with open(sample_path, "rb") as stdin:
         proc = subprocess.run(
             [sys.executable, "-m", "prefnoise", "corrupt", "-", "-", "--rate", "0.25", "--seed", "1", "--json"],
-            stdin=stdin, capture_output=True, check=False,
+            stdin=stdin,
+            capture_output=True,
+            check=False,
         )
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout[:4] == b"PAR1"
@@ -125,5 +141,9 @@ def test_real_pipe_through_subprocess(tmp_path, sample_path):
     out.write_bytes(proc.stdout)
     assert int(read_table(out)["flipped"].sum()) == summary["flips"]
     assert read_history(out)[-1]["input"]["path"] == "<stdin>"
-    bad = subprocess.run([sys.executable, "-m", "prefnoise", "corrupt", "missing.parquet", "x.parquet", "--rate", "0.1"], capture_output=True, check=False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "prefnoise", "corrupt", "missing.parquet", "x.parquet", "--rate", "0.1"],
+        capture_output=True,
+        check=False,
+    )
     assert bad.returncode == 2 and bad.stderr.decode() == "Error: missing.parquet: no such file or directory\n"

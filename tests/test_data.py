@@ -137,7 +137,12 @@ def test_hh_layout_splits_the_real_file(real_hh_path):
 
 
 def test_hh_split_by_hand(tmp_path):
-    rows = [{"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: good", "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: bad"}]
+    rows = [
+        {
+            "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: good",
+            "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: bad",
+        }
+    ]
     path = tmp_path / "hh.jsonl"
     path.write_text(json.dumps(rows[0]))
     table = read_table(path, layout="hh")
@@ -148,12 +153,30 @@ def test_hh_split_by_hand(tmp_path):
 @pytest.mark.parametrize(
     ("frame", "message"),
     [
-        (pl.DataFrame({"prompt": ["p"], "chosen": ["c"]}), r"missing required column\(s\) 'rejected'; columns are: prompt, chosen"),
-        (pl.DataFrame({"prompt": ["p", None], "chosen": ["c", "d"], "rejected": ["r", "s"]}), r"1 row\(s\) with null or empty 'prompt', first at row 2"),
-        (pl.DataFrame({"prompt": ["p", "q"], "chosen": ["c", "  "], "rejected": ["r", "s"]}), r"null or empty 'chosen', first at row 2"),
-        (pl.DataFrame({"prompt": ["p"], "chosen": ["same"], "rejected": ["same"]}), r"'chosen' equals 'rejected', first at row 1 \(pair_id"),
-        (pl.DataFrame({"prompt": ["p"], "chosen": [1], "rejected": [2]}), r"column 'chosen' has type Int64; expected text"),
-        (pl.DataFrame({"prompt": ["p"], "chosen": ["c"], "rejected": ["r"], "flipped": ["yes"]}), r"'flipped' has type String; expected booleans"),
+        (
+            pl.DataFrame({"prompt": ["p"], "chosen": ["c"]}),
+            r"missing required column\(s\) 'rejected'; columns are: prompt, chosen",
+        ),
+        (
+            pl.DataFrame({"prompt": ["p", None], "chosen": ["c", "d"], "rejected": ["r", "s"]}),
+            r"1 row\(s\) with null or empty 'prompt', first at row 2",
+        ),
+        (
+            pl.DataFrame({"prompt": ["p", "q"], "chosen": ["c", "  "], "rejected": ["r", "s"]}),
+            r"null or empty 'chosen', first at row 2",
+        ),
+        (
+            pl.DataFrame({"prompt": ["p"], "chosen": ["same"], "rejected": ["same"]}),
+            r"'chosen' equals 'rejected', first at row 1 \(pair_id",
+        ),
+        (
+            pl.DataFrame({"prompt": ["p"], "chosen": [1], "rejected": [2]}),
+            r"column 'chosen' has type Int64; expected text",
+        ),
+        (
+            pl.DataFrame({"prompt": ["p"], "chosen": ["c"], "rejected": ["r"], "flipped": ["yes"]}),
+            r"'flipped' has type String; expected booleans",
+        ),
     ],
 )
 def test_validation_errors_name_the_problem(tmp_path, frame, message):
@@ -198,7 +221,11 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, pairs):
     assert dest.read_bytes() == b"old"
 
 
-def test_batches_stream_in_bounded_chunks(tmp_path):
+def test_batches_stream_in_bounded_chunks_and_write_back(tmp_path):
     path = _write_raw(make_pairs(1000), tmp_path, "big.parquet")
-    sizes = [b.height for b in open_source(path, batch_size=128).batches()]
+    src = open_source(path, batch_size=128)
+    sizes = [b.height for b in src.batches()]
     assert max(sizes) <= 128 and sum(sizes) == 1000
+    assert write_table(src.batches(), tmp_path / "out.parquet", row_group_size=300) == 1000
+    assert pq.ParquetFile(tmp_path / "out.parquet").metadata.num_row_groups == 8  # one per batch
+    _same_content(read_table(tmp_path / "out.parquet"), read_table(path))

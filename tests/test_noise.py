@@ -95,9 +95,13 @@ def test_asymmetric_rates_per_group(big):
 
 def test_asymmetric_by_column_and_compare():
     table = canonical(2000).with_columns(flag=pl.int_range(pl.len()) % 4 == 0)
-    _, stats = corrupt_frame(table, NoiseSpec(kind="asymmetric", rate_pos=1.0, rate_neg=0.0, by="column:flag", force=True))
+    _, stats = corrupt_frame(
+        table, NoiseSpec(kind="asymmetric", rate_pos=1.0, rate_neg=0.0, by="column:flag", force=True)
+    )
     assert stats.groups["positive"].flips == 500 and stats.groups["negative"].flips == 0
-    _, stats = corrupt_frame(table, NoiseSpec(kind="asymmetric", rate_pos=0.0, rate_neg=1.0, by="compare:score", force=True))
+    _, stats = corrupt_frame(
+        table, NoiseSpec(kind="asymmetric", rate_pos=0.0, rate_neg=1.0, by="compare:score", force=True)
+    )
     assert stats.groups["positive"].rows == 2000 and stats.flips == 0  # chosen always scores higher
 
 
@@ -165,3 +169,22 @@ def test_missing_columns_for_bt_and_rules():
 def test_wilson_interval_by_hand():
     low, high = wilson_interval(20, 100)
     assert low == pytest.approx(0.1333, abs=1e-4) and high == pytest.approx(0.2888, abs=1e-4)
+
+
+def test_uniform_draws_ignore_batch_padding_and_are_pinned():
+    ids = pl.Series(["a", "bb", "ccccccccc", "", "é" * 10, "x" * 100])
+    whole = uniform_draws(ids, seed=1)
+    pieces = np.concatenate([uniform_draws(ids[:2], seed=1), uniform_draws(ids[2:], seed=1)])
+    assert np.array_equal(whole, pieces)  # padding to the longest id in a batch changes nothing
+    assert len(set(whole.tolist())) == 6
+    # pinned values: a change here re-flips every user's dataset, so it must be deliberate
+    assert uniform_draws(["a", "pair-0001", "x" * 20], seed=0).tolist() == [
+        0.5975750464318914,
+        0.6790046738430148,
+        0.8316989003430607,
+    ]
+
+
+def test_null_pair_ids_are_an_error():
+    with pytest.raises(PrefnoiseError, match="pair_id has null values"):
+        uniform_draws(pl.Series(["a", None]), seed=0)
