@@ -6,6 +6,7 @@ from __future__ import annotations
 from prefnoise.cli import (
     corrupt,  # noqa: E402,F401
     inspect,  # noqa: E402,F401
+    rank_check,  # noqa: E402,F401
 )
 from prefnoise.cli.app import app
 

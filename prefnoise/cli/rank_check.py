@@ -1,0 +1,178 @@
+"""`prefnoise rank-check DATA`: does a learned reward still rank responses like the true one?"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import polars as pl
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from prefnoise import columns as C
+from prefnoise.cli.app import app
+from prefnoise.cli.common import JsonOption, SeedOption, cli_errors, emit_json, progress, show_progress
+from prefnoise.data import open_source
+from prefnoise.errors import PrefnoiseError
+from prefnoise.rank import RankMetrics, RankReport, figure_frames, rank_report
+
+GATE_FAILED = 1
+
+
+@app.command("rank-check")
+@cli_errors
+def rank_check_command(
+    source: Annotated[
+        str, typer.Argument(metavar="DATA", help="Pair table with predicted rewards, or a long table; - for stdin.")
+    ],
+    pred: Annotated[
+        str, typer.Option("--pred", help="Predicted reward field (chosen_<f>/rejected_<f>, or <f>).")
+    ] = C.REWARD,
+    true: Annotated[
+        str,
+        typer.Option("--true", help="True reward field; when absent from a pair table, the labels are the reference."),
+    ] = C.SCORE,
+    long: Annotated[
+        bool, typer.Option("--long", help="Treat DATA as a long table (prompt_id, <pred>, <true>).")
+    ] = False,
+    group_by: Annotated[
+        list[str] | None, typer.Option("--group-by", help="Also split the report by this column.")
+    ] = None,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95% interval.")
+    ] = 1000,
+    show_worst: Annotated[int, typer.Option("--show-worst", min=0, help="List the K most wrongly ranked pairs.")] = 0,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG figure here.")] = None,
+    min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Fail (exit 1) below this.")] = None,
+    min_kendall: Annotated[float | None, typer.Option("--min-kendall", help="Fail (exit 1) below this.")] = None,
+    min_preservation: Annotated[
+        float | None, typer.Option("--min-preservation", help="Fail (exit 1) below this.")
+    ] = None,
+    json_output: JsonOption = False,
+    seed: SeedOption = C.DEFAULT_SEED,
+) -> None:
+    """Pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho of a learned reward."""
+    lazy = _scan(source)
+    splits = list(group_by or [])
+    with progress("rank-check", 1 + len(splits) + 1, enabled=show_progress(json_output)) as advance:
+        report = rank_report(
+            lazy,
+            pred=pred,
+            true=true,
+            group_by=splits,
+            n_boot=bootstrap,
+            seed=seed,
+            worst=show_worst,
+            layout="long" if long else "auto",
+            on_progress=advance,
+        )
+    failures = gate_failures(report.overall, min_agreement, min_kendall, min_preservation)
+    if plot is not None:
+        _write_plot(lazy, report, plot, long, seed)
+    if json_output:
+        emit_json({"source": source, **report.to_dict(), "gate_failures": failures})
+    else:
+        _print_report(report, source, failures)
+    if failures:
+        raise typer.Exit(GATE_FAILED)
+
+
+def gate_failures(
+    metrics: RankMetrics, min_agreement: float | None, min_kendall: float | None, min_preservation: float | None
+) -> list[str]:
+    """One line per failed gate (a metric that cannot be computed fails its gate)."""
+    gates = [
+        ("agreement", metrics.agreement.value, min_agreement),
+        ("kendall_tau_b", metrics.kendall_tau_b, min_kendall),
+        ("preservation", metrics.preservation.value, min_preservation),
+    ]
+    return [
+        f"{name} {'n/a' if value is None else f'{value:.4f}'} < {threshold}"
+        for name, value, threshold in gates
+        if threshold is not None and (value is None or value < threshold)
+    ]
+
+
+def _scan(source: str) -> pl.LazyFrame:
+    """A lazy, column-projecting scan of DATA (Parquet directly; other formats are read whole)."""
+    src = open_source(source)  # resolves '-' (spooled stdin), existence and the file format
+    path = src.path
+    if src.format == "parquet":
+        return pl.scan_parquet(path if path.is_file() else f"{path}/**/*.parquet")
+    if src.format == "json":
+        return pl.read_ndjson(path).lazy() if path.suffix != ".json" else pl.read_json(path).lazy()
+    if src.format == "csv":
+        return pl.scan_csv(path, separator="\t" if ".tsv" in path.suffixes else ",")
+    return src.collect().lazy()
+
+
+def _write_plot(lazy: pl.LazyFrame, report: RankReport, out: Path, long: bool, seed: int) -> None:
+    from prefnoise.plots import rank_check_figure
+
+    if out.suffix.lower() != ".png":
+        raise PrefnoiseError(f"--plot {out}: only .png figures are written; name the file *.png")
+    points, pairs = figure_frames(lazy, pred=report.pred, true=report.true or C.SCORE, layout=report.layout)
+    x, y = ("true", "pred") if "true" in points.columns else ("rejected", "chosen")
+    rank_check_figure(
+        points[x].to_numpy(),
+        points[y].to_numpy(),
+        pairs["true_margin"].to_numpy(),
+        pairs["outcome"].to_numpy(),
+        agreement=report.overall.agreement.value,
+        out=out,
+        seed=seed,
+        labels=(f"{x} reward", f"{y} reward"),
+    )
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return f"{value:,}"
+
+
+def _metric_rows(metrics: RankMetrics) -> list[tuple[str, str]]:
+    a, p = metrics.agreement, metrics.preservation
+    interval = "" if a.low is None else f" [{_fmt(a.low)}, {_fmt(a.high)}]"
+    return [
+        ("pairwise agreement", f"{_fmt(a.value)}{interval}"),
+        ("  pairs / true ties / pred ties", f"{_fmt(a.pairs)} / {_fmt(a.true_ties)} / {_fmt(a.pred_ties)}"),
+        ("rank preservation", f"{_fmt(p.value)}  ({_fmt(p.preserved)} of {_fmt(p.prompts)} prompts)"),
+        ("Kendall tau-b", _fmt(metrics.kendall_tau_b)),
+        ("Spearman rho", _fmt(metrics.spearman_rho)),
+        ("Kendall tau-b per prompt", _fmt(metrics.kendall_tau_b_per_prompt)),
+        ("Spearman rho per prompt", _fmt(metrics.spearman_rho_per_prompt)),
+    ]
+
+
+def _print_report(report: RankReport, source: str, failures: list[str]) -> None:
+    # A fixed width off a terminal, so piped and captured reports are not wrapped mid-word.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    reference = f"true reward '{report.true}'" if report.true else "labels (no true reward found)"
+    console.print(
+        f"{source}: {report.layout} table, {report.overall.rows:,} rows, predicted '{report.pred}' vs {reference}"
+        + (f"; {report.dropped_rows:,} rows with a missing reward skipped" if report.dropped_rows else "")
+    )
+    table = Table(title="rank check", title_justify="left")
+    table.add_column("metric")
+    table.add_column("all", justify="right")
+    columns = [(name, value, m) for name, by in report.splits.items() for value, m in by.items()]
+    for name, value, _ in columns:
+        table.add_column(f"{name}={value}", justify="right")
+    rows = [_metric_rows(report.overall)] + [_metric_rows(m) for _, _, m in columns]
+    for i, (label, _) in enumerate(rows[0]):
+        table.add_row(label, *[r[i][1] for r in rows])
+    console.print(table)
+    if report.worst:
+        worst = Table(title="worst-ranked pairs", title_justify="left")
+        for key in report.worst[0]:
+            worst.add_column(key, justify="left" if key in (C.PAIR_ID, "rows") else "right")
+        for row in report.worst:
+            worst.add_row(*[_fmt(v) if not isinstance(v, str) else v for v in row.values()])
+        console.print(worst)
+    for failure in failures:
+        console.print(f"[bold red]gate failed:[/] {failure}")

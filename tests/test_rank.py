@@ -1,0 +1,179 @@
+"""Rank metrics on tables small enough to check by hand, and against scipy on random data."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.stats
+
+from prefnoise import rank
+
+
+def pairs(chosen_reward, rejected_reward, chosen_score, rejected_score, prompts=None, **extra):
+    n = len(chosen_reward)
+    return pl.DataFrame(
+        {
+            "prompt": prompts or [f"p{i}" for i in range(n)],
+            "chosen": [f"c{i}" for i in range(n)],
+            "rejected": [f"r{i}" for i in range(n)],
+            "pair_id": [f"id{i}" for i in range(n)],
+            "chosen_reward": chosen_reward,
+            "rejected_reward": rejected_reward,
+            "chosen_score": chosen_score,
+            "rejected_score": rejected_score,
+            **extra,
+        }
+    )
+
+
+def test_pair_table_by_hand():
+    # pair 0 right, 1 wrong, 2 predicted tie (half), 3 true tie (excluded)
+    table = pairs([2.0, 0.0, 1.0, 5.0], [1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 3.0, 2.0], [0.0, 0.0, 1.0, 2.0])
+    report = rank.rank_report(table, n_boot=200, worst=1)
+    a = report.overall.agreement
+    assert a.value == pytest.approx((1 + 0 + 0.5) / 3)
+    assert (a.pairs, a.true_ties, a.pred_ties) == (3, 1, 1)
+    # each prompt has one pair: preserved only when strictly right; the true-tie prompt is unordered
+    p = report.overall.preservation
+    assert (p.prompts, p.preserved, p.unordered_prompts, p.value) == (3, 1, 1, pytest.approx(1 / 3))
+    assert report.worst[0]["pair_id"] == "id1" and report.worst[0]["signed_margin"] == -1.0
+
+
+def test_prompt_with_three_responses_by_hand():
+    # One prompt, responses a (true 3), b (true 2), c (true 1) in pairs (a,b), (b,c), (a,c) with
+    # predicted a=1, b=3, c=0: orders a<b wrong, b>c right, a>c right.
+    table = pairs(
+        [1.0, 3.0, 1.0], [3.0, 0.0, 0.0], [3.0, 2.0, 3.0], [2.0, 1.0, 1.0], prompts=["q", "q", "q"]
+    ).with_columns(chosen=pl.Series(["a", "b", "a"]), rejected=pl.Series(["b", "c", "c"]))
+    m = rank.rank_report(table, n_boot=0).overall
+    assert m.agreement.value == pytest.approx(2 / 3)
+    assert m.responses == 3  # the pairs reshaped to 3 distinct responses
+    # true (3,2,1) vs predicted (1,3,0): concordant 2, discordant 1 -> tau = (2-1)/3
+    assert m.kendall_tau_b == pytest.approx(1 / 3)
+    assert m.kendall_tau_b_per_prompt == pytest.approx(1 / 3)
+    # ranks true (3,2,1), predicted (2,3,1): d = (1,-1,0), rho = 1 - 6*2/(3*8) = 0.5
+    assert m.spearman_rho == pytest.approx(0.5)
+    assert (m.preservation.prompts, m.preservation.preserved) == (1, 0)
+
+
+def test_long_table_with_ties_by_hand():
+    long = pl.DataFrame(
+        {
+            "prompt_id": ["a", "a", "a", "b", "b", "c", "c"],
+            "reward": [3.0, 2.0, 2.0, 1.0, 2.0, 5.0, 1.0],
+            "score": [3.0, 2.0, 1.0, 2.0, 1.0, 1.0, 1.0],
+        }
+    )
+    m = rank.rank_report(long, n_boot=100).overall
+    # a: (3>2 right, 3>1 right, 2 vs 1 predicted tie = 0.5); b: reversed; c: true tie, excluded
+    assert m.agreement.value == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+    assert (m.agreement.pairs, m.agreement.true_ties, m.agreement.pred_ties) == (4, 1, 1)
+    # preserved: none (a has a predicted tie, b is reversed); c has no strict order
+    assert (m.preservation.prompts, m.preservation.preserved, m.preservation.unordered_prompts) == (2, 0, 1)
+    # per prompt tau-b: a = (2-0)/sqrt(3*2) ; b = -1 ; c undefined (true all tied)
+    assert m.kendall_tau_b_per_prompt == pytest.approx((2 / np.sqrt(6) - 1) / 2)
+    assert m.prompts_with_tau == 2
+
+
+def test_labels_are_the_reference_without_scores():
+    table = pairs([2.0, 0.0, 1.0, 3.0], [1.0, 1.0, 1.0, 0.0], [0.0] * 4, [0.0] * 4).drop(
+        "chosen_score", "rejected_score"
+    )
+    report = rank.rank_report(table, n_boot=50)
+    assert report.reference == "labels"
+    assert report.overall.agreement.value == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert report.overall.kendall_tau_b is None
+
+
+def test_perfect_and_reversed_rewards():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(200, 2))
+    table = pairs(
+        list(s[:, 0] * 2 + 1),
+        list(s[:, 1] * 2 + 1),
+        list(s[:, 0]),
+        list(s[:, 1]),
+        prompts=[f"p{i % 50}" for i in range(200)],
+    )
+    m = rank.rank_report(table, n_boot=100).overall
+    for value in (
+        m.agreement.value,
+        m.preservation.value,
+        m.kendall_tau_b,
+        m.spearman_rho,
+        m.kendall_tau_b_per_prompt,
+        m.spearman_rho_per_prompt,
+    ):
+        assert value == pytest.approx(1.0)
+    reversed_ = table.with_columns(-pl.col("chosen_reward"), -pl.col("rejected_reward"))
+    r = rank.rank_report(reversed_, n_boot=100).overall
+    assert r.agreement.value == 0.0 and r.preservation.value == 0.0
+    assert r.kendall_tau_b == pytest.approx(-1.0) and r.spearman_rho == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("n, levels", [(50, 5), (3000, 40), (4000, 4000)])
+def test_kendall_and_spearman_match_scipy(n, levels):
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, levels, n).astype(float)
+    y = x + rng.integers(0, levels, n)
+    assert rank.kendall_tau_b(x, y) == pytest.approx(scipy.stats.kendalltau(x, y).statistic, abs=1e-12)
+    assert rank.spearman_rho(x, y) == pytest.approx(scipy.stats.spearmanr(x, y).statistic, abs=1e-12)
+
+
+def test_grouped_rank_stats_match_scipy_per_group():
+    rng = np.random.default_rng(3)
+    group = np.sort(rng.integers(0, 150, 2000))  # many groups: the per-segment counting path
+    x, y = rng.integers(0, 4, 2000).astype(float), rng.integers(0, 5, 2000).astype(float)
+    stats = rank._rank_stats((group,), x, y)
+    tau = rank._tau_b(stats)
+    for g in range(0, 150, 7):
+        mask = group == g
+        expect = scipy.stats.kendalltau(x[mask], y[mask]).statistic
+        assert tau[g] == pytest.approx(expect, abs=1e-12, nan_ok=True)
+
+
+def test_split_by_flipped_and_group_by():
+    table = pairs(
+        [2.0, 0.0, 3.0, 1.0],
+        [1.0, 1.0, 0.0, 2.0],
+        [1.0] * 4,
+        [0.0] * 4,
+        flipped=[False, True, False, True],
+        source=["x", "x", "y", "y"],
+    )
+    report = rank.rank_report(table, group_by=["source"], n_boot=50)
+    assert report.splits["flipped"]["false"].agreement.value == 1.0
+    assert report.splits["flipped"]["true"].agreement.value == 0.0
+    assert report.splits["source"]["x"].agreement.value == 0.5
+
+
+def test_bootstrap_interval_contains_estimate_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+
+    def width(n):
+        s = rng.normal(size=(n, 2))
+        noisy = s + rng.normal(size=(n, 2))
+        a = rank.pairwise_agreement(
+            pairs(list(noisy[:, 0]), list(noisy[:, 1]), list(s[:, 0]), list(s[:, 1])), n_boot=500, seed=0
+        )
+        assert a.low <= a.value <= a.high
+        return a.high - a.low
+
+    small, large = width(200), width(20_000)
+    assert large < small / 5  # sqrt(100) = 10 in theory
+
+
+def test_bootstrap_is_seeded():
+    table = pairs([2.0, 0.0, 1.0] * 30, [1.0, 1.0, 1.0] * 30, [1.0] * 90, [0.0] * 90)
+    a, b = (rank.pairwise_agreement(table, n_boot=300, seed=7) for _ in range(2))
+    assert (a.low, a.high) == (b.low, b.high)
+
+
+def test_missing_columns_are_clear_errors():
+    from prefnoise.errors import PrefnoiseError
+
+    with pytest.raises(PrefnoiseError, match="chosen_reward"):
+        rank.rank_report(pl.DataFrame({"prompt": ["p"], "chosen": ["a"], "rejected": ["b"]}))
+    with pytest.raises(PrefnoiseError, match="--group-by column 'nope'"):
+        rank.rank_report(pairs([1.0], [0.0], [1.0], [0.0]), group_by=["nope"])
