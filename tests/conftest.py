@@ -47,3 +47,11 @@ def real_hh_path() -> Path:
     if not REAL_HH.exists():
         pytest.skip("shared/data/real is not beside this checkout")
     return REAL_HH
+
+
+
+def make_feature_pairs(n: int, dim: int = 8, seed: int = 0) -> pl.DataFrame:
+    """n pairs of random feature vectors with a linear true reward (the package's generator)."""
+    from prefnoise.experiments.features import linear_feature_pairs
+
+    return linear_feature_pairs(n, dim, seed=seed)

@@ -1,0 +1,118 @@
+"""`prefnoise score MODEL DATA OUT`: add learned rewards to a table."""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import typer
+
+from prefnoise import columns as C
+from prefnoise.cli.app import app
+from prefnoise.cli.common import (
+    ChosenColOption,
+    DropInvalidOption,
+    JsonOption,
+    LayoutOption,
+    PromptColOption,
+    RejectedColOption,
+    cli_errors,
+    console,
+    emit_json,
+    open_input,
+    progress,
+    show_progress,
+)
+from prefnoise.data import new_history_entry, read_history, write_table
+from prefnoise.errors import PrefnoiseError
+
+
+def read_long_table(source: str) -> pl.DataFrame:
+    """A (prompt, response) table from Parquet, JSONL or CSV (``-``: Parquet on stdin)."""
+    try:
+        if source == "-":
+            return pl.read_parquet(io.BytesIO(sys.stdin.buffer.read()))
+        path = Path(source)
+        if not path.exists():
+            raise PrefnoiseError(f"{source}: no such file or directory")
+        name = path.name.lower()
+        if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+            return pl.read_ndjson(path)
+        if name.endswith(".csv"):
+            return pl.read_csv(path)
+        return pl.read_parquet(path)
+    except PrefnoiseError:
+        raise
+    except Exception as error:  # polars/arrow parse errors: say which file, not a traceback
+        raise PrefnoiseError(f"{source}: cannot read as a table ({type(error).__name__}: {error})") from None
+
+
+@app.command("score")
+@cli_errors
+def score_command(
+    model_dir: Annotated[Path, typer.Argument(metavar="MODEL", help="Directory written by `prefnoise fit-reward`.")],
+    data: Annotated[str, typer.Argument(metavar="DATA", help="Preference table, or - for stdin.")],
+    dest: Annotated[str, typer.Argument(metavar="OUT", help="Output Parquet file, or - for stdout.")],
+    responses: Annotated[
+        bool, typer.Option("--responses", help="DATA is a long table of (prompt, response) rows; add `reward`.")
+    ] = False,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Responses per forward pass.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="embed+mlp embedding cache.")] = None,
+    json_output: JsonOption = False,
+    prompt_col: PromptColOption = C.PROMPT,
+    chosen_col: ChosenColOption = C.CHOSEN,
+    rejected_col: RejectedColOption = C.REJECTED,
+    layout: LayoutOption = "auto",
+    drop_invalid: DropInvalidOption = False,
+) -> None:
+    """Add chosen_reward/rejected_reward (or `reward` with --responses) from a trained reward model."""
+    from prefnoise.reward import load_reward_model, score_responses, score_table
+
+    if batch_size is not None and batch_size < 1:
+        raise PrefnoiseError(f"--batch-size must be >= 1, got {batch_size}")
+    started = time.perf_counter()
+    model = load_reward_model(model_dir, cache_dir=cache_dir)
+    parameters = {"model": str(model_dir), "responses": responses, "batch_size": batch_size}
+    if responses:
+        frame = read_long_table(data)
+        history = read_history(data) if data != "-" and Path(data).suffix == ".parquet" else []
+        entry = new_history_entry("score", parameters)
+        score, total = score_responses, frame.height
+    else:
+        src = open_input(data, prompt_col, chosen_col, rejected_col, layout, drop_invalid)
+        frame = src.collect()
+        history = src.history
+        entry = new_history_entry("score", parameters, source=src)
+        score, total = score_table, frame.height
+    with progress("scoring", total, enabled=show_progress(json_output)) as advance:
+        scored = score(model, frame, batch_size, device=device, on_progress=advance)
+    rows = write_table(scored, dest, entry=entry, history=history)
+    elapsed = time.perf_counter() - started
+    summary = {
+        "model": str(model_dir),
+        "backend": model.backend,
+        "rows": rows,
+        "output": "<stdout>" if dest == "-" else dest,
+        "columns": [C.REWARD] if responses else [C.chosen(C.REWARD), C.rejected(C.REWARD)],
+        "seconds": round(elapsed, 3),
+    }
+    if not responses:
+        margin = scored[C.chosen(C.REWARD)] - scored[C.rejected(C.REWARD)]
+        summary["accuracy"] = float((margin > 0).mean())
+        if C.FLIPPED in scored.columns:
+            clean = ~scored[C.FLIPPED].fill_null(False)
+            summary["clean_accuracy"] = float(((margin > 0) & clean | (margin < 0) & ~clean).mean())
+    if json_output:
+        emit_json(summary, to_stderr=dest == "-")
+        return
+    line = f"score: {rows:,} rows with {model.backend} rewards → {summary['output']} in {elapsed:.2f} s"
+    if "accuracy" in summary:
+        line += f"; agreement with the given labels {summary['accuracy']:.4f}"
+    if "clean_accuracy" in summary:
+        line += f", with clean labels {summary['clean_accuracy']:.4f}"
+    console.print(line)

@@ -1,0 +1,1 @@
+"""The paper's experiments, rebuilt only from prefnoise's own library functions."""

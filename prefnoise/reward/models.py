@@ -1,0 +1,438 @@
+"""Reward-model backends: a scalar r(prompt, response) and the pipeline that feeds it.
+
+Each backend turns (prompts, responses, features) into a "prepared" input once, then cuts batches
+out of it; the chosen and rejected sides of a batch go through the network as one stacked batch.
+
+- ``mlp``: an MLP on fixed-size feature vectors (the paper's synthetic setting).
+- ``transformer``: a local Hugging Face model with a scalar head (sequence classification with
+  ``num_labels=1``, or the base model + a linear head on mean-pooled states).
+- ``embed+mlp``: a frozen local encoder embeds each (prompt, response) once (mean pooling,
+  cached on disk); an MLP is trained on the embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from prefnoise.errors import PrefnoiseError
+
+CONFIG_FILE = "reward_config.json"
+WEIGHTS_FILE = "model.safetensors"  # mlp weights; HF models write their own model.safetensors
+HEAD_FILE = "head.safetensors"  # the linear head of a pooled transformer
+ENCODER_DIR = "encoder"  # embed+mlp: a copy of the frozen encoder, so the model dir stands alone
+BACKENDS = ("mlp", "transformer", "embed+mlp")
+
+
+class FeatureMLP(nn.Module):
+    """MLP on a feature vector -> scalar reward, clipped to [−output_clip, output_clip]."""
+
+    def __init__(
+        self, in_dim: int, hidden: int = 256, layers: int = 2, dropout: float = 0.0, output_clip: float | None = 20.0
+    ) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        width = in_dim
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            width = hidden
+        blocks.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*blocks)
+        self.output_clip = output_clip
+
+    def forward(self, x: Tensor) -> Tensor:
+        reward = self.net(x).squeeze(-1)
+        if self.output_clip is not None:
+            reward = torch.clamp(reward, -self.output_clip, self.output_clip)
+        return reward
+
+
+class SequenceReward(nn.Module):
+    """A sequence-classification model with one label, read as a scalar reward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+
+
+class PooledReward(nn.Module):
+    """A base model + linear head on its mean-pooled last hidden states."""
+
+    def __init__(self, model: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.head = nn.Linear(hidden_size, 1)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(mean_pool(states, attention_mask)).squeeze(-1)
+
+
+def mean_pool(states: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of ``states`` over the positions where ``attention_mask`` is 1."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    # "Some weights were newly initialized" is expected for a fresh reward head; keep stderr clean.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise PrefnoiseError(f"{path}: cannot load a tokenizer ({error}); save one beside the model") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise PrefnoiseError(f"{path}: tokenizer has neither a pad nor an eos token; add a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_model_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise PrefnoiseError(
+            f"{what} {path}: not a local Hugging Face model directory (no config.json); "
+            "pass a directory saved with save_pretrained"
+        )
+    return path
+
+
+def tokenize_pairs(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
+) -> list[list[int]]:
+    """Token ids of prompt and response together, truncated to ``max_length`` tokens."""
+    if getattr(tokenizer, "sep_token", None) is not None:  # encoders: a proper text pair
+        encoded = tokenizer(list(prompts), list(responses), truncation=True, max_length=max_length)
+    else:  # decoders: the response continues the prompt
+        texts = [p + r for p, r in zip(prompts, responses)]
+        encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    return encoded["input_ids"]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded input_ids and attention_mask for token id lists."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class RewardModel:
+    """A reward network plus its input pipeline; ``config`` is what reward_config.json stores."""
+
+    backend = ""
+
+    def __init__(self, module: nn.Module, config: dict[str, Any]) -> None:
+        self.module = module
+        self.config = config
+
+    def prepare(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        features: np.ndarray | None,
+        *,
+        device: torch.device,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Any:
+        """Per-row network inputs, computed once (features, token ids, or embeddings)."""
+        raise NotImplementedError
+
+    def batch(self, sides: Sequence[Any], index: np.ndarray, device: torch.device) -> dict[str, Tensor]:
+        """Network inputs for rows ``index`` of each prepared side, stacked side after side."""
+        raise NotImplementedError
+
+    def save(self, directory: Path) -> None:
+        """Write weights, tokenizer (if any) and reward_config.json into ``directory``."""
+        raise NotImplementedError
+
+
+class MLPRewardModel(RewardModel):
+    """The ``mlp`` backend: rewards from feature vectors."""
+
+    backend = "mlp"
+
+    def prepare(self, prompts, responses, features, *, device, on_progress=None):
+        if features is None:
+            raise PrefnoiseError("the mlp backend needs feature vectors (chosen_features/rejected_features)")
+        dim = self.config["input_dim"]
+        if features.ndim != 2 or features.shape[1] != dim:
+            raise PrefnoiseError(f"feature vectors have shape {features.shape}; this model expects {dim} dims")
+        if on_progress is not None:
+            on_progress(len(features))
+        return torch.from_numpy(np.array(features, dtype=np.float32))  # a writable copy
+
+    def batch(self, sides, index, device):
+        rows = torch.as_tensor(index, dtype=torch.long)
+        return {"x": torch.cat([side[rows] for side in sides]).to(device, non_blocking=True)}
+
+    def save(self, directory: Path) -> None:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()},
+            str(directory / WEIGHTS_FILE),
+        )
+        _write_config(directory, self.config)
+
+
+def new_mlp(input_dim: int, *, hidden: int, layers: int, dropout: float, output_clip: float | None) -> MLPRewardModel:
+    """A freshly initialised ``mlp`` reward model for ``input_dim``-dimensional features."""
+    config = {
+        "backend": "mlp",
+        "input_dim": input_dim,
+        "hidden": hidden,
+        "layers": layers,
+        "dropout": dropout,
+        "output_clip": output_clip,
+    }
+    module = FeatureMLP(input_dim, hidden, layers, dropout, output_clip)
+    return MLPRewardModel(module, config)
+
+
+class TransformerRewardModel(RewardModel):
+    """The ``transformer`` backend: a local HF model scoring prompt+response tokens."""
+
+    backend = "transformer"
+
+    def __init__(self, module: nn.Module, config: dict[str, Any], tokenizer: Any) -> None:
+        super().__init__(module, config)
+        self.tokenizer = tokenizer
+
+    def prepare(self, prompts, responses, features, *, device, on_progress=None):
+        ids = tokenize_pairs(self.tokenizer, prompts, responses, self.config["max_length"])
+        if on_progress is not None:
+            on_progress(len(ids))
+        return ids
+
+    def batch(self, sides, index, device):
+        rows = [side[i] for side in sides for i in index]
+        return {k: v.to(device) for k, v in pad_batch(rows, self.tokenizer.pad_token_id).items()}
+
+    def save(self, directory: Path) -> None:
+        with _quiet_transformers():
+            self.module.model.save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory))
+        if isinstance(self.module, PooledReward):
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.module.head.state_dict().items()},
+                str(directory / HEAD_FILE),
+            )
+        _write_config(directory, self.config)
+
+
+def _hf_reward_module(path: Path, head: str | None) -> tuple[nn.Module, str]:
+    """The scalar-reward module for HF model dir ``path`` and which head it uses."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    hf_config = AutoConfig.from_pretrained(str(path))
+    if head is None:
+        known = hf_config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+        head = "sequence-classification" if known else "pooled"
+    with _quiet_transformers():
+        if head == "sequence-classification":
+            hf_config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), config=hf_config, dtype=torch.float32)
+            return SequenceReward(model), head
+        model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+    return PooledReward(model, model.config.hidden_size), head
+
+
+def new_transformer(model_path: str | Path, *, max_length: int, head: str | None = None) -> TransformerRewardModel:
+    """A reward model on the local HF model at ``model_path`` with a fresh scalar head.
+
+    ``head``: "sequence-classification", "pooled", or None (sequence classification when the
+    architecture has one, else pooled).
+    """
+    path = _check_model_dir(model_path, "--model")
+    tokenizer = _load_tokenizer(path)
+    module, head = _hf_reward_module(path, head)
+    if isinstance(module, SequenceReward):
+        module.model.config.pad_token_id = tokenizer.pad_token_id
+    config = {"backend": "transformer", "base_model": str(path), "head": head, "max_length": max_length}
+    return TransformerRewardModel(module, config, tokenizer)
+
+
+class Encoder:
+    """A frozen HF encoder that embeds (prompt, response) by mean pooling, with an on-disk cache."""
+
+    def __init__(
+        self, path: str | Path, *, max_length: int, batch_size: int = 64, cache_dir: str | Path | None = None
+    ) -> None:
+        from transformers import AutoModel
+
+        self.path = _check_model_dir(path, "--encoder")
+        self.tokenizer = _load_tokenizer(self.path)
+        with _quiet_transformers():
+            self.model = AutoModel.from_pretrained(str(self.path), dtype=torch.float32).eval()
+        self.model.requires_grad_(False)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self._fingerprint: str | None = None
+
+    @property
+    def dim(self) -> int:
+        """Embedding width."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the encoder's files plus the embedding settings (the cache key)."""
+        if self._fingerprint is None:
+            from prefnoise.data import file_fingerprint
+
+            self._fingerprint = file_fingerprint(self.path) + f"-len{self.max_length}-mean"
+        return self._fingerprint
+
+    @torch.no_grad()
+    def embed(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        *,
+        device: torch.device,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """float32 array (n, dim) of mean-pooled embeddings, reusing and extending the cache."""
+        from prefnoise.reward.cache import EmbeddingCache
+
+        cache = EmbeddingCache.open(self.cache_dir, self.fingerprint)
+        keys = cache.keys_for(prompts, responses)
+        missing = [i for i, key in enumerate(keys) if key not in cache]
+        if on_progress is not None:
+            on_progress(len(keys) - len(missing))
+        if missing:
+            self.model.to(device)
+            new = {}
+            for start in range(0, len(missing), self.batch_size):
+                rows = missing[start : start + self.batch_size]
+                ids = tokenize_pairs(
+                    self.tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows], self.max_length
+                )
+                batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
+                states = self.model(**batch).last_hidden_state
+                pooled = mean_pool(states.float(), batch["attention_mask"]).cpu().numpy()
+                for i, vector in zip(rows, pooled):
+                    new[keys[i]] = vector
+                if on_progress is not None:
+                    on_progress(len(rows))
+            cache.add(new)
+        return cache.lookup(keys, self.dim)
+
+    def save(self, directory: Path) -> None:
+        """Copy the encoder and its tokenizer into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        with _quiet_transformers():
+            self.model.save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory))
+
+
+class EmbedMLPRewardModel(MLPRewardModel):
+    """The ``embed+mlp`` backend: an MLP on frozen-encoder embeddings."""
+
+    backend = "embed+mlp"
+
+    def __init__(self, module: nn.Module, config: dict[str, Any], encoder: Encoder) -> None:
+        super().__init__(module, config)
+        self.encoder = encoder
+
+    def prepare(self, prompts, responses, features, *, device, on_progress=None):
+        return torch.as_tensor(self.encoder.embed(prompts, responses, device=device, on_progress=on_progress))
+
+    def save(self, directory: Path) -> None:
+        self.encoder.save(directory / ENCODER_DIR)
+        super().save(directory)
+
+
+def new_embed_mlp(
+    encoder_path: str | Path,
+    *,
+    max_length: int,
+    hidden: int,
+    layers: int,
+    dropout: float,
+    output_clip: float | None,
+    cache_dir: str | Path | None = None,
+    embed_batch_size: int = 64,
+) -> EmbedMLPRewardModel:
+    """An ``embed+mlp`` reward model on the frozen local encoder at ``encoder_path``."""
+    encoder = Encoder(encoder_path, max_length=max_length, batch_size=embed_batch_size, cache_dir=cache_dir)
+    mlp = new_mlp(encoder.dim, hidden=hidden, layers=layers, dropout=dropout, output_clip=output_clip)
+    config = {
+        **mlp.config,
+        "backend": "embed+mlp",
+        "encoder": str(encoder.path),
+        "encoder_fingerprint": encoder.fingerprint,
+        "max_length": max_length,
+    }
+    return EmbedMLPRewardModel(mlp.module, config, encoder)
+
+
+def _write_config(directory: Path, config: dict[str, Any]) -> None:
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def load_reward_model(directory: str | Path, *, cache_dir: str | Path | None = None) -> RewardModel:
+    """The reward model saved by ``fit-reward`` in ``directory`` (on CPU, eval mode)."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise PrefnoiseError(
+            f"{directory}: not a prefnoise reward model (no {CONFIG_FILE}); train one with `prefnoise fit-reward`"
+        )
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    backend = config.get("backend")
+    if backend in ("mlp", "embed+mlp"):
+        module = FeatureMLP(
+            config["input_dim"], config["hidden"], config["layers"], config["dropout"], config["output_clip"]
+        )
+        module.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        if backend == "mlp":
+            model: RewardModel = MLPRewardModel(module, config)
+        else:
+            encoder = Encoder(directory / ENCODER_DIR, max_length=config["max_length"], cache_dir=cache_dir)
+            # the copy has the original's weights, so it shares the original's cache entries
+            encoder._fingerprint = config["encoder_fingerprint"]
+            model = EmbedMLPRewardModel(module, config, encoder)
+    elif backend == "transformer":
+        tokenizer = _load_tokenizer(directory)
+        module, _ = _hf_reward_module(directory, config["head"])
+        if isinstance(module, PooledReward):
+            module.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        model = TransformerRewardModel(module, config, tokenizer)
+    else:
+        raise PrefnoiseError(f"{config_path}: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    model.module.eval()
+    return model

@@ -1,0 +1,483 @@
+"""Fit a reward model on preference pairs with a margin loss, and score tables with it.
+
+The loss sees the margin z = β·(r(chosen) − r(rejected)); the label is always "chosen is better",
+so a flipped pair is simply a pair whose z should be negative. The training loop is one function.
+Under ``accelerate launch`` / ``torchrun`` (WORLD_SIZE > 1) it runs data-parallel (DDP): every
+process takes its share of each epoch's batches, validation runs everywhere on the whole split,
+and only the main process should write results (``FitResult.is_main``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from prefnoise import columns as C
+from prefnoise.atomic import atomic_path
+from prefnoise.errors import PrefnoiseError
+from prefnoise.losses import get_margin_loss
+from prefnoise.reward.models import (
+    RewardModel,
+    new_embed_mlp,
+    new_mlp,
+    new_transformer,
+)
+from prefnoise.reward.split import split_by_pair_id
+
+Progress = Callable[[int], None]
+
+# Per-backend training defaults; the mlp row follows the paper's synthetic runs (Adam 1e-3, batch 512).
+BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"epochs": 50, "batch_size": 512, "lr": 1e-3, "max_length": 512},
+    "embed+mlp": {"epochs": 50, "batch_size": 512, "lr": 1e-3, "max_length": 256},
+    "transformer": {"epochs": 1, "batch_size": 8, "lr": 2e-5, "max_length": 512},
+}
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.json"
+EVAL_BATCH = {"mlp": 8192, "embed+mlp": 8192, "transformer": 32}
+
+
+@dataclass
+class FitResult:
+    """The trained model, its metrics (per-epoch rows and the final validation numbers), and rank."""
+
+    model: RewardModel
+    metrics: dict[str, Any]
+    is_main: bool = True
+
+
+@dataclass
+class _Runtime:
+    """Device and data-parallel layout of this process."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device for ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:N]``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PrefnoiseError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+        return torch.device(device)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise PrefnoiseError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
+def _runtime(device: str, *, distributed: bool = False) -> _Runtime:
+    """This process's device (bf16 autocast on CUDA) and, when launched with WORLD_SIZE > 1, its rank."""
+    dev = resolve_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
+    rank = 0
+    if world > 1:
+        import torch.distributed as dist
+
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        rank = dist.get_rank()
+    if dev.type == "cuda":
+        return _Runtime(dev, rank, world, lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+    return _Runtime(dev, rank, world)
+
+
+def _features(df: pl.DataFrame, column: str) -> np.ndarray | None:
+    """float32 (n, d) array of the fixed-size vectors in ``column`` (None when absent)."""
+    if column not in df.columns:
+        return None
+    series = df[column]
+    if series.null_count():
+        raise PrefnoiseError(f"column {column!r} has {series.null_count()} null vectors; fill or drop those rows")
+    if isinstance(series.dtype, pl.List):
+        lengths = series.list.len().unique()
+        if lengths.len() != 1:
+            raise PrefnoiseError(f"column {column!r}: vectors have different lengths {sorted(lengths.to_list())[:5]}")
+        series = series.list.to_array(int(lengths[0]))
+    if not isinstance(series.dtype, pl.Array):
+        raise PrefnoiseError(f"column {column!r} must hold fixed-size float vectors, not {series.dtype}")
+    return series.to_numpy().astype(np.float32, copy=False)
+
+
+def build_reward_model(
+    df: pl.DataFrame,
+    *,
+    backend: str,
+    model_path: str | Path | None = None,
+    encoder_path: str | Path | None = None,
+    max_length: int,
+    hidden: int = 256,
+    layers: int = 2,
+    dropout: float = 0.0,
+    output_clip: float | None = 20.0,
+    cache_dir: str | Path | None = None,
+) -> RewardModel:
+    """A freshly initialised reward model of ``backend`` sized for table ``df``."""
+    if backend == "mlp":
+        features = _features(df, C.chosen(C.FEATURES))
+        if features is None:
+            raise PrefnoiseError(
+                "--model mlp needs chosen_features/rejected_features columns; for text use "
+                "--model PATH (a local HF model) or --model embed+mlp --encoder PATH"
+            )
+        return new_mlp(features.shape[1], hidden=hidden, layers=layers, dropout=dropout, output_clip=output_clip)
+    if backend == "embed+mlp":
+        if encoder_path is None:
+            raise PrefnoiseError("--model embed+mlp needs --encoder PATH (a local HF encoder directory)")
+        return new_embed_mlp(
+            encoder_path,
+            max_length=max_length,
+            hidden=hidden,
+            layers=layers,
+            dropout=dropout,
+            output_clip=output_clip,
+            cache_dir=cache_dir,
+        )
+    if backend == "transformer":
+        if model_path is None:
+            raise PrefnoiseError("the transformer backend needs --model PATH (a local HF model directory)")
+        return new_transformer(model_path, max_length=max_length)
+    raise PrefnoiseError(f"unknown backend {backend!r}; use mlp, embed+mlp or a model directory")
+
+
+def _prepare_sides(
+    model: RewardModel, df: pl.DataFrame, device: torch.device, on_progress: Progress | None
+) -> list[Any]:
+    """Prepared inputs of the chosen and the rejected responses of every row."""
+    prompts = df[C.PROMPT].to_list()
+    wants_features = model.backend == "mlp"
+    return [
+        model.prepare(
+            prompts,
+            df[side].to_list(),
+            _features(df, f"{side}_{C.FEATURES}") if wants_features else None,
+            device=device,
+            on_progress=on_progress,
+        )
+        for side in (C.CHOSEN, C.REJECTED)
+    ]
+
+
+def _batches(index: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(index), size):
+        yield index[start : start + size]
+
+
+@torch.no_grad()
+def _pair_rewards(
+    model: RewardModel,
+    sides: Sequence[Any],
+    index: np.ndarray,
+    runtime: _Runtime,
+    batch_size: int,
+    on_progress: Progress | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) float32 CPU rewards of rows ``index``, in eval mode."""
+    module = model.module
+    was_training = module.training
+    module.eval()
+    chosen, rejected = [], []
+    for rows in _batches(index, batch_size):
+        with runtime.autocast():
+            rewards = module(**model.batch(sides, rows, runtime.device)).float()
+        rewards = rewards.reshape(len(sides), len(rows)).cpu()
+        chosen.append(rewards[0])
+        rejected.append(rewards[1] if len(sides) > 1 else rewards[0])
+        if on_progress is not None:
+            on_progress(len(rows))
+    module.train(was_training)
+    if not chosen:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def pairwise_accuracy(margin: Tensor, chosen_better: Tensor) -> float:
+    """Fraction of pairs whose margin sign agrees with the label (ties count as wrong)."""
+    correct = torch.where(chosen_better, margin > 0, margin < 0)
+    return float(correct.float().mean()) if len(correct) else float("nan")
+
+
+def fit_reward_model(
+    df: pl.DataFrame,
+    *,
+    loss: str = "sigmoid",
+    backend: str = "mlp",
+    model_path: str | Path | None = None,
+    encoder_path: str | Path | None = None,
+    loss_params: dict[str, float] | None = None,
+    margin_scale: float = 1.0,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    val_fraction: float = 0.1,
+    seed: int = C.DEFAULT_SEED,
+    device: str = "auto",
+    early_stopping: int | None = None,
+    max_length: int | None = None,
+    hidden: int = 256,
+    layers: int = 2,
+    dropout: float = 0.0,
+    output_clip: float | None = 20.0,
+    cache_dir: str | Path | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train a reward model on ``df`` (canonical table) with margin loss ``loss``; return it and metrics.
+
+    ``on_start(total)`` announces the number of training pairs to come, ``on_progress(n)``
+    advances by pairs trained, ``on_epoch(row)`` receives each epoch's metrics row.
+    """
+    entry = get_margin_loss(loss)
+    loss_params = {k: v for k, v in (loss_params or {}).items() if v is not None}
+    entry.fn(torch.zeros(1), **_only(loss_params, entry.params, loss))  # validates params early
+    if backend not in BACKEND_DEFAULTS:
+        raise PrefnoiseError(f"unknown backend {backend!r}; use mlp, embed+mlp or transformer")
+    defaults = BACKEND_DEFAULTS[backend]
+    epochs = defaults["epochs"] if epochs is None else epochs
+    batch_size = defaults["batch_size"] if batch_size is None else batch_size
+    lr = defaults["lr"] if lr is None else lr
+    max_length = defaults["max_length"] if max_length is None else max_length
+    _check_options(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        margin_scale=margin_scale,
+        weight_decay=weight_decay,
+        early_stopping=early_stopping,
+        val_fraction=val_fraction,
+    )
+    if C.PAIR_ID not in df.columns:
+        raise PrefnoiseError("table has no pair_id column; read it with prefnoise.data.read_table")
+
+    runtime = _runtime(device, distributed=True)
+    torch.manual_seed(seed)
+    model = build_reward_model(
+        df,
+        backend=backend,
+        model_path=model_path,
+        encoder_path=encoder_path,
+        max_length=max_length,
+        hidden=hidden,
+        layers=layers,
+        dropout=dropout,
+        output_clip=output_clip,
+        cache_dir=cache_dir,
+    )
+    model.module.to(runtime.device)
+    val_mask = split_by_pair_id(df[C.PAIR_ID], val_fraction, seed)
+    train_index = np.flatnonzero(~val_mask)
+    val_index = np.flatnonzero(val_mask)
+    if len(train_index) == 0:
+        raise PrefnoiseError(f"no training pairs: {df.height} rows, --val-fraction {val_fraction}")
+    if early_stopping is not None and len(val_index) == 0:
+        raise PrefnoiseError("--early-stopping needs validation pairs; raise --val-fraction")
+    sides = _prepare_sides(model, df, runtime.device, None)
+    clean = ~torch.as_tensor(df[C.FLIPPED].fill_null(False).to_numpy()) if C.FLIPPED in df.columns else None
+
+    def loss_of(margin: Tensor) -> Tensor:
+        return entry.fn(margin_scale * margin, **_only(loss_params, entry.params, loss))
+
+    net = model.module
+    if runtime.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    per_rank = len(train_index) // runtime.world  # equal step counts keep DDP ranks in lockstep
+    if per_rank == 0:
+        raise PrefnoiseError(f"{len(train_index)} training pairs cannot be shared by {runtime.world} processes")
+    if on_start is not None:
+        on_start(epochs * per_rank)
+
+    history: list[dict[str, Any]] = []
+    best_loss, best_epoch, best_state, patience = math.inf, 0, None, 0
+    for epoch in range(1, epochs + 1):
+        net.train()
+        order = train_index[torch.randperm(len(train_index), generator=generator).numpy()]
+        mine = order[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
+        total, count = 0.0, 0
+        for rows in _batches(mine, batch_size):
+            with runtime.autocast():
+                rewards = net(**model.batch(sides, rows, runtime.device)).float()
+            chosen, rejected = rewards.reshape(2, len(rows))
+            batch_loss = loss_of(chosen - rejected).mean()
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            optimizer.step()
+            total += float(batch_loss.detach()) * len(rows)
+            count += len(rows)
+            if on_progress is not None:
+                on_progress(len(rows))
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": _mean_over_ranks(total, count, runtime)}
+        if len(val_index):
+            chosen, rejected = _pair_rewards(model, sides, val_index, runtime, EVAL_BATCH[backend])
+            margin = chosen - rejected
+            row["val_loss"] = float(loss_of(margin).mean())
+            row["val_accuracy"] = pairwise_accuracy(margin, torch.ones(len(margin), dtype=torch.bool))
+            if clean is not None:
+                row["val_clean_accuracy"] = pairwise_accuracy(margin, clean[val_index])
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+        if early_stopping is not None:
+            if row["val_loss"] < best_loss:
+                best_loss, best_epoch, patience = row["val_loss"], epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+            else:
+                patience += 1
+                if patience >= early_stopping:
+                    break
+    if best_state is not None:
+        model.module.load_state_dict(best_state)
+    model.module.eval()
+    final = dict(history[best_epoch - 1] if best_state is not None else history[-1])
+    model.config = {**model.config, "loss": loss, "loss_params": loss_params, "margin_scale": margin_scale}
+    metrics = {
+        "backend": backend,
+        "loss": loss,
+        "loss_params": loss_params,
+        "margin_scale": margin_scale,
+        "epochs": history,
+        "final": final,
+        "stopped_epoch": history[-1]["epoch"],
+        "best_epoch": best_epoch or history[-1]["epoch"],
+        "train_pairs": int(len(train_index)),
+        "val_pairs": int(len(val_index)),
+        "device": str(runtime.device),
+        "processes": runtime.world,
+        "settings": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "early_stopping": early_stopping,
+            "max_length": max_length if backend != "mlp" else None,
+        },
+    }
+    return FitResult(model=model, metrics=metrics, is_main=runtime.rank == 0)
+
+
+def _only(params: dict[str, float], accepted: tuple[str, ...], loss: str) -> dict[str, float]:
+    """The loss parameters ``loss`` takes; a parameter it does not take is an error."""
+    extra = sorted(set(params) - set(accepted))
+    if extra:
+        flags = ", ".join(f"--{k}" for k in extra)
+        takes = ", ".join(f"--{k}" for k in accepted) or "no parameters"
+        raise PrefnoiseError(f"--loss {loss} does not use {flags}; it takes {takes}")
+    return params
+
+
+def _check_options(
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    margin_scale: float,
+    weight_decay: float,
+    early_stopping: int | None,
+    val_fraction: float,
+) -> None:
+    checks = [
+        (epochs >= 1, f"--epochs must be >= 1, got {epochs}"),
+        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
+        (lr > 0, f"--lr must be > 0, got {lr}"),
+        (margin_scale > 0, f"--margin-scale must be > 0, got {margin_scale}"),
+        (weight_decay >= 0, f"--weight-decay must be >= 0, got {weight_decay}"),
+        (early_stopping is None or early_stopping >= 1, f"--early-stopping must be >= 1, got {early_stopping}"),
+        (0.0 <= val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {val_fraction}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PrefnoiseError(message)
+
+
+def _mean_over_ranks(total: float, count: int, runtime: _Runtime) -> float:
+    if runtime.world > 1:
+        import torch.distributed as dist
+
+        buffer = torch.tensor([total, float(count)], dtype=torch.float64, device=runtime.device)
+        dist.all_reduce(buffer)
+        total, count = float(buffer[0]), int(buffer[1])
+    return total / max(count, 1)
+
+
+def save_reward_model(result: FitResult, directory: str | Path, *, history: list[dict[str, Any]]) -> Path:
+    """Write model, config, metrics.json and history.json into ``directory`` atomically; return it."""
+    directory = Path(directory)
+    with atomic_path(directory, directory=True) as tmp:
+        result.model.save(tmp)
+        (tmp / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2, default=str) + "\n", encoding="utf-8")
+    return directory
+
+
+def score_table(
+    model: RewardModel,
+    df: pl.DataFrame,
+    batch_size: int | None = None,
+    *,
+    device: str = "auto",
+    on_progress: Progress | None = None,
+) -> pl.DataFrame:
+    """``df`` with float32 ``chosen_reward`` and ``rejected_reward`` from ``model``."""
+    runtime = _runtime(device)
+    model.module.to(runtime.device)
+    sides = _prepare_sides(model, df, runtime.device, None)
+    chosen, rejected = _pair_rewards(
+        model, sides, np.arange(df.height), runtime, batch_size or EVAL_BATCH[model.backend], on_progress
+    )
+    return df.with_columns(
+        pl.Series(C.chosen(C.REWARD), chosen.numpy(), dtype=pl.Float32),
+        pl.Series(C.rejected(C.REWARD), rejected.numpy(), dtype=pl.Float32),
+    )
+
+
+RESPONSE = "response"
+
+
+def score_responses(
+    model: RewardModel,
+    df: pl.DataFrame,
+    batch_size: int | None = None,
+    *,
+    device: str = "auto",
+    on_progress: Progress | None = None,
+) -> pl.DataFrame:
+    """``df`` (one row per prompt, response) with a float32 ``reward`` column from ``model``."""
+    missing = [c for c in (C.PROMPT, RESPONSE) if c not in df.columns]
+    if model.backend == "mlp":
+        missing = [c for c in (C.FEATURES,) if c not in df.columns]
+    if missing:
+        raise PrefnoiseError(f"--responses needs column(s) {', '.join(missing)}; columns are {', '.join(df.columns)}")
+    runtime = _runtime(device)
+    model.module.to(runtime.device)
+    n = df.height
+    prompts = df[C.PROMPT].to_list() if C.PROMPT in df.columns else [""] * n
+    responses = df[RESPONSE].to_list() if RESPONSE in df.columns else [""] * n
+    side = model.prepare(prompts, responses, _features(df, C.FEATURES), device=runtime.device)
+    rewards, _ = _pair_rewards(
+        model, [side], np.arange(n), runtime, batch_size or EVAL_BATCH[model.backend], on_progress
+    )
+    return df.with_columns(pl.Series(C.REWARD, rewards.numpy(), dtype=pl.Float32))
