@@ -9,12 +9,14 @@ reward, writes Parquet, then times in the same run: (1) `prefnoise.rank.rank_rep
 ties, scipy.stats.kendalltau / spearmanr over all responses (overall and per flipped value), a pandas
 groupby for per-prompt preservation, and a naive bootstrap (numpy resampling, 200 replicates, timed
 and scaled to 1000). The baseline's per-prompt tau via groupby-apply is timed on 20k prompts and
-extrapolated (it would take hours at 10M). Prints seconds, the ratio and peak RSS of each.
+extrapolated (it would take hours at 10M). Prints seconds, the ratio and peak RSS of each, the
+CPU seconds of the prefnoise part and the load average (the machine is shared, so wall times vary).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import tempfile
 import time
@@ -94,6 +96,11 @@ def baseline_report(path: Path) -> dict:
     }
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -106,10 +113,13 @@ def main() -> None:
         path = Path(tmp) / "pairs.parquet"
         make_pairs(args.rows).write_parquet(path)
         print(f"{args.rows:,} pairs written; peak RSS after generation {peak_rss_gib():.2f} GiB")
-        start = time.perf_counter()
+        print(f"load average before: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+        start, cpu = time.perf_counter(), cpu_seconds()
         ours = prefnoise_report(path)
-        ours_s = time.perf_counter() - start
-        print(f"prefnoise rank_report: {ours_s:.1f} s, peak RSS {peak_rss_gib():.2f} GiB, {ours}")
+        ours_s, ours_cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        rss = peak_rss_gib()
+        print(f"prefnoise rank_report: {ours_s:.1f} s ({ours_cpu:.1f} CPU s), peak RSS {rss:.2f} GiB, {ours}")
+        print(f"load average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
         start = time.perf_counter()
         base = baseline_report(path)
         measured = time.perf_counter() - start

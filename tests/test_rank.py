@@ -177,3 +177,25 @@ def test_missing_columns_are_clear_errors():
         rank.rank_report(pl.DataFrame({"prompt": ["p"], "chosen": ["a"], "rejected": ["b"]}))
     with pytest.raises(PrefnoiseError, match="--group-by column 'nope'"):
         rank.rank_report(pairs([1.0], [0.0], [1.0], [0.0]), group_by=["nope"])
+
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
+def test_small_groups_and_numpy_fallback_match_scipy(monkeypatch):
+    # > 64 groups of 2 to 8 responses: the neighbour-comparison path; with ties in x and y
+    rng = np.random.default_rng(5)
+    group = rng.integers(0, 300, 1500)
+    x, y = rng.integers(0, 3, 1500).astype(float), rng.integers(0, 4, 1500).astype(float)
+    size = np.bincount(group)[group]
+    keep = (size >= 2) & (size <= 8)
+    group, x, y = group[keep], x[keep], y[keep]
+    stats = rank._rank_stats((group,), x, y)
+    tau, codes = rank._tau_b(stats), stats["split"]
+    for i in range(0, len(codes), 11):
+        mask = group == codes[i]
+        expect_tau = scipy.stats.kendalltau(x[mask], y[mask]).statistic
+        expect_rho = scipy.stats.spearmanr(x[mask], y[mask]).statistic
+        assert tau[i] == pytest.approx(expect_tau, abs=1e-12, nan_ok=True)
+        assert stats["rho"][i] == pytest.approx(expect_rho, abs=1e-12, nan_ok=True)
+    # without scipy's compiled count, the numpy bit passes give the same tau
+    monkeypatch.setattr(rank, "_scipy_discordant", None)
+    assert rank.kendall_tau_b(x, y) == pytest.approx(scipy.stats.kendalltau(x, y).statistic, abs=1e-12)
