@@ -4,11 +4,13 @@ from __future__ import annotations
 
 # Each import registers its subcommand on `app`.
 from prefnoise.cli import (
+    align,  # noqa: E402,F401
     audit,  # noqa: E402,F401
     corrupt,  # noqa: E402,F401
     fit_reward,  # noqa: E402,F401
     inspect,  # noqa: E402,F401
     rank_check,  # noqa: E402,F401
+    reproduce,  # noqa: E402,F401
     score,  # noqa: E402,F401
 )
 from prefnoise.cli.app import app

@@ -1,0 +1,681 @@
+"""The one preference-optimization trainer: SymPO and the DPO family on a causal LM.
+
+Read top to bottom: configuration, checks, the plan (tokens, steps, memory), then ``train``:
+load, tokenize, split, reference pass (cached), the step loop, checkpoints, final save.
+Every loss comes from ``prefnoise.losses.preference_loss``; nothing here knows a formula.
+
+Output directory ``out``::
+
+    metrics.jsonl          one JSON object per logging step (split "train") and evaluation ("val")
+    ref_logps.parquet      cached reference log-probs (unless ``ref_cache`` points elsewhere)
+    checkpoints/step-N/    latest checkpoint: accelerate state (model, optimizer, RNG) + trainer.json
+    model/                 final weights (merged) or the LoRA adapter, with the tokenizer
+    summary.json           the summary ``train`` returns
+
+Data-parallel under ``accelerate launch``: process r of P takes rows [r·B, (r+1)·B) of each global
+micro-batch of P·B rows, so P processes at batch B see exactly what one process sees at batch P·B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from prefnoise import columns as C
+from prefnoise.atomic import atomic_path, atomic_write_text
+from prefnoise.errors import PrefnoiseError
+from prefnoise.logprobs import (
+    REF_CHOSEN,
+    REF_REJECTED,
+    TokenizedPairs,
+    TokenizeSettings,
+    collate_pairs,
+    pad_token_id,
+    pair_logps,
+    read_reference_cache,
+    reference_fingerprint,
+    reference_logps,
+    tokenize_pairs,
+    uses_chat_template,
+    write_reference_cache,
+)
+from prefnoise.losses import MARGIN_LOSSES, POLICY_LOSSES, implicit_rewards, preference_loss
+from prefnoise.reward.split import split_by_pair_id
+
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+METRICS_FILE = "metrics.jsonl"
+REF_CACHE_FILE = "ref_logps.parquet"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class AlignConfig:
+    """Every option of ``prefnoise align``; plain values with the defaults users get."""
+
+    model: str
+    out: str
+    loss: str = "sympo"
+    symmetric_loss: str = "sigmoid"
+    beta: float = 0.1
+    clip: float | None = 10.0  # SymPO's bound on each implicit reward
+    label_smoothing: float = 0.0  # cdpo's ε
+    noise_rate: float = 0.0  # rdpo's ε
+    tau: float | None = None  # ipo; None means β
+    alpha: float = 14.0  # ropo
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    seed: int = C.DEFAULT_SEED
+    max_length: int = 512
+    max_prompt_length: int = 256
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    save_adapter: bool = False
+    save_every: int = 0
+    resume: bool = False
+    ref_cache: str | None = None
+    val_fraction: float = 0.0
+    eval_every: int = 0  # 0: evaluate before training and at the end only
+    log_every: int = 10
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+
+
+# Options that may change between an interrupted run and its --resume without changing the result.
+RESUME_FREE = ("out", "resume", "save_every", "log_every", "eval_every", "ref_cache", "device")
+
+
+def check_config(cfg: AlignConfig) -> None:
+    """Raise PrefnoiseError on any invalid option (before anything is loaded or written)."""
+    def bad(message: str) -> None:
+        raise PrefnoiseError(message)
+
+    if cfg.loss not in POLICY_LOSSES:
+        bad(f"--loss must be one of {', '.join(POLICY_LOSSES)}, not {cfg.loss!r}")
+    symmetric = [n for n, e in MARGIN_LOSSES.items() if e.symmetric]
+    if cfg.symmetric_loss not in symmetric:
+        bad(f"--symmetric-loss must be one of {', '.join(symmetric)}, not {cfg.symmetric_loss!r}")
+    if not cfg.beta > 0:
+        bad(f"--beta must be > 0, got {cfg.beta}")
+    for flag, eps in (("--label-smoothing", cfg.label_smoothing), ("--noise-rate", cfg.noise_rate)):
+        if not 0.0 <= eps < 0.5:
+            bad(f"{flag} must be in [0, 0.5), got {eps}")
+    if cfg.clip is not None and not cfg.clip > 0:
+        bad(f"--clip must be > 0, got {cfg.clip}")
+    if cfg.tau is not None and not cfg.tau > 0:
+        bad(f"--tau must be > 0, got {cfg.tau}")
+    if not cfg.lr > 0:
+        bad(f"--lr must be > 0, got {cfg.lr}")
+    for flag, value in (("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum),
+                        ("--epochs", cfg.epochs), ("--max-length", cfg.max_length),
+                        ("--log-every", cfg.log_every)):
+        if value < 1:
+            bad(f"{flag} must be >= 1, got {value}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        bad(f"--max-steps must be >= 1, got {cfg.max_steps}")
+    if not 0 <= cfg.max_prompt_length < cfg.max_length:
+        bad(f"--max-prompt-length must be in [0, --max-length={cfg.max_length}), "
+            f"got {cfg.max_prompt_length}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        bad(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.schedule not in SCHEDULES:
+        bad(f"--schedule must be one of {', '.join(SCHEDULES)}, not {cfg.schedule!r}")
+    if cfg.precision not in PRECISIONS:
+        bad(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
+    if cfg.device not in DEVICES:
+        bad(f"--device must be one of {', '.join(DEVICES)}, not {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        bad("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if min(cfg.warmup_steps, cfg.save_every, cfg.eval_every, cfg.lora_r) < 0:
+        bad("--warmup-steps, --save-every, --eval-every and --lora-r must be >= 0")
+    if cfg.save_adapter and cfg.lora_r == 0:
+        bad("--save-adapter needs a LoRA run (--lora-r > 0)")
+
+
+# --- model loading ---------------------------------------------------------------------------------
+
+def check_causal_lm(model_path: str | Path):
+    """The model's config after checking the path is a local causal-LM directory; else PrefnoiseError."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise PrefnoiseError(f"--model {model_path}: {what}; give a directory written by "
+                             "save_pretrained (config.json, weights, tokenizer)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise PrefnoiseError(f"--model {model_path}: unreadable config ({exc})") from None
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = list(getattr(config, "architectures", None) or [])
+    ok = any(a in causal for a in architectures) if architectures else (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if not ok:
+        found = ", ".join(architectures) or config.model_type
+        raise PrefnoiseError(f"--model {model_path}: not a causal language model ({found}); "
+                             "align needs a decoder such as GPT-2 or Llama")
+    return config
+
+
+def load_tokenizer(model_path: str | Path):
+    """The tokenizer saved beside the model; PrefnoiseError if there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise PrefnoiseError(f"--model {model_path}: no usable tokenizer ({exc})") from None
+
+
+def load_policy(cfg: AlignConfig, config) -> torch.nn.Module:
+    """The causal LM to train, dropout off (as TRL does) and, with --lora-r, wrapped by peft."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    # Dropout would make the policy differ from the reference at step 0 and add noise to z.
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, config=config, dtype=torch.float32)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    return model
+
+
+# --- schedule, split, metrics ------------------------------------------------------------------------
+
+def learning_rate(step: int, total_steps: int, cfg: AlignConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the decay schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - progress)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr
+
+
+def reward_accuracy(margins: torch.Tensor, correct_sign: torch.Tensor | None = None) -> float:
+    """Fraction of pairs whose margin z has the labelled sign (z > 0), ties counting one half.
+
+    ``correct_sign`` (+1/−1 per pair) scores against other labels, e.g. −1 for flipped pairs.
+    """
+    signed = margins if correct_sign is None else margins * correct_sign
+    return float(((signed > 0).double() + 0.5 * (signed == 0).double()).mean())
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """The order in which epoch ``epoch`` visits the ``n`` training rows (a pure function of seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def batch_rows(step: int, micro: int, order_of, micro_per_epoch: int, cfg: AlignConfig,
+               rank: int, processes: int) -> list[int]:
+    """Row indices this process trains on at (optimizer step, micro-batch): a pure function."""
+    k = step * cfg.grad_accum + micro
+    epoch, position = divmod(k, micro_per_epoch)
+    order = order_of(epoch)
+    global_rows = order[position * cfg.batch_size * processes:][:cfg.batch_size * processes]
+    return global_rows[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+
+
+# --- plan -----------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What a run will do: rows, tokens, steps, an estimate of peak training memory."""
+
+    rows: int
+    train_rows: int
+    val_rows: int
+    truncated_rows: int
+    tokens: int
+    max_sequence: int
+    processes: int
+    micro_batches_per_epoch: int
+    steps: int
+    parameters: int
+    trainable_parameters: int
+    memory_estimate_bytes: int
+    chat_template: bool
+
+
+def make_plan(cfg: AlignConfig, pairs: TokenizedPairs, val_mask: np.ndarray, config,
+              processes: int = 1) -> Plan:
+    """Counts and the step budget; PrefnoiseError if the training split cannot fill one batch."""
+    train_rows = int((~val_mask).sum())
+    global_micro = cfg.batch_size * processes
+    if train_rows < global_micro:
+        raise PrefnoiseError(f"only {train_rows} training rows, fewer than one batch "
+                             f"({cfg.batch_size} x {processes} processes); lower --batch-size "
+                             "or --val-fraction")
+    micro_per_epoch = train_rows // global_micro
+    steps = cfg.max_steps or max(1, cfg.epochs * micro_per_epoch // cfg.grad_accum)
+    params, trainable = count_parameters(config, cfg.lora_r)
+    longest = max(len(p) + max(len(c), len(r)) for p, c, r in
+                  zip(pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids, strict=True))
+    act_bytes = 2 if resolve_precision(cfg, cuda_available()) == "bf16" else 4
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    tokens_per_micro = 2 * cfg.batch_size * longest
+    # weights (fp32) + grads and two Adam moments for trainable ones; activations ~ 20·d per
+    # token per layer (less with checkpointing); logits in fp32 with their gradient.
+    per_layer = hidden * 20 * act_bytes * (0.1 if cfg.gradient_checkpointing else 1.0)
+    activations = tokens_per_micro * (layers * per_layer + config.vocab_size * 8)
+    memory = int(4 * params + 12 * trainable + activations)
+    return Plan(len(pairs), train_rows, len(pairs) - train_rows, pairs.truncated_rows,
+                pairs.token_count(), longest, processes, micro_per_epoch, steps, params, trainable,
+                memory, pairs.settings.chat_template)
+
+
+def count_parameters(config, lora_r: int) -> tuple[int, int]:
+    """(all parameters, trainable parameters) of the model, built on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    if not lora_r:
+        return total, total
+    from transformers.pytorch_utils import Conv1D
+
+    adapter = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear | Conv1D) and "lm_head" not in name:
+            rows, cols = module.weight.shape
+            adapter += lora_r * (rows + cols)
+    return total + adapter, adapter
+
+
+def cuda_available() -> bool:
+    """True when a CUDA device can be used."""
+    return torch.cuda.is_available()
+
+
+def resolve_precision(cfg: AlignConfig, on_cuda: bool) -> str:
+    """"bf16" or "fp32": auto picks bf16 autocast on a GPU that supports it."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+# --- preparation shared by plan and train ------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """Checked inputs of a run: tokenizer, model config, tokenized pairs, split, plan."""
+
+    tokenizer: Any
+    config: Any
+    pairs: TokenizedPairs
+    val_mask: np.ndarray
+    flipped: np.ndarray | None
+    plan: Plan
+
+
+def prepare(cfg: AlignConfig, frame: pl.DataFrame, *, source: str = "data",
+            processes: int = 1) -> Prepared:
+    """Check options, model and data, tokenize and split: everything before the first write."""
+    check_config(cfg)
+    if frame.height == 0:
+        raise PrefnoiseError(f"{source}: the dataset has no rows; align needs preference pairs")
+    config = check_causal_lm(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    settings = TokenizeSettings(cfg.max_length, cfg.max_prompt_length,
+                                uses_chat_template(frame, tokenizer))
+    pairs = tokenize_pairs(frame, tokenizer, settings, source=source)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions and cfg.max_length > positions:
+        longest = max(len(p) + max(len(c), len(r)) for p, c, r in
+                      zip(pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids, strict=True))
+        if longest > positions:
+            raise PrefnoiseError(f"--max-length {cfg.max_length} lets sequences reach {longest} "
+                                 f"tokens but the model has {positions} positions; lower --max-length")
+    val_mask = split_by_pair_id(pairs.pair_ids, cfg.val_fraction, cfg.seed)
+    flipped = frame[C.FLIPPED].fill_null(False).to_numpy() if C.FLIPPED in frame.columns else None
+    plan = make_plan(cfg, pairs, val_mask, config, processes)
+    return Prepared(tokenizer, config, pairs, val_mask, flipped, plan)
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+def train(
+    cfg: AlignConfig,
+    frame: pl.DataFrame,
+    *,
+    source: str = "data",
+    on_progress: Callable[[int], None] | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train the policy on ``frame`` (canonical pairs) and save it under ``cfg.out``; return the summary.
+
+    ``on_progress(n)`` advances by n optimizer steps; ``on_log(record)`` sees each metrics record
+    (an exception it raises stops training, as an interruption would).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    accelerator = Accelerator(
+        cpu=cfg.device == "cpu",
+        mixed_precision="bf16" if resolve_precision(cfg, cfg.device != "cpu" and cuda_available())
+        == "bf16" else "no",
+    )
+    rank, processes, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    run = prepare(cfg, frame, source=source, processes=processes)
+    pairs, plan = run.pairs, run.plan
+    out = Path(cfg.out)
+    started = time.perf_counter()
+
+    # From here on files are written: all checks have passed.
+    checkpoints = out / CHECKPOINTS_DIR
+    resume_from = latest_checkpoint(checkpoints) if cfg.resume else None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            (out / METRICS_FILE).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+    torch.manual_seed(cfg.seed)
+    model = load_policy(cfg, run.config).to(accelerator.device)
+
+    # Reference log-probs: read from the cache or one no-grad pass, sharded over processes.
+    precision = resolve_precision(cfg, accelerator.device.type == "cuda")
+    fingerprint = reference_fingerprint(cfg.model, pairs.settings, precision)
+    cache_path = Path(cfg.ref_cache) if cfg.ref_cache else out / REF_CACHE_FILE
+    ref = read_reference_cache(cache_path, fingerprint, pairs)
+    ref_cache_hit = ref is not None
+    if ref is None:
+        shard = pairs.subset(range(rank, len(pairs), processes))
+        base = model.disable_adapter() if cfg.lora_r else contextlib.nullcontext()
+        with base, accelerator.autocast():
+            part = reference_logps(model, shard, pad_id=pad_token_id(run.tokenizer),
+                                   batch_size=2 * cfg.batch_size, device=accelerator.device)
+        rows = gather_object(part.rows()) if processes > 1 else part.rows()
+        by_id = {r[0]: r for r in rows}
+        ref = pl.DataFrame([by_id[p] for p in pairs.pair_ids], schema=part.schema, orient="row")
+        if main:
+            write_reference_cache(ref, cache_path, fingerprint)
+        accelerator.wait_for_everyone()
+    ref_chosen = torch.tensor(ref[REF_CHOSEN].to_numpy(), dtype=torch.float32)
+    ref_rejected = torch.tensor(ref[REF_REJECTED].to_numpy(), dtype=torch.float32)
+
+    # Optimizer; the learning rate is a pure function of the step (set before each update).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    train_idx = np.flatnonzero(~run.val_mask).tolist()
+    val_idx = np.flatnonzero(run.val_mask).tolist()
+
+    def order_of(epoch: int) -> list[int]:
+        return [train_idx[i] for i in epoch_permutation(len(train_idx), cfg.seed, epoch)]
+
+    start_step = 0
+    if resume_from is not None:
+        state = json.loads((resume_from / "trainer.json").read_text())
+        check_resumable(cfg, state["config"], resume_from)
+        accelerator.load_state(str(resume_from))
+        start_step = state["step"]
+        if main:
+            truncate_metrics(out / METRICS_FILE, start_step)
+
+    def log(record: dict[str, Any]) -> None:
+        if main:
+            with open(out / METRICS_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if on_log:
+            on_log(record)
+
+    def evaluate(step: int) -> dict[str, Any] | None:
+        if not val_idx:
+            return None
+        record = evaluate_rows(model, pairs, val_idx[rank::processes], ref_chosen, ref_rejected,
+                               run, cfg, accelerator, step)
+        log(record)
+        return record
+
+    pad_id = pad_token_id(run.tokenizer)
+    if start_step == 0:
+        evaluate(0)
+    last_train: dict[str, Any] = {}
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in range(start_step, plan.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, plan.steps, cfg)
+        step_losses, step_chosen, step_rejected = [], [], []
+        for micro in range(cfg.grad_accum):
+            rows = batch_rows(step, micro, order_of, plan.micro_batches_per_epoch, cfg, rank, processes)
+            cpu_batch = collate_pairs(pairs, rows, pad_id)
+            window_tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU: no device sync
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in cpu_batch.items()}
+            sync = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    chosen_logps, rejected_logps = pair_logps(model, batch)
+                losses, chosen_rewards, rejected_rewards = loss_of(
+                    cfg, chosen_logps, rejected_logps,
+                    ref_chosen[rows].to(accelerator.device), ref_rejected[rows].to(accelerator.device))
+                accelerator.backward(losses.mean() / cfg.grad_accum)
+            step_losses.append(losses.detach())
+            step_chosen.append(chosen_rewards)
+            step_rejected.append(rejected_rewards)
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == plan.steps:
+            elapsed = time.perf_counter() - window_start
+            tokens = int(accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device),
+                                            reduction="sum"))
+            last_train = train_record(done, step, plan, cfg, accelerator, step_losses, step_chosen,
+                                      step_rejected, tokens / max(elapsed, 1e-9))
+            log(last_train)
+            window_tokens, window_start = 0, time.perf_counter()
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != plan.steps:
+            evaluate(done)
+        if cfg.save_every and done % cfg.save_every == 0 and done != plan.steps:
+            save_checkpoint(accelerator, checkpoints, done, cfg)
+        if on_progress and main:
+            on_progress(1)
+
+    final_eval = evaluate(plan.steps)
+    digests = gather_object([weights_digest(accelerator.unwrap_model(model))])
+    save_final_model(accelerator, model, run.tokenizer, out / MODEL_DIR, cfg, run.config)
+    summary = {
+        "out": str(out), "model": str(out / MODEL_DIR), "loss": cfg.loss,
+        **{k: v for k, v in asdict(plan).items() if k != "memory_estimate_bytes"},
+        "memory_estimate_bytes": plan.memory_estimate_bytes,
+        "resumed_from_step": start_step if resume_from else None,
+        "ref_cache": str(cache_path), "ref_cache_hit": ref_cache_hit,
+        "weights_agree": len(set(digests)) == 1,  # every process ends with the same weights
+        "train": last_train, "val": final_eval,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if main:
+        atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def loss_of(cfg: AlignConfig, chosen_logps, rejected_logps, ref_chosen, ref_rejected):
+    """(elementwise losses, chosen rewards, rejected rewards) from the losses table for ``cfg.loss``."""
+    return preference_loss(
+        cfg.loss, chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=cfg.beta,
+        symmetric_loss=cfg.symmetric_loss, clip=cfg.clip, label_smoothing=cfg.label_smoothing,
+        noise_rate=cfg.noise_rate, tau=cfg.tau, alpha=cfg.alpha)
+
+
+def train_record(done, step, plan, cfg, accelerator, losses, chosen, rejected, tokens_per_s):
+    """The metrics record of one optimizer step, gathered over processes."""
+    losses = accelerator.gather(torch.cat(losses)).float()
+    chosen = accelerator.gather(torch.cat(chosen)).float()
+    rejected = accelerator.gather(torch.cat(rejected)).float()
+    margins = chosen - rejected
+    return {
+        "split": "train", "step": done, "epoch": round(done * cfg.grad_accum / plan.micro_batches_per_epoch, 4),
+        "lr": learning_rate(step, plan.steps, cfg), "loss": float(losses.mean()),
+        "reward_accuracy": reward_accuracy(margins), "margin": float(margins.mean()),
+        "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean()),
+        "tokens_per_s": round(tokens_per_s, 1),
+    }
+
+
+@torch.no_grad()
+def evaluate_rows(model, pairs, rows, ref_chosen, ref_rejected, run, cfg, accelerator, step):
+    """Held-out implicit-reward accuracy vs the given labels (and vs clean labels when known)."""
+    model.eval()
+    pad_id = pad_token_id(run.tokenizer)
+    margins, indices = [], []
+    for start in range(0, len(rows), 2 * cfg.batch_size):
+        chunk = rows[start:start + 2 * cfg.batch_size]
+        batch = {k: v.to(accelerator.device) for k, v in collate_pairs(pairs, chunk, pad_id).items()}
+        with accelerator.autocast():
+            chosen, rejected = pair_logps(model, batch)
+        z = (implicit_rewards(chosen.float().cpu(), ref_chosen[chunk], cfg.beta)
+             - implicit_rewards(rejected.float().cpu(), ref_rejected[chunk], cfg.beta))
+        margins += z.tolist()
+        indices += chunk
+    model.train()
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object(list(zip(indices, margins, strict=True)))
+        indices, margins = [i for i, _ in gathered], [m for _, m in gathered]
+    z = torch.tensor(margins, dtype=torch.float64)
+    record = {"split": "val", "step": step, "rows": len(indices),
+              "reward_accuracy": reward_accuracy(z), "margin": float(z.mean())}
+    if run.flipped is not None:
+        sign = 1.0 - 2.0 * torch.tensor(run.flipped[indices], dtype=torch.float64)
+        record["clean_reward_accuracy"] = reward_accuracy(z, sign)
+    return record
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """Hex digest of the trainable parameters (to check that data-parallel processes agree)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --- checkpoints and saving --------------------------------------------------------------------
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete ``step-N`` directory under ``checkpoints``, or None."""
+    done = [p for p in checkpoints.glob("step-*") if (p / "trainer.json").is_file()] \
+        if checkpoints.is_dir() else []
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def save_checkpoint(accelerator, checkpoints: Path, step: int, cfg: AlignConfig) -> Path:
+    """Save model, optimizer and every process's RNG state at ``step``; keep only the newest."""
+    final = checkpoints / f"step-{step:08d}"
+    staging = checkpoints / f".staging-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging), safe_serialization=False)
+    if accelerator.is_main_process:
+        state = {"step": step, "config": asdict(cfg)}
+        (staging / "trainer.json").write_text(json.dumps(state, indent=2))
+        staging.rename(final)  # a checkpoint is complete once it has its final name
+        for old in checkpoints.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_resumable(cfg: AlignConfig, saved: dict[str, Any], where: Path) -> None:
+    """PrefnoiseError if an option that shapes training differs from the checkpoint's."""
+    changed = [f.name for f in fields(cfg) if f.name not in RESUME_FREE
+               and saved.get(f.name) != getattr(cfg, f.name)]
+    if changed:
+        raise PrefnoiseError(f"--resume: {where} was written with different "
+                             f"{', '.join('--' + n.replace('_', '-') for n in changed)}; "
+                             "use the same options or drop --resume to start over")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics records logged after ``step`` (they will be logged again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def save_final_model(accelerator, model, tokenizer, dest: Path, cfg: AlignConfig, config) -> None:
+    """save_pretrained into ``dest`` atomically: merged weights, or only the adapter (--save-adapter)."""
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(model) if not cfg.lora_r else None
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        with atomic_path(dest, directory=True) as tmp:
+            if cfg.lora_r and not cfg.save_adapter:
+                unwrapped = unwrapped.merge_and_unload()
+            restore_dropout(unwrapped, cfg.model)
+            unwrapped.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+
+
+def restore_dropout(model, model_path: str) -> None:
+    """Put the original dropout settings back in the config that gets saved."""
+    from transformers import AutoConfig
+
+    original = AutoConfig.from_pretrained(model_path).to_dict()
+    config = getattr(model, "config", None)
+    if config is None or isinstance(config, dict):
+        return
+    for key, value in original.items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, value)

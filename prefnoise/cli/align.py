@@ -1,0 +1,211 @@
+"""`prefnoise align DATA --model PATH --out DIR`: SymPO / DPO-family fine-tuning of a causal LM.
+
+Data-parallel on several GPUs (or CPU processes): ``accelerate launch -m prefnoise align ...``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from prefnoise import columns as C
+from prefnoise.cli.app import app
+from prefnoise.cli.common import (
+    ChosenColOption,
+    DropInvalidOption,
+    JsonOption,
+    LayoutOption,
+    PromptColOption,
+    RejectedColOption,
+    SeedOption,
+    cli_errors,
+    console,
+    emit_json,
+    open_input,
+    progress,
+    show_progress,
+)
+from prefnoise.errors import PrefnoiseError
+
+# Spelled here (not imported) so that `prefnoise --help` does not pay for importing torch.
+POLICY_LOSSES = ("sympo", "dpo", "cdpo", "rdpo", "ipo", "ropo", "hinge")
+SCHEDULES = ("linear", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+LOSS = "Loss"
+TRAIN = "Training"
+OUTPUT = "Output"
+
+
+@app.command("align")
+@cli_errors
+def align_command(
+    source: Annotated[str, typer.Argument(metavar="DATA", help="Preference table (any readable format, or -).")],
+    model: Annotated[str, typer.Option("--model", help="Local causal LM directory (save_pretrained).")],
+    out: Annotated[str | None, typer.Option("--out", help="Output directory (required unless --dry-run).")] = None,
+    loss: Annotated[str, typer.Option("--loss", help=f"{', '.join(POLICY_LOSSES)}.", rich_help_panel=LOSS)] = "sympo",
+    symmetric_loss: Annotated[
+        str, typer.Option("--symmetric-loss", help="sympo's loss on the margin: sigmoid or ramp.", rich_help_panel=LOSS)
+    ] = "sigmoid",
+    beta: Annotated[float, typer.Option("--beta", help="β of the implicit reward.", rich_help_panel=LOSS)] = 0.1,
+    clip: Annotated[
+        float, typer.Option("--clip", help="sympo: clip each implicit reward to [−c, c]; 0 turns it off.",
+                            rich_help_panel=LOSS)
+    ] = 10.0,
+    label_smoothing: Annotated[
+        float, typer.Option("--label-smoothing", help="cdpo: ε in [0, 0.5).", rich_help_panel=LOSS)
+    ] = 0.0,
+    noise_rate: Annotated[
+        float, typer.Option("--noise-rate", help="rdpo: the flip rate ε in [0, 0.5).", rich_help_panel=LOSS)
+    ] = 0.0,
+    tau: Annotated[
+        float | None, typer.Option("--tau", help="ipo: target margin 1/(2τ) of the log-ratios (default β).",
+                                   rich_help_panel=LOSS)
+    ] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="ropo: α.", rich_help_panel=LOSS)] = 14.0,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).", rich_help_panel=TRAIN)] = 5e-6,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", rich_help_panel=TRAIN)] = 0.0,
+    warmup_steps: Annotated[
+        int, typer.Option("--warmup-steps", help="Linear warmup steps.", rich_help_panel=TRAIN)
+    ] = 0,
+    schedule: Annotated[
+        str, typer.Option("--schedule", help=f"Decay after warmup: {', '.join(SCHEDULES)}.", rich_help_panel=TRAIN)
+    ] = "linear",
+    max_grad_norm: Annotated[
+        float, typer.Option("--max-grad-norm", help="Clip the gradient norm; 0 turns it off.", rich_help_panel=TRAIN)
+    ] = 1.0,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Pairs per micro-batch per process.", rich_help_panel=TRAIN)
+    ] = 8,
+    grad_accum: Annotated[
+        int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.", rich_help_panel=TRAIN)
+    ] = 1,
+    epochs: Annotated[int, typer.Option("--epochs", rich_help_panel=TRAIN)] = 1,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Optimizer steps (overrides --epochs).", rich_help_panel=TRAIN)
+    ] = None,
+    max_length: Annotated[
+        int, typer.Option("--max-length", help="Prompt + response tokens at most.", rich_help_panel=TRAIN)
+    ] = 512,
+    max_prompt_length: Annotated[
+        int, typer.Option("--max-prompt-length", help="Prompt tokens kept (from the right) when a pair is too long.",
+                          rich_help_panel=TRAIN)
+    ] = 256,
+    lora_r: Annotated[
+        int, typer.Option("--lora-r", help="LoRA rank (peft); 0 trains all weights.", rich_help_panel=TRAIN)
+    ] = 0,
+    lora_alpha: Annotated[float, typer.Option("--lora-alpha", rich_help_panel=TRAIN)] = 16.0,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", rich_help_panel=TRAIN)] = 0.0,
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto (bf16 autocast on GPU), fp32 or bf16.", rich_help_panel=TRAIN)
+    ] = "auto",
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Trade compute for activation memory.",
+                           rich_help_panel=TRAIN)
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help=f"{', '.join(DEVICES)}.", rich_help_panel=TRAIN)] = "auto",
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Held-out share, split stably by pair_id.", rich_help_panel=TRAIN)
+    ] = 0.0,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", help="Evaluate every N steps (0: before and after training).",
+                          rich_help_panel=TRAIN)
+    ] = 0,
+    seed: SeedOption = C.DEFAULT_SEED,
+    log_every: Annotated[
+        int, typer.Option("--log-every", help="Write a metrics line every N steps.", rich_help_panel=OUTPUT)
+    ] = 10,
+    save_every: Annotated[
+        int, typer.Option("--save-every", help="Checkpoint every N steps (0: never).", rich_help_panel=OUTPUT)
+    ] = 0,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.", rich_help_panel=OUTPUT)
+    ] = False,
+    save_adapter: Annotated[
+        bool, typer.Option("--save-adapter", help="Save only the LoRA adapter, not merged weights.",
+                           rich_help_panel=OUTPUT)
+    ] = False,
+    ref_cache: Annotated[
+        str | None, typer.Option("--ref-cache", help="Reference log-prob cache (default DIR/ref_logps.parquet).",
+                                 rich_help_panel=OUTPUT)
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan (rows, tokens, steps, memory) and stop.",
+                           rich_help_panel=OUTPUT)
+    ] = False,
+    json_output: JsonOption = False,
+    prompt_col: PromptColOption = C.PROMPT,
+    chosen_col: ChosenColOption = C.CHOSEN,
+    rejected_col: RejectedColOption = C.REJECTED,
+    layout: LayoutOption = "auto",
+    drop_invalid: DropInvalidOption = False,
+) -> None:
+    """Fine-tune a causal LM on preference pairs with SymPO (default) or a DPO-family loss."""
+    from prefnoise.align import AlignConfig, prepare, train
+
+    cfg = AlignConfig(
+        model=model, out=out or "", loss=loss, symmetric_loss=symmetric_loss, beta=beta, clip=clip or None,
+        label_smoothing=label_smoothing, noise_rate=noise_rate, tau=tau, alpha=alpha, lr=lr,
+        weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule, max_grad_norm=max_grad_norm,
+        batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, seed=seed,
+        max_length=max_length, max_prompt_length=max_prompt_length, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, save_adapter=save_adapter, save_every=save_every, resume=resume,
+        ref_cache=ref_cache, val_fraction=val_fraction, eval_every=eval_every, log_every=log_every,
+        precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
+    )
+    if not out and not dry_run:
+        raise PrefnoiseError("--out DIR is required (or use --dry-run to only print the plan)")
+    frame = open_input(source, prompt_col, chosen_col, rejected_col, layout, drop_invalid).collect()
+    if dry_run:
+        plan = asdict(prepare(cfg, frame, source=source).plan)
+        if json_output:
+            emit_json({"dry_run": True, **plan})
+        else:
+            _print_plan(plan)
+        return
+    with progress("aligning", None, enabled=show_progress(json_output)) as advance:
+        summary = train(cfg, frame, source=source, on_progress=advance)
+    if not _is_main_process():
+        return
+    if json_output:
+        emit_json(summary)
+    else:
+        _print_summary(summary)
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _print_plan(plan: dict) -> None:
+    table = Table(title="align plan (dry run)", title_justify="left", show_header=False)
+    for key, value in plan.items():
+        if key == "memory_estimate_bytes":
+            key, value = "memory estimate", f"{value / 2**30:.2f} GiB (weights, optimizer, activations; rough)"
+        table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) and value is not True
+                      and value is not False else str(value))
+    console.print(table)
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title=f"align: {summary['loss']}", title_justify="left")
+    for header in ("split", "step", "reward acc", "clean acc", "margin", "loss"):
+        table.add_column(header, justify="left" if header == "split" else "right")
+    for record in (summary["train"], summary["val"]):
+        if record:
+            table.add_row(
+                record["split"], str(record["step"]), f"{record['reward_accuracy']:.3f}",
+                f"{record['clean_reward_accuracy']:.3f}" if "clean_reward_accuracy" in record else "",
+                f"{record['margin']:.4f}", f"{record['loss']:.4f}" if "loss" in record else "",
+            )
+    console.print(table)
+    cache = "reused" if summary["ref_cache_hit"] else "computed"
+    console.print(
+        f"{summary['rows']:,} pairs ({summary['train_rows']:,} train, {summary['val_rows']:,} val, "
+        f"{summary['truncated_rows']:,} truncated), {summary['steps']:,} steps, reference log-probs {cache}; "
+        f"model → {summary['model']} in {summary['seconds']:.1f} s"
+    )
