@@ -36,6 +36,7 @@ import torch
 from prefnoise import columns as C
 from prefnoise.atomic import atomic_path, atomic_write_text
 from prefnoise.errors import PrefnoiseError
+from prefnoise.hf import quiet_transformers
 from prefnoise.logprobs import (
     REF_CHOSEN,
     REF_REJECTED,
@@ -663,8 +664,9 @@ def save_final_model(accelerator, model, tokenizer, dest: Path, cfg: AlignConfig
             if cfg.lora_r and not cfg.save_adapter:
                 unwrapped = unwrapped.merge_and_unload()
             restore_dropout(unwrapped, cfg.model)
-            unwrapped.save_pretrained(tmp, state_dict=state)
-            tokenizer.save_pretrained(tmp)
+            with quiet_transformers():
+                unwrapped.save_pretrained(tmp, state_dict=state)
+                tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
 
 

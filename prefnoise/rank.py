@@ -46,10 +46,20 @@ _FEW_GROUPS = 64
 # Groups of at most this many responses (e.g. 4 per prompt) compare neighbours instead of sorting by y.
 _SMALL_GROUP = 8
 
-try:  # scipy's compiled Fenwick-tree count (private, hence optional): 3-4x faster than numpy passes
-    from scipy.stats._stats import _kendall_dis as _scipy_discordant
-except ImportError:  # pragma: no cover
-    _scipy_discordant = None
+# scipy's compiled Fenwick-tree count (private, hence optional): 3-4x faster than numpy passes.
+# Looked up on first use (False = not yet), so importing rank (and the CLI) does not load scipy.
+_scipy_discordant: Any = False
+
+
+def _compiled_discordant() -> Any:
+    global _scipy_discordant
+    if _scipy_discordant is False:
+        try:
+            from scipy.stats._stats import _kendall_dis as found
+        except ImportError:  # pragma: no cover
+            found = None
+        _scipy_discordant = found
+    return _scipy_discordant
 
 # Internal column names of the responses and outcome frames.
 _G, _P, _X, _Y = "_split", "_prompt", "_true", "_pred"
@@ -755,11 +765,12 @@ def _discordant_few(start: np.ndarray, rx: np.ndarray, ry: np.ndarray) -> np.nda
     """Discordant pairs per group for a few large groups in Knight's order (group, x, y): scipy's
     compiled Fenwick-tree count when available, else the numpy bit passes."""
     ends = np.append(start[1:], len(rx))
-    if _scipy_discordant is None:
+    compiled = _compiled_discordant()
+    if compiled is None:
         group = np.repeat(np.arange(len(start)), ends - start)
         return _discordant_pairs(group, ry.astype(np.int64), len(start))
     x, y = rx.astype(np.intp, copy=False), np.add(ry, 1, dtype=np.intp)  # the tree is 1-based
-    return np.array([float(_scipy_discordant(x[a:b], y[a:b])) if b - a > 1 else 0.0 for a, b in zip(start, ends)])
+    return np.array([float(compiled(x[a:b], y[a:b])) if b - a > 1 else 0.0 for a, b in zip(start, ends)])
 
 
 def _tau_b(stats: dict[str, np.ndarray]) -> np.ndarray:

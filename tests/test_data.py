@@ -81,7 +81,7 @@ def test_writer_round_trip_keeps_types_and_history(tmp_path, pairs):
     (step,) = read_history(tmp_path / "out.parquet")
     assert step["command"] == "test" and step["parameters"] == {"alpha": 1} and step["seed"] == 7
     assert step["input"]["rows"] == 20 and step["rows_out"] == 20
-    assert step["input"]["fingerprint"].startswith("blake2b:")
+    assert step["input"]["fingerprint"].startswith("blake2b-parquet-footer:")
     # a second command appends to the history
     src2 = open_source(tmp_path / "out.parquet")
     write_table(src2.collect(), tmp_path / "out2.parquet", entry=new_history_entry("second", {}, source=src2))
@@ -229,3 +229,17 @@ def test_batches_stream_in_bounded_chunks_and_write_back(tmp_path):
     assert write_table(src.batches(), tmp_path / "out.parquet", row_group_size=300) == 1000
     assert pq.ParquetFile(tmp_path / "out.parquet").metadata.num_row_groups == 8  # one per batch
     _same_content(read_table(tmp_path / "out.parquet"), read_table(path))
+
+
+def test_fingerprint_changes_with_content_and_not_with_location(tmp_path, pairs):
+    from prefnoise.data import file_fingerprint
+
+    a = _write_raw(pairs, tmp_path, "a.parquet")
+    (tmp_path / "copy").mkdir()
+    b = _write_raw(pairs, tmp_path / "copy", "a.parquet")
+    c = _write_raw(pairs.with_columns(pl.col("chosen").str.replace("good", "fine")), tmp_path, "c.parquet")
+    assert file_fingerprint(a) == file_fingerprint(b)
+    assert file_fingerprint(a) != file_fingerprint(c)
+    jsonl = tmp_path / "t.jsonl"
+    pairs.write_ndjson(jsonl)
+    assert file_fingerprint(jsonl).startswith("blake2b:")

@@ -12,9 +12,8 @@ out of it; the chosen and rejected sides of a batch go through the network as on
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from prefnoise.errors import PrefnoiseError
+from prefnoise.hf import quiet_transformers
 
 CONFIG_FILE = "reward_config.json"
 WEIGHTS_FILE = "model.safetensors"  # mlp weights; HF models write their own model.safetensors
@@ -83,23 +83,6 @@ def mean_pool(states: Tensor, attention_mask: Tensor) -> Tensor:
     """Mean of ``states`` over the positions where ``attention_mask`` is 1."""
     mask = attention_mask.unsqueeze(-1).to(states.dtype)
     return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    # "Some weights were newly initialized" is expected for a fresh reward head; keep stderr clean.
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _load_tokenizer(path: str | Path) -> Any:
@@ -240,7 +223,7 @@ class TransformerRewardModel(RewardModel):
         return {k: v.to(device) for k, v in pad_batch(rows, self.tokenizer.pad_token_id).items()}
 
     def save(self, directory: Path) -> None:
-        with _quiet_transformers():
+        with quiet_transformers():
             self.module.model.save_pretrained(str(directory), safe_serialization=True)
         self.tokenizer.save_pretrained(str(directory))
         if isinstance(self.module, PooledReward):
@@ -260,7 +243,7 @@ def _hf_reward_module(path: Path, head: str | None) -> tuple[nn.Module, str]:
     if head is None:
         known = hf_config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
         head = "sequence-classification" if known else "pooled"
-    with _quiet_transformers():
+    with quiet_transformers():
         if head == "sequence-classification":
             hf_config.num_labels = 1
             model = AutoModelForSequenceClassification.from_pretrained(str(path), config=hf_config, dtype=torch.float32)
@@ -294,7 +277,7 @@ class Encoder:
 
         self.path = _check_model_dir(path, "--encoder")
         self.tokenizer = _load_tokenizer(self.path)
-        with _quiet_transformers():
+        with quiet_transformers():
             self.model = AutoModel.from_pretrained(str(self.path), dtype=torch.float32).eval()
         self.model.requires_grad_(False)
         self.max_length = max_length
@@ -354,7 +337,7 @@ class Encoder:
     def save(self, directory: Path) -> None:
         """Copy the encoder and its tokenizer into ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
-        with _quiet_transformers():
+        with quiet_transformers():
             self.model.save_pretrained(str(directory), safe_serialization=True)
         self.tokenizer.save_pretrained(str(directory))
 
