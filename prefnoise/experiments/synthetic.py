@@ -183,9 +183,12 @@ def summary(results: pl.DataFrame, metric: str = "test_agreement") -> pl.DataFra
     return (
         results.group_by("loss", "symmetric", "kind", "rate")
         .agg(pl.col(metric).mean().alias("mean"), pl.col(metric).std().alias("std"), pl.len().alias("seeds"))
-        .with_columns(pl.col("loss").replace_strict(order, default=len(order)).alias("__order"))
-        .sort("__order", "kind", "rate")
-        .drop("__order")
+        .with_columns(
+            pl.col("loss").replace_strict(order, default=len(order)).alias("__order"),
+            pl.col("kind").replace_strict({k: i for i, k in enumerate(KINDS)}, default=len(KINDS)).alias("__kind"),
+        )
+        .sort("__order", "__kind", "rate")
+        .drop("__order", "__kind")
     )
 
 
