@@ -304,6 +304,20 @@ class PreferenceSource:
             raise PrefnoiseError(f"{self.name}: contains no rows")
         return pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
 
+    def scan_raw(self) -> pl.LazyFrame:
+        """The file as it is (no column mapping or validation) as a LazyFrame, for long tables and
+        column projection: Parquet and plain CSV stay lazy, other formats are read whole."""
+        if self.format == "parquet":
+            return pl.scan_parquet(self.path if self.path.is_file() else f"{self.path}/**/*.parquet")
+        if self.format == "csv" and self.path.suffix.lower() in (".csv", ".tsv"):
+            return pl.scan_csv(self.path, separator="\t" if self.path.suffix.lower() == ".tsv" else ",")
+        batches = list(self._arrow_batches())
+        if not batches:
+            raise PrefnoiseError(f"{self.name}: contains no rows")
+        frame = pl.from_arrow(pa.Table.from_batches(batches))
+        assert isinstance(frame, pl.DataFrame)
+        return frame.lazy()
+
     def total_rows(self) -> int | None:
         """Row count from file metadata when it is free to get (Parquet, saved datasets), else None."""
         if self.format == "parquet":

@@ -243,3 +243,17 @@ def test_fingerprint_changes_with_content_and_not_with_location(tmp_path, pairs)
     jsonl = tmp_path / "t.jsonl"
     pairs.write_ndjson(jsonl)
     assert file_fingerprint(jsonl).startswith("blake2b:")
+
+
+def test_scan_raw_reads_any_format_without_canonical_checks(tmp_path):
+    long = pl.DataFrame({"prompt_id": ["a", "a", "b"], "response": ["x", "y", "z"], "reward": [1.0, 2.0, 3.0]})
+    long.write_parquet(tmp_path / "long.parquet")
+    with gzip.open(tmp_path / "long.jsonl.gz", "wt") as handle:
+        handle.write(long.write_ndjson())
+    long.write_csv(tmp_path / "long.csv")
+    for name in ("long.parquet", "long.jsonl.gz", "long.csv"):
+        scanned = open_source(tmp_path / name).scan_raw()
+        assert isinstance(scanned, pl.LazyFrame)
+        assert scanned.select("reward").collect()["reward"].to_list() == [1.0, 2.0, 3.0], name
+    with pytest.raises(PrefnoiseError, match="missing required column"):
+        read_table(tmp_path / "long.parquet")  # the canonical reader still insists on pairs

@@ -42,7 +42,7 @@ def inspect_command(
         and (prompt_col, chosen_col, rejected_col) == ("prompt", "chosen", "rejected")
     ):
         src.schema  # validates the first batch: required columns and types  # noqa: B018
-        lazy = pl.scan_parquet(src.path if src.path.is_file() else f"{src.path}/**/*.parquet")
+        lazy = src.scan_raw()  # statistics stream over the file instead of loading it
     else:
         lazy = src.collect().lazy()
     stats = column_stats(lazy)

@@ -54,7 +54,7 @@ def rank_check_command(
     seed: SeedOption = C.DEFAULT_SEED,
 ) -> None:
     """Pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho of a learned reward."""
-    lazy = _scan(source)
+    lazy = open_source(source).scan_raw()  # resolves "-" (spooled stdin), existence and format
     splits = list(group_by or [])
     with progress("rank-check", 1 + len(splits) + 1, enabled=show_progress(json_output)) as advance:
         report = rank_report(
@@ -93,19 +93,6 @@ def gate_failures(
         for name, value, threshold in gates
         if threshold is not None and (value is None or value < threshold)
     ]
-
-
-def _scan(source: str) -> pl.LazyFrame:
-    """A lazy, column-projecting scan of DATA (Parquet directly; other formats are read whole)."""
-    src = open_source(source)  # resolves '-' (spooled stdin), existence and the file format
-    path = src.path
-    if src.format == "parquet":
-        return pl.scan_parquet(path if path.is_file() else f"{path}/**/*.parquet")
-    if src.format == "json":
-        return pl.read_ndjson(path).lazy() if path.suffix != ".json" else pl.read_json(path).lazy()
-    if src.format == "csv":
-        return pl.scan_csv(path, separator="\t" if ".tsv" in path.suffixes else ",")
-    return src.collect().lazy()
 
 
 def _write_plot(lazy: pl.LazyFrame, report: RankReport, out: Path, long: bool, seed: int) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -27,28 +25,13 @@ from prefnoise.cli.common import (
     progress,
     show_progress,
 )
-from prefnoise.data import new_history_entry, read_history, write_table
+from prefnoise.data import new_history_entry, open_source, read_history, write_table
 from prefnoise.errors import PrefnoiseError
 
 
 def read_long_table(source: str) -> pl.DataFrame:
-    """A (prompt, response) table from Parquet, JSONL or CSV (``-``: Parquet on stdin)."""
-    try:
-        if source == "-":
-            return pl.read_parquet(io.BytesIO(sys.stdin.buffer.read()))
-        path = Path(source)
-        if not path.exists():
-            raise PrefnoiseError(f"{source}: no such file or directory")
-        name = path.name.lower()
-        if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-            return pl.read_ndjson(path)
-        if name.endswith(".csv"):
-            return pl.read_csv(path)
-        return pl.read_parquet(path)
-    except PrefnoiseError:
-        raise
-    except Exception as error:  # polars/arrow parse errors: say which file, not a traceback
-        raise PrefnoiseError(f"{source}: cannot read as a table ({type(error).__name__}: {error})") from None
+    """A (prompt, response) table from any readable format (``-``: stdin), without pair validation."""
+    return open_source(source).scan_raw().collect()
 
 
 @app.command("score")
