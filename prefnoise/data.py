@@ -345,7 +345,8 @@ class PreferenceSource:
             if self.format == "parquet":
                 files = _parquet_files(self.path) if self.path.is_dir() else [self.path]
                 for file in files:
-                    yield from pq.ParquetFile(file).iter_batches(batch_size=self.batch_size)
+                    # pre_buffer=False: the default caches read ranges and memory then grows with the file
+                    yield from pq.ParquetFile(file, pre_buffer=False).iter_batches(batch_size=self.batch_size)
             elif self.format == "json":
                 options = pa_json.ReadOptions(block_size=32 * 2**20)
                 yield from pa_json.open_json(pa.input_stream(str(self.path)), read_options=options)
