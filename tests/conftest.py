@@ -29,6 +29,23 @@ def make_pairs(n: int, seed: int = 0, *, scores: bool = True) -> pl.DataFrame:
     return pl.DataFrame(data)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (and a shared, loaded machine does not stall them)."""
+    from tests.tiny_models import single_torch_thread
+
+    with single_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def lm_path(tmp_path_factory) -> Path:
+    """A tiny GPT-2 with a BPE tokenizer trained on the pattern task's text, saved once per session."""
+    from tests.tiny_models import make_tiny_causal_lm, pattern_texts
+
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "gpt2", pattern_texts())
+
+
 @pytest.fixture
 def pairs() -> pl.DataFrame:
     """Twenty clean synthetic pairs with true scores."""

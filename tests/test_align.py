@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import make_tiny_causal_lm, pattern_pairs, pattern_texts, single_torch_thread
+from tiny_models import make_tiny_causal_lm, pattern_pairs, pattern_texts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import prefnoise.align as align_module
@@ -23,17 +23,6 @@ from prefnoise.logprobs import (
     reference_logps,
     tokenize_pairs,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with single_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def lm_path(tmp_path_factory):
-    return make_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "gpt2", pattern_texts())
 
 
 def config(lm_path, out, **overrides) -> AlignConfig:

@@ -12,24 +12,13 @@ import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import make_tiny_causal_lm, make_tiny_encoder, pattern_pairs, pattern_texts, single_torch_thread
+from tiny_models import make_tiny_encoder, pattern_pairs, pattern_texts
 from typer.testing import CliRunner
 
 from prefnoise.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--max-length", "32", "--max-prompt-length", "16", "--lr", "1e-3", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with single_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def lm_path(tmp_path_factory):
-    return make_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "gpt2", pattern_texts())
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 
 import polars as pl
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from prefnoise import columns as C
@@ -19,14 +18,6 @@ from tests.conftest import make_pairs
 from tests.tiny_models import make_tiny_causal_lm, make_tiny_encoder
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

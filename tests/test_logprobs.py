@@ -7,7 +7,7 @@ import json
 import polars as pl
 import pytest
 import torch
-from tiny_models import make_tiny_causal_lm, pattern_pairs, pattern_texts, single_torch_thread
+from tiny_models import make_tiny_causal_lm, pattern_pairs, pattern_texts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefnoise.errors import PrefnoiseError
@@ -25,17 +25,6 @@ from prefnoise.logprobs import (
     uses_chat_template,
     write_reference_cache,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with single_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def lm_path(tmp_path_factory):
-    return make_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "gpt2", pattern_texts())
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,6 @@ from prefnoise.reward.synthetic import feature_pairs
 from tests.conftest import make_pairs
 from tests.tiny_models import make_tiny_causal_lm, make_tiny_encoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared 2-core CI box is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- splits ------------------------------------------------------------------------------------
 
 IDS = [f"pair-{i}" for i in range(20_000)]
