@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +15,7 @@ from prefnoise.atomic import atomic_path
 from prefnoise.cli.app import app
 from prefnoise.cli.common import JsonOption, cli_errors, console, emit_json, progress, show_progress
 from prefnoise.errors import PrefnoiseError
+from prefnoise.experiments import with_overrides
 
 reproduce_app = typer.Typer(
     help="Re-run the paper's robustness experiments through prefnoise's own pipeline.", no_args_is_help=True
@@ -25,6 +27,14 @@ QuickOption = Annotated[
     bool, typer.Option("--quick", help="A reduced grid that runs in about a minute on 2 CPU cores.")
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+
+
+def _write_outputs(out: Path, results, markdown: str, draw_figure: Callable[[Path], object]) -> None:
+    """results.parquet, results.md and robustness.png into ``out``, all or nothing."""
+    with atomic_path(out, directory=True) as tmp:
+        results.write_parquet(tmp / "results.parquet")
+        (tmp / "results.md").write_text(markdown)
+        draw_figure(tmp / "robustness.png")
 
 
 def _command_line() -> str:
@@ -55,22 +65,24 @@ def synthetic_command(
     from prefnoise.experiments.figures import robustness_figure
 
     config = S.SyntheticConfig.quick() if quick else S.SyntheticConfig()
-    config = S.with_overrides(config, seeds=seeds, epochs=epochs, train_pairs=train_pairs)
+    config = with_overrides(config, seeds=seeds, epochs=epochs, train_pairs=train_pairs)
     if config.seeds < 1 or config.epochs < 1 or config.train_pairs < 10:
         raise PrefnoiseError("--seeds and --epochs must be >= 1 and --train-pairs >= 10")
     command = _command_line()
     with progress("grid", config.cells(), enabled=show_progress(json_output)) as advance:
         results = S.run_synthetic(config, mnist=mnist, device=device, on_cell=lambda row: advance(1))
     table = S.summary(results)
-    with atomic_path(out, directory=True) as tmp:
-        results.write_parquet(tmp / "results.parquet")
-        (tmp / "results.md").write_text(S.summary_markdown(results, config, command))
-        robustness_figure(
+    _write_outputs(
+        out,
+        results,
+        S.summary_markdown(results, config, command),
+        lambda path: robustness_figure(
             table,
-            tmp / "robustness.png",
+            path,
             symmetric_losses=S.SYMMETRIC_LOSSES,
             title="Reward models under label noise (digits; held-out pairs)",
-        )
+        ),
+    )
     top = max(config.rates)
     payload = {
         "out": str(out),
@@ -125,23 +137,25 @@ def alignment_command(
     from prefnoise.experiments.figures import robustness_figure
 
     config = A.AlignmentConfig.quick() if quick else A.AlignmentConfig()
-    config = A.with_overrides(config, seeds=seeds, epochs=epochs, pairs=pairs, asymmetric=None if asymmetric else ())
+    config = with_overrides(config, seeds=seeds, epochs=epochs, pairs=pairs, asymmetric=None if asymmetric else ())
     if config.seeds < 1 or config.epochs < 1 or config.pairs < 40:
         raise PrefnoiseError("--seeds and --epochs must be >= 1 and --pairs >= 40")
     command = _command_line()
     with progress("grid", config.cells(), enabled=show_progress(json_output)) as advance:
         results = A.run_alignment(config, device=device, on_cell=lambda row: advance(1))
     table = A.summary(results)
-    with atomic_path(out, directory=True) as tmp:
-        results.write_parquet(tmp / "results.parquet")
-        (tmp / "results.md").write_text(A.summary_markdown(results, config, command))
-        robustness_figure(
+    _write_outputs(
+        out,
+        results,
+        A.summary_markdown(results, config, command),
+        lambda path: robustness_figure(
             table,
-            tmp / "robustness.png",
+            path,
             symmetric_losses=A.SYMMETRIC_LOSSES,
             y_label="held-out clean implicit-reward accuracy",
             title="Preference optimization under label noise (tiny GPT-2, generated task)",
-        )
+        ),
+    )
     top = max(config.rates)
     dpo_like = [x for x in config.losses if x not in A.SYMMETRIC_LOSSES]
     payload = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -221,11 +221,3 @@ def mean_accuracy_at(results: pl.DataFrame, rate: float, losses: Sequence[str], 
     return float(subset["clean_accuracy"].mean())
 
 
-def config_dict(config: AlignmentConfig) -> dict[str, Any]:
-    """The configuration as JSON-ready values (for provenance)."""
-    return asdict(config)
-
-
-def with_overrides(config: AlignmentConfig, **overrides: Any) -> AlignmentConfig:
-    """A copy of ``config`` with the non-None overrides applied."""
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

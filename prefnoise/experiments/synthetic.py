@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -220,16 +220,6 @@ def summary_markdown(results: pl.DataFrame, config: SyntheticConfig, command: st
         "Bold: symmetric losses. Asymmetric noise at rate ε flips first-preferred pairs with ε, others with ε/2.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def config_dict(config: SyntheticConfig) -> dict[str, Any]:
-    """The configuration as JSON-ready values (for provenance)."""
-    return asdict(config)
-
-
-def with_overrides(config: SyntheticConfig, **overrides: Any) -> SyntheticConfig:
-    """A copy of ``config`` with the non-None overrides applied."""
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def mean_agreement_at(results: pl.DataFrame, rate: float, losses: Sequence[str]) -> float:
