@@ -210,15 +210,27 @@ def flip_probability(frame: pl.DataFrame, spec: NoiseSpec) -> np.ndarray:
     return spec.max_rate * uniform_draws(frame[C.PAIR_ID], spec.seed, stream="uniform-rate")
 
 
-def flip_mask(frame: pl.DataFrame, spec: NoiseSpec, thresholds: dict[str, float] | None = None) -> np.ndarray:
-    """Which pairs to flip: u < p, or with ``--exact`` the pairs whose draw is within their group's threshold."""
+def flip_mask(
+    frame: pl.DataFrame,
+    spec: NoiseSpec,
+    thresholds: dict[str, float] | None = None,
+    *,
+    probability: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
+    """Which pairs to flip: u < p, or with ``--exact`` the pairs whose draw is within their group's threshold.
+
+    ``probability`` / ``groups`` may pass in what the caller already computed for this frame.
+    """
     draws = uniform_draws(frame[C.PAIR_ID], spec.seed, stream=spec.kind)
     if not spec.exact:
-        return draws < flip_probability(frame, spec)
+        return draws < (flip_probability(frame, spec) if probability is None else probability)
     if thresholds is None:
         raise ValueError("exact flips need thresholds from exact_thresholds()")
-    groups = flip_groups(frame, spec)
-    limit = np.array([thresholds.get(g, -1.0) for g in groups]) if len(groups) else np.zeros(0)
+    groups = flip_groups(frame, spec) if groups is None else groups
+    limit = np.full(len(groups), -1.0)
+    for group, threshold in thresholds.items():
+        limit[groups == group] = threshold
     return draws <= limit
 
 
@@ -340,9 +352,11 @@ def corrupt_batches(
 ) -> Iterator[pl.DataFrame]:
     """Yield each batch with the pairs chosen by ``spec`` flipped; counts go into ``stats``."""
     for frame in batches:
-        mask = flip_mask(frame, spec, thresholds)
+        probability = flip_probability(frame, spec)
+        groups = flip_groups(frame, spec) if stats is not None or spec.exact else None
+        mask = flip_mask(frame, spec, thresholds, probability=probability, groups=groups)
         if stats is not None:
-            stats.add(flip_groups(frame, spec), mask, flip_probability(frame, spec))
+            stats.add(groups, mask, probability)
         yield swap_responses(frame, mask)
         if on_progress is not None:
             on_progress(frame.height)
