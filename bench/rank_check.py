@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/rank_check.py            # 10M pairs (the issue's scale target: < 60 s)
     .venv/bin/python bench/rank_check.py --rows 1000000
+    .venv/bin/python bench/rank_check.py --rows 20000000 --skip-baseline   # memory: flat in N?
 
 Generates N pairs (2 responses each, N/2 prompts, 20% flipped) with a true score and a noisy learned
 reward, writes Parquet, then times in the same run: (1) `prefnoise.rank.rank_report` on a lazy scan
@@ -9,15 +10,20 @@ reward, writes Parquet, then times in the same run: (1) `prefnoise.rank.rank_rep
 ties, scipy.stats.kendalltau / spearmanr over all responses (overall and per flipped value), a pandas
 groupby for per-prompt preservation, and a naive bootstrap (numpy resampling, 200 replicates, timed
 and scaled to 1000). The baseline's per-prompt tau via groupby-apply is timed on 20k prompts and
-extrapolated (it would take hours at 10M). Prints seconds, the ratio and peak RSS of each, the
-CPU seconds of the prefnoise part and the load average (the machine is shared, so wall times vary).
+extrapolated (it would take hours at 10M). Each implementation runs in its own child process, so its
+peak RSS is its own (not the generator's). Prints seconds, the ratio and peak RSS of each, the CPU
+seconds and the load average (the machine is shared, so wall times vary). `--memory-responses` is
+rank_report's budget (responses held at once; the rest spill to temporary files).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,10 +51,10 @@ def make_pairs(n: int, seed: int = 0) -> pl.DataFrame:
     )
 
 
-def prefnoise_report(path: Path) -> dict:
+def prefnoise_report(path: Path, memory_responses: int) -> dict:
     from prefnoise.rank import rank_report
 
-    report = rank_report(pl.scan_parquet(path), n_boot=1000)
+    report = rank_report(pl.scan_parquet(path), n_boot=1000, memory_responses=memory_responses)
     m = report.overall
     return {"agreement": m.agreement.value, "tau": m.kendall_tau_b, "rho": m.spearman_rho}
 
@@ -88,10 +94,10 @@ def baseline_report(path: Path) -> dict:
     per_prompt = time.perf_counter() - start
     per_prompt_extra = per_prompt * (responses.prompt.nunique() / 20_000 - 1)
     return {
-        "agreement": agreement,
-        "tau": tau,
-        "rho": rho,
-        "preservation": ok,
+        "agreement": float(agreement),
+        "tau": float(tau),
+        "rho": float(rho),
+        "preservation": float(ok),
         "extrapolated_s": boot_extra + per_prompt_extra,
     }
 
@@ -105,29 +111,75 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def measure(which: str, path: Path, memory_responses: int) -> None:
+    """Child process: run one implementation and print its time, CPU time, peak RSS and results."""
+    start, cpu = time.perf_counter(), cpu_seconds()
+    result = prefnoise_report(path, memory_responses) if which == "prefnoise" else baseline_report(path)
+    extra = result.pop("extrapolated_s", 0.0)
+    wall = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "total_s": wall + extra,
+                "cpu_s": cpu_seconds() - cpu,
+                "rss_gib": peak_rss_gib(),
+                "result": result,
+            }
+        )
+    )
+
+
+def run_child(which: str, path: Path, memory_responses: int) -> dict:
+    args = [
+        sys.executable,
+        __file__,
+        "--measure",
+        which,
+        "--data",
+        str(path),
+        "--memory-responses",
+        str(memory_responses),
+    ]
+    done = subprocess.run(args, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
+    from prefnoise.rank import DEFAULT_MEMORY_RESPONSES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--memory-responses", type=int, default=DEFAULT_MEMORY_RESPONSES)
+    parser.add_argument("--skip-baseline", action="store_true", help="time prefnoise only (e.g. for memory scaling)")
+    parser.add_argument("--data", type=Path, help="use this Parquet file instead of generating one")
+    parser.add_argument("--measure", choices=["prefnoise", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure:
+        measure(args.measure, args.data, args.memory_responses)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "pairs.parquet"
-        make_pairs(args.rows).write_parquet(path)
-        print(f"{args.rows:,} pairs written; peak RSS after generation {peak_rss_gib():.2f} GiB")
+        path = args.data or Path(tmp) / "pairs.parquet"
+        if args.data is None:
+            make_pairs(args.rows).write_parquet(path)
+        rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+        print(f"{rows:,} pairs; --memory-responses {args.memory_responses:,}")
         print(f"load average before: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-        start, cpu = time.perf_counter(), cpu_seconds()
-        ours = prefnoise_report(path)
-        ours_s, ours_cpu = time.perf_counter() - start, cpu_seconds() - cpu
-        rss = peak_rss_gib()
-        print(f"prefnoise rank_report: {ours_s:.1f} s ({ours_cpu:.1f} CPU s), peak RSS {rss:.2f} GiB, {ours}")
+        ours = run_child("prefnoise", path, args.memory_responses)
+        print(
+            f"prefnoise rank_report: {ours['wall_s']:.1f} s ({ours['cpu_s']:.1f} CPU s), "
+            f"peak RSS {ours['rss_gib']:.2f} GiB, {ours['result']}"
+        )
         print(f"load average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-        start = time.perf_counter()
-        base = baseline_report(path)
-        measured = time.perf_counter() - start
-        base_s = measured + base.pop("extrapolated_s")
-        print(f"scipy+pandas baseline measured part: {measured:.1f} s")
-        rss = peak_rss_gib()
-        print(f"scipy+pandas baseline: {base_s:.1f} s (incl. extrapolated parts), peak RSS {rss:.2f} GiB, {base}")
-        print(f"ratio baseline / prefnoise: {base_s / ours_s:.2f}x")
+        if args.skip_baseline:
+            return
+        base = run_child("baseline", path, args.memory_responses)
+        print(f"scipy+pandas baseline measured part: {base['wall_s']:.1f} s")
+        print(
+            f"scipy+pandas baseline: {base['total_s']:.1f} s (incl. extrapolated parts), "
+            f"peak RSS {base['rss_gib']:.2f} GiB, {base['result']}"
+        )
+        print(f"ratio baseline / prefnoise: {base['total_s'] / ours['wall_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,23 @@ r(a) > r(a'). This module measures how close a reward comes to that, on two inpu
 * a **long table** of responses: ``prompt_id``, ``<pred>``, ``<true>`` (k responses per prompt,
   UltraFeedback style); its pairs are all pairs of responses under one prompt.
 
-Pair-level quantities are polars expressions; the rank statistics (Kendall's tau-b, Spearman's rho)
-run on sorted numpy arrays in O(n log n) (Knight's algorithm), nothing quadratic and no Python loop
-over rows. The responses are argsorted twice per report, by (true, pred) and by pred, with polars'
-multi-threaded sort; every grouping after that (whole table, each split, each prompt) only sorts
-packed int64 (group, position) values. Discordant pairs: scipy's compiled Fenwick tree for a few
-large groups (numpy bit passes without scipy), neighbour comparisons for many small groups.
+A report streams the input once in batches and holds at most about ``memory_responses``
+responses at a time, whatever the table's size:
+
+1. each batch adds to the pair outcome counts (agreement, its bootstrap) and the worst-pair
+   candidates, and its responses go to buckets by a hash of their prompt;
+2. each prompt bucket gives the per-prompt statistics (preservation, per-prompt tau and rho,
+   a long table's agreement) and sends its responses on to buckets by ranges of the true reward;
+3. Kendall's tau-b and Spearman's rho over all responses are then combined from two passes over
+   range buckets (:mod:`prefnoise.rankstats` does the sorting inside a bucket): pairs within a
+   true-reward range are counted exactly there and each response gets its global true rank;
+   the responses then move to buckets by ranges of the predicted reward, where pairs within a
+   predicted range are counted exactly, pairs across ranges by a running count of earlier
+   ranges, and each response gets its global predicted rank.
+
+With one bucket (a table that fits) nothing touches the disk and step 3 is one in-memory pass.
+Equal rewards always share a range bucket, so a bucket can exceed the budget only when one
+reward value (or one prompt) holds more responses than the budget.
 
 For a pair table, "all responses" means the pairs reshaped to one row per response, keeping the
 first row of each (split, prompt, response text) — a response that appears in several pairs of a
@@ -26,7 +37,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,34 +47,22 @@ import polars as pl
 
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
+from prefnoise.rankstats import Orders, grouped_stats, orders, rank_stats, tau_b, x_side_stats
+from prefnoise.spill import Buckets
 
 PROMPT_ID = "prompt_id"  # the long table's prompt key
 LONG_REQUIRED = (PROMPT_ID,)
 CONFIDENCE = 0.95
+# Responses a report holds in memory at once (about 250 MB of working arrays); more spill to disk.
+DEFAULT_MEMORY_RESPONSES = 1_000_000
 # Bootstrap replicates are drawn this many category-counts at a time, so memory stays flat.
 _BOOT_CELLS = 2_000_000
-# Above this many groups the grouped discordant-pair count walks segments instead of the
-# whole array (cheaper when each group is small, e.g. one group per prompt).
-_FEW_GROUPS = 64
-# Groups of at most this many responses (e.g. 4 per prompt) compare neighbours instead of sorting by y.
-_SMALL_GROUP = 8
+_READ_ROWS = 1 << 18  # input rows per batch
+_SAMPLE = 200_000  # responses sampled to choose the reward ranges of the buckets
+_OUTCOMES = np.array([1.0, 0.5, 0.0, 0.0])  # pair outcome per index: right, predicted tie, wrong, true tie
+_OUTCOME_DEN = np.array([1.0, 1.0, 1.0, 0.0])
 
-# scipy's compiled Fenwick-tree count (private, hence optional): 3-4x faster than numpy passes.
-# Looked up on first use (False = not yet), so importing rank (and the CLI) does not load scipy.
-_scipy_discordant: Any = False
-
-
-def _compiled_discordant() -> Any:
-    global _scipy_discordant
-    if _scipy_discordant is False:
-        try:
-            from scipy.stats._stats import _kendall_dis as found
-        except ImportError:  # pragma: no cover
-            found = None
-        _scipy_discordant = found
-    return _scipy_discordant
-
-# Internal column names of the responses and outcome frames.
+# Internal column names of the projected input.
 _G, _P, _X, _Y = "_split", "_prompt", "_true", "_pred"
 
 Frame = pl.DataFrame | pl.LazyFrame
@@ -156,28 +157,29 @@ def pairwise_agreement(
 ) -> Agreement:
     """Agreement of a pair table's predicted order with the true order (or the labels when
     ``true`` is None), with a seeded bootstrap 95% interval over pairs."""
-    outcomes = _pair_outcomes(frame.lazy(), pred, true, ()).collect()
+    outcomes = _pair_outcomes(frame.lazy(), pred, true).collect()
     return _agreement_from_outcomes(outcomes, n_boot, seed)[0]
 
 
 def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
     """Kendall's tau-b between two equal-length arrays (NaN when either is constant); O(n log n)."""
-    stats = _rank_stats((np.zeros(len(x), dtype=np.int64),), np.asarray(x, float), np.asarray(y, float))
-    return float(_tau_b(stats)[0])
+    stats = rank_stats((np.zeros(len(x), dtype=np.int64),), np.asarray(x, float), np.asarray(y, float))
+    return float(tau_b(stats)[0])
 
 
 def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman's rho (Pearson correlation of average ranks); NaN when either array is constant."""
-    stats = _rank_stats((np.zeros(len(x), dtype=np.int64),), np.asarray(x, float), np.asarray(y, float))
+    stats = rank_stats((np.zeros(len(x), dtype=np.int64),), np.asarray(x, float), np.asarray(y, float))
     return float(stats["rho"][0])
 
 
 def rank_preservation(frame: Frame, *, pred: str = C.REWARD, true: str = C.SCORE) -> Preservation:
     """Fraction of prompts of a long table (``prompt_id``, ``pred``, ``true``) whose predicted
     reward keeps every strict true order between two of its responses (paper Sec. 4.1)."""
-    responses = _long_responses(frame.lazy(), pred, true, ()).collect()
-    per_prompt = _per_prompt_stats(responses)
-    return _preservation(per_prompt)[0]
+    stats = _per_prompt_stats(_long_responses(frame.lazy(), pred, true).collect())
+    totals = _PromptTotals([1])
+    totals.add_prompts(0, stats, 1)
+    return totals.preservations(0, np.zeros(1, dtype=np.int64))[0]
 
 
 def rank_report(
@@ -190,13 +192,19 @@ def rank_report(
     seed: int = C.DEFAULT_SEED,
     worst: int = 0,
     layout: str = "auto",
+    memory_responses: int = DEFAULT_MEMORY_RESPONSES,
+    temp_dir: str | Path | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> RankReport:
     """Every rank metric of ``data`` (pair or long table), overall and split by ``flipped`` (when
     present) and by each ``group_by`` column, plus the ``worst`` most wrongly ranked pairs.
 
-    Reads only the columns it needs from a LazyFrame. Progress advances once per split.
+    Reads only the columns it needs, in batches, and holds about ``memory_responses`` responses
+    at a time (larger tables spill to buckets under ``temp_dir``). ``on_progress`` receives
+    percentage points of the work as they are done (100 in all).
     """
+    if memory_responses < 1:
+        raise PrefnoiseError(f"memory_responses must be at least 1 (got {memory_responses})")
     lazy = data.lazy()
     names = lazy.collect_schema().names()
     layout = detect_layout(names, pred, layout)
@@ -207,7 +215,7 @@ def rank_report(
     if layout == "pairs":
         has_true = C.chosen(true) in names and C.rejected(true) in names
         reference_true = true if has_true else None
-        lazy = _pair_frame(lazy, names, pred, reference_true, splits, pair_ids=worst > 0)
+        projected = _pair_frame(lazy, names, pred, reference_true, splits, pair_ids=worst > 0)
     else:
         if true not in names:
             raise PrefnoiseError(
@@ -215,37 +223,16 @@ def rank_report(
                 "Use --true to name it"
             )
         reference_true = true
-        lazy = lazy.select(_long_columns(names, pred, true, splits))
-    base = lazy.collect()  # only the projected columns
-    clean = base.drop_nulls().filter(~pl.any_horizontal(pl.selectors.float().is_nan()))
-    dropped = base.height - clean.height
-    del base
-    if clean.height == 0:
-        raise PrefnoiseError("no rows with both a predicted and a reference reward to compare")
-    # Sorted once, reused by every split: the expensive part of the rank statistics.
-    responses = _responses(clean, layout) if reference_true else None
-
-    def metrics_by(split: str | None) -> dict[Any, RankMetrics]:
-        result = _metrics(clean, layout, responses, split, n_boot, seed)
-        if on_progress is not None:
-            on_progress(1)
-        return result
-
-    report = RankReport(
-        layout=layout,
-        reference="score" if reference_true else "labels",
-        pred=pred,
-        true=reference_true,
-        overall=metrics_by(None)[None],
-        dropped_rows=dropped,
-        n_boot=n_boot,
-        seed=seed,
-    )
-    for split in splits:
-        report.splits[split] = {str(key): value for key, value in metrics_by(split).items()}
-    if worst > 0:
-        report.worst = _worst_pairs(clean, layout, worst)
-    return report
+        projected = lazy.with_row_index("_row").select(_long_columns(pred, true, splits))
+    rows = projected.select(pl.len()).collect().item()
+    per_row = 2 if layout == "pairs" and reference_true else 1
+    n_buckets = max(1, math.ceil(rows * per_row / memory_responses))
+    with _ReportBuilder(
+        layout, reference_true is not None, splits, worst, rows, n_buckets, temp_dir, on_progress
+    ) as builder:
+        for batch in projected.collect_batches(chunk_size=_READ_ROWS):
+            builder.add_rows(batch)
+        return builder.report(pred=pred, true=reference_true, n_boot=n_boot, seed=seed)
 
 
 def detect_layout(names: Sequence[str], pred: str = C.REWARD, layout: str = "auto") -> str:
@@ -290,8 +277,9 @@ def _pair_frame(
         pl.col(C.rejected(pred)).cast(pl.Float64).alias("_pr"),
     ]
     if pair_ids:
-        pair_id = pl.col(C.PAIR_ID) if C.PAIR_ID in names else pl.int_range(pl.len())
-        cols.append(pair_id.cast(pl.String).alias("_id"))
+        if C.PAIR_ID not in names:
+            lazy = lazy.with_row_index(C.PAIR_ID)
+        cols.append(pl.col(C.PAIR_ID).cast(pl.String).alias("_id"))
     if true:
         cols += [
             pl.col(C.chosen(true)).cast(pl.Float64).alias("_tc"),
@@ -303,12 +291,13 @@ def _pair_frame(
     return lazy.select(cols)
 
 
-def _long_columns(names: list[str], pred: str, true: str, splits: list[str]) -> list[pl.Expr]:
+def _long_columns(pred: str, true: str, splits: Sequence[str]) -> list[pl.Expr]:
+    """A long table's projection (after ``with_row_index("_row")``)."""
     return [
         pl.col(PROMPT_ID).hash(seed=1).alias(_P),
         pl.col(pred).cast(pl.Float64).alias(_Y),
         pl.col(true).cast(pl.Float64).alias(_X),
-        pl.int_range(pl.len()).alias("_row"),
+        pl.col("_row").cast(pl.Int64),
         *[_split_column(name) for name in splits],
     ]
 
@@ -318,16 +307,7 @@ def _split_column(name: str) -> pl.Expr:
     return pl.col(name).cast(pl.String).fill_null("null")
 
 
-def _split_codes(frame: pl.DataFrame, split: str | None) -> tuple[pl.DataFrame, list[Any]]:
-    """``frame`` with a dense split code column, and the split values in code order."""
-    if split is None:
-        return frame.with_columns(pl.lit(0, dtype=pl.Int64).alias(_G)), [None]
-    labels = frame[split].unique().sort().to_list()
-    code = pl.col(split).replace_strict(labels, list(range(len(labels))), return_dtype=pl.Int64)
-    return frame.with_columns(code.alias(_G)), labels
-
-
-def _pair_outcomes(lazy: pl.LazyFrame, pred: str, true: str | None, splits: Sequence[str]) -> pl.LazyFrame:
+def _pair_outcomes(lazy: pl.LazyFrame, pred: str, true: str | None) -> pl.LazyFrame:
     """Per-pair outcome frame from a raw pair table (for the public single-metric function)."""
     names = lazy.collect_schema().names()
     detect_layout(names, pred, "pairs")
@@ -341,104 +321,510 @@ def _pair_outcomes(lazy: pl.LazyFrame, pred: str, true: str | None, splits: Sequ
     return frame.select(pair_outcome(pl.col("_pm"), pl.col("_tm")).alias("_num"), pl.lit(0, pl.Int64).alias(_G))
 
 
-def _long_responses(lazy: pl.LazyFrame, pred: str, true: str, splits: Sequence[str]) -> pl.LazyFrame:
+def _long_responses(lazy: pl.LazyFrame, pred: str, true: str) -> pl.LazyFrame:
     names = lazy.collect_schema().names()
     detect_layout(names, pred, "long")
     if true not in names:
         raise PrefnoiseError(f"long table: true-reward column {true!r} missing; columns are {', '.join(names)}")
-    frame = lazy.select(_long_columns(names, pred, true, [])).drop_nulls()
+    frame = lazy.with_row_index("_row").select(_long_columns(pred, true, [])).drop_nulls()
     return frame.with_columns(pl.lit(0, dtype=pl.Int64).alias(_G))
 
 
-# --------------------------------------------------------------------------- metrics per split
+def _per_prompt_stats(responses: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Rank statistics per (split, prompt), with a "split" array naming each prompt's split."""
+    keys = (responses[_G].to_numpy().astype(np.int64), responses[_P].to_numpy())
+    return rank_stats(keys, responses[_X].to_numpy(), responses[_Y].to_numpy())
 
 
-def _metrics(
-    clean: pl.DataFrame, layout: str, responses: _Responses | None, split: str | None, n_boot: int, seed: int
-) -> dict[Any, RankMetrics]:
-    """RankMetrics for each value of ``split`` (or one entry keyed None for the whole table);
-    ``responses`` is None when the labels are the reference."""
-    keyed, labels = _split_codes(clean, split)
-    n_splits = len(labels)
-    split_code = keyed[_G].to_numpy()
-    rows = np.bincount(split_code, minlength=n_splits)
-    if layout == "pairs":
-        true_margin = pl.col("_tc") - pl.col("_tr") if responses is not None else pl.lit(1.0)
-        outcomes = keyed.select(_G, _P, pair_outcome(pl.col("_pc") - pl.col("_pr"), true_margin).alias("_num"))
-        agreements = _agreement_from_outcomes(outcomes, n_boot, seed, n_splits)
-    if responses is None:
-        # Labels as the reference: a prompt is preserved when all of its pairs are ranked right.
-        prompts = outcomes.group_by(_G, _P).agg((pl.col("_num") == 1).all().alias("_ok"))
-        preservations = _preservation_from_flags(prompts, n_splits)
-        return {
-            label: RankMetrics(rows=int(rows[i]), agreement=agreements[i], preservation=preservations[i])
-            for i, label in enumerate(labels)
+# --------------------------------------------------------------------------- the streaming report
+
+
+class _SplitCodes:
+    """Codes for one split column's values in order of first appearance (sorted at the end)."""
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self.labels: list[Any] = [None] if name is None else []
+        self._code: dict[Any, int] = {}
+
+    def encode(self, batch: pl.DataFrame) -> np.ndarray:
+        if self.name is None:
+            return np.zeros(batch.height, dtype=np.int32)
+        values = batch[self.name]
+        for value in values.unique(maintain_order=True).to_list():
+            if value not in self._code:
+                self._code[value] = len(self.labels)
+                self.labels.append(value)
+        return values.replace_strict(self._code, return_dtype=pl.Int32).to_numpy()
+
+    def sorted_codes(self) -> np.ndarray:
+        """The codes in the order of their sorted labels."""
+        return np.array(sorted(range(len(self.labels)), key=lambda code: self.labels[code]), dtype=np.int64)
+
+
+def _grow(total: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``total + values`` for 1-d counts, extended with zeros when ``values`` is longer."""
+    if len(values) > len(total):
+        total = np.concatenate([total, np.zeros(len(values) - len(total), dtype=total.dtype)])
+    total[: len(values)] += values
+    return total
+
+
+def _dense(values: np.ndarray) -> np.ndarray:
+    """Dense int64 codes (0..k-1) of ``values``, in sorted order of the values."""
+    return np.unique(values, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+class _Progress:
+    """Percentage points of a report, stage by stage (each stage has a weight)."""
+
+    def __init__(self, callback: Callable[[int], None] | None, weights: Sequence[int]) -> None:
+        self.callback, self.weights = callback, list(weights)
+        self.sent = 0
+
+    def at(self, stage: int, fraction: float) -> None:
+        if self.callback is None:
+            return
+        target = round(sum(self.weights[:stage]) + self.weights[stage] * min(fraction, 1.0))
+        if target > self.sent:
+            self.callback(target - self.sent)
+            self.sent = target
+
+
+class _ReportBuilder:
+    """One report's state: counts from the streamed rows, the buckets, the statistics per split
+    column (index 0 is the whole table, then each split column; codes per column as read)."""
+
+    def __init__(
+        self,
+        layout: str,
+        has_true: bool,
+        splits: list[str],
+        worst: int,
+        rows: int,
+        n_buckets: int,
+        temp_dir: str | Path | None,
+        on_progress: Callable[[int], None] | None,
+    ) -> None:
+        self.layout, self.has_true, self.worst, self.rows_expected = layout, has_true, worst, rows
+        self.n_buckets, self.temp_dir = n_buckets, temp_dir
+        self.coders = [_SplitCodes(None)] + [_SplitCodes(name) for name in splits]
+        self.columns = range(len(self.coders))
+        self.rows = [np.zeros(0, dtype=np.int64) for _ in self.columns]
+        self.cells = [np.zeros(0, dtype=np.int64) for _ in self.columns]  # pair outcomes: code * 4 + outcome
+        self.dropped = self.rows_read = self.clean_rows = 0
+        self.worst_frames: list[pl.DataFrame] = []
+        self.samples: dict[str, list[np.ndarray]] = {"x": [], "y": []}
+        self.stack = ExitStack()
+        fields = [("prompt", "u8")] + [(f"c{j}", "i4") for j in self.columns if j]
+        if not has_true:
+            fields += [("ok", "?")]
+        elif layout == "pairs":
+            fields += [("x", "f8"), ("y", "f8"), ("text", "u8"), ("order", "i8")]
+        else:
+            fields += [("x", "f8"), ("y", "f8"), ("order", "i8")]
+        self.prompt_buckets = self.stack.enter_context(Buckets(fields, n_buckets, temp_dir))
+        weights = (40, 60) if not has_true or n_buckets == 1 else (35, 35, 15, 15)
+        self.progress = _Progress(on_progress, weights)
+
+    def __enter__(self) -> _ReportBuilder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    # -- pass 1: the input rows
+
+    def add_rows(self, batch: pl.DataFrame) -> None:
+        """Count one batch of projected rows and send its responses to the prompt buckets."""
+        self.rows_read += batch.height
+        clean = batch.drop_nulls().filter(~pl.any_horizontal(pl.selectors.float().is_nan()))
+        self.dropped += batch.height - clean.height
+        n = clean.height
+        if n:
+            codes = [coder.encode(clean) for coder in self.coders]
+            for j in self.columns:
+                self.rows[j] = _grow(self.rows[j], np.bincount(codes[j]))
+            prompt = clean[_P].to_numpy()
+            bucket = (prompt % np.uint64(self.n_buckets)).astype(np.int64) if self.n_buckets > 1 else 0
+            if self.layout == "pairs":
+                self._add_pairs(clean, prompt, bucket, codes)
+            else:
+                self._add_long(clean, prompt, bucket, codes)
+            self.clean_rows += n
+        self.progress.at(0, self.rows_read / max(self.rows_expected, 1))
+
+    def _add_pairs(self, clean: pl.DataFrame, prompt: np.ndarray, bucket: Any, codes: list[np.ndarray]) -> None:
+        true_margin = pl.col("_tc") - pl.col("_tr") if self.has_true else pl.lit(1.0)
+        outcome = clean.select(pair_outcome(pl.col("_pc") - pl.col("_pr"), true_margin)).to_series()
+        index = outcome.replace_strict({1.0: 0, 0.5: 1, 0.0: 2}, default=3, return_dtype=pl.Int64).to_numpy()
+        for j in self.columns:
+            self.cells[j] = _grow(self.cells[j], np.bincount(codes[j] * 4 + index))
+        if self.worst:
+            self._add_worst_pairs(clean, true_margin)
+        split_codes = {f"c{j}": codes[j] for j in self.columns if j}
+        if not self.has_true:
+            self.prompt_buckets.add({"prompt": prompt, "ok": index == 0, **split_codes}, bucket)
+            return
+        x = np.concatenate([clean["_tc"].to_numpy(), clean["_tr"].to_numpy()])
+        y = np.concatenate([clean["_pc"].to_numpy(), clean["_pr"].to_numpy()])
+        row = np.arange(self.clean_rows, self.clean_rows + clean.height, dtype=np.int64)
+        columns = {
+            "prompt": np.concatenate([prompt, prompt]),
+            "x": x,
+            "y": y,
+            "text": np.concatenate([clean["_hc"].to_numpy(), clean["_hr"].to_numpy()]),
+            "order": np.concatenate([row, row | (1 << 40)]),  # every chosen side, then every rejected side
+            **{name: np.concatenate([code, code]) for name, code in split_codes.items()},
         }
-    code = np.concatenate([split_code, split_code]) if layout == "pairs" else split_code
-    keep = responses.first
-    if split is not None and keep is not None:  # a response recurs within a prompt: keep its first row per split
-        keep = _first_rows(responses.prompt * n_splits + code, responses.text)
-    per_prompt = _grouped_stats(responses.orders, responses.prompt * n_splits + code, keep)
-    per_prompt["split"] = per_prompt["code"] % n_splits
-    if layout == "long":
-        agreements = _agreement_from_prompts(per_prompt, n_boot, seed, n_splits)
-    preservations = _preservation(per_prompt, n_splits)
-    overall = _grouped_stats(responses.orders, code, keep)
-    overall = {
-        name: _by_code(overall[name], overall["code"], n_splits, np.nan if name == "rho" else 0.0)
-        for name in ("n", "n0", "n1", "n2", "n3", "dis", "rho")
-    }
-    taus = _tau_b(overall)
-    per_tau = _tau_b(per_prompt)
-    tau_mean = _group_means(per_prompt["split"], per_tau, n_splits)
-    rho_mean = _group_means(per_prompt["split"], per_prompt["rho"], n_splits)
-    n_prompts = np.bincount(per_prompt["split"], minlength=n_splits)
-    return {
-        label: RankMetrics(
-            rows=int(rows[i]),
-            agreement=agreements[i],
-            preservation=preservations[i],
-            responses=int(overall["n"][i]),
-            prompts=int(n_prompts[i]),
-            kendall_tau_b=_float(taus[i]),
-            spearman_rho=_float(overall["rho"][i]),
-            kendall_tau_b_per_prompt=_float(tau_mean[0][i]),
-            spearman_rho_per_prompt=_float(rho_mean[0][i]),
-            prompts_with_tau=int(tau_mean[1][i]),
+        self.prompt_buckets.add(columns, np.concatenate([bucket, bucket]) if self.n_buckets > 1 else 0)
+        self._sample(x, y)
+
+    def _add_long(self, clean: pl.DataFrame, prompt: np.ndarray, bucket: Any, codes: list[np.ndarray]) -> None:
+        x, y = clean[_X].to_numpy(), clean[_Y].to_numpy()
+        columns = {"prompt": prompt, "x": x, "y": y, "order": clean["_row"].to_numpy()}
+        self.prompt_buckets.add(columns | {f"c{j}": codes[j] for j in self.columns if j}, bucket)
+        self._sample(x, y)
+
+    def _sample(self, x: np.ndarray, y: np.ndarray) -> None:
+        if self.n_buckets > 1:
+            step = max(1, self.rows_expected * 2 // _SAMPLE)
+            self.samples["x"].append(x[::step].copy())  # a copy: a view would keep the whole batch alive
+            self.samples["y"].append(y[::step].copy())
+
+    def _add_worst_pairs(self, clean: pl.DataFrame, true_margin: pl.Expr) -> None:
+        frame = clean.select(
+            pl.col("_id").alias(C.PAIR_ID),
+            (pl.col("_pc") - pl.col("_pr")).alias("pred_margin"),
+            true_margin.alias("true_margin"),
         )
-        for i, label in enumerate(labels)
-    }
+        self.worst_frames.append(_worst(frame, self.worst))
+
+    # -- passes 2 to 4 and the report
+
+    def report(self, *, pred: str, true: str | None, n_boot: int, seed: int) -> RankReport:
+        """Finish the passes over the buckets and assemble the report."""
+        if self.clean_rows == 0:
+            raise PrefnoiseError("no rows with both a predicted and a reference reward to compare")
+        sizes = [len(coder.labels) for coder in self.coders]
+        per_prompt = _PromptTotals(sizes)
+        global_stats: list[dict[str, np.ndarray]] | None = None
+        if not self.has_true:
+            self._prompt_pass_labels(per_prompt, sizes)
+        else:
+            global_stats = self._prompt_pass(per_prompt, sizes)
+        overall = None
+        splits: dict[str, dict[str, RankMetrics]] = {}
+        for j, coder in zip(self.columns, self.coders, strict=True):
+            order = coder.sorted_codes()
+            if self.layout == "pairs":
+                agreements = _agreements(_pair_cells(self.cells[j], sizes[j], order), n_boot, seed, sizes[j])
+            else:
+                agreements = per_prompt.agreements(j, order, n_boot, seed)
+            metrics = _metrics_per_split(
+                _grow(np.zeros(sizes[j], dtype=np.int64), self.rows[j])[order],
+                agreements,
+                per_prompt.preservations(j, order),
+                None if global_stats is None else per_prompt.means(j, order),
+                None if global_stats is None else {name: v[order] for name, v in global_stats[j].items()},
+            )
+            if j == 0:
+                overall = metrics[0]
+            else:
+                splits[str(coder.name)] = {str(coder.labels[code]): m for code, m in zip(order, metrics, strict=True)}
+        assert overall is not None
+        worst = pl.concat(self.worst_frames) if self.worst_frames else None
+        return RankReport(
+            layout=self.layout,
+            reference="score" if self.has_true else "labels",
+            pred=pred,
+            true=true,
+            overall=overall,
+            splits=splits,
+            worst=[] if worst is None else _worst(worst, self.worst).to_dicts(),
+            dropped_rows=self.dropped,
+            n_boot=n_boot,
+            seed=seed,
+        )
+
+    def _prompt_pass_labels(self, totals: _PromptTotals, sizes: list[int]) -> None:
+        """Labels as the reference: a prompt is preserved when all of its pairs are ranked right."""
+        for i in range(self.n_buckets):
+            rec = self.prompt_buckets.read(i)
+            if len(rec["prompt"]):
+                prompt = _dense(rec["prompt"])
+                for j in self.columns:
+                    key = prompt * sizes[j] + (rec[f"c{j}"] if j else 0)
+                    groups, group = np.unique(key, return_inverse=True)
+                    wrong = np.bincount(group.reshape(-1), weights=(~rec["ok"]).astype(float), minlength=len(groups))
+                    totals.add_flags(j, groups % sizes[j], wrong == 0, np.ones(len(groups), dtype=bool))
+            self.progress.at(1, (i + 1) / self.n_buckets)
+
+    def _prompt_pass(self, totals: _PromptTotals, sizes: list[int]) -> list[dict[str, np.ndarray]]:
+        """Per-prompt statistics bucket by bucket; returns the statistics over all responses."""
+        one_bucket = self.n_buckets == 1
+        x_bounds = y_bounds = np.zeros(0)
+        if not one_bucket:
+            x_bounds = _range_bounds(np.concatenate(self.samples["x"]), self.n_buckets)
+            y_bounds = _range_bounds(np.concatenate(self.samples["y"]), self.n_buckets)
+        fields = [("x", "f8"), ("y", "f8")] + [(f"c{j}", "i4") for j in self.columns if j]
+        fields += [(f"k{j}", "?") for j in self.columns]
+        x_buckets = self.stack.enter_context(Buckets(fields, len(x_bounds) + 1, self.temp_dir))
+        result: list[dict[str, np.ndarray]] = []
+        for i in range(self.n_buckets):
+            rec = self.prompt_buckets.read(i)
+            if len(rec["prompt"]):
+                codes, keeps, ranked = self._prompt_bucket(rec, totals, sizes)
+                if one_bucket:
+                    for j in self.columns:
+                        stats = grouped_stats(ranked, codes[j], keeps[j])
+                        result.append({n: _spread(v, stats["code"], sizes[j]) for n, v in stats.items() if n != "code"})
+                else:
+                    columns = {"x": rec["x"], "y": rec["y"]}
+                    columns |= {f"c{j}": codes[j] for j in self.columns if j}
+                    columns |= {
+                        f"k{j}": np.ones(len(rec["x"]), bool) if keeps[j] is None else keeps[j] for j in self.columns
+                    }
+                    x_buckets.add(columns, np.searchsorted(x_bounds, rec["x"], side="right"))
+            self.progress.at(1, (i + 1) / self.n_buckets)
+        self.prompt_buckets.close()
+        if one_bucket:
+            return result or [_empty_stats(size) for size in sizes]
+        return _GlobalRanks(self, sizes, x_bounds, y_bounds).run(x_buckets)
+
+    def _prompt_bucket(
+        self, rec: dict[str, np.ndarray], totals: _PromptTotals, sizes: list[int]
+    ) -> tuple[list[np.ndarray], list[np.ndarray | None], Orders]:
+        """Per-prompt statistics of one bucket; returns each column's codes and kept rows, and the
+        bucket's sort orders."""
+        prompt = _dense(rec["prompt"])
+        first = _first_rows(prompt, rec["text"]) if "text" in rec else None
+        if first is not None:  # "first" means first in the table: put the rows back in table order
+            order = np.argsort(rec["order"], kind="stable")
+            for name in rec:
+                rec[name] = rec[name][order]
+            prompt = prompt[order]
+            first = _first_rows(prompt, rec["text"])
+        codes = [rec[f"c{j}"].astype(np.int64) if j else np.zeros(len(prompt), dtype=np.int64) for j in self.columns]
+        keeps: list[np.ndarray | None] = []
+        ranked = orders(rec["x"], rec["y"])
+        for j in self.columns:
+            group = prompt * sizes[j] + codes[j]
+            keep = first if j == 0 or first is None else _first_rows(group, rec["text"])
+            keeps.append(keep)
+            stats = grouped_stats(ranked, group, keep)
+            stats["split"] = stats["code"] % sizes[j]
+            totals.add_prompts(j, stats, sizes[j])
+        if self.worst and self.layout == "long":
+            self.worst_frames.append(_worst(_long_pairs(rec), self.worst))
+        return codes, keeps, ranked
 
 
-def _by_code(values: np.ndarray, codes: np.ndarray, n: int, missing: float) -> np.ndarray:
-    """``values`` (one per present code) spread over all ``n`` codes, ``missing`` elsewhere."""
-    out = np.full(n, missing)
+@dataclass
+class _PromptTotals:
+    """Per-prompt results summed over buckets, per split column and code."""
+
+    sizes: list[int]
+
+    def __post_init__(self) -> None:
+        zeros = [np.zeros(size) for size in self.sizes]
+        self.prompts, self.preserved, self.unordered = ([z.copy() for z in zeros] for _ in range(3))
+        self.tau_sum, self.tau_count, self.rho_sum, self.rho_count, self.n_prompts, self.true_ties = (
+            [z.copy() for z in zeros] for _ in range(6)
+        )
+        self.cells: list[list[pl.DataFrame]] = [[] for _ in self.sizes]
+
+    def add_flags(self, j: int, split: np.ndarray, ok: np.ndarray, ordered: np.ndarray) -> None:
+        size = self.sizes[j]
+        self.prompts[j] += np.bincount(split[ordered], minlength=size)
+        self.preserved[j] += np.bincount(split[ordered & ok], minlength=size)
+        self.unordered[j] += np.bincount(split[~ordered], minlength=size)
+
+    def add_prompts(self, j: int, stats: dict[str, np.ndarray], size: int) -> None:
+        split = stats["split"]
+        strict = stats["n0"] - stats["n1"]  # pairs with a strict true order
+        pred_only_ties = stats["n2"] - stats["n3"]
+        concordant = strict - pred_only_ties - stats["dis"]
+        self.add_flags(j, split, concordant == strict, strict > 0)
+        for values, total, count in (
+            (tau_b(stats), self.tau_sum, self.tau_count),
+            (stats["rho"], self.rho_sum, self.rho_count),
+        ):
+            ok = np.isfinite(values)
+            total[j] += np.bincount(split[ok], weights=values[ok], minlength=size)
+            count[j] += np.bincount(split[ok], minlength=size)
+        self.n_prompts[j] += np.bincount(split, minlength=size)
+        self.true_ties[j] += np.bincount(split, weights=stats["n1"], minlength=size)
+        cells = pl.DataFrame(
+            {
+                _G: split,
+                "num": concordant + 0.5 * pred_only_ties,
+                "den": strict.astype(float),
+                "pties": pred_only_ties.astype(float),
+            }
+        )
+        self.cells[j].append(cells.group_by(_G, "num", "den").agg(pl.len().alias("count"), pl.col("pties").sum()))
+
+    def agreements(self, j: int, order: np.ndarray, n_boot: int, seed: int) -> list[Agreement]:
+        """A long table's agreement per code (in ``order``) over all within-prompt pairs."""
+        position = np.argsort(order)  # code -> its place in the sorted order
+        cells = (
+            pl.concat(self.cells[j])
+            .group_by(_G, "num", "den")
+            .agg(pl.col("count").sum(), pl.col("pties").sum())
+            .with_columns(pl.col(_G).replace_strict(list(range(len(order))), position.tolist()))
+        )
+        return _agreements(cells, n_boot, seed, len(order), true_ties=self.true_ties[j][order])
+
+    def preservations(self, j: int, order: np.ndarray) -> list[Preservation]:
+        return [
+            Preservation(float(kept / total) if total else None, int(total), int(kept), int(none))
+            for total, kept, none in zip(
+                self.prompts[j][order], self.preserved[j][order], self.unordered[j][order], strict=True
+            )
+        ]
+
+    def means(self, j: int, order: np.ndarray) -> dict[str, np.ndarray]:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {
+                "tau": (self.tau_sum[j] / self.tau_count[j])[order],
+                "rho": (self.rho_sum[j] / self.rho_count[j])[order],
+                "with_tau": self.tau_count[j][order],
+                "prompts": self.n_prompts[j][order],
+            }
+
+
+class _GlobalRanks:
+    """Kendall's tau-b and Spearman's rho over all responses, per split code, from range buckets.
+
+    Pass over true-reward ranges (x), lowest first: pairs inside a range are counted exactly
+    (x ties, x-and-y ties, discordant pairs) and each response's global average x rank is its
+    rank in the range plus the responses of its code in lower ranges. Responses then go to
+    predicted-reward ranges (y), carrying the x rank and the index of their x range. Pass over
+    y ranges, lowest first: y ties and the discordant pairs inside a y range (ordering by x range:
+    two responses of one x range were counted already), plus, for each response, the responses
+    of earlier y ranges that sit in a higher x range (discordant across ranges); the y rank as
+    before; Spearman's rho from the two ranks, centred on their known mean (n + 1) / 2.
+    """
+
+    def __init__(self, builder: _ReportBuilder, sizes: list[int], x_bounds: np.ndarray, y_bounds: np.ndarray) -> None:
+        self.builder, self.sizes, self.x_bounds, self.y_bounds = builder, sizes, x_bounds, y_bounds
+        self.stats = [
+            {name: np.zeros(size) for name in ("n", "n1", "n2", "n3", "dis", "sxy", "sxx", "syy")} for size in sizes
+        ]
+
+    def run(self, x_buckets: Buckets) -> list[dict[str, np.ndarray]]:
+        columns = self.builder.columns
+        fields = [("y", "f8"), ("xb", "i4")] + [(f"c{j}", "i4") for j in columns if j]
+        fields += [(f"k{j}", "?") for j in columns] + [(f"r{j}", "f8") for j in columns]
+        y_buckets = self.builder.stack.enter_context(Buckets(fields, len(self.y_bounds) + 1, self.builder.temp_dir))
+        offsets = [np.zeros(size) for size in self.sizes]
+        for i in range(x_buckets.n):
+            rec = x_buckets.read(i)
+            if len(rec["x"]):
+                ranked = orders(rec["x"], rec["y"])
+                out = {"y": rec["y"], "xb": np.full(len(rec["x"]), i, dtype=np.int32)}
+                for j in columns:
+                    code = rec[f"c{j}"].astype(np.int64) if j else np.zeros(len(rec["x"]), dtype=np.int64)
+                    part, ranks = x_side_stats(ranked, code, rec[f"k{j}"])
+                    totals = self.stats[j]
+                    for name, into in (("n", "n"), ("n1", "n1"), ("n3", "n3"), ("dis", "dis")):
+                        totals[into][part["code"]] += part[name]
+                    out |= {f"c{j}": code, f"k{j}": rec[f"k{j}"], f"r{j}": ranks + offsets[j][code]}
+                    offsets[j][part["code"]] += part["n"]
+                y_buckets.add(out, np.searchsorted(self.y_bounds, rec["y"], side="right"))
+            self.builder.progress.at(2, (i + 1) / x_buckets.n)
+        x_buckets.close()
+        self._y_pass(y_buckets, x_buckets.n)
+        result = []
+        for totals in self.stats:
+            n = totals["n"]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rho = totals["sxy"] / np.sqrt(totals["sxx"] * totals["syy"])
+            rho = np.where((totals["sxx"] > 0) & (totals["syy"] > 0), np.clip(rho, -1.0, 1.0), np.nan)
+            result.append({**{k: totals[k] for k in ("n", "n1", "n2", "n3", "dis")}, "n0": n * (n - 1) / 2, "rho": rho})
+        return result
+
+    def _y_pass(self, y_buckets: Buckets, n_x: int) -> None:
+        columns = self.builder.columns
+        offsets = [np.zeros(size) for size in self.sizes]
+        below = [np.zeros((size, n_x + 1)) for size in self.sizes]  # responses of earlier y ranges, per x range
+        for i in range(y_buckets.n):
+            rec = y_buckets.read(i)
+            if len(rec["y"]):
+                xb = rec["xb"].astype(np.int64)
+                ranked = orders(rec["y"], xb.astype(float))
+                for j in columns:
+                    size, totals, keep = self.sizes[j], self.stats[j], rec[f"k{j}"]
+                    code = rec[f"c{j}"].astype(np.int64) if j else np.zeros(len(xb), dtype=np.int64)
+                    part, ranks = x_side_stats(ranked, code, keep)
+                    totals["n2"][part["code"]] += part["n1"]
+                    totals["dis"][part["code"]] += part["dis"]
+                    g, x_range = code[keep], xb[keep]
+                    higher = np.cumsum(below[j][:, ::-1], axis=1)[:, ::-1]  # higher[g, b]: earlier in x range >= b
+                    totals["dis"] += np.bincount(g, weights=higher[g, x_range + 1], minlength=size)
+                    below[j] += np.bincount(g * (n_x + 1) + x_range, minlength=size * (n_x + 1)).reshape(size, -1)
+                    centre = (totals["n"][g] + 1) / 2
+                    dx = rec[f"r{j}"][keep] - centre
+                    dy = ranks[keep] + offsets[j][g] - centre
+                    totals["sxy"] += np.bincount(g, weights=dx * dy, minlength=size)
+                    totals["sxx"] += np.bincount(g, weights=dx * dx, minlength=size)
+                    totals["syy"] += np.bincount(g, weights=dy * dy, minlength=size)
+                    offsets[j][part["code"]] += part["n"]
+            self.builder.progress.at(3, (i + 1) / y_buckets.n)
+        y_buckets.close()
+
+
+def _range_bounds(sample: np.ndarray, n: int) -> np.ndarray:
+    """Up to ``n - 1`` increasing cut points splitting ``sample``'s values into ``n`` ranges of
+    about equal count (fewer when values repeat; equal values always land in one range)."""
+    if sample.size == 0:
+        return np.zeros(0)
+    return np.unique(np.quantile(sample, np.linspace(0, 1, n + 1)[1:-1], method="inverted_cdf"))
+
+
+def _spread(values: np.ndarray, codes: np.ndarray, size: int) -> np.ndarray:
+    """``values`` (one per present code) spread over all ``size`` codes, zero elsewhere."""
+    out = np.zeros(size)
     out[codes] = values
     return out
 
 
-@dataclass
-class _Responses:
-    """The responses every split ranks, prepared once per report: both sort orders, dense prompt
-    codes and, for a pair table, which rows first show each (prompt, response text)."""
-
-    orders: _Orders
-    prompt: np.ndarray  # dense prompt code of each response
-    text: np.ndarray | None  # hash of each response's text (pair tables with a recurring response)
-    first: np.ndarray | None  # rows first to show their (prompt, text); None when all are
+def _empty_stats(size: int) -> dict[str, np.ndarray]:
+    return {name: np.zeros(size) for name in ("n", "n0", "n1", "n2", "n3", "dis", "rho")}
 
 
-def _responses(clean: pl.DataFrame, layout: str) -> _Responses:
-    """A pair table's chosen then rejected sides (or a long table's rows) as responses."""
-    prompt = (clean[_P].rank("dense").to_numpy() - 1).astype(np.int64)
-    if layout == "long":
-        return _Responses(_orders(clean[_X].to_numpy(), clean[_Y].to_numpy()), prompt, None, None)
-    x = np.concatenate([clean["_tc"].to_numpy(), clean["_tr"].to_numpy()])
-    y = np.concatenate([clean["_pc"].to_numpy(), clean["_pr"].to_numpy()])
-    prompt = np.concatenate([prompt, prompt])
-    text = np.concatenate([clean["_hc"].to_numpy(), clean["_hr"].to_numpy()])
-    first = _first_rows(prompt, text)
-    return _Responses(_orders(x, y), prompt, text if first is not None else None, first)
+def _metrics_per_split(
+    rows: np.ndarray,
+    agreements: list[Agreement],
+    preservations: list[Preservation],
+    means: dict[str, np.ndarray] | None,
+    overall: dict[str, np.ndarray] | None,
+) -> list[RankMetrics]:
+    """RankMetrics per code (already in sorted order); without a true reward only the pair metrics."""
+    if overall is None or means is None:
+        return [
+            RankMetrics(rows=int(r), agreement=a, preservation=p)
+            for r, a, p in zip(rows, agreements, preservations, strict=True)
+        ]
+    taus = tau_b(overall)
+    no_responses = overall["n"] == 0
+    rho = np.where(no_responses, np.nan, overall["rho"])
+    return [
+        RankMetrics(
+            rows=int(rows[i]),
+            agreement=agreements[i],
+            preservation=preservations[i],
+            responses=int(overall["n"][i]),
+            prompts=int(means["prompts"][i]),
+            kendall_tau_b=_float(taus[i]),
+            spearman_rho=_float(rho[i]),
+            kendall_tau_b_per_prompt=_float(means["tau"][i]),
+            spearman_rho_per_prompt=_float(means["rho"][i]),
+            prompts_with_tau=int(means["with_tau"][i]),
+        )
+        for i in range(len(rows))
+    ]
 
 
 def _first_rows(group: np.ndarray, text: np.ndarray) -> np.ndarray | None:
@@ -462,13 +848,46 @@ def _float(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def _group_means(split: np.ndarray, values: np.ndarray, n_splits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of the finite ``values`` per split, and how many were finite."""
-    ok = np.isfinite(values)
-    counts = np.bincount(split[ok], minlength=n_splits)
-    sums = np.bincount(split[ok], weights=values[ok], minlength=n_splits)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return sums / counts, counts
+# --------------------------------------------------------------------------- worst pairs
+
+
+def _worst(frame: pl.DataFrame, k: int) -> pl.DataFrame:
+    """The ``k`` rows of (id, pred_margin, true_margin[, signed_margin]) ranked most confidently
+    wrong: most negative signed margin first, truth ties left out, ids breaking ties."""
+    if "signed_margin" not in frame.columns:
+        frame = frame.filter(pl.col("true_margin") != 0).with_columns(
+            signed_margin(pl.col("pred_margin"), pl.col("true_margin")).alias("signed_margin")
+        )
+    return frame.sort("signed_margin", frame.columns[0]).head(k)
+
+
+def _long_pairs(rec: dict[str, np.ndarray]) -> pl.DataFrame:
+    """Every (better, worse) pair of responses under one prompt of a long-table bucket, named
+    by their input rows."""
+    rows = pl.DataFrame({_P: rec["prompt"], _X: rec["x"], _Y: rec["y"], "_row": rec["order"]}).lazy()
+    return (
+        rows.join(rows, on=_P, suffix="_b")
+        .filter(pl.col(_X) > pl.col(f"{_X}_b"))
+        .select(
+            pl.format("{}>{}", "_row", "_row_b").alias("rows"),
+            (pl.col(_Y) - pl.col(f"{_Y}_b")).alias("pred_margin"),
+            (pl.col(_X) - pl.col(f"{_X}_b")).alias("true_margin"),
+        )
+        .collect()
+    )
+
+
+def _pair_cells(counts: np.ndarray, size: int, order: np.ndarray) -> pl.DataFrame:
+    """(split, num, den, count) cells from per-code outcome counts, splits numbered in ``order``."""
+    table = _grow(np.zeros(size * 4, dtype=np.int64), counts).reshape(size, 4)[order]
+    return pl.DataFrame(
+        {
+            _G: np.repeat(np.arange(size), 4),
+            "num": np.tile(_OUTCOMES, size),
+            "den": np.tile(_OUTCOME_DEN, size),
+            "count": table.reshape(-1),
+        }
+    ).filter(pl.col("count") > 0)
 
 
 # --------------------------------------------------------------------------- agreement
@@ -487,29 +906,6 @@ def _agreement_from_outcomes(outcomes: pl.DataFrame, n_boot: int, seed: int, n_s
         .collect()
     )
     return _agreements(cells, n_boot, seed, n_splits)
-
-
-def _agreement_from_prompts(
-    per_prompt: dict[str, np.ndarray], n_boot: int, seed: int, n_splits: int
-) -> list[Agreement]:
-    """Agreement per split over all within-prompt response pairs; bootstrap over prompts."""
-    strict = per_prompt["n0"] - per_prompt["n1"]  # pairs with a strict true order
-    pred_only_ties = per_prompt["n2"] - per_prompt["n3"]
-    concordant = strict - pred_only_ties - per_prompt["dis"]
-    frame = pl.DataFrame(
-        {
-            _G: per_prompt["split"],
-            "num": concordant + 0.5 * pred_only_ties,
-            "den": strict.astype(float),
-            "pties": pred_only_ties.astype(float),
-        }
-    )
-    cells = frame.group_by(_G, "num", "den").agg(pl.len().alias("count"), pl.col("pties").sum())
-    return _agreements(cells, n_boot, seed, n_splits, true_ties=_true_tie_pairs(per_prompt, n_splits))
-
-
-def _true_tie_pairs(per_prompt: dict[str, np.ndarray], n_splits: int) -> np.ndarray:
-    return np.bincount(per_prompt["split"], weights=per_prompt["n1"], minlength=n_splits)
 
 
 def _agreements(
@@ -562,354 +958,6 @@ def _bootstrap_interval(
     return float(low), float(high)
 
 
-# --------------------------------------------------------------------------- preservation
-
-
-def _preservation(per_prompt: dict[str, np.ndarray], n_splits: int = 1) -> list[Preservation]:
-    """A prompt keeps its ranking when every pair with a strict true order is concordant."""
-    strict = per_prompt["n0"] - per_prompt["n1"]
-    concordant = strict - (per_prompt["n2"] - per_prompt["n3"]) - per_prompt["dis"]
-    flags = pl.DataFrame({_G: per_prompt["split"], "_ok": concordant == strict, "_ordered": strict > 0})
-    return _preservation_from_flags(flags.filter("_ordered"), n_splits, unordered=flags.filter(~pl.col("_ordered")))
-
-
-def _preservation_from_flags(
-    prompts: pl.DataFrame, n_splits: int, unordered: pl.DataFrame | None = None
-) -> list[Preservation]:
-    split = prompts[_G].to_numpy()
-    ok = prompts["_ok"].to_numpy()
-    total = np.bincount(split, minlength=n_splits)
-    kept = np.bincount(split, weights=ok.astype(float), minlength=n_splits)
-    none = (
-        np.bincount(unordered[_G].to_numpy(), minlength=n_splits) if unordered is not None else np.zeros(n_splits, int)
-    )
-    return [
-        Preservation(float(kept[i] / total[i]) if total[i] else None, int(total[i]), int(kept[i]), int(none[i]))
-        for i in range(n_splits)
-    ]
-
-
-# --------------------------------------------------------------------------- rank statistics
-
-
-def _per_prompt_stats(responses: pl.DataFrame) -> dict[str, np.ndarray]:
-    """Rank statistics per (split, prompt), with a "split" array naming each prompt's split."""
-    keys = (responses[_G].to_numpy().astype(np.int64), responses[_P].to_numpy())
-    return _rank_stats(keys, responses[_X].to_numpy(), responses[_Y].to_numpy())
-
-
-def _rank_stats(keys: tuple[np.ndarray, ...], x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-    """Per group (rows sharing all ``keys``; ``keys[0]`` is the split code), in key order:
-    n, pair counts n0 (all), n1 (x ties), n2 (y ties), n3 (ties in both), dis (discordant
-    pairs), Spearman's rho, and "split" (the group's keys[0])."""
-    if len(x) == 0:
-        empty = np.zeros(0)
-        return {name: empty for name in ("n", "n0", "n1", "n2", "n3", "dis", "rho")} | {"split": empty.astype(int)}
-    if len(keys) == 1:
-        uniques, code = np.unique(keys[0], return_inverse=True)
-        split = uniques
-    else:
-        uniques, code = np.unique(np.stack(keys, axis=1), axis=0, return_inverse=True)
-        split = uniques[:, 0]
-    stats = _grouped_stats(_orders(x, y), code.reshape(-1).astype(np.int64))
-    stats["split"] = split.astype(np.int64)
-    return stats
-
-
-@dataclass
-class _Orders:
-    """Rows sorted by (x, y) and by y, computed once and shared by every grouping of the rows
-    (whole table, each split, each prompt): a grouping then only needs an integer value sort."""
-
-    by_xy: np.ndarray  # row at each position of the (x, y) order (Knight's order)
-    by_y: np.ndarray  # row at each position of the y order
-    pos_xy: np.ndarray  # each row's position in by_xy
-    pos_y: np.ndarray
-    x_dense: np.ndarray  # dense rank of x at each position of by_xy
-    y_dense: np.ndarray  # dense rank of y at each position of by_y
-    y_rank: np.ndarray  # dense rank of y of each row
-    bits: int  # bits that hold a position
-
-
-def _orders(x: np.ndarray, y: np.ndarray) -> _Orders:
-    """Both orders of (x, y) with polars' multi-threaded sorts (two float argsorts in all
-    unless x has ties, which cost one more integer argsort)."""
-    m = len(x)
-    index = np.int32 if m < 2**31 else np.int64
-    by_y = _arg_sort(y)
-    y_dense = np.cumsum(_starts(y[by_y]), dtype=index)
-    y_dense -= 1
-    y_rank = _inverse(by_y, y_dense)
-    by_xy = _arg_sort(x)
-    x_dense = np.cumsum(_starts(x[by_xy]), dtype=index)
-    x_dense -= 1
-    if m and x_dense[-1] + 1 < m:  # ties in x: order each tie by y
-        x_rank = _inverse(by_xy, x_dense)
-        y_bits = max(int(y_dense[-1]).bit_length(), 1)
-        by_xy = _arg_sort((x_rank.astype(np.int64) << y_bits) | y_rank)
-        x_dense = x_rank[by_xy]
-    positions = np.arange(m, dtype=index)
-    return _Orders(
-        by_xy=by_xy,
-        by_y=by_y,
-        pos_xy=_inverse(by_xy, positions),
-        pos_y=_inverse(by_y, positions),
-        x_dense=x_dense,
-        y_dense=y_dense,
-        y_rank=y_rank,
-        bits=max(int(m - 1).bit_length(), 1),
-    )
-
-
-def _arg_sort(values: np.ndarray) -> np.ndarray:
-    return pl.Series(values).arg_sort().to_numpy()
-
-
-def _inverse(order: np.ndarray, values: np.ndarray, size: int | None = None) -> np.ndarray:
-    """``out[order[i]] = values[i]`` (``size`` rows, default ``len(order)``): a value per row
-    from a value per sorted position."""
-    out = np.empty(len(order) if size is None else size, dtype=values.dtype)
-    out[order] = values
-    return out
-
-
-def _starts(values: np.ndarray) -> np.ndarray:
-    starts = np.ones(len(values), dtype=bool)
-    starts[1:] = values[1:] != values[:-1]
-    return starts
-
-
-def _grouped_order(
-    code: np.ndarray, keep: np.ndarray | None, position: np.ndarray, order: np.ndarray, bits: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(code, position) of the kept rows sorted by code, then position: one sort of packed
-    int64 values (no argsort), or none for a single code."""
-    if code.size and code.max() == code.min():
-        positions = np.flatnonzero(keep[order]) if keep is not None else np.arange(len(order))
-        return np.full(len(positions), code[0], dtype=np.int64), positions
-    if keep is not None:
-        code, position = code[keep], position[keep]
-    packed = pl.Series((code.astype(np.int64, copy=False) << bits) | position).sort().to_numpy()
-    return packed >> bits, packed & ((1 << bits) - 1)
-
-
-def _grouped_stats(orders: _Orders, code: np.ndarray, keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Rank statistics (n, n0, n1, n2, n3, dis, rho; see ``_rank_stats``) per group of rows
-    sharing ``code`` (int64 >= 0), for the rows in ``keep`` (all when None); one entry per
-    code present, in code order, with the codes in "code"."""
-    bits = orders.bits
-    uniques = None
-    if int(code.max()).bit_length() + bits > 63:  # make the codes dense so (code, position) fits in 63 bits
-        uniques, code = np.unique(code, return_inverse=True)
-        code = code.reshape(-1).astype(np.int64)
-    code_x, pos_x = _grouped_order(code, keep, orders.pos_xy, orders.by_xy, bits)
-    first_x = _starts(code_x)
-    codes = code_x[first_x] if uniques is None else uniques[code_x[first_x]]
-    del code_x
-    n_groups = len(codes)
-    gx, start_x = np.cumsum(first_x) - 1, np.flatnonzero(first_x)
-    rows_x = orders.by_xy[pos_x]
-    rx = orders.x_dense[pos_x]
-    ry = orders.y_rank[rows_x]
-    del pos_x
-    n = np.bincount(gx, minlength=n_groups).astype(float)
-    x_run = first_x | _starts(rx)
-    n1, x_avg = _ties_and_average_ranks(gx, x_run, start_x, n_groups)
-    n3 = _ties_and_average_ranks(gx, x_run | _starts(ry), start_x, n_groups)[0] if n1.any() else np.zeros(n_groups)
-    if n_groups > _FEW_GROUPS and n.max() <= _SMALL_GROUP:
-        n2, y_avg, dis = _small_group_y_stats(gx, ry, n_groups, int(n.max()))
-    else:
-        code_y, pos_y = _grouped_order(code, keep, orders.pos_y, orders.by_y, bits)
-        first_y = _starts(code_y)
-        del code_y
-        gy, start_y = np.cumsum(first_y) - 1, np.flatnonzero(first_y)
-        y_run = first_y | _starts(orders.y_dense[pos_y])
-        n2, y_avg_sorted = _ties_and_average_ranks(gy, y_run, start_y, n_groups)
-        rows_y = orders.by_y[pos_y]
-        y_avg = _inverse(rows_y, y_avg_sorted, len(orders.by_y))[rows_x]
-        if n_groups <= _FEW_GROUPS:
-            dis = _discordant_few(start_x, rx, ry)
-        else:  # y ranks restart at 0 in each group, so the counting needs as few bits as the largest group
-            y_dense = np.cumsum(y_run) - 1
-            y_within = _inverse(rows_y, y_dense - y_dense[start_y][gy], len(orders.by_y))
-            dis = _discordant_pairs(gx, y_within[rows_x], n_groups)
-    rho = _pearson_by_group(gx, x_avg, y_avg, n, n_groups)
-    return {"n": n, "n0": n * (n - 1) / 2, "n1": n1, "n2": n2, "n3": n3, "dis": dis, "rho": rho, "code": codes}
-
-
-def _small_group_y_stats(
-    group: np.ndarray, y: np.ndarray, n_groups: int, largest: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """y ties and discordant pairs per group, and each element's average y rank in its group, for
-    groups of at most ``largest`` elements in Knight's order: each element is compared with its
-    neighbours up to ``largest - 1`` places on, so no second sort is needed."""
-    below = np.zeros(len(y))  # others in the group with a smaller y
-    equal = np.zeros(len(y))  # others in the group with the same y
-    dis = np.zeros(n_groups)
-    for d in range(1, largest):
-        same = group[d:] == group[:-d]
-        earlier, later = y[:-d], y[d:]
-        greater = same & (earlier > later)  # x no larger, y larger: discordant (x ties are sorted by y)
-        less = same & (earlier < later)
-        tie = same & (earlier == later)
-        dis += np.bincount(group[:-d], weights=greater, minlength=n_groups)
-        below[:-d] += greater
-        below[d:] += less
-        equal[:-d] += tie
-        equal[d:] += tie
-    ties = np.bincount(group, weights=equal, minlength=n_groups) / 2
-    return ties, 1 + below + equal / 2, dis
-
-
-def _discordant_few(start: np.ndarray, rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
-    """Discordant pairs per group for a few large groups in Knight's order (group, x, y): scipy's
-    compiled Fenwick-tree count when available, else the numpy bit passes."""
-    ends = np.append(start[1:], len(rx))
-    compiled = _compiled_discordant()
-    if compiled is None:
-        group = np.repeat(np.arange(len(start)), ends - start)
-        return _discordant_pairs(group, ry.astype(np.int64), len(start))
-    x, y = rx.astype(np.intp, copy=False), np.add(ry, 1, dtype=np.intp)  # the tree is 1-based
-    return np.array([float(compiled(x[a:b], y[a:b])) if b - a > 1 else 0.0 for a, b in zip(start, ends)])
-
-
-def _tau_b(stats: dict[str, np.ndarray]) -> np.ndarray:
-    """Kendall's tau-b per group from pair counts: (C - D) / sqrt((n0 - n1)(n0 - n2))."""
-    n0, n1, n2, n3, dis = stats["n0"], stats["n1"], stats["n2"], stats["n3"], stats["dis"]
-    concordant_minus_discordant = n0 - n1 - n2 + n3 - 2 * dis
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tau = concordant_minus_discordant / np.sqrt((n0 - n1) * (n0 - n2))
-    return np.where((n0 - n1 > 0) & (n0 - n2 > 0), np.clip(tau, -1.0, 1.0), np.nan)
-
-
-def _ties_and_average_ranks(
-    group: np.ndarray, run_start: np.ndarray, group_start: np.ndarray, n_groups: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Tied pairs per group, and each sorted element's average rank (1-based) within its group;
-    ``group_start`` holds the position where each group begins."""
-    if run_start.all():  # no ties: the rank is the position in the group
-        ranks = np.arange(1, len(group) + 1, dtype=float)
-        ranks -= group_start[group]
-        return np.zeros(n_groups), ranks
-    starts = np.flatnonzero(run_start)
-    lengths = np.diff(np.append(starts, len(run_start)))
-    ties = np.bincount(group[starts], weights=lengths * (lengths - 1) / 2.0, minlength=n_groups)
-    average = (starts - group_start[group[starts]]) + (lengths + 1) / 2.0
-    return ties, np.repeat(average, lengths)
-
-
-def _pearson_by_group(group: np.ndarray, a: np.ndarray, b: np.ndarray, n: np.ndarray, n_groups: int) -> np.ndarray:
-    """Pearson correlation of a and b within each group (NaN when either is constant)."""
-
-    def total(values: np.ndarray) -> np.ndarray:
-        return np.bincount(group, weights=values, minlength=n_groups)
-
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_a, mean_b = total(a) / n, total(b) / n
-        da, db = a - mean_a[group], b - mean_b[group]
-        cov, var_a, var_b = total(da * db), total(da * da), total(db * db)
-        rho = cov / np.sqrt(var_a * var_b)
-    return np.where((var_a > 0) & (var_b > 0), np.clip(rho, -1.0, 1.0), np.nan)
-
-
-def _discordant_pairs(group: np.ndarray, y: np.ndarray, n_groups: int) -> np.ndarray:
-    """Per group, pairs i < j (same group, array order) with y_i > y_j, for ``group`` sorted and
-    ``y`` non-negative integers. O(n log max(y)) numpy passes: bit b, most significant first,
-    counts the pairs whose y first differ at b; elements are then stably partitioned by b."""
-    out = np.zeros(n_groups, dtype=np.float64)
-    n = len(y)
-    if n < 2 or int(y.max()) == 0:
-        return out
-    bits = int(y.max()).bit_length()
-    if n_groups <= _FEW_GROUPS:
-        return _discordant_few_groups(group, y, n_groups, bits)
-    key = (group.astype(np.int64) << bits) | y.astype(np.int64)
-    index = np.arange(n, dtype=np.int64)
-    for b in range(bits - 1, -1, -1):
-        prefix = key >> (b + 1)
-        starts = np.flatnonzero(np.concatenate(([True], prefix[1:] != prefix[:-1])))
-        lengths = np.diff(np.append(starts, n))
-        bit = (key >> b) & 1
-        ones_excl = np.cumsum(bit) - bit
-        ones_at_start = ones_excl[starts]
-        ones_in = np.add.reduceat(bit, starts)
-        zeros_in = lengths - ones_in
-        ones_before_zeros = np.add.reduceat(np.where(bit == 0, ones_excl, 0), starts)
-        contribution = ones_before_zeros - zeros_in * ones_at_start
-        out += np.bincount(prefix[starts] >> (bits - b - 1), weights=contribution, minlength=n_groups)
-        if b == 0:
-            break
-        start_of = np.repeat(starts, lengths)
-        ones_rel = ones_excl - np.repeat(ones_at_start, lengths)
-        new_position = np.where(bit == 0, index - ones_rel, start_of + np.repeat(zeros_in, lengths) + ones_rel)
-        moved = np.empty_like(key)
-        moved[new_position] = key
-        key = moved
-    return out
-
-
-def _discordant_few_groups(group: np.ndarray, y: np.ndarray, n_groups: int, bits: int) -> np.ndarray:
-    """The same count for a handful of groups, as a wavelet matrix: each level partitions the
-    whole array stably by one bit, which keeps elements with equal higher bits contiguous."""
-    out = np.zeros(n_groups, dtype=np.float64)
-    n = len(y)
-    gbits = max(int(n_groups - 1).bit_length(), 0)
-    key = (group.astype(np.int64) << bits) | y.astype(np.int64)
-    dtype = np.int32 if n < 2**31 else np.int64
-    index = np.arange(n, dtype=dtype)
-    for b in range(bits + gbits - 1, -1, -1):
-        bit = ((key >> b) & 1).astype(dtype)
-        ones_excl = np.cumsum(bit, dtype=dtype) - bit
-        if b < bits:  # group bits never hold a discordant pair: the groups are sorted
-            prefix = key >> (b + 1)
-            starts = np.flatnonzero(np.concatenate(([True], prefix[1:] != prefix[:-1])))
-            zeros_in = np.diff(np.append(starts, n)) - np.add.reduceat(bit, starts)
-            ones_before_zeros = np.add.reduceat(np.where(bit == 0, ones_excl, 0).astype(np.int64), starts)
-            contribution = ones_before_zeros - zeros_in * ones_excl[starts].astype(np.int64)
-            out += np.bincount(prefix[starts] >> (bits - b - 1), weights=contribution, minlength=n_groups)
-        if b == 0:
-            break
-        n_zeros = n - int(ones_excl[-1] + bit[-1])
-        new_position = np.where(bit == 0, index - ones_excl, n_zeros + ones_excl)
-        moved = np.empty_like(key)
-        moved[new_position] = key
-        key = moved
-    return out
-
-
-# --------------------------------------------------------------------------- worst pairs
-
-
-def _worst_pairs(clean: pl.DataFrame, layout: str, k: int) -> list[dict[str, Any]]:
-    """The ``k`` pairs the prediction ranks most confidently wrong (most negative signed margin)."""
-    if layout == "pairs":
-        true_margin = pl.col("_tc") - pl.col("_tr") if "_tc" in clean.columns else pl.lit(1.0)
-        frame = clean.lazy().select(
-            pl.col("_id").alias(C.PAIR_ID),
-            (pl.col("_pc") - pl.col("_pr")).alias("pred_margin"),
-            true_margin.alias("true_margin"),
-        )
-    else:
-        rows = clean.lazy().select(_P, _X, _Y).with_row_index("_row")
-        frame = (
-            rows.join(rows, on=_P, suffix="_b")
-            .filter(pl.col(_X) > pl.col(f"{_X}_b"))
-            .select(
-                pl.format("{}>{}", "_row", "_row_b").alias("rows"),
-                (pl.col(_Y) - pl.col(f"{_Y}_b")).alias("pred_margin"),
-                (pl.col(_X) - pl.col(f"{_X}_b")).alias("true_margin"),
-            )
-        )
-    worst = (
-        frame.filter(pl.col("true_margin") != 0)
-        .with_columns(signed_margin(pl.col("pred_margin"), pl.col("true_margin")).alias("signed_margin"))
-        .sort("signed_margin")
-        .head(k)
-        .collect()
-    )
-    return worst.to_dicts()
-
-
 # --------------------------------------------------------------------------- figure data
 
 
@@ -941,7 +989,7 @@ def figure_frames(
             pair_outcome(pl.col(C.chosen(pred)) - pl.col(C.rejected(pred)), true_margin).alias("outcome"),
         )
     else:
-        rows = lazy.select(_long_columns(names, pred, true, [])).head(max_rows)
+        rows = lazy.with_row_index("_row").select(_long_columns(pred, true, [])).head(max_rows)
         points = rows.select(pl.col(_X).alias("true"), pl.col(_Y).alias("pred"))
         pairs = (
             rows.join(rows, on=_P, suffix="_b")

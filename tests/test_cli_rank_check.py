@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import polars as pl
+import pytest
 from typer.testing import CliRunner
 
 from prefnoise.cli import app
@@ -87,3 +88,20 @@ def test_stdin_long_table_and_worst(tmp_path):
     assert report["layout"] == "long"
     assert report["overall"]["agreement"]["value"] == 0.75  # 3 of prompt a's pairs right, b's wrong
     assert report["worst"][0]["signed_margin"] == -1.0
+
+
+def test_small_memory_budget_spills_and_gives_the_same_report(tmp_path):
+    data = scored_table(tmp_path / "d.parquet", n=400)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    args = ["rank-check", str(data), "--json", "--bootstrap", "100"]
+    whole = json.loads(runner.invoke(app, args).stdout)
+    result = runner.invoke(app, [*args, "--memory-responses", "60", "--temp-dir", str(spill)])
+    assert result.exit_code == 0, result.output
+    split = json.loads(result.stdout)
+    assert split["overall"]["kendall_tau_b"] == pytest.approx(whole["overall"]["kendall_tau_b"], abs=1e-12)
+    assert split["overall"]["agreement"] == whole["overall"]["agreement"]
+    assert split["splits"]["flipped"]["true"]["preservation"] == whole["splits"]["flipped"]["true"]["preservation"]
+    assert list(spill.iterdir()) == []
+    bad = runner.invoke(app, [*args, "--memory-responses", "60", "--temp-dir", str(tmp_path / "nope")])
+    assert bad.exit_code == 2 and "temporary directory" in bad.output

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import scipy.stats
 
-from prefnoise import rank
+from prefnoise import rank, rankstats
 
 
 def pairs(chosen_reward, rejected_reward, chosen_score, rejected_score, prompts=None, **extra):
@@ -125,8 +125,8 @@ def test_grouped_rank_stats_match_scipy_per_group():
     rng = np.random.default_rng(3)
     group = np.sort(rng.integers(0, 150, 2000))  # many groups: the per-segment counting path
     x, y = rng.integers(0, 4, 2000).astype(float), rng.integers(0, 5, 2000).astype(float)
-    stats = rank._rank_stats((group,), x, y)
-    tau = rank._tau_b(stats)
+    stats = rankstats.rank_stats((group,), x, y)
+    tau = rankstats.tau_b(stats)
     for g in range(0, 150, 7):
         mask = group == g
         expect = scipy.stats.kendalltau(x[mask], y[mask]).statistic
@@ -188,8 +188,8 @@ def test_small_groups_and_numpy_fallback_match_scipy(monkeypatch):
     size = np.bincount(group)[group]
     keep = (size >= 2) & (size <= 8)
     group, x, y = group[keep], x[keep], y[keep]
-    stats = rank._rank_stats((group,), x, y)
-    tau, codes = rank._tau_b(stats), stats["split"]
+    stats = rankstats.rank_stats((group,), x, y)
+    tau, codes = rankstats.tau_b(stats), stats["split"]
     for i in range(0, len(codes), 11):
         mask = group == codes[i]
         expect_tau = scipy.stats.kendalltau(x[mask], y[mask]).statistic
@@ -197,5 +197,104 @@ def test_small_groups_and_numpy_fallback_match_scipy(monkeypatch):
         assert tau[i] == pytest.approx(expect_tau, abs=1e-12, nan_ok=True)
         assert stats["rho"][i] == pytest.approx(expect_rho, abs=1e-12, nan_ok=True)
     # without scipy's compiled count, the numpy bit passes give the same tau
-    monkeypatch.setattr(rank, "_scipy_discordant", None)
+    monkeypatch.setattr(rankstats, "_scipy_discordant", None)
     assert rank.kendall_tau_b(x, y) == pytest.approx(scipy.stats.kendalltau(x, y).statistic, abs=1e-12)
+
+
+def random_pairs(rng, n, levels, n_prompts, texts):
+    """Pairs with tied rewards, prompts with many pairs and responses that recur within a prompt."""
+    tc, tr = (rng.integers(0, levels, n).astype(float) for _ in range(2))
+    return pl.DataFrame(
+        {
+            "prompt": [f"p{p}" for p in rng.integers(0, n_prompts, n)],
+            "chosen": [f"t{t}" for t in rng.integers(0, texts, n)],
+            "rejected": [f"t{t}" for t in rng.integers(0, texts, n)],
+            "pair_id": [f"id{i}" for i in range(n)],
+            "chosen_reward": tc + rng.integers(0, levels, n),
+            "rejected_reward": tr + rng.integers(0, levels, n),
+            "chosen_score": tc,
+            "rejected_score": tr,
+            "flipped": rng.random(n) < 0.3,
+            "source": rng.choice(["a", "b", "c"], n),
+        }
+    )
+
+
+class BucketSpy:
+    """Records how many buckets each store of a report had."""
+
+    def __init__(self, monkeypatch):
+        self.counts = []
+        real = rank.Buckets
+
+        def make(dtype, n, temp_dir=None):
+            self.counts.append(n)
+            return real(dtype, n, temp_dir)
+
+        monkeypatch.setattr(rank, "Buckets", make)
+
+
+@pytest.mark.parametrize(
+    "kind, levels, n_prompts, texts",
+    [("pairs", 5, 40, 30), ("pairs", 10_000, 700, 10**6), ("labels", 3, 50, 20), ("long", 4, 60, 0)],
+)
+def test_partitioned_report_equals_in_memory(kind, levels, n_prompts, texts, tmp_path, monkeypatch):
+    # A budget of 37 responses splits ~700 rows into ~20-40 prompt buckets and as many reward ranges;
+    # every metric must come out as with the whole table in one bucket (ties, repeated responses, splits).
+    rng = np.random.default_rng(levels + n_prompts)
+    if kind == "long":
+        table = pl.DataFrame(
+            {
+                "prompt_id": [f"q{p}" for p in rng.integers(0, n_prompts, 700)],
+                "reward": rng.integers(0, levels, 700).astype(float) + rng.integers(0, 2, 700),
+                "score": rng.integers(0, levels, 700).astype(float),
+                "source": rng.choice(["x", "y"], 700),
+            }
+        )
+    else:
+        table = random_pairs(rng, 700, levels, n_prompts, texts)
+        if kind == "labels":
+            table = table.drop("chosen_score", "rejected_score")
+    options = {"group_by": ["source"], "n_boot": 200, "seed": 3, "worst": 4}
+    whole = rank.rank_report(table, **options).to_dict()
+    spy = BucketSpy(monkeypatch)
+    split = rank.rank_report(table, memory_responses=37, temp_dir=tmp_path, **options).to_dict()
+    assert spy.counts[0] >= 19 and (kind == "labels" or min(spy.counts[1:]) >= 5)
+    assert _same(split, whole)
+    assert list(tmp_path.iterdir()) == []  # the spilled buckets are gone
+
+
+def _same(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-12, abs=1e-12)
+    return a == b
+
+
+def test_partitioned_tau_and_rho_match_scipy_over_all_responses():
+    # Heavy ties in both rewards, spread over many buckets: compare with scipy on the raw responses.
+    rng = np.random.default_rng(11)
+    score = rng.integers(0, 6, 5000).astype(float)
+    reward = score + rng.integers(0, 4, 5000)
+    long = pl.DataFrame({"prompt_id": rng.integers(0, 900, 5000), "reward": reward, "score": score})
+    m = rank.rank_report(long, n_boot=0, memory_responses=300).overall
+    assert m.kendall_tau_b == pytest.approx(scipy.stats.kendalltau(score, reward).statistic, abs=1e-12)
+    assert m.spearman_rho == pytest.approx(scipy.stats.spearmanr(score, reward).statistic, abs=1e-12)
+    assert m.responses == 5000
+
+
+def test_progress_adds_up_to_100_and_errors_leave_no_files(tmp_path):
+    rng = np.random.default_rng(2)
+    table = random_pairs(rng, 300, 50, 30, 10**6)
+    steps = []
+    rank.rank_report(table, n_boot=0, memory_responses=50, temp_dir=tmp_path, on_progress=steps.append)
+    assert sum(steps) == 100 and all(s > 0 for s in steps)
+    nan_only = table.with_columns(chosen_reward=pl.lit(float("nan")))
+    from prefnoise.errors import PrefnoiseError
+
+    with pytest.raises(PrefnoiseError, match="no rows"):
+        rank.rank_report(nan_only, memory_responses=50, temp_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -16,7 +16,7 @@ from prefnoise.cli.app import app
 from prefnoise.cli.common import JsonOption, SeedOption, cli_errors, emit_json, progress, show_progress
 from prefnoise.data import open_source
 from prefnoise.errors import PrefnoiseError
-from prefnoise.rank import RankMetrics, RankReport, figure_frames, rank_report
+from prefnoise.rank import DEFAULT_MEMORY_RESPONSES, RankMetrics, RankReport, figure_frames, rank_report
 
 GATE_FAILED = 1
 
@@ -50,13 +50,25 @@ def rank_check_command(
     min_preservation: Annotated[
         float | None, typer.Option("--min-preservation", help="Fail (exit 1) below this.")
     ] = None,
+    memory_responses: Annotated[
+        int,
+        typer.Option(
+            "--memory-responses",
+            min=1,
+            help="Hold about this many responses in memory at once (1,000,000 is ~250 MB of working arrays); "
+            "a larger table is partitioned into temporary files.",
+        ),
+    ] = DEFAULT_MEMORY_RESPONSES,
+    temp_dir: Annotated[
+        Path | None, typer.Option("--temp-dir", help="Directory for the temporary files (default: $TMPDIR).")
+    ] = None,
     json_output: JsonOption = False,
     seed: SeedOption = C.DEFAULT_SEED,
 ) -> None:
     """Pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho of a learned reward."""
     lazy = open_source(source).scan_raw()  # resolves "-" (spooled stdin), existence and format
     splits = list(group_by or [])
-    with progress("rank-check", 1 + len(splits) + 1, enabled=show_progress(json_output)) as advance:
+    with progress("rank-check %", 100, enabled=show_progress(json_output)) as advance:
         report = rank_report(
             lazy,
             pred=pred,
@@ -66,6 +78,8 @@ def rank_check_command(
             seed=seed,
             worst=show_worst,
             layout="long" if long else "auto",
+            memory_responses=memory_responses,
+            temp_dir=temp_dir,
             on_progress=advance,
         )
     failures = gate_failures(report.overall, min_agreement, min_kendall, min_preservation)
