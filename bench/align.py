@@ -54,8 +54,12 @@ def robustness(args: argparse.Namespace) -> None:
     started = time.perf_counter()
 
     def report(row: dict) -> None:
-        print(f"{row['kind']} {row['rate']} {row['loss']} seed {row['seed']}: clean acc {row['clean_accuracy']:.3f} "
-              f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"{row['kind']} {row['rate']} {row['loss']} seed {row['seed']}: clean acc {row['clean_accuracy']:.3f} "
+            f"({time.perf_counter() - started:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     results = A.run_alignment(config, on_cell=report)
     print(A.summary_markdown(results, config, "bench/align.py robustness"))
@@ -79,31 +83,62 @@ def versus_trl(args: argparse.Namespace) -> None:
     batch, steps, seed, lr = 8, args.steps, 0, args.lr
     # BOS written into the prompt text: TRL does not add one, prefnoise always starts the prompt with it.
     frame = pattern_pairs(batch * steps, seed=seed, response_words=8).with_columns(
-        (pl.lit(EOS) + pl.col("prompt")).alias("prompt"))
+        (pl.lit(EOS) + pl.col("prompt")).alias("prompt")
+    )
     order = epoch_permutation(frame.height, seed, 0)  # prefnoise's batch order, replayed by TRL sequentially
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dataset = Dataset.from_polars(frame[order].select("prompt", "chosen", "rejected"))
 
     def run_prefnoise(i: int) -> tuple[list[float], float, int, dict]:
-        cfg = AlignConfig(model=str(model_path), out=str(work / f"prefnoise-{i}"), loss="dpo", beta=0.1, lr=lr,
-                          batch_size=batch, max_steps=steps, seed=seed, max_length=64, max_prompt_length=32,
-                          log_every=1, device="cpu", precision="fp32")
+        cfg = AlignConfig(
+            model=str(model_path),
+            out=str(work / f"prefnoise-{i}"),
+            loss="dpo",
+            beta=0.1,
+            lr=lr,
+            batch_size=batch,
+            max_steps=steps,
+            seed=seed,
+            max_length=64,
+            max_prompt_length=32,
+            log_every=1,
+            device="cpu",
+            precision="fp32",
+        )
         losses: list[float] = []
         t0 = time.perf_counter()
         summary = train(cfg, frame, on_log=lambda r: losses.append(r["loss"]) if r["split"] == "train" else None)
         return losses, time.perf_counter() - t0, summary["tokens"], summary
 
     def run_trl(i: int, precompute: bool = False) -> tuple[list[float], float]:
-        config = DPOConfig(output_dir=str(work / f"trl-{i}-{precompute}"), precompute_ref_log_probs=precompute,
-                           per_device_train_batch_size=batch, max_steps=steps,
-                           learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                           max_grad_norm=1.0, beta=0.1, loss_type=["sigmoid"], max_length=64, logging_steps=1,
-                           report_to="none", use_cpu=True, seed=seed, train_sampling_strategy="sequential",
-                           save_strategy="no", disable_dropout=True, dataloader_num_workers=0, optim=args.optim,
-                           disable_tqdm=True,
-                           # TRL's defaults differ from plain fp32 training: bf16 autocast (even on CPU) and
-                           # gradient checkpointing are on, and the optimizer is fused AdamW. Match prefnoise.
-                           bf16=False, gradient_checkpointing=False)
+        config = DPOConfig(
+            output_dir=str(work / f"trl-{i}-{precompute}"),
+            precompute_ref_log_probs=precompute,
+            per_device_train_batch_size=batch,
+            max_steps=steps,
+            learning_rate=lr,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            beta=0.1,
+            loss_type=["sigmoid"],
+            max_length=64,
+            logging_steps=1,
+            report_to="none",
+            use_cpu=True,
+            seed=seed,
+            train_sampling_strategy="sequential",
+            save_strategy="no",
+            disable_dropout=True,
+            dataloader_num_workers=0,
+            optim=args.optim,
+            disable_tqdm=True,
+            # TRL's defaults differ from plain fp32 training: bf16 autocast (even on CPU) and
+            # gradient checkpointing are on, and the optimizer is fused AdamW. Match prefnoise.
+            bf16=False,
+            gradient_checkpointing=False,
+        )
         losses: list[float] = []
 
         class Losses(TrainerCallback):
@@ -112,8 +147,13 @@ def versus_trl(args: argparse.Namespace) -> None:
                     losses.append(float(logs["loss"]))
 
         t0 = time.perf_counter()
-        trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), args=config,
-                             train_dataset=dataset, processing_class=tokenizer, callbacks=[Losses()])
+        trainer = DPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(model_path),
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[Losses()],
+        )
         trainer.train()
         return losses, time.perf_counter() - t0
 
@@ -138,11 +178,19 @@ def versus_trl(args: argparse.Namespace) -> None:
         print(f"{i + 1:>4} {a:>10.6f} {b:>10.6f} {abs(a - b):>10.2e}")
     ours_s, trl_s = statistics.median(ours_times), statistics.median(trl_times)
     result = {
-        "steps": steps, "batch": batch, "lr": lr, "trl_optim": args.optim, "tokens": tokens,
-        "parameters": summary["parameters"], "first_step_abs_diff": diffs[0],
-        "steps_agreeing_to_1e-4": agree, "max_abs_diff_all_steps": max(diffs),
-        "prefnoise_seconds": [round(t, 2) for t in ours_times], "trl_seconds": [round(t, 2) for t in trl_times],
-        "prefnoise_tokens_per_s": round(tokens / ours_s), "trl_tokens_per_s": round(tokens / trl_s),
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "trl_optim": args.optim,
+        "tokens": tokens,
+        "parameters": summary["parameters"],
+        "first_step_abs_diff": diffs[0],
+        "steps_agreeing_to_1e-4": agree,
+        "max_abs_diff_all_steps": max(diffs),
+        "prefnoise_seconds": [round(t, 2) for t in ours_times],
+        "trl_seconds": [round(t, 2) for t in trl_times],
+        "prefnoise_tokens_per_s": round(tokens / ours_s),
+        "trl_tokens_per_s": round(tokens / trl_s),
         "throughput_ratio": round(trl_s / ours_s, 2),
         "trl_precompute_ref_seconds": [round(t, 2) for t in trl_pre_times],
         "throughput_ratio_vs_trl_precompute_ref": round(statistics.median(trl_pre_times) / ours_s, 2),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from measure import peak_rss_mib
 
 WORDS = np.array(
     "the a of to and in is it that for on with as was be by this are or his from at which but have an they you "
@@ -58,14 +58,6 @@ def make_dataset(path: Path, rows: int, *, with_ids: bool, seed: int = 0) -> Non
             writer = pq.ParquetWriter(path, table.schema, compression="zstd")
         writer.write_table(table)
     writer.close()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM: reset at exec, unlike ru_maxrss after fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_variant(variant: str, source: Path, out: Path) -> None:
@@ -103,7 +95,7 @@ def run_variant(variant: str, source: Path, out: Path) -> None:
     else:
         raise SystemExit(f"unknown variant {variant}")
     seconds = time.perf_counter() - start
-    peak_mb = peak_rss_mb()
+    peak_mb = peak_rss_mib()
     print(json.dumps({"variant": variant, "seconds": seconds, "peak_rss_mb": peak_mb}))
 
 

@@ -3,6 +3,7 @@
     .venv/bin/python bench/rank_check.py            # 10M pairs (the issue's scale target: < 60 s)
     .venv/bin/python bench/rank_check.py --rows 1000000
     .venv/bin/python bench/rank_check.py --rows 20000000 --skip-baseline   # memory: flat in N?
+    .venv/bin/python bench/rank_check.py --long --rows 20000000            # 19 discrete true scores
 
 Generates N pairs (2 responses each, N/2 prompts, 20% flipped) with a true score and a noisy learned
 reward, writes Parquet, then times in the same run: (1) `prefnoise.rank.rank_report` on a lazy scan
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +30,16 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from measure import cpu_seconds, peak_rss_mib
+
+
+def make_long(n: int, seed: int = 0) -> pl.DataFrame:
+    """UltraFeedback-shaped long table: n responses, 4 per prompt, a discrete true score (1 to 10 in
+    steps of 0.5, so 19 values each held by ~n/19 responses) and a continuous learned reward."""
+    rng = np.random.default_rng(seed)
+    quality = rng.normal(size=n)
+    score = np.clip(np.round((quality * 1.5 + 5.5) * 2) / 2, 1.0, 10.0)
+    return pl.DataFrame({"prompt_id": np.arange(n) // 4, "score": score, "reward": quality + 0.5 * rng.normal(size=n)})
 
 
 def make_pairs(n: int, seed: int = 0) -> pl.DataFrame:
@@ -102,15 +112,6 @@ def baseline_report(path: Path) -> dict:
     }
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def measure(which: str, path: Path, memory_responses: int) -> None:
     """Child process: run one implementation and print its time, CPU time, peak RSS and results."""
     start, cpu = time.perf_counter(), cpu_seconds()
@@ -123,7 +124,7 @@ def measure(which: str, path: Path, memory_responses: int) -> None:
                 "wall_s": wall,
                 "total_s": wall + extra,
                 "cpu_s": cpu_seconds() - cpu,
-                "rss_gib": peak_rss_gib(),
+                "rss_gib": peak_rss_mib() / 1024,
                 "result": result,
             }
         )
@@ -150,6 +151,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument(
+        "--long", action="store_true", help="an UltraFeedback-shaped long table of --rows responses (no baseline)"
+    )
     parser.add_argument("--memory-responses", type=int, default=DEFAULT_MEMORY_RESPONSES)
     parser.add_argument("--skip-baseline", action="store_true", help="time prefnoise only (e.g. for memory scaling)")
     parser.add_argument("--data", type=Path, help="use this Parquet file instead of generating one")
@@ -161,9 +165,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.data or Path(tmp) / "pairs.parquet"
         if args.data is None:
-            make_pairs(args.rows).write_parquet(path)
+            (make_long if args.long else make_pairs)(args.rows).write_parquet(path)
         rows = pl.scan_parquet(path).select(pl.len()).collect().item()
-        print(f"{rows:,} pairs; --memory-responses {args.memory_responses:,}")
+        shape = "responses (long table)" if args.long else "pairs"
+        print(f"{rows:,} {shape}; --memory-responses {args.memory_responses:,}")
         print(f"load average before: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
         ours = run_child("prefnoise", path, args.memory_responses)
         print(
@@ -171,7 +176,7 @@ def main() -> None:
             f"peak RSS {ours['rss_gib']:.2f} GiB, {ours['result']}"
         )
         print(f"load average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-        if args.skip_baseline:
+        if args.skip_baseline or args.long:
             return
         base = run_child("baseline", path, args.memory_responses)
         print(f"scipy+pandas baseline measured part: {base['wall_s']:.1f} s")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -67,7 +67,24 @@ class Buckets:
             records = np.fromfile(self._path(i), dtype=self.dtype)
         else:
             records = np.empty(0, dtype=self.dtype)
+        return self._columns(records)
+
+    def _columns(self, records: np.ndarray) -> dict[str, np.ndarray]:
         return {name: np.ascontiguousarray(records[name]) for name in self.dtype.names or ()}
+
+    def read_chunks(self, i: int, rows: int) -> Iterator[dict[str, np.ndarray]]:
+        """Bucket ``i``'s rows in the order they were added, at most ``rows`` at a time."""
+        if self.n == 1:
+            records = np.concatenate(self._chunks[i]) if self._chunks[i] else np.empty(0, dtype=self.dtype)
+            for start in range(0, len(records), rows):
+                yield self._columns(records[start : start + rows])
+            return
+        size = int(self.sizes[i])
+        for start in range(0, size, rows):
+            count = min(rows, size - start)
+            yield self._columns(
+                np.fromfile(self._path(i), dtype=self.dtype, count=count, offset=start * self.dtype.itemsize)
+            )
 
     def close(self) -> None:
         """Drop every bucket (and the temporary directory)."""

@@ -274,11 +274,13 @@ def _same(a, b):
     return a == b
 
 
-def test_partitioned_tau_and_rho_match_scipy_over_all_responses():
-    # Heavy ties in both rewards, spread over many buckets: compare with scipy on the raw responses.
-    rng = np.random.default_rng(11)
-    score = rng.integers(0, 6, 5000).astype(float)
-    reward = score + rng.integers(0, 4, 5000)
+@pytest.mark.parametrize("x_levels, y_levels", [(6, 4), (10**6, 150)])
+def test_partitioned_tau_and_rho_match_scipy_over_all_responses(x_levels, y_levels):
+    # Few levels: every value has a point bucket of its own (streamed in chunks of 300). Many x
+    # levels and ~150 y levels: ties in y inside range buckets whose x values all differ.
+    rng = np.random.default_rng(x_levels)
+    score = rng.integers(0, x_levels, 5000).astype(float)
+    reward = np.floor(score * y_levels / x_levels) + rng.integers(0, 3, 5000)
     long = pl.DataFrame({"prompt_id": rng.integers(0, 900, 5000), "reward": reward, "score": score})
     m = rank.rank_report(long, n_boot=0, memory_responses=300).overall
     assert m.kendall_tau_b == pytest.approx(scipy.stats.kendalltau(score, reward).statistic, abs=1e-12)

@@ -28,6 +28,9 @@ def test_rows_come_back_per_bucket_in_order_added(n, tmp_path):
             assert got["key"].tolist() == keys[bucket == i].tolist()
             assert np.array_equal(got["value"], values[bucket == i]) and got["value"].flags.c_contiguous
             assert got["flag"].tolist() == (values[bucket == i] > 0).tolist()
+            chunks = list(store.read_chunks(i, 37))
+            assert all(len(c["key"]) <= 37 for c in chunks) and len(chunks) == -(-int(store.sizes[i]) // 37)
+            assert np.concatenate([c["value"] for c in chunks]).tolist() == got["value"].tolist()
         assert len(list(tmp_path.iterdir())) == (1 if n > 1 else 0)
     assert list(tmp_path.iterdir()) == []  # closed: the directory is gone
 
