@@ -54,7 +54,7 @@ from prefnoise.spill import Buckets
 PROMPT_ID = "prompt_id"  # the long table's prompt key
 LONG_REQUIRED = (PROMPT_ID,)
 CONFIDENCE = 0.95
-# Responses a report holds in memory at once (about 250 MB of working arrays); more spill to disk.
+# Responses a report holds in memory at once (about 300 MB of working arrays); more spill to disk.
 DEFAULT_MEMORY_RESPONSES = 1_000_000
 # Bootstrap replicates are drawn this many category-counts at a time, so memory stays flat.
 _BOOT_CELLS = 2_000_000

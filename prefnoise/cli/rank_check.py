@@ -55,7 +55,7 @@ def rank_check_command(
         typer.Option(
             "--memory-responses",
             min=1,
-            help="Hold about this many responses in memory at once (1,000,000 is ~250 MB of working arrays); "
+            help="Hold about this many responses in memory at once (1,000,000: ~0.6 GB peak in all); "
             "a larger table is partitioned into temporary files.",
         ),
     ] = DEFAULT_MEMORY_RESPONSES,
