@@ -18,11 +18,11 @@ responses at a time, whatever the table's size:
 2. each prompt bucket gives the per-prompt statistics (preservation, per-prompt tau and rho,
    a long table's agreement) and sends its responses on to buckets by ranges of the true reward;
 3. Kendall's tau-b and Spearman's rho over all responses are then combined from two passes over
-   reward-range buckets (:mod:`prefnoise.rankstats` does the sorting inside a bucket): pairs within a
-   true-reward range are counted exactly there and each response gets its global true rank;
-   the responses then move to buckets by ranges of the predicted reward, where pairs within a
-   predicted range are counted exactly, pairs across ranges by a running count of earlier
-   ranges, and each response gets its global predicted rank.
+   reward-value buckets (:mod:`prefnoise.global_ranks`; :mod:`prefnoise.rankstats` sorts inside
+   a bucket): pairs within a true-reward bucket are counted exactly there and each response gets
+   its global true rank; the responses then move to buckets by the predicted reward, where pairs
+   within a bucket are counted exactly, pairs across buckets by a running count of earlier
+   buckets, and each response gets its global predicted rank.
 
 With one bucket (a table that fits) nothing touches the disk and step 3 is one in-memory pass.
 Each cut point between reward ranges has a bucket of its own, streamed in chunks (its responses
@@ -48,7 +48,8 @@ import polars as pl
 
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
-from prefnoise.rankstats import Orders, grouped_stats, orders, rank_stats, tau_b, x_side_stats
+from prefnoise.global_ranks import GlobalRanks, cut_points, value_bucket
+from prefnoise.rankstats import Orders, grouped_stats, orders, rank_stats, tau_b
 from prefnoise.spill import Buckets
 
 PROMPT_ID = "prompt_id"  # the long table's prompt key
@@ -567,8 +568,8 @@ class _ReportBuilder:
         one_bucket = self.n_buckets == 1
         x_bounds = y_bounds = np.zeros(0)
         if not one_bucket:
-            x_bounds = _range_bounds(np.concatenate(self.samples["x"]), self.n_buckets)
-            y_bounds = _range_bounds(np.concatenate(self.samples["y"]), self.n_buckets)
+            x_bounds = cut_points(np.concatenate(self.samples["x"]), self.n_buckets)
+            y_bounds = cut_points(np.concatenate(self.samples["y"]), self.n_buckets)
         fields = [("x", "f8"), ("y", "f8")] + [(f"c{j}", "i4") for j in self.columns if j]
         fields += [(f"k{j}", "?") for j in self.columns]
         x_buckets = self.stack.enter_context(Buckets(fields, 2 * len(x_bounds) + 1, self.temp_dir))
@@ -587,12 +588,20 @@ class _ReportBuilder:
                     columns |= {
                         f"k{j}": np.ones(len(rec["x"]), bool) if keeps[j] is None else keeps[j] for j in self.columns
                     }
-                    x_buckets.add(columns, _value_bucket(x_bounds, rec["x"]))
+                    x_buckets.add(columns, value_bucket(x_bounds, rec["x"]))
             self.progress.at(1, (i + 1) / self.n_buckets)
         self.prompt_buckets.close()
         if one_bucket:
             return result or [_empty_stats(size) for size in sizes]
-        return _GlobalRanks(self, sizes, x_bounds, y_bounds).run(x_buckets)
+        return GlobalRanks(
+            sizes,
+            x_bounds,
+            y_bounds,
+            chunk=self.memory_responses,
+            temp_dir=self.temp_dir,
+            stack=self.stack,
+            progress=lambda stage, fraction: self.progress.at(2 + stage, fraction),
+        ).run(x_buckets)
 
     def _prompt_bucket(
         self, rec: dict[str, np.ndarray], totals: _PromptTotals, sizes: list[int]
@@ -694,199 +703,6 @@ class _PromptTotals:
                 "with_tau": self.tau_count[j][order],
                 "prompts": self.n_prompts[j][order],
             }
-
-
-class _GlobalRanks:
-    """Kendall's tau-b and Spearman's rho over all responses, per split code, from value buckets.
-
-    The cut points split each reward into buckets in value order: the open range below the first
-    cut, the cut value itself (a *point* bucket), the range up to the next cut, and so on, so a
-    reward value held by many responses (a discrete score) sits alone in a point bucket.
-
-    Pass over true-reward (x) buckets, lowest first: in a range bucket, pairs are counted exactly
-    (x ties, x-and-y ties, discordant pairs); a point bucket's pairs all tie in x (no discordant
-    pair) and are streamed in chunks. Each response's global average x rank is its rank in the
-    bucket plus the responses of its code in lower buckets. Responses then go to predicted-reward
-    (y) buckets, carrying that rank and their x bucket. Pass over y buckets, lowest first: y ties;
-    discordant pairs inside the bucket, ordering by x bucket (two responses of one x bucket were
-    counted already); for each response, the responses of earlier y buckets in a higher x bucket
-    (discordant across buckets); x-and-y ties of responses from x point buckets; the y rank as
-    before. Spearman's rho comes from the two ranks, centred on their known mean (n + 1) / 2.
-    """
-
-    def __init__(self, builder: _ReportBuilder, sizes: list[int], x_bounds: np.ndarray, y_bounds: np.ndarray) -> None:
-        self.builder, self.sizes, self.x_bounds, self.y_bounds = builder, sizes, x_bounds, y_bounds
-        self.columns = builder.columns
-        self.chunk = builder.memory_responses
-        self.stats = [
-            {name: np.zeros(size) for name in ("n", "n1", "n2", "n3", "dis", "sxy", "sxx", "syy")} for size in sizes
-        ]
-        self.offsets = [np.zeros(size) for size in sizes]  # responses of each code in the buckets done so far
-
-    def run(self, x_buckets: Buckets) -> list[dict[str, np.ndarray]]:
-        fields = [("y", "f8"), ("xb", "i4")] + [(f"c{j}", "i4") for j in self.columns if j]
-        fields += [(f"k{j}", "?") for j in self.columns] + [(f"r{j}", "f8") for j in self.columns]
-        y_buckets = self.builder.stack.enter_context(Buckets(fields, 2 * len(self.y_bounds) + 1, self.builder.temp_dir))
-        for i in range(x_buckets.n):
-            if _is_point(i):
-                self._x_point(x_buckets, i, y_buckets)
-            else:
-                self._x_range(x_buckets.read(i), i, y_buckets)
-            self.builder.progress.at(2, (i + 1) / x_buckets.n)
-        x_buckets.close()
-        self.offsets = [np.zeros(size) for size in self.sizes]
-        self.below = [np.zeros((size, x_buckets.n + 1)) for size in self.sizes]  # earlier y buckets, per x bucket
-        for i in range(y_buckets.n):
-            if _is_point(i):
-                self._y_point(y_buckets, i)
-            else:
-                self._y_range(y_buckets.read(i))
-            self.builder.progress.at(3, (i + 1) / y_buckets.n)
-        y_buckets.close()
-        result = []
-        for totals in self.stats:
-            n = totals["n"]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                rho = totals["sxy"] / np.sqrt(totals["sxx"] * totals["syy"])
-            rho = np.where((totals["sxx"] > 0) & (totals["syy"] > 0), np.clip(rho, -1.0, 1.0), np.nan)
-            result.append({**{k: totals[k] for k in ("n", "n1", "n2", "n3", "dis")}, "n0": n * (n - 1) / 2, "rho": rho})
-        return result
-
-    def _code(self, rec: dict[str, np.ndarray], j: int) -> np.ndarray:
-        return rec[f"c{j}"].astype(np.int64) if j else np.zeros(len(rec[f"k{j}"]), dtype=np.int64)
-
-    def _counts(self, buckets: Buckets, i: int) -> list[np.ndarray]:
-        """Kept responses per code of every column in bucket ``i`` (one streamed read)."""
-        counts = [np.zeros(size) for size in self.sizes]
-        for rec in buckets.read_chunks(i, self.chunk):
-            for j in self.columns:
-                counts[j] += np.bincount(self._code(rec, j)[rec[f"k{j}"]], minlength=self.sizes[j])
-        return counts
-
-    # -- true-reward buckets
-
-    def _x_range(self, rec: dict[str, np.ndarray], i: int, y_buckets: Buckets) -> None:
-        if not len(rec["x"]):
-            return
-        ranked = orders(rec["x"], rec["y"])
-        out = {"y": rec["y"], "xb": np.full(len(rec["x"]), i, dtype=np.int32)}
-        for j in self.columns:
-            code = self._code(rec, j)
-            part, ranks = x_side_stats(ranked, code, rec[f"k{j}"])
-            for name in ("n", "n1", "n3", "dis"):
-                self.stats[j][name][part["code"]] += part[name]
-            out |= {f"c{j}": code, f"k{j}": rec[f"k{j}"], f"r{j}": ranks + self.offsets[j][code]}
-            self.offsets[j][part["code"]] += part["n"]
-        y_buckets.add(out, _value_bucket(self.y_bounds, rec["y"]))
-
-    def _x_point(self, x_buckets: Buckets, i: int, y_buckets: Buckets) -> None:
-        """Every response of a point bucket has the same x: c responses of a code tie in c(c-1)/2
-        pairs and share the average rank; their x-and-y ties are counted in the y buckets."""
-        counts = self._counts(x_buckets, i)
-        rank = [self.offsets[j] + (counts[j] + 1) / 2 for j in self.columns]
-        for rec in x_buckets.read_chunks(i, self.chunk):
-            out = {"y": rec["y"], "xb": np.full(len(rec["y"]), i, dtype=np.int32)}
-            for j in self.columns:
-                code = self._code(rec, j)
-                out |= {f"c{j}": code, f"k{j}": rec[f"k{j}"], f"r{j}": np.where(rec[f"k{j}"], rank[j][code], np.nan)}
-            y_buckets.add(out, _value_bucket(self.y_bounds, rec["y"]))
-        for j in self.columns:
-            self.stats[j]["n"] += counts[j]
-            self.stats[j]["n1"] += counts[j] * (counts[j] - 1) / 2
-            self.offsets[j] += counts[j]
-
-    # -- predicted-reward buckets
-
-    def _y_range(self, rec: dict[str, np.ndarray]) -> None:
-        if not len(rec["y"]):
-            return
-        xb = rec["xb"].astype(np.int64)
-        ranked = orders(rec["y"], xb.astype(float))
-        from_point = _is_point(xb)
-        for j in self.columns:
-            code, keep, totals = self._code(rec, j), rec[f"k{j}"], self.stats[j]
-            part, ranks = x_side_stats(ranked, code, keep)
-            totals["n2"][part["code"]] += part["n1"]
-            totals["dis"][part["code"]] += part["dis"]
-            if from_point.any():  # equal y and the same x point bucket: tied in both
-                ties, _ = x_side_stats(ranked, code, keep & from_point)
-                totals["n3"][ties["code"]] += ties["n3"]
-            higher = self._higher(j)
-            self._across_and_spearman(j, code, keep, xb, rec[f"r{j}"], ranks + self.offsets[j][code], higher)
-            self.below[j] += self._per_x_bucket(j, code, keep, xb)
-            self.offsets[j][part["code"]] += part["n"]
-
-    def _y_point(self, y_buckets: Buckets, i: int) -> None:
-        """Every response of a point bucket has the same y: no discordant pair inside, c(c-1)/2 y
-        ties per code, x-and-y ties among responses of one x point bucket, a shared average rank."""
-        counts = self._counts(y_buckets, i)
-        higher = [self._higher(j) for j in self.columns]
-        added = [np.zeros_like(below) for below in self.below]
-        for rec in y_buckets.read_chunks(i, self.chunk):
-            xb = rec["xb"].astype(np.int64)
-            for j in self.columns:
-                code, keep = self._code(rec, j), rec[f"k{j}"]
-                rank = self.offsets[j] + (counts[j] + 1) / 2
-                self._across_and_spearman(j, code, keep, xb, rec[f"r{j}"], rank[code], higher[j])
-                added[j] += self._per_x_bucket(j, code, keep, xb)
-        for j in self.columns:
-            totals = self.stats[j]
-            totals["n2"] += counts[j] * (counts[j] - 1) / 2
-            same_x = added[j][:, 1::2]  # responses per (code, x point bucket)
-            totals["n3"] += (same_x * (same_x - 1) / 2).sum(axis=1)
-            self.below[j] += added[j]
-            self.offsets[j] += counts[j]
-
-    def _higher(self, j: int) -> np.ndarray:
-        """[code, b]: responses of earlier y buckets in x bucket b or higher."""
-        return np.cumsum(self.below[j][:, ::-1], axis=1)[:, ::-1]
-
-    def _per_x_bucket(self, j: int, code: np.ndarray, keep: np.ndarray, xb: np.ndarray) -> np.ndarray:
-        size, width = self.sizes[j], self.below[j].shape[1]
-        return np.bincount(code[keep] * width + xb[keep], minlength=size * width).reshape(size, width).astype(float)
-
-    def _across_and_spearman(
-        self,
-        j: int,
-        code: np.ndarray,
-        keep: np.ndarray,
-        xb: np.ndarray,
-        x_rank: np.ndarray,
-        y_rank: np.ndarray,
-        higher: np.ndarray,
-    ) -> None:
-        """Discordant pairs with earlier y buckets (they sit in a higher x bucket), and the
-        Spearman sums of the kept responses."""
-        size, totals = self.sizes[j], self.stats[j]
-        g = code[keep]
-        totals["dis"] += np.bincount(g, weights=higher[g, xb[keep] + 1], minlength=size)
-        centre = (totals["n"][g] + 1) / 2
-        dx, dy = x_rank[keep] - centre, y_rank[keep] - centre
-        totals["sxy"] += np.bincount(g, weights=dx * dy, minlength=size)
-        totals["sxx"] += np.bincount(g, weights=dx * dx, minlength=size)
-        totals["syy"] += np.bincount(g, weights=dy * dy, minlength=size)
-
-
-def _range_bounds(sample: np.ndarray, n: int) -> np.ndarray:
-    """Up to ``n - 1`` increasing cut points splitting ``sample``'s values into ranges of about
-    equal count (fewer when values repeat)."""
-    if sample.size == 0:
-        return np.zeros(0)
-    return np.unique(np.quantile(sample, np.linspace(0, 1, n + 1)[1:-1], method="inverted_cdf"))
-
-
-def _value_bucket(bounds: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Bucket of each value, in value order: 2k for values strictly between cut points k - 1 and
-    k (the open ranges), 2k + 1 for values equal to cut point k (the point buckets)."""
-    left = np.searchsorted(bounds, values, side="left")
-    inside = left < len(bounds)
-    point = np.zeros(len(values), dtype=np.int64)
-    point[inside] = bounds[left[inside]] == values[inside]
-    return 2 * left + point
-
-
-def _is_point(bucket: Any) -> Any:
-    return bucket % 2 == 1
 
 
 def _spread(values: np.ndarray, codes: np.ndarray, size: int) -> np.ndarray:
