@@ -159,8 +159,8 @@ def pairwise_agreement(
 ) -> Agreement:
     """Agreement of a pair table's predicted order with the true order (or the labels when
     ``true`` is None), with a seeded bootstrap 95% interval over pairs."""
-    outcomes = _pair_outcomes(frame.lazy(), pred, true).collect()
-    return _agreement_from_outcomes(outcomes, n_boot, seed)[0]
+    counts = np.bincount(_outcome_index(_pair_outcomes(frame.lazy(), pred, true).collect().to_series()))
+    return _agreements(_pair_cells(counts, 1, np.zeros(1, dtype=np.int64)), n_boot, seed, 1)[0]
 
 
 def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
@@ -227,10 +227,8 @@ def rank_report(
         reference_true = true
         projected = lazy.with_row_index("_row").select(_long_columns(pred, true, splits))
     rows = projected.select(pl.len()).collect().item()
-    per_row = 2 if layout == "pairs" and reference_true else 1
-    n_buckets = max(1, math.ceil(rows * per_row / memory_responses))
     with _ReportBuilder(
-        layout, reference_true is not None, splits, worst, rows, n_buckets, memory_responses, temp_dir, on_progress
+        layout, reference_true is not None, splits, worst, rows, memory_responses, temp_dir, on_progress
     ) as builder:
         for batch in projected.collect_batches(chunk_size=_READ_ROWS):
             builder.add_rows(batch)
@@ -310,7 +308,8 @@ def _split_column(name: str) -> pl.Expr:
 
 
 def _pair_outcomes(lazy: pl.LazyFrame, pred: str, true: str | None) -> pl.LazyFrame:
-    """Per-pair outcome frame from a raw pair table (for the public single-metric function)."""
+    """Each pair's outcome (see :func:`pair_outcome`) from a raw pair table (for the public
+    single-metric function)."""
     names = lazy.collect_schema().names()
     detect_layout(names, pred, "pairs")
     has = true is not None and C.chosen(true) in names
@@ -320,7 +319,7 @@ def _pair_outcomes(lazy: pl.LazyFrame, pred: str, true: str | None) -> pl.LazyFr
         if has
         else pl.lit(1.0).alias("_tm"),
     ).drop_nulls()
-    return frame.select(pair_outcome(pl.col("_pm"), pl.col("_tm")).alias("_num"), pl.lit(0, pl.Int64).alias(_G))
+    return frame.select(pair_outcome(pl.col("_pm"), pl.col("_tm")))
 
 
 def _long_responses(lazy: pl.LazyFrame, pred: str, true: str) -> pl.LazyFrame:
@@ -404,13 +403,14 @@ class _ReportBuilder:
         splits: list[str],
         worst: int,
         rows: int,
-        n_buckets: int,
         memory_responses: int,
         temp_dir: str | Path | None,
         on_progress: Callable[[int], None] | None,
     ) -> None:
         self.layout, self.has_true, self.worst, self.rows_expected = layout, has_true, worst, rows
-        self.n_buckets, self.temp_dir, self.memory_responses = n_buckets, temp_dir, memory_responses
+        self.temp_dir, self.memory_responses = temp_dir, memory_responses
+        self.responses_expected = rows * (2 if layout == "pairs" and has_true else 1)
+        self.n_buckets = n_buckets = max(1, math.ceil(self.responses_expected / memory_responses))
         self.coders = [_SplitCodes(None)] + [_SplitCodes(name) for name in splits]
         self.columns = range(len(self.coders))
         self.rows = [np.zeros(0, dtype=np.int64) for _ in self.columns]
@@ -460,7 +460,7 @@ class _ReportBuilder:
     def _add_pairs(self, clean: pl.DataFrame, prompt: np.ndarray, bucket: Any, codes: list[np.ndarray]) -> None:
         true_margin = pl.col("_tc") - pl.col("_tr") if self.has_true else pl.lit(1.0)
         outcome = clean.select(pair_outcome(pl.col("_pc") - pl.col("_pr"), true_margin)).to_series()
-        index = outcome.replace_strict({1.0: 0, 0.5: 1, 0.0: 2}, default=3, return_dtype=pl.Int64).to_numpy()
+        index = _outcome_index(outcome)
         for j in self.columns:
             self.cells[j] = _grow(self.cells[j], np.bincount(codes[j] * 4 + index))
         if self.worst:
@@ -491,7 +491,7 @@ class _ReportBuilder:
 
     def _sample(self, x: np.ndarray, y: np.ndarray) -> None:
         if self.n_buckets > 1:
-            step = max(1, self.rows_expected * 2 // _SAMPLE)
+            step = max(1, self.responses_expected // _SAMPLE)
             self.samples["x"].append(x[::step].copy())  # a copy: a view would keep the whole batch alive
             self.samples["y"].append(y[::step].copy())
 
@@ -799,6 +799,11 @@ def _long_pairs(rec: dict[str, np.ndarray]) -> pl.DataFrame:
     )
 
 
+def _outcome_index(outcome: pl.Series) -> np.ndarray:
+    """Each pair outcome as an index into ``_OUTCOMES``: right, predicted tie, wrong, true tie."""
+    return outcome.replace_strict({1.0: 0, 0.5: 1, 0.0: 2}, default=3, return_dtype=pl.Int64).to_numpy()
+
+
 def _pair_cells(counts: np.ndarray, size: int, order: np.ndarray) -> pl.DataFrame:
     """(split, num, den, count) cells from per-code outcome counts, splits numbered in ``order``."""
     table = _grow(np.zeros(size * 4, dtype=np.int64), counts).reshape(size, 4)[order]
@@ -813,21 +818,6 @@ def _pair_cells(counts: np.ndarray, size: int, order: np.ndarray) -> pl.DataFram
 
 
 # --------------------------------------------------------------------------- agreement
-
-
-def _agreement_from_outcomes(outcomes: pl.DataFrame, n_boot: int, seed: int, n_splits: int = 1) -> list[Agreement]:
-    """Agreement per split from per-pair outcomes (1 / 0.5 / 0 / null); bootstrap over pairs."""
-    cells = (
-        outcomes.lazy()
-        .group_by(_G, pl.col("_num"))
-        .agg(pl.len().alias("count"))
-        .with_columns(
-            pl.col("_num").fill_null(0.0).alias("num"),
-            pl.col("_num").is_not_null().cast(pl.Float64).alias("den"),
-        )
-        .collect()
-    )
-    return _agreements(cells, n_boot, seed, n_splits)
 
 
 def _agreements(
