@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from prefnoise.rankstats import orders, x_side_stats
+from prefnoise.rankstats import correlation, orders, x_side_stats
 from prefnoise.spill import Buckets
 
 
@@ -86,9 +86,7 @@ class GlobalRanks:
         result = []
         for totals in self.stats:
             n = totals["n"]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                rho = totals["sxy"] / np.sqrt(totals["sxx"] * totals["syy"])
-            rho = np.where((totals["sxx"] > 0) & (totals["syy"] > 0), np.clip(rho, -1.0, 1.0), np.nan)
+            rho = correlation(totals["sxy"], totals["sxx"], totals["syy"])
             result.append({**{k: totals[k] for k in ("n", "n1", "n2", "n3", "dis")}, "n0": n * (n - 1) / 2, "rho": rho})
         return result
 

@@ -290,8 +290,14 @@ def _pearson_by_group(group: np.ndarray, a: np.ndarray, b: np.ndarray, n: np.nda
 
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_a, mean_b = total(a) / n, total(b) / n
-        da, db = a - mean_a[group], b - mean_b[group]
-        cov, var_a, var_b = total(da * db), total(da * da), total(db * db)
+    da, db = a - mean_a[group], b - mean_b[group]
+    return correlation(total(da * db), total(da * da), total(db * db))
+
+
+def correlation(cov: np.ndarray, var_a: np.ndarray, var_b: np.ndarray) -> np.ndarray:
+    """Pearson correlation from summed centred products and squares, clipped to [-1, 1]; NaN
+    where either variable is constant."""
+    with np.errstate(invalid="ignore", divide="ignore"):
         rho = cov / np.sqrt(var_a * var_b)
     return np.where((var_a > 0) & (var_b > 0), np.clip(rho, -1.0, 1.0), np.nan)
 
