@@ -86,7 +86,7 @@ def versus_trl(args: argparse.Namespace) -> None:
         (pl.lit(EOS) + pl.col("prompt")).alias("prompt")
     )
     order = epoch_permutation(frame.height, seed, 0)  # prefnoise's batch order, replayed by TRL sequentially
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     dataset = Dataset.from_polars(frame[order].select("prompt", "chosen", "rejected"))
 
     def run_prefnoise(i: int) -> tuple[list[float], float, int, dict]:
@@ -148,7 +148,7 @@ def versus_trl(args: argparse.Namespace) -> None:
 
         t0 = time.perf_counter()
         trainer = DPOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(model_path),
+            model=AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False),
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,

@@ -60,8 +60,10 @@ def trl_worker(model: str, data: str, batch_size: int, threads: int, out: str) -
     torch.set_num_threads(threads)
     started = time.perf_counter()
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+    net = AutoModelForSequenceClassification.from_pretrained(
+        model, num_labels=1, dtype=torch.float32, trust_remote_code=False
+    )
     net.config.pad_token_id = tokenizer.pad_token_id
     with tempfile.TemporaryDirectory() as tmp:
         args = RewardConfig(

@@ -36,7 +36,7 @@ import torch
 from prefnoise import columns as C
 from prefnoise.atomic import atomic_path, atomic_write_text
 from prefnoise.errors import PrefnoiseError
-from prefnoise.hf import quiet_transformers
+from prefnoise.hf import check_model_dir, check_weights, from_pretrained, quiet_transformers
 from prefnoise.logprobs import (
     REF_CHOSEN,
     REF_REJECTED,
@@ -53,7 +53,9 @@ from prefnoise.logprobs import (
     write_reference_cache,
 )
 from prefnoise.losses import MARGIN_LOSSES, POLICY_LOSSES, implicit_rewards, preference_loss
+from prefnoise.outputs import check_output_dir, read_marker, write_marker
 from prefnoise.reward.split import split_by_pair_id
+from prefnoise.reward.validate import first_nonfinite_parameter, nonfinite_name
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -63,6 +65,7 @@ REF_CACHE_FILE = "ref_logps.parquet"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 SUMMARY_FILE = "summary.json"
+ALIGN_COMMAND = "align"  # the marker in --out (prefnoise.outputs)
 
 
 @dataclass
@@ -106,6 +109,12 @@ class AlignConfig:
     device: str = "auto"
 
 
+# Options check_config requires to be finite numbers (clip and tau may also be None), and integers.
+FLOAT_OPTIONS = ("beta", "clip", "label_smoothing", "noise_rate", "tau", "alpha", "lr", "weight_decay",
+                 "max_grad_norm", "lora_alpha", "lora_dropout", "val_fraction")
+INT_OPTIONS = ("warmup_steps", "batch_size", "grad_accum", "epochs", "max_steps", "seed", "max_length",
+               "max_prompt_length", "lora_r", "save_every", "eval_every", "log_every")
+
 # Options that may change between an interrupted run and its --resume without changing the result.
 RESUME_FREE = ("out", "resume", "save_every", "log_every", "eval_every", "ref_cache", "device")
 
@@ -120,6 +129,27 @@ def check_config(cfg: AlignConfig) -> None:
     symmetric = [n for n, e in MARGIN_LOSSES.items() if e.symmetric]
     if cfg.symmetric_loss not in symmetric:
         bad(f"--symmetric-loss must be one of {', '.join(symmetric)}, not {cfg.symmetric_loss!r}")
+    # Every float option must be a finite number first: `nan > 0` is False but so is `nan < 0`,
+    # and inf passes every lower bound (an inf --lr trains garbage).
+    for name in FLOAT_OPTIONS:
+        value = getattr(cfg, name)
+        if value is None and name in ("clip", "tau"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            bad(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for name in INT_OPTIONS:
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            bad(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+    if not cfg.alpha > 0:
+        bad(f"--alpha must be > 0, got {cfg.alpha}")
+    for flag, value in (("--weight-decay", cfg.weight_decay), ("--max-grad-norm", cfg.max_grad_norm)):
+        if value < 0:
+            bad(f"{flag} must be >= 0, got {value}")
+    if not cfg.lora_alpha > 0:
+        bad(f"--lora-alpha must be > 0, got {cfg.lora_alpha}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        bad(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not cfg.beta > 0:
         bad(f"--beta must be > 0, got {cfg.beta}")
     for flag, eps in (("--label-smoothing", cfg.label_smoothing), ("--noise-rate", cfg.noise_rate)):
@@ -160,19 +190,16 @@ def check_config(cfg: AlignConfig) -> None:
 # --- model loading ---------------------------------------------------------------------------------
 
 def check_causal_lm(model_path: str | Path):
-    """The model's config after checking the path is a local causal-LM directory; else PrefnoiseError."""
-    from transformers import AutoConfig
+    """The model's config after checking the path is a local causal-LM directory; else PrefnoiseError.
+
+    Also checks the weights (present, readable, shaped as the config says) so that a damaged
+    directory fails here, before ``train`` writes anything. No code from the directory runs.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    path = Path(model_path)
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "has no config.json"
-        raise PrefnoiseError(f"--model {model_path}: {what}; give a directory written by "
-                             "save_pretrained (config.json, weights, tokenizer)")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise PrefnoiseError(f"--model {model_path}: unreadable config ({exc})") from None
+    path = check_model_dir(model_path, "--model")
+    config = from_pretrained(AutoConfig, path, what="--model")
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     architectures = list(getattr(config, "architectures", None) or [])
     ok = any(a in causal for a in architectures) if architectures else (
@@ -181,17 +208,15 @@ def check_causal_lm(model_path: str | Path):
         found = ", ".join(architectures) or config.model_type
         raise PrefnoiseError(f"--model {model_path}: not a causal language model ({found}); "
                              "align needs a decoder such as GPT-2 or Llama")
+    check_weights(AutoModelForCausalLM, path, "--model", config)
     return config
 
 
 def load_tokenizer(model_path: str | Path):
-    """The tokenizer saved beside the model; PrefnoiseError if there is none."""
+    """The tokenizer saved beside the model; PrefnoiseError if there is none or it is damaged."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as exc:
-        raise PrefnoiseError(f"--model {model_path}: no usable tokenizer ({exc})") from None
+    return from_pretrained(AutoTokenizer, model_path, what="--model")
 
 
 def load_policy(cfg: AlignConfig, config) -> torch.nn.Module:
@@ -204,7 +229,7 @@ def load_policy(cfg: AlignConfig, config) -> torch.nn.Module:
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             setattr(config, key, 0.0)
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, config=config, dtype=torch.float32)
+    model = from_pretrained(AutoModelForCausalLM, cfg.model, what="--model", config=config, dtype=torch.float32)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -409,7 +434,10 @@ def train(
     checkpoints = out / CHECKPOINTS_DIR
     resume_from = latest_checkpoint(checkpoints) if cfg.resume else None
     if main:
+        check_output_dir(out, command=ALIGN_COMMAND, overwrite=True, resume=True)  # never a foreign directory
         out.mkdir(parents=True, exist_ok=True)
+        if read_marker(out) is None:
+            write_marker(out, ALIGN_COMMAND)
         if resume_from is None:
             shutil.rmtree(checkpoints, ignore_errors=True)
             (out / METRICS_FILE).unlink(missing_ok=True)
@@ -475,9 +503,12 @@ def train(
             return None
         record = evaluate_rows(model, pairs, val_idx[rank::processes], ref_chosen, ref_rejected,
                                run, cfg, accelerator, step)
+        if not math.isfinite(record["margin"]):  # the same on every process (gathered margins)
+            raise diverged("the validation margins", record["margin"], step, plan, cfg, after=True)
         log(record)
         return record
 
+    watch = DivergenceWatch(accelerator, plan, cfg)
     pad_id = pad_token_id(run.tokenizer)
     if start_step == 0:
         evaluate(0)
@@ -503,12 +534,19 @@ def train(
             step_losses.append(losses.detach())
             step_chosen.append(chosen_rewards)
             step_rejected.append(rejected_rewards)
+        grad_norm = None
         if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        watch.note(step, step_losses, grad_norm)  # on the device: no sync here
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        if done % cfg.log_every == 0 or done == plan.steps:
+        logs = done % cfg.log_every == 0 or done == plan.steps
+        evaluates = cfg.eval_every and done % cfg.eval_every == 0 and done != plan.steps
+        saves = cfg.save_every and done % cfg.save_every == 0 and done != plan.steps
+        if logs or evaluates or saves:
+            watch.check(model if saves else None)  # before anything of these steps is logged or saved
+        if logs:
             elapsed = time.perf_counter() - window_start
             tokens = int(accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device),
                                             reduction="sum"))
@@ -516,13 +554,19 @@ def train(
                                       step_rejected, tokens / max(elapsed, 1e-9))
             log(last_train)
             window_tokens, window_start = 0, time.perf_counter()
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != plan.steps:
+        if evaluates:
             evaluate(done)
-        if cfg.save_every and done % cfg.save_every == 0 and done != plan.steps:
+        if saves:
             save_checkpoint(accelerator, checkpoints, done, cfg)
         if on_progress and main:
             on_progress(1)
 
+    watch.check(model)  # the last updates: no model with a NaN or inf weight is ever saved
+    if not val_idx:  # no validation pass: a batch of training rows shows whether the log-probs are still finite
+        probe = evaluate_rows(model, pairs, train_idx[rank::processes][:cfg.batch_size], ref_chosen, ref_rejected,
+                              run, cfg, accelerator, plan.steps)
+        if not math.isfinite(probe["margin"]):
+            raise diverged("the margins", probe["margin"], plan.steps, plan, cfg, after=True)
     final_eval = evaluate(plan.steps)
     digests = gather_object([weights_digest(accelerator.unwrap_model(model))])
     save_final_model(accelerator, model, run.tokenizer, out / MODEL_DIR, cfg, run.config)
@@ -541,6 +585,64 @@ def train(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def diverged(what: str, value: float | None, step: int, plan: Plan, cfg: AlignConfig, *,
+             after: bool = False) -> PrefnoiseError:
+    """The error that stops a diverging run at optimizer step ``step`` (1-based; 0: before training)."""
+    shown = f" ({nonfinite_name(value)})" if value is not None and not math.isfinite(value) else ""
+    if step == 0:
+        return PrefnoiseError(f"{what} were non-finite{shown} before any training step: --model "
+                              f"{cfg.model} is damaged (NaN or inf weights or log-probabilities)")
+    epoch = (step - 1) * cfg.grad_accum // plan.micro_batches_per_epoch + 1
+    where = f"{'after' if after else 'at'} epoch {epoch}, step {step}"
+    return PrefnoiseError(f"training diverged: {what} became non-finite{shown} {where}; "
+                          "lower --lr or check the data; no model was saved")
+
+
+class DivergenceWatch:
+    """Stops a run whose loss, gradient norm or weights become NaN or inf, without a sync per step.
+
+    ``note`` keeps each optimizer step's mean loss and gradient norm on the device; ``check``
+    (called before anything is logged, evaluated or saved) reads them all at once, gathered over
+    processes so that every process raises the same PrefnoiseError at the first bad step.
+    """
+
+    def __init__(self, accelerator, plan: Plan, cfg: AlignConfig) -> None:
+        self.accelerator, self.plan, self.cfg = accelerator, plan, cfg
+        self.steps: list[int] = []
+        self.values: list[torch.Tensor] = []
+        self.last_step = 0
+
+    def note(self, step: int, losses: list[torch.Tensor], grad_norm: torch.Tensor | None) -> None:
+        """Remember optimizer step ``step`` (0-based): its micro-batch losses and gradient norm."""
+        loss = torch.cat(losses).float().mean()
+        norm = loss.new_zeros(()) if grad_norm is None else torch.as_tensor(grad_norm).float().to(loss.device)
+        self.steps.append(step + 1)
+        self.last_step = step + 1
+        self.values.append(torch.stack([loss, norm]))
+
+    def check(self, model=None) -> None:
+        """PrefnoiseError at the first noted step with a non-finite loss or gradient norm, or (with
+        ``model``) when a weight is non-finite; forget the noted steps."""
+        steps, values = self.steps, self.values
+        self.steps, self.values = [], []
+        if values:
+            stacked = torch.stack(values)  # (steps, 2)
+            if self.accelerator.num_processes > 1:
+                stacked = self.accelerator.gather(stacked)  # process after process
+            stacked = stacked.reshape(-1, len(steps), 2).cpu()  # (processes, steps, 2)
+            bad = ~torch.isfinite(stacked)
+            if bool(bad.any()):
+                i = int(bad.any(dim=2).any(dim=0).nonzero()[0, 0])
+                column = 0 if bool(bad[:, i, 0].any()) else 1
+                value = float(stacked[bad[:, i, column], i, column][0])
+                what = "the loss" if column == 0 else "the gradient norm"
+                raise diverged(what, value, steps[i], self.plan, self.cfg)
+        if model is not None:
+            broken = first_nonfinite_parameter(self.accelerator.unwrap_model(model))
+            if broken is not None:  # weights are the same on every process
+                raise diverged(f"weight {broken!r}", None, self.last_step, self.plan, self.cfg, after=True)
 
 
 def loss_of(cfg: AlignConfig, chosen_logps, rejected_logps, ref_chosen, ref_rejected):
@@ -660,7 +762,7 @@ def save_final_model(accelerator, model, tokenizer, dest: Path, cfg: AlignConfig
     state = accelerator.get_state_dict(model) if not cfg.lora_r else None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        with atomic_path(dest, directory=True) as tmp:
+        with atomic_path(dest, directory=True, command=ALIGN_COMMAND) as tmp:
             if cfg.lora_r and not cfg.save_adapter:
                 unwrapped = unwrapped.merge_and_unload()
             restore_dropout(unwrapped, cfg.model)
@@ -674,7 +776,7 @@ def restore_dropout(model, model_path: str) -> None:
     """Put the original dropout settings back in the config that gets saved."""
     from transformers import AutoConfig
 
-    original = AutoConfig.from_pretrained(model_path).to_dict()
+    original = from_pretrained(AutoConfig, model_path, what="--model").to_dict()
     config = getattr(model, "config", None)
     if config is None or isinstance(config, dict):
         return

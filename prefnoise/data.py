@@ -8,8 +8,9 @@ Inputs are read in record batches, so memory stays flat as files grow.
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -19,20 +20,24 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
+from polars.exceptions import PanicException
+from polars.io.plugins import register_io_source
 
 from prefnoise import __version__
 from prefnoise import columns as C
-from prefnoise.atomic import atomic_path
+from prefnoise.atomic import atomic_path, register_temporary
 from prefnoise.errors import PrefnoiseError
 
 METADATA_KEY = b"prefnoise"
@@ -79,7 +84,12 @@ def file_fingerprint(path: str | Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.blake2b(digest_size=16)
     kinds = set()
+    root = path.resolve() if path.is_dir() else None
     for file in files:
+        if root is not None and not file.resolve().is_relative_to(root):
+            # a link out of the directory is named, never read: only the directory's own files count
+            digest.update(f"{file.relative_to(path)} -> {os.readlink(file) if file.is_symlink() else '?'}".encode())
+            continue
         size = file.stat().st_size
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         digest.update(size.to_bytes(8, "little"))
@@ -121,27 +131,69 @@ def _parquet_footer(handle, size: int) -> bytes | None:
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
-    """The provenance history stored in a Parquet file written by prefnoise ([] if none)."""
-    return _read_metadata(Path(path)).get("history", [])
+    """The provenance history stored in a Parquet file written by prefnoise ([] if none or unreadable)."""
+    return read_provenance(Path(path))[0]
 
 
-def _read_metadata(path: Path) -> dict[str, Any]:
+def read_provenance(path: str | Path) -> tuple[list[dict[str, Any]], str | None]:
+    """A Parquet file's (or shard directory's first shard's) history and, when the stored metadata
+    is malformed, why it was ignored (the history is then [])."""
+    path = Path(path)
     files = _parquet_files(path) if path.is_dir() else [path]
     if not files:
-        return {}
+        return [], None
     try:
         metadata = pq.read_metadata(files[0]).metadata or {}
-    except (pa.ArrowInvalid, OSError) as error:
+    except (pa.ArrowException, OSError) as error:
         raise PrefnoiseError(
-            f"{files[0]}: cannot read as parquet ({str(error).splitlines()[0]}); check the file is complete"
+            f"{files[0]}: cannot read as parquet ({_first_line(error)}); check the file is complete"
         ) from None
     raw = metadata.get(METADATA_KEY)
     if raw is None:
-        return {}
+        return [], None
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
+        return _parse_provenance(raw), None
+    except ValueError as error:
+        return [], str(error)
+
+
+def _parse_provenance(raw: bytes) -> list[dict[str, Any]]:
+    """The history list from the raw ``prefnoise`` metadata value; ValueError says what is wrong."""
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("the 'prefnoise' metadata is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"the 'prefnoise' metadata is not valid JSON ({error.msg} at char {error.pos})") from None
+    except RecursionError:
+        raise ValueError("the 'prefnoise' metadata is nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"the 'prefnoise' metadata is a JSON {_json_kind(payload)}, not an object")
+    history = payload.get("history", [])
+    if not isinstance(history, list):
+        raise ValueError(f"'history' is a JSON {_json_kind(history)}, not a list")
+    expected = {"command": str, "parameters": dict, "input": dict, "time": str, "seed": int, "rows_out": int}
+    for number, step in enumerate(history, 1):
+        if not isinstance(step, dict):
+            raise ValueError(f"history entry {number} is a JSON {_json_kind(step)}, not an object")
+        for key, kind in expected.items():
+            value = step.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise ValueError(f"history entry {number}: {key!r} is a JSON {_json_kind(value)}")
+        rows = (step.get("input") or {}).get("rows")
+        if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool)):
+            raise ValueError(f"history entry {number}: 'input.rows' is a JSON {_json_kind(rows)}")
+    return history
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 @dataclass
@@ -192,7 +244,50 @@ def new_history_entry(
 
 
 def _parquet_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*.parquet") if p.is_file())
+    """The *.parquet shards under ``directory``; a shard that resolves (after symlinks) outside it is an error."""
+    files = sorted(p for p in directory.rglob("*.parquet") if p.is_file())
+    root = directory.resolve()
+    for file in files:
+        if not file.resolve().is_relative_to(root):
+            raise PrefnoiseError(
+                f"{directory}: shard entry {file.relative_to(directory)} links to {file.resolve()}, outside the "
+                "directory; copy the file into the directory or remove the link"
+            )
+    return files
+
+
+def _check_saved_dataset(directory: Path) -> None:
+    """A saved dataset may only name data files inside its directory (state.json's ``_data_files``)."""
+    root = directory.resolve()
+    for meta in ("state.json", "dataset_info.json"):
+        if (directory / meta).exists() and not (directory / meta).resolve().is_relative_to(root):
+            raise PrefnoiseError(f"{directory}: {meta} links outside the directory; copy the file in instead")
+    state_path = directory / "state.json"
+    if not state_path.is_file():
+        return  # datasets reports the missing file
+    fix = "re-save the dataset with save_to_disk"
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise PrefnoiseError(f"{state_path}: unreadable ({_first_line(error)}); {fix}") from None
+    entries = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("filename"), str) and e["filename"] for e in entries
+    ):
+        raise PrefnoiseError(f"{state_path}: '_data_files' is not a list of {{\"filename\": NAME}} entries; {fix}")
+    for entry in entries:
+        name = entry["filename"]
+        parts = name.replace("\\", "/").split("/")
+        if Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts or "\x00" in name:
+            raise PrefnoiseError(
+                f"{state_path}: data file name {name!r} is absolute or climbs out with '..'; a saved dataset "
+                f"names files inside its directory only; {fix}"
+            )
+        if not (directory / name).resolve().is_relative_to(root):
+            raise PrefnoiseError(
+                f"{state_path}: data file {name!r} resolves to {(directory / name).resolve()}, outside the "
+                "directory; copy the file into the directory or remove the link"
+            )
 
 
 def _detect_format(path: Path) -> str:
@@ -236,10 +331,10 @@ def _sniff_format(path: Path) -> str:
 def _spool_stdin() -> Path:
     """Copy standard input to a temporary file (Parquet needs to seek to its footer)."""
     fd, name = tempfile.mkstemp(prefix="prefnoise-stdin-")
+    path = register_temporary(name)  # removed when the command ends, also on a signal
     with os.fdopen(fd, "wb") as handle:
         shutil.copyfileobj(sys.stdin.buffer, handle)
-    atexit.register(lambda: Path(name).unlink(missing_ok=True))
-    return Path(name)
+    return path
 
 
 class PreferenceSource:
@@ -270,7 +365,19 @@ class PreferenceSource:
         self.dropped: dict[str, int] = {}
         self._fingerprint: str | None = None
         self._schema: pl.Schema | None = None
-        self.history: list[dict[str, Any]] = _read_metadata(path).get("history", []) if self.format == "parquet" else []
+        self._files: list[Path] = []
+        self._shard_columns: list[str] | None = None
+        if self.format == "parquet":
+            self._files = _parquet_files(path) if path.is_dir() else [path]
+            if path.is_dir():
+                self._shard_columns = _check_shard_schemas(self._files)
+        elif self.format == "hf-dataset":
+            _check_saved_dataset(path)
+        # Malformed provenance never stops a command: the history restarts and history_error says why.
+        self.history: list[dict[str, Any]] = []
+        self.history_error: str | None = None
+        if self.format == "parquet":
+            self.history, self.history_error = read_provenance(path)
 
     # -- public -------------------------------------------------------------------------
 
@@ -306,28 +413,124 @@ class PreferenceSource:
 
     def scan_raw(self) -> pl.LazyFrame:
         """The file as it is (no column mapping or validation) as a LazyFrame, for long tables and
-        column projection: Parquet and plain CSV stay lazy, other formats are read whole."""
+        column projection: Parquet and plain CSV stay lazy, other formats are read whole.
+
+        Parquet is read by the same Arrow reader and checks as :meth:`batches` (each projected
+        column's UTF-8 included), so polars never decodes an unchecked file. Reading errors (damaged
+        pages, invalid UTF-8, unparsable CSV) surface when the frame is collected, as a
+        PrefnoiseError naming the file."""
         if self.format == "parquet":
-            return pl.scan_parquet(self.path if self.path.is_file() else f"{self.path}/**/*.parquet")
+            return self._scan_parquet()
         if self.format == "csv" and self.path.suffix.lower() in (".csv", ".tsv"):
-            return pl.scan_csv(self.path, separator="\t" if self.path.suffix.lower() == ".tsv" else ",")
+            separator = "\t" if self.path.suffix.lower() == ".tsv" else ","
+            make = functools.partial(pl.scan_csv, self.path, separator=separator)
+            with self._polars_errors(self.name):
+                schema = make().collect_schema()
+
+            def csv_source(
+                with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, batch_size: int | None
+            ) -> Iterator[pl.DataFrame]:
+                with self._polars_errors(self.name):
+                    lazy = make().select(list(schema) if with_columns is None else with_columns)
+                    lazy = lazy if predicate is None else lazy.filter(predicate)
+                    lazy = lazy if n_rows is None else lazy.head(n_rows)
+                    frames = iter(lazy.collect_batches(chunk_size=batch_size))
+                while True:
+                    with self._polars_errors(self.name):
+                        frame = next(frames, None)
+                    if frame is None:
+                        return
+                    yield frame
+
+            return register_io_source(csv_source, schema=schema)
         batches = list(self._arrow_batches())
         if not batches:
             raise PrefnoiseError(f"{self.name}: contains no rows")
-        frame = pl.from_arrow(pa.Table.from_batches(batches))
-        assert isinstance(frame, pl.DataFrame)
-        return frame.lazy()
+        try:
+            table = pa.Table.from_batches(batches)
+        except (pa.ArrowException, ValueError) as error:
+            raise self._read_error(self.name, error) from None
+        return _to_polars(table, self.name).lazy()
+
+    def _scan_parquet(self) -> pl.LazyFrame:
+        """A lazy scan of the Parquet file or shards through the checked Arrow reader, reading only
+        the columns (and rows, with a head) the query needs."""
+        first = self._files[0]
+        label = str(first) if self.path.is_dir() else self.name
+        try:
+            arrow_schema = pq.read_schema(first)
+        except (pa.ArrowException, OSError) as error:
+            raise self._read_error(label, error) from None
+        if self._shard_columns is not None:
+            arrow_schema = pa.schema([arrow_schema.field(name) for name in self._shard_columns])
+        schema = _to_polars(arrow_schema.empty_table(), label).schema
+
+        def source(
+            with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, batch_size: int | None
+        ) -> Iterator[pl.DataFrame]:
+            names = list(schema) if with_columns is None else list(with_columns)
+            remaining = n_rows
+            for file in self._files:
+                label = str(file) if self.path.is_dir() else self.name
+                row = 0
+                try:
+                    parquet = pq.ParquetFile(file, pre_buffer=False)
+                    batches = parquet.iter_batches(batch_size=max(batch_size or 0, 65_536), columns=names)
+                    for batch in batches:
+                        _check_batch(batch, label, row)
+                        row += batch.num_rows
+                        frame = _to_polars(batch, label)
+                        wanted = pl.Schema({name: schema[name] for name in frame.columns})
+                        if frame.schema != wanted:
+                            frame = frame.cast(dict(wanted))
+                        if predicate is not None:
+                            frame = frame.filter(predicate)
+                        if remaining is not None:
+                            frame = frame.head(remaining)
+                            remaining -= frame.height
+                        yield frame
+                        if remaining is not None and remaining <= 0:
+                            return
+                except (pa.ArrowException, OSError) as error:
+                    raise self._read_error(label, error) from None
+
+        return register_io_source(source, schema=schema)
 
     def total_rows(self) -> int | None:
         """Row count from file metadata when it is free to get (Parquet, saved datasets), else None."""
         if self.format == "parquet":
-            files = _parquet_files(self.path) if self.path.is_dir() else [self.path]
-            return sum(pq.read_metadata(f).num_rows for f in files)
+            total = 0
+            for file in self._files:
+                try:
+                    total += pq.read_metadata(file).num_rows
+                except (pa.ArrowException, OSError) as error:
+                    raise self._read_error(str(file) if self.path.is_dir() else self.name, error) from None
+            return total
         if self.format == "hf-dataset":
             return self._hf_table().num_rows
         return None
 
     # -- internals ----------------------------------------------------------------------
+
+    def _read_error(self, label: str, error: BaseException) -> PrefnoiseError:
+        return PrefnoiseError(
+            f"{label}: cannot read as {self.format} ({_first_line(error)}); "
+            "check the file is complete and in that format"
+        )
+
+    @contextlib.contextmanager
+    def _polars_errors(self, label: str) -> Iterator[None]:
+        """Polars' reading errors (exceptions and Rust panics) as one PrefnoiseError naming ``label``;
+        invalid UTF-8 is located (file, column, row) with the checked Arrow reader."""
+        try:
+            yield
+        except PrefnoiseError:
+            raise
+        except (pl.exceptions.PolarsError, pa.ArrowException, OSError, ValueError, PanicException) as error:
+            if "utf-8" in str(error).lower() or "utf8" in str(error).lower():
+                for _ in self._arrow_batches():  # raises the precise invalid-UTF-8 error when it finds it
+                    pass
+            raise self._read_error(label, error) from None
 
     def _hf_table(self) -> pa.Table:
         import datasets
@@ -335,43 +538,59 @@ class PreferenceSource:
         try:
             dataset = datasets.load_from_disk(str(self.path))
         except Exception as error:  # datasets raises many types for unreadable directories
-            raise PrefnoiseError(f"{self.name}: cannot load saved dataset ({error})") from None
+            raise PrefnoiseError(f"{self.name}: cannot load saved dataset ({_first_line(error)})") from None
         if isinstance(dataset, datasets.DatasetDict):
             raise PrefnoiseError(f"{self.name}: is a DatasetDict ({', '.join(dataset)}); pass one split's directory")
         return dataset.with_format("arrow").data.table
 
-    def _arrow_batches(self) -> Iterator[pa.RecordBatch]:
-        try:
-            if self.format == "parquet":
-                files = _parquet_files(self.path) if self.path.is_dir() else [self.path]
-                for file in files:
-                    # pre_buffer=False: the default caches read ranges and memory then grows with the file
-                    yield from pq.ParquetFile(file, pre_buffer=False).iter_batches(batch_size=self.batch_size)
-            elif self.format == "json":
-                options = pa_json.ReadOptions(block_size=32 * 2**20)
-                yield from pa_json.open_json(pa.input_stream(str(self.path)), read_options=options)
-            elif self.format == "csv":
-                options = pa_csv.ReadOptions(block_size=32 * 2**20)
-                parse = pa_csv.ParseOptions(
-                    delimiter="\t" if ".tsv" in self.path.suffixes else ",",
-                    newlines_in_values=True,
+    def _raw_batches(self) -> Iterator[tuple[str, Callable[[], Iterable[pa.RecordBatch]]]]:
+        """(label, batch iterator factory) per input file; the label names the file in errors."""
+        if self.format == "parquet":
+            for file in self._files:
+                # pre_buffer=False: the default caches read ranges and memory then grows with the file
+                yield (
+                    str(file) if self.path.is_dir() else self.name,
+                    functools.partial(self._parquet_batches, file),
                 )
-                yield from pa_csv.open_csv(pa.input_stream(str(self.path)), read_options=options, parse_options=parse)
-            else:
-                yield from self._hf_table().to_batches(max_chunksize=self.batch_size)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as error:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise PrefnoiseError(
-                f"{self.name}: cannot read as {self.format} ({message}); check the file is complete and in that format"
-            ) from None
+        elif self.format == "json":
+            options = pa_json.ReadOptions(block_size=32 * 2**20)
+            yield self.name, lambda: pa_json.open_json(pa.input_stream(str(self.path)), read_options=options)
+        elif self.format == "csv":
+            options = pa_csv.ReadOptions(block_size=32 * 2**20)
+            parse = pa_csv.ParseOptions(
+                delimiter="\t" if ".tsv" in self.path.suffixes else ",", newlines_in_values=True
+            )
+            # UTF-8 is checked below (naming the row) instead of turning a bad column into binary
+            convert = pa_csv.ConvertOptions(check_utf8=False)
+            yield self.name, lambda: pa_csv.open_csv(
+                pa.input_stream(str(self.path)), read_options=options, parse_options=parse, convert_options=convert
+            )
+        else:
+            yield self.name, lambda: self._hf_table().to_batches(max_chunksize=self.batch_size)
+
+    def _parquet_batches(self, file: Path) -> Iterator[pa.RecordBatch]:
+        parquet = pq.ParquetFile(file, pre_buffer=False)
+        yield from parquet.iter_batches(batch_size=self.batch_size, columns=self._shard_columns)
+
+    def _arrow_batches(self) -> Iterator[pa.RecordBatch]:
+        """The input's record batches, each checked before any use: every column valid (text columns,
+        nested ones too, valid UTF-8), so no invalid string reaches polars or an output file."""
+        for label, open_batches in self._raw_batches():
+            row = 0
+            try:
+                for batch in open_batches():
+                    _check_batch(batch, label, row)
+                    row += batch.num_rows
+                    yield batch
+            except (pa.ArrowException, OSError) as error:
+                raise self._read_error(label, error) from None
 
     def _canonical_batches(self, *, count: bool) -> Iterator[pl.DataFrame]:
         offset = 0
         for record_batch in self._arrow_batches():
             if record_batch.num_rows == 0:
                 continue
-            frame = pl.from_arrow(record_batch)
-            assert isinstance(frame, pl.DataFrame)
+            frame = _to_polars(record_batch, self.name)
             frame, dropped = canonicalize(
                 frame,
                 columns=self.columns,
@@ -387,6 +606,138 @@ class PreferenceSource:
                     self.dropped[reason] = self.dropped.get(reason, 0) + n
             if frame.height:
                 yield frame
+
+
+def _check_shard_schemas(files: list[Path]) -> list[str]:
+    """Every shard of a directory must have the same columns with the same types; returns the
+    first shard's column names (the order every shard is read in)."""
+    first: pa.Schema | None = None
+    for file in files:
+        try:
+            schema = pq.read_schema(file)
+        except (pa.ArrowException, OSError) as error:
+            raise PrefnoiseError(
+                f"{file}: cannot read as parquet ({_first_line(error)}); check the file is complete"
+            ) from None
+        if first is None:
+            first, first_file = schema, file
+            continue
+        a, b = {f.name: f.type for f in first}, {f.name: f.type for f in schema}
+        for name in list(a) + [n for n in b if n not in a]:
+            if name not in a or name not in b:
+                has, lacks = (first_file, file) if name in a else (file, first_file)
+                raise PrefnoiseError(
+                    f"shards {first_file} and {file} differ: column {name!r} is in {has.name} but not in "
+                    f"{lacks.name}; every shard needs the same columns"
+                )
+            if _normal_type(a[name]) != _normal_type(b[name]):
+                raise PrefnoiseError(
+                    f"shards {first_file} and {file} differ: column {name!r} has type {a[name]} in "
+                    f"{first_file.name} but {b[name]} in {file.name}; every shard needs the same column types"
+                )
+    return [] if first is None else first.names
+
+
+def _normal_type(dtype: pa.DataType) -> str:
+    """A type's spelling with Arrow's storage variants (large_, _view, dictionary) folded, as polars reads them."""
+    if pa.types.is_dictionary(dtype):
+        return _normal_type(dtype.value_type)
+    if pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+        return "string"
+    if pa.types.is_large_binary(dtype) or pa.types.is_binary_view(dtype):
+        return "binary"
+    if pa.types.is_large_list(dtype) or pa.types.is_list_view(dtype) or pa.types.is_large_list_view(dtype):
+        return f"list<{_normal_type(dtype.value_type)}>"
+    if pa.types.is_list(dtype):
+        return f"list<{_normal_type(dtype.value_type)}>"
+    if pa.types.is_struct(dtype):
+        return "struct<" + ", ".join(f"{f.name}: {_normal_type(f.type)}" for f in dtype) + ">"
+    return str(dtype)
+
+
+def _check_batch(batch: pa.RecordBatch, label: str, row_offset: int) -> None:
+    """PrefnoiseError for the first invalid column of ``batch``: invalid UTF-8 (naming the first
+    row, 1-based, counted from ``row_offset``) or malformed Arrow data."""
+    for index, field_ in enumerate(batch.schema):
+        column = batch.column(index)
+        try:
+            column.validate(full=True)  # checks UTF-8 of every string, nested ones included
+        except pa.ArrowException as error:
+            bad = _first_invalid_utf8(column)
+            if bad is None:
+                raise PrefnoiseError(
+                    f"{label}: column {field_.name!r} holds malformed data ({_first_line(error)}); "
+                    "check the file is complete"
+                ) from None
+            raise PrefnoiseError(
+                f"{label}: invalid UTF-8 in column {field_.name!r} at row {row_offset + bad + 1}; "
+                "re-encode the file as UTF-8"
+            ) from None
+
+
+def _first_invalid_utf8(array: pa.Array) -> int | None:
+    """Index of the first value of ``array`` holding invalid UTF-8 text (None if none is found).
+    Only called once validation failed, so it may be slow."""
+    try:
+        bad = _invalid_utf8_mask(array)
+    except (pa.ArrowException, ValueError, IndexError):  # structurally broken data: reported as malformed
+        return None
+    hits = np.flatnonzero(bad) if bad is not None else []
+    return int(hits[0]) if len(hits) else None
+
+
+def _invalid_utf8_mask(array: pa.Array) -> np.ndarray | None:
+    """Per value, whether it (or a string nested in it) is invalid UTF-8; None for types not searched."""
+    dtype = array.type
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+        raw = array.cast(pa.binary_view() if pa.types.is_string_view(dtype) else pa.large_binary())
+        return np.array([value is not None and not _is_utf8(value) for value in raw.to_pylist()], dtype=bool)
+    if pa.types.is_dictionary(dtype):
+        inner = _invalid_utf8_mask(array.dictionary)
+        if inner is None:
+            return None
+        indices = array.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        return inner[indices] & array.is_valid().to_numpy(zero_copy_only=False)
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
+        inner = _invalid_utf8_mask(pc.list_flatten(array))
+        if inner is None:
+            return None
+        parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False).astype(np.int64)
+        mask = np.zeros(len(array), dtype=bool)
+        mask[parents[inner]] = True
+        return mask
+    if pa.types.is_struct(dtype):
+        masks = [m for m in (_invalid_utf8_mask(child) for child in array.flatten()) if m is not None]
+        return np.logical_or.reduce(masks) if masks else None
+    return None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _to_polars(data: pa.RecordBatch | pa.Table, name: str) -> pl.DataFrame:
+    """A validated Arrow batch or table as a polars DataFrame; conversion failures are PrefnoiseErrors."""
+    seen: set[str] = set()
+    for column in data.schema.names:
+        if column in seen:
+            raise PrefnoiseError(f"{name}: column name {column!r} appears twice; rename one of them")
+        seen.add(column)
+    # polars parses schema and field metadata (a panic when it is not UTF-8); none of it is needed here
+    data = data.replace_schema_metadata(None)
+    if any(f.metadata for f in data.schema):
+        clean = pa.schema([f.remove_metadata() for f in data.schema])
+        data = type(data).from_arrays(data.columns, schema=clean)
+    try:
+        frame = pl.from_arrow(data)
+    except (pl.exceptions.PolarsError, pa.ArrowException, ValueError, TypeError, PanicException) as error:
+        raise PrefnoiseError(f"{name}: cannot convert the columns to a table ({_first_line(error)})") from None
+    assert isinstance(frame, pl.DataFrame)
+    return frame
 
 
 def open_source(
@@ -420,11 +771,14 @@ def canonicalize(
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Map, split and validate one batch into the canonical schema; return it and drop counts."""
     columns = columns or ColumnMap()
+    reserved = [c for c in frame.columns if c.startswith("__")]  # internal names; never written (pandas' index too)
+    frame = frame.drop(reserved) if reserved else frame
     frame = _apply_column_map(frame, columns, name)
     frame = frame.with_row_index("__row", offset=row_offset + 1)
     invalid: dict[str, pl.Expr] = {}
-    if _is_conversational(frame):
-        frame, mismatch = _from_conversational(frame, name)
+    if _is_conversational(frame, name):
+        frame, broken, mismatch = _from_conversational(frame, name)
+        invalid["a message without role or content"] = broken
         invalid["conversation prefixes differ"] = mismatch
     elif layout == "hh":
         frame, mismatch = _split_shared_prefix(frame, name)
@@ -440,6 +794,7 @@ def canonicalize(
         text = pl.col(column)
         invalid[f"null or empty '{column}'"] = text.is_null() | (text.str.strip_chars() == "")
     invalid["'chosen' equals 'rejected'"] = pl.col(C.CHOSEN) == pl.col(C.REJECTED)
+    invalid["null 'pair_id'"] = pl.col(C.PAIR_ID).is_null()
     dropped: dict[str, int] = {}
     flags = frame.select(**{reason: expr.fill_null(False) for reason, expr in invalid.items()})
     bad_any = pl.Series("bad", [False] * frame.height)
@@ -508,6 +863,12 @@ def _coerce_types(frame: pl.DataFrame, name: str) -> pl.DataFrame:
         else:
             raise PrefnoiseError(f"{name}: column {column!r} has type {dtype}; expected text (strings)")
     if C.PAIR_ID in frame.columns and frame.schema[C.PAIR_ID] != pl.String:
+        dtype = frame.schema[C.PAIR_ID]
+        if not (dtype.is_integer() or dtype in (pl.Categorical, pl.Null) or isinstance(dtype, pl.Enum)):
+            raise PrefnoiseError(
+                f"{name}: column 'pair_id' has type {dtype}; expected text or integer ids "
+                "(or drop the column and prefnoise computes content ids)"
+            )
         casts.append(pl.col(C.PAIR_ID).cast(pl.String))
     if C.FLIPPED in frame.columns and frame.schema[C.FLIPPED] != pl.Boolean:
         if not frame.schema[C.FLIPPED].is_integer():
@@ -542,13 +903,39 @@ def _split_shared_prefix(frame: pl.DataFrame, name: str) -> tuple[pl.DataFrame, 
     return frame, pl.col("__mismatch")
 
 
-def _is_conversational(frame: pl.DataFrame) -> bool:
-    dtype = frame.schema.get(C.CHOSEN)
+def _is_messages(dtype: pl.DataType | None) -> bool:
     return isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct)
 
 
+def _is_conversational(frame: pl.DataFrame, name: str = "<table>") -> bool:
+    """Whether the batch is in TRL's conversational format; PrefnoiseError when it mixes messages
+    (lists of {role, content}) with plain text, or its messages are not text."""
+    kinds = {c: frame.schema[c] for c in C.REQUIRED if c in frame.columns}
+    holding = [c for c, dtype in kinds.items() if _is_messages(dtype)]
+    if not holding or C.CHOSEN not in kinds or C.REJECTED not in kinds:
+        return False  # a missing column is reported by _check_required
+    if any(not _is_messages(dtype) and dtype != pl.Null for dtype in kinds.values()):
+        described = "; ".join(
+            f"{c!r} holds {'messages' if c in holding else 'plain text' if kinds[c] == pl.String else kinds[c]}"
+            for c in kinds
+        )
+        raise PrefnoiseError(
+            f"{name}: columns mix conversational messages (lists of {{role, content}}) with other values "
+            f"({described}); give 'chosen' and 'rejected' (and 'prompt', if present) all as messages or all as text"
+        )
+    for column in holding:
+        fields = {f.name: f.dtype for f in kinds[column].inner.fields}  # type: ignore[union-attr]
+        for key in ("role", "content"):
+            if key in fields and fields[key] not in (pl.String, pl.Null):
+                raise PrefnoiseError(
+                    f"{name}: messages in column {column!r} have {key!r} of type {fields[key]}; expected text "
+                    "(multimodal or structured content is not supported; flatten it to a string)"
+                )
+    return True
+
+
 def _render_messages(messages: list[dict[str, Any]]) -> str:
-    return "\n\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in messages)
+    return "\n\n".join(f"{m.get('role') or ''}: {m.get('content') or ''}" for m in messages)
 
 
 def _response_text(messages: list[dict[str, Any]]) -> str:
@@ -557,15 +944,25 @@ def _response_text(messages: list[dict[str, Any]]) -> str:
     return _render_messages(messages)
 
 
-def _from_conversational(frame: pl.DataFrame, name: str) -> tuple[pl.DataFrame, pl.Expr]:
-    """TRL's conversational format: lists of {role, content}, explicit or implicit prompt."""
+def _broken_messages(*lists: list[Any]) -> bool:
+    """Whether any message is null or lacks its role or content."""
+    return any(m is None or m.get("role") is None or m.get("content") is None for msgs in lists for m in msgs)
+
+
+def _from_conversational(frame: pl.DataFrame, name: str) -> tuple[pl.DataFrame, pl.Expr, pl.Expr]:
+    """TRL's conversational format: lists of {role, content}, explicit or implicit prompt.
+    Returns the frame and the masks of rows with a broken message and with differing prefixes."""
     chosen_lists = frame[C.CHOSEN].to_list()
     rejected_lists = frame[C.REJECTED].to_list()
-    explicit = C.PROMPT in frame.columns and isinstance(frame.schema[C.PROMPT], pl.List)
+    explicit = C.PROMPT in frame.columns and _is_messages(frame.schema[C.PROMPT])
     prompt_lists = frame[C.PROMPT].to_list() if explicit else [None] * frame.height
-    prompts, prompt_json, chosen, rejected, mismatch = [], [], [], [], []
+    prompts, prompt_json, chosen, rejected, mismatch, broken = [], [], [], [], [], []
     for prompt, chosen_msgs, rejected_msgs in zip(prompt_lists, chosen_lists, rejected_lists):
         chosen_msgs, rejected_msgs = chosen_msgs or [], rejected_msgs or []
+        bad = _broken_messages(prompt or [], chosen_msgs, rejected_msgs)
+        broken.append(bad)
+        if bad:
+            chosen_msgs, rejected_msgs, prompt = [m for m in chosen_msgs if m], [m for m in rejected_msgs if m], []
         if prompt is None:
             prompt = chosen_msgs[:-1]
             differs = prompt != rejected_msgs[:-1]
@@ -574,7 +971,7 @@ def _from_conversational(frame: pl.DataFrame, name: str) -> tuple[pl.DataFrame, 
             differs = False
         mismatch.append(differs)
         prompts.append(_render_messages(prompt))
-        prompt_json.append(json.dumps(prompt, ensure_ascii=False))
+        prompt_json.append(json.dumps(prompt, ensure_ascii=False, default=str))
         chosen.append(_response_text(chosen_msgs))
         rejected.append(_response_text(rejected_msgs))
     frame = frame.with_columns(
@@ -582,9 +979,10 @@ def _from_conversational(frame: pl.DataFrame, name: str) -> tuple[pl.DataFrame, 
         pl.Series(C.PROMPT_MESSAGES, prompt_json, dtype=pl.String),
         pl.Series(C.CHOSEN, chosen, dtype=pl.String),
         pl.Series(C.REJECTED, rejected, dtype=pl.String),
+        pl.Series("__broken", broken, dtype=pl.Boolean),
         pl.Series("__mismatch", mismatch, dtype=pl.Boolean),
     )
-    return frame, pl.col("__mismatch")
+    return frame, pl.col("__broken"), pl.col("__mismatch")
 
 
 # --------------------------------------------------------------------------- writing
@@ -597,11 +995,18 @@ def write_table(
     entry: HistoryEntry | dict[str, Any] | None = None,
     history: list[dict[str, Any]] | None = None,
     row_group_size: int = DEFAULT_BATCH_SIZE,
+    overwrite: bool = False,
 ) -> int:
     """Write frames atomically as zstd Parquet (``-`` for stdout) with history; return rows written.
 
-    ``history`` defaults to the entry's source history; ``entry`` is appended to it.
+    ``history`` defaults to the entry's source history; ``entry`` is appended to it. An existing
+    ``dest`` is replaced only with ``overwrite`` and only when prefnoise wrote it; ``dest`` may never
+    be the entry's input (:mod:`prefnoise.outputs`).
     """
+    from prefnoise.outputs import check_output_file
+
+    source_path = entry.source.path if isinstance(entry, HistoryEntry) and entry.source is not None else None
+    check_output_file(dest, inputs=[source_path], overwrite=overwrite)
     frames = [data] if isinstance(data, pl.DataFrame) else data
     if history is None:
         source = entry.source if isinstance(entry, HistoryEntry) else None
@@ -629,9 +1034,16 @@ def write_table(
                 if writer is not None:
                     writer.close()
         if to_stdout:
-            with open(target, "rb") as handle:
-                shutil.copyfileobj(handle, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
+            try:
+                with open(target, "rb") as handle:
+                    shutil.copyfileobj(handle, sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:
+                raise
+            except OSError as error:
+                if error.filename is not None:
+                    raise
+                raise PrefnoiseError(f"cannot write to standard output: {error.strerror or error}") from None
     finally:
         if to_stdout:
             shutil.rmtree(target.parent, ignore_errors=True)

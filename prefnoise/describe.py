@@ -8,38 +8,47 @@ import polars as pl
 
 
 def column_stats(frame: pl.LazyFrame | pl.DataFrame) -> list[dict[str, Any]]:
-    """Per column: dtype, nulls, and a type-appropriate summary (text length, numeric range, true share)."""
+    """Per column: dtype, nulls, and a type-appropriate summary (text length, numeric range, true share).
+
+    Float columns summarise their finite values; NaN and infinite values are counted apart (``nan``,
+    ``inf``, present only when there are some), so one bad value does not turn the summary into NaN.
+    """
     lazy = frame.lazy()
     schema = lazy.collect_schema()
     exprs: list[pl.Expr] = [pl.len().alias("__rows")]
-    for name, dtype in schema.items():
+    for index, (name, dtype) in enumerate(schema.items()):
         col = pl.col(name)
-        exprs.append(col.null_count().alias(f"{name}\x00nulls"))
+        key = f"{index}\x00"  # statistics are keyed by column position: names may hold any character
+        exprs.append(col.null_count().alias(f"{key}nulls"))
         if dtype == pl.String:
             length = col.str.len_chars()
-            exprs += [length.mean().alias(f"{name}\x00mean_len"), length.max().alias(f"{name}\x00max_len")]
+            exprs += [length.mean().alias(f"{key}mean_len"), length.max().alias(f"{key}max_len")]
         elif dtype.is_numeric():
+            values = col.cast(pl.Float64)
+            if dtype.is_float():
+                exprs += [col.is_nan().sum().alias(f"{key}nan"), col.is_infinite().sum().alias(f"{key}inf")]
+                values = values.filter(values.is_finite())
             exprs += [
-                col.cast(pl.Float64).mean().alias(f"{name}\x00mean"),
-                col.cast(pl.Float64).std().alias(f"{name}\x00std"),
-                col.cast(pl.Float64).min().alias(f"{name}\x00min"),
-                col.cast(pl.Float64).max().alias(f"{name}\x00max"),
+                values.mean().alias(f"{key}mean"),
+                values.std().alias(f"{key}std"),
+                values.min().alias(f"{key}min"),
+                values.max().alias(f"{key}max"),
             ]
         elif dtype == pl.Boolean:
-            exprs.append(col.cast(pl.Float64).mean().alias(f"{name}\x00true_share"))
+            exprs.append(col.cast(pl.Float64).mean().alias(f"{key}true_share"))
         elif isinstance(dtype, (pl.List, pl.Array)):
             exprs.append(
-                col.list.len().mean().alias(f"{name}\x00mean_len")
+                col.list.len().mean().alias(f"{key}mean_len")
                 if isinstance(dtype, pl.List)
-                else pl.lit(dtype.size).alias(f"{name}\x00mean_len")
+                else pl.lit(dtype.size).alias(f"{key}mean_len")
             )
     row = lazy.select(exprs).collect(engine="streaming").row(0, named=True)
     stats = []
-    for name, dtype in schema.items():
+    for index, (name, dtype) in enumerate(schema.items()):
         entry: dict[str, Any] = {"column": name, "dtype": str(dtype)}
         for key, value in row.items():
-            column, _, stat = key.partition("\x00")
-            if column == name:
+            position, _, stat = key.partition("\x00")
+            if position == str(index) and not (stat in ("nan", "inf") and not value):
                 entry[stat] = value
         stats.append(entry)
     return stats

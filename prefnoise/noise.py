@@ -40,6 +40,9 @@ class NoiseSpec:
     exact: bool = False
     seed: int = C.DEFAULT_SEED
     force: bool = False
+    # Skip (and count in CorruptionStats.dropped) pairs whose score or orientation value is missing
+    # or not finite, instead of stopping at the first one.
+    drop_invalid: bool = False
 
     def parameters(self) -> dict[str, object]:
         """The parameters this noise model uses (for provenance and summaries)."""
@@ -106,10 +109,20 @@ def _check_columns(spec: NoiseSpec, schema: pl.Schema) -> None:
             raise PrefnoiseError(
                 f"--noise bt needs true scores in {' and '.join(needed)}; missing {', '.join(missing)}"
             )
+        for column in needed:
+            if not schema[column].is_numeric():
+                raise PrefnoiseError(
+                    f"--noise bt needs numeric true scores; column {column!r} has type {schema[column]}"
+                )
     if spec.kind == "asymmetric":
         kind, name = _parse_rule(spec.by)
         if kind == "column" and name not in schema:
             raise PrefnoiseError(f"--by column:{name}: no column {name!r}; columns are: {', '.join(schema)}")
+        if kind == "column" and not (schema[name] == pl.Boolean or schema[name].is_integer()):  # type: ignore[index]
+            raise PrefnoiseError(
+                f"--by column:{name} needs a boolean column (true marks a positive pair; integers 0/1 work too); "
+                f"column {name!r} has type {schema[name]}"  # type: ignore[index]
+            )
         if kind == "compare":
             needed = [C.chosen(name), C.rejected(name)]  # type: ignore[arg-type]
             missing = [c for c in needed if c not in schema]
@@ -117,6 +130,61 @@ def _check_columns(spec: NoiseSpec, schema: pl.Schema) -> None:
                 raise PrefnoiseError(
                     f"--by compare:{name} needs columns {' and '.join(needed)}; missing {', '.join(missing)}"
                 )
+            for column in needed:
+                if not schema[column].is_numeric():
+                    raise PrefnoiseError(
+                        f"--by compare:{name} needs numeric {' and '.join(needed)} (positive: chosen's value is "
+                        f"larger); column {column!r} has type {schema[column]}"
+                    )
+
+
+def value_columns(spec: NoiseSpec) -> tuple[str, list[str], bool]:
+    """The option that reads per-pair values, the columns it reads, and whether they must be finite
+    numbers (scores) or only present (an orientation flag); no columns for the other models."""
+    if spec.kind == "bt":
+        return "--noise bt", [C.chosen(C.SCORE), C.rejected(C.SCORE)], True
+    if spec.kind == "asymmetric":
+        kind, name = _parse_rule(spec.by)
+        if kind == "column":
+            return f"--by {spec.by}", [name], False  # type: ignore[list-item]
+        if kind == "compare":
+            return f"--by {spec.by}", [C.chosen(name), C.rejected(name)], True  # type: ignore[arg-type]
+    return "", [], False
+
+
+def usable_rows(
+    frame: pl.DataFrame, spec: NoiseSpec, row_offset: int = 0, name: str | None = None
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """``frame`` without the pairs whose values the noise model reads are null, NaN or infinite, and
+    the count of those per reason (with ``spec.drop_invalid``); otherwise a PrefnoiseError naming
+    the input ``name``, the column and the first such row (1-based, counted from ``row_offset``)."""
+    flag, columns, finite = value_columns(spec)
+    if not columns or frame.height == 0:
+        return frame, {}
+    dropped: dict[str, int] = {}
+    seen = np.zeros(frame.height, dtype=bool)
+    for column in columns:
+        values = frame[column]
+        bad = values.is_null()
+        if finite and values.dtype.is_float():
+            bad = bad | ~values.is_finite().fill_null(False)
+        mask = bad.to_numpy() & ~seen
+        count = int(mask.sum())
+        if not count:
+            continue
+        if not spec.drop_invalid:
+            first = int(np.flatnonzero(mask)[0])
+            value = values[first]
+            what = "null" if value is None else f"{value}"
+            raise PrefnoiseError(
+                f"{f'{name}: ' if name else ''}{flag}: column {column!r} is {what} at row {row_offset + first + 1} "
+                f"(pair_id {frame[C.PAIR_ID][first]}); it needs {'a finite number' if finite else 'a value'} "
+                "in every row: fix or remove such rows, or pass --drop-invalid to skip them"
+            )
+        reason = f"{'null or non-finite' if finite else 'null'} '{column}'"
+        dropped[reason] = count
+        seen |= mask
+    return (frame.filter(pl.Series(~seen)) if seen.any() else frame), dropped
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -205,7 +273,10 @@ def flip_probability(frame: pl.DataFrame, spec: NoiseSpec) -> np.ndarray:
         scores = frame.select(C.chosen(C.SCORE), C.rejected(C.SCORE)).cast(pl.Float64)
         if scores.null_count().sum_horizontal().item():
             raise PrefnoiseError("--noise bt: chosen_score/rejected_score contain nulls; fill or drop those rows")
-        return bradley_terry_flip_probability(scores[:, 0].to_numpy(), scores[:, 1].to_numpy(), spec.temperature)
+        chosen, rejected = scores[:, 0].to_numpy(), scores[:, 1].to_numpy()
+        if not (np.isfinite(chosen).all() and np.isfinite(rejected).all()):
+            raise PrefnoiseError("--noise bt: chosen_score/rejected_score contain NaN or inf; fix or drop those rows")
+        return bradley_terry_flip_probability(chosen, rejected, spec.temperature)
     # uniform: each pair draws its own rate from U[0, max_rate] (instance-dependent noise)
     return spec.max_rate * uniform_draws(frame[C.PAIR_ID], spec.seed, stream="uniform-rate")
 
@@ -234,10 +305,14 @@ def flip_mask(
     return draws <= limit
 
 
-def exact_thresholds(batches: Iterable[pl.DataFrame], spec: NoiseSpec) -> dict[str, float]:
+def exact_thresholds(batches: Iterable[pl.DataFrame], spec: NoiseSpec, *, name: str | None = None) -> dict[str, float]:
     """Per group, the largest draw among the round(rate·n) smallest: flipping u <= it flips exactly that many."""
     draws: dict[str, list[np.ndarray]] = {}
+    offset = 0
     for frame in batches:
+        height = frame.height
+        frame, _ = usable_rows(frame, spec, offset, name)  # counted by corrupt_batches, on the second pass
+        offset += height
         u = uniform_draws(frame[C.PAIR_ID], spec.seed, stream=spec.kind)
         groups = flip_groups(frame, spec)
         for group in np.unique(groups):
@@ -292,6 +367,7 @@ class CorruptionStats:
     """Counts accumulated while corrupting, per summary group."""
 
     groups: dict[str, GroupCount] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # pairs skipped for unusable values (drop_invalid)
 
     @property
     def rows(self) -> int:
@@ -349,9 +425,25 @@ def corrupt_batches(
     stats: CorruptionStats | None = None,
     thresholds: dict[str, float] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    name: str | None = None,
 ) -> Iterator[pl.DataFrame]:
-    """Yield each batch with the pairs chosen by ``spec`` flipped; counts go into ``stats``."""
+    """Yield each batch with the pairs chosen by ``spec`` flipped; counts go into ``stats``.
+
+    Pairs whose score (or orientation value) is null, NaN or infinite stop the run with an error
+    naming the input (``name``), the column and the row, or with ``spec.drop_invalid`` are left out
+    and counted in ``stats.dropped``."""
+    offset = 0
     for frame in batches:
+        height = frame.height
+        frame, dropped = usable_rows(frame, spec, offset, name)
+        offset += height
+        if stats is not None:
+            for reason, count in dropped.items():
+                stats.dropped[reason] = stats.dropped.get(reason, 0) + count
+        if frame.height == 0:
+            if on_progress is not None:
+                on_progress(height)
+            continue
         probability = flip_probability(frame, spec)
         groups = flip_groups(frame, spec) if stats is not None or spec.exact else None
         mask = flip_mask(frame, spec, thresholds, probability=probability, groups=groups)
@@ -359,7 +451,7 @@ def corrupt_batches(
             stats.add(groups, mask, probability)
         yield swap_responses(frame, mask)
         if on_progress is not None:
-            on_progress(frame.height)
+            on_progress(height)
 
 
 def corrupt_frame(frame: pl.DataFrame, spec: NoiseSpec) -> tuple[pl.DataFrame, CorruptionStats]:

@@ -11,7 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from prefnoise import __version__  # noqa: E402
 from prefnoise.atomic import atomic_path  # noqa: E402
+from prefnoise.outputs import PNG_SOFTWARE  # noqa: E402
 
 
 def rank_check_figure(
@@ -46,11 +48,18 @@ def rank_check_figure(
     curve.set_ylabel("pairwise agreement")
     curve.set_title(f"agreement vs true margin ({int(counts.sum()):,} pairs)")
     fig.tight_layout()
-    path = Path(out)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    save_png(fig, out, dpi=100)
+    return Path(out)
+
+
+def save_png(fig, out: str | Path, *, dpi: int) -> None:
+    """Write ``fig`` to ``out`` as a PNG atomically, marked as prefnoise's (so a rerun may replace it), then
+    close it."""
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": f"{PNG_SOFTWARE} {__version__}"})
+    finally:
+        plt.close(fig)
 
 
 def agreement_by_margin(

@@ -122,7 +122,7 @@ class RankReport:
     overall: RankMetrics
     splits: dict[str, dict[str, RankMetrics]] = field(default_factory=dict)
     worst: list[dict[str, Any]] = field(default_factory=list)
-    dropped_rows: int = 0  # rows with a missing or NaN reward
+    dropped_rows: int = 0  # rows skipped: a predicted or reference reward is null, NaN or infinite
     n_boot: int = 0
     seed: int = C.DEFAULT_SEED
 
@@ -208,12 +208,22 @@ def rank_report(
     if memory_responses < 1:
         raise PrefnoiseError(f"memory_responses must be at least 1 (got {memory_responses})")
     lazy = data.lazy()
-    names = lazy.collect_schema().names()
+    schema = lazy.collect_schema()
+    names = schema.names()
     layout = detect_layout(names, pred, layout)
     splits = list(dict.fromkeys([*([C.FLIPPED] if C.FLIPPED in names else []), *group_by]))
     missing = [name for name in splits if name not in names]
     if missing:
         raise PrefnoiseError(f"--group-by column {missing[0]!r} not in the data; columns are {', '.join(names)}")
+    check_reward_types(schema, layout, pred, true)
+    for name in splits:
+        if schema[name].is_nested() or schema[name] in (pl.Binary, pl.Object):
+            raise PrefnoiseError(
+                f"--group-by {name}: column {name!r} has type {schema[name]}; it needs a column of single "
+                "values (numbers, booleans or text) to split by"
+            )
+    if worst > 0 and C.PAIR_ID in names and schema[C.PAIR_ID].is_nested():
+        raise PrefnoiseError(f"column 'pair_id' has type {schema[C.PAIR_ID]}; expected text or integer ids")
     if layout == "pairs":
         has_true = C.chosen(true) in names and C.rejected(true) in names
         reference_true = true if has_true else None
@@ -233,6 +243,26 @@ def rank_report(
         for batch in projected.collect_batches(chunk_size=_READ_ROWS):
             builder.add_rows(batch)
         return builder.report(pred=pred, true=reference_true, n_boot=n_boot, seed=seed)
+
+
+def check_reward_types(schema: pl.Schema, layout: str, pred: str, true: str | None) -> None:
+    """PrefnoiseError unless the predicted (and, when present, the true) reward columns hold numbers."""
+    flags = [("--pred", pred)] + ([("--true", true)] if true else [])
+    for flag, field_name in flags:
+        columns = [C.chosen(field_name), C.rejected(field_name)] if layout == "pairs" else [field_name]
+        for column in columns:
+            dtype = schema.get(column)
+            if dtype is None or dtype.is_numeric() or dtype in (pl.Boolean, pl.Null):
+                continue
+            raise PrefnoiseError(
+                f"{flag} {field_name}: column {column!r} has type {dtype}; a reward needs a numeric column "
+                "(one number per response)"
+            )
+
+
+def _finite(*columns: str) -> pl.Expr:
+    """Expression: every one of ``columns`` is a finite number (null counts as not)."""
+    return pl.all_horizontal([pl.col(c).is_finite().fill_null(False) for c in columns])
 
 
 def detect_layout(names: Sequence[str], pred: str = C.REWARD, layout: str = "auto") -> str:
@@ -310,24 +340,30 @@ def _split_column(name: str) -> pl.Expr:
 def _pair_outcomes(lazy: pl.LazyFrame, pred: str, true: str | None) -> pl.LazyFrame:
     """Each pair's outcome (see :func:`pair_outcome`) from a raw pair table (for the public
     single-metric function)."""
-    names = lazy.collect_schema().names()
+    schema = lazy.collect_schema()
+    names = schema.names()
     detect_layout(names, pred, "pairs")
     has = true is not None and C.chosen(true) in names
-    frame = lazy.select(
-        (pl.col(C.chosen(pred)) - pl.col(C.rejected(pred))).cast(pl.Float64).alias("_pm"),
-        (pl.col(C.chosen(true)) - pl.col(C.rejected(true))).cast(pl.Float64).alias("_tm")
+    check_reward_types(schema, "pairs", pred, true if has else None)
+    rewards = [C.chosen(pred), C.rejected(pred)] + ([C.chosen(true), C.rejected(true)] if has else [])  # type: ignore[arg-type]
+    frame = lazy.select(pl.col(rewards).cast(pl.Float64)).filter(_finite(*rewards))
+    frame = frame.select(
+        (pl.col(C.chosen(pred)) - pl.col(C.rejected(pred))).alias("_pm"),
+        (pl.col(C.chosen(true)) - pl.col(C.rejected(true))).alias("_tm")  # type: ignore[arg-type]
         if has
         else pl.lit(1.0).alias("_tm"),
-    ).drop_nulls()
+    )
     return frame.select(pair_outcome(pl.col("_pm"), pl.col("_tm")))
 
 
 def _long_responses(lazy: pl.LazyFrame, pred: str, true: str) -> pl.LazyFrame:
-    names = lazy.collect_schema().names()
+    schema = lazy.collect_schema()
+    names = schema.names()
     detect_layout(names, pred, "long")
     if true not in names:
         raise PrefnoiseError(f"long table: true-reward column {true!r} missing; columns are {', '.join(names)}")
-    frame = lazy.with_row_index("_row").select(_long_columns(pred, true, [])).drop_nulls()
+    check_reward_types(schema, "long", pred, true)
+    frame = lazy.with_row_index("_row").select(_long_columns(pred, true, [])).filter(_finite(_X, _Y))
     return frame.with_columns(pl.lit(0, dtype=pl.Int64).alias(_G))
 
 
@@ -441,7 +477,11 @@ class _ReportBuilder:
     def add_rows(self, batch: pl.DataFrame) -> None:
         """Count one batch of projected rows and send its responses to the prompt buckets."""
         self.rows_read += batch.height
-        clean = batch.drop_nulls().filter(~pl.any_horizontal(pl.selectors.float().is_nan()))
+        # One rule for the rewards: a row with a null, NaN or infinite value is skipped and counted.
+        clean = batch.drop_nulls()
+        floats = [name for name, dtype in clean.schema.items() if dtype.is_float()]
+        if floats:
+            clean = clean.filter(_finite(*floats))
         self.dropped += batch.height - clean.height
         n = clean.height
         if n:
@@ -880,11 +920,14 @@ def figure_frames(
     for labels only: ``rejected``, ``chosen`` predicted rewards) and per pair (``true_margin``,
     ``outcome`` = 1 / 0.5 / 0, truth ties left out)."""
     lazy = data.lazy()
-    names = lazy.collect_schema().names()
+    schema = lazy.collect_schema()
+    names = schema.names()
     layout = detect_layout(names, pred, layout)
     if layout == "pairs":
         has_true = C.chosen(true) in names and C.rejected(true) in names
-        head = lazy.head(max_rows)
+        check_reward_types(schema, layout, pred, true if has_true else None)
+        rewards = [C.chosen(pred), C.rejected(pred)] + ([C.chosen(true), C.rejected(true)] if has_true else [])
+        head = lazy.with_columns(pl.col(rewards).cast(pl.Float64)).filter(_finite(*rewards)).head(max_rows)
         if has_true:
             points = pl.concat(
                 [
@@ -901,7 +944,8 @@ def figure_frames(
             pair_outcome(pl.col(C.chosen(pred)) - pl.col(C.rejected(pred)), true_margin).alias("outcome"),
         )
     else:
-        rows = lazy.with_row_index("_row").select(_long_columns(pred, true, [])).head(max_rows)
+        check_reward_types(schema, layout, pred, true)
+        rows = lazy.with_row_index("_row").select(_long_columns(pred, true, [])).filter(_finite(_X, _Y)).head(max_rows)
         points = rows.select(pl.col(_X).alias("true"), pl.col(_Y).alias("pred"))
         pairs = (
             rows.join(rows, on=_P, suffix="_b")

@@ -157,7 +157,7 @@ def test_audit_cli_end_to_end(tmp_path):
     ("extra", "message"),
     [
         (["--fix", "swap"], "--fix needs --out"),
-        (["--folds", "1"], "--folds must be at least 2"),
+        (["--folds", "1"], "--folds must be >= 2, got 1"),
         (["--out", "x.parquet", "--fix", "burn"], "--fix must be 'drop' or 'swap'"),
     ],
 )

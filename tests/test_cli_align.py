@@ -42,7 +42,9 @@ def test_align_json_summary_and_output_files(lm_path, data_path, tmp_path):
     assert summary["loss"] == "dpo" and summary["steps"] == 4 and summary["rows"] == 64
     assert summary["train_rows"] + summary["val_rows"] == 64 and summary["val_rows"] > 0
     assert "clean_reward_accuracy" in summary["val"]  # the data has a `flipped` column
-    assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "ref_logps.parquet", "model", "summary.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "metrics.jsonl", "ref_logps.parquet", "model", "summary.json", ".prefnoise-output.json"
+    }
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4, 4]  # val@0, train@2, train@4, val@4
     assert json.loads((out / "summary.json").read_text())["train"] == summary["train"]
@@ -51,7 +53,8 @@ def test_align_json_summary_and_output_files(lm_path, data_path, tmp_path):
 def test_human_summary_names_cache_reuse_on_second_run(lm_path, data_path, tmp_path):
     out = tmp_path / "run"
     assert run(data_path, "--model", lm_path, "--out", out, "--max-steps", "1", *SMALL).exit_code == 0
-    result = run(data_path, "--model", lm_path, "--out", out, "--max-steps", "1", "--loss", "ipo", *SMALL)
+    result = run(data_path, "--model", lm_path, "--out", out, "--max-steps", "1", "--loss", "ipo", *SMALL,
+                 "--overwrite")
     assert result.exit_code == 0, result.output
     assert "reference log-probs reused" in result.output and "align: ipo" in result.output
 

@@ -69,7 +69,7 @@ def test_corrupt_human_summary(tmp_path, sample_path):
     ("args", "message"),
     [
         (["--rate", "0.7"], "carry no signal"),
-        (["--rate", "-1"], "must be within"),
+        (["--rate", "-1"], "--rate must be in [0, 1]"),
         (["--noise", "bt", "--temperature", "0"], "--temperature must be > 0"),
         (
             ["--noise", "asymmetric", "--rate-pos", "0.2", "--rate-neg", "0.1", "--by", "column:nope"],

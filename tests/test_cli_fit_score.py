@@ -47,6 +47,7 @@ def test_fit_reward_writes_model_dir_and_prints_clean_accuracy_last(noisy_path, 
         "reward_config.json",
         "metrics.json",
         "history.json",
+        ".prefnoise-output.json",  # the marker that lets a later --overwrite replace this directory
     }
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 5 and metrics["loss"] == "sigmoid"
@@ -159,7 +160,8 @@ def test_fit_reward_bad_input(tmp_path):
 
 
 def test_score_bad_model_dir(noisy_path, tmp_path):
-    result = runner.invoke(app, ["score", str(tmp_path), str(noisy_path), str(tmp_path / "o.parquet")])
+    (tmp_path / "dir").mkdir()
+    result = runner.invoke(app, ["score", str(tmp_path / "dir"), str(noisy_path), str(tmp_path / "o.parquet")])
     assert result.exit_code == 2 and "not a prefnoise reward model" in result.stderr
     assert not (tmp_path / "o.parquet").exists()
 

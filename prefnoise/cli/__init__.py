@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
+import typer
+
 # Each import registers its subcommand on `app`.
 from prefnoise.cli import (
     align,  # noqa: E402,F401
@@ -13,12 +18,41 @@ from prefnoise.cli import (
     reproduce,  # noqa: E402,F401
     score,  # noqa: E402,F401
 )
-from prefnoise.cli.app import app
+from prefnoise.cli.app import DEBUG_ENV, app
+from prefnoise.cli.common import EXIT_BAD_INPUT, fail, flush_stdout
 
 
-def main() -> None:
-    """Entry point of the `prefnoise` console script."""
-    app()
+def _take_debug_flag(args: list[str]) -> list[str]:
+    """Remove ``--debug`` wherever it stands before a ``--`` (so it may follow the subcommand too)."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:end]:
+        os.environ[DEBUG_ENV] = "1"
+        return [a for i, a in enumerate(args) if not (i < end and a == "--debug")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `prefnoise` console script: every failure is one line and a documented exit code."""
+    from prefnoise.errors import PrefnoiseError
+
+    args = _take_debug_flag(list(sys.argv[1:] if argv is None else argv))
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="prefnoise", standalone_mode=False)
+        flush_stdout()
+    except typer.Abort:
+        code = 130
+    except typer.TyperException as error:  # click's usage errors (typer vendors click)
+        if type(error).__name__ == "NoArgsIsHelpError":
+            error.show()
+            code = EXIT_BAD_INPUT
+        else:
+            ctx = getattr(error, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if getattr(error, "ctx", None) is not None else ""
+            code = fail(f"{error.format_message()}{hint}", getattr(error, "exit_code", EXIT_BAD_INPUT)).exit_code
+    except PrefnoiseError as error:  # stdout could not be flushed
+        code = fail(error.message, error.exit_code).exit_code
+    sys.exit(code or 0)
 
 
 __all__ = ["app", "main"]

@@ -5,7 +5,9 @@ Data-parallel on several GPUs (or CPU processes): ``accelerate launch -m prefnoi
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -14,13 +16,16 @@ from rich.table import Table
 from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
+    NOTHING_WRITTEN,
     ChosenColOption,
     DropInvalidOption,
     JsonOption,
     LayoutOption,
+    OverwriteOption,
     PromptColOption,
     RejectedColOption,
     SeedOption,
+    Terminated,
     cli_errors,
     console,
     emit_json,
@@ -29,6 +34,7 @@ from prefnoise.cli.common import (
     show_progress,
 )
 from prefnoise.errors import PrefnoiseError
+from prefnoise.outputs import check_output_dir, check_output_file
 
 # Spelled here (not imported) so that `prefnoise --help` does not pay for importing torch.
 POLICY_LOSSES = ("sympo", "dpo", "cdpo", "rdpo", "ipo", "ropo", "hinge")
@@ -123,6 +129,7 @@ def align_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.", rich_help_panel=OUTPUT)
     ] = False,
+    overwrite: OverwriteOption = False,
     save_adapter: Annotated[
         bool, typer.Option("--save-adapter", help="Save only the LoRA adapter, not merged weights.",
                            rich_help_panel=OUTPUT)
@@ -157,6 +164,13 @@ def align_command(
     )
     if not out and not dry_run:
         raise PrefnoiseError("--out DIR is required (or use --dry-run to only print the plan)")
+    if resume and overwrite:
+        raise PrefnoiseError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    if ref_cache is not None:
+        check_output_file(ref_cache, inputs=[source, model], overwrite=True, flag="--ref-cache")
+    state = None
+    if out and not dry_run:
+        state = check_output_dir(out, command="align", inputs=[source, model], overwrite=overwrite, resume=resume)
     frame = open_input(source, prompt_col, chosen_col, rejected_col, layout, drop_invalid).collect()
     if dry_run:
         plan = asdict(prepare(cfg, frame, source=source).plan)
@@ -165,14 +179,59 @@ def align_command(
         else:
             _print_plan(plan)
         return
-    with progress("aligning", None, enabled=show_progress(json_output)) as advance:
-        summary = train(cfg, frame, source=source, on_progress=advance)
+    if state == "ours" and overwrite:
+        remove_previous_run(Path(out))
+    try:
+        with progress("aligning", None, enabled=show_progress(json_output)) as advance:
+            summary = train(cfg, frame, source=source, on_progress=advance)
+    except BaseException as error:
+        if _is_main_process():
+            interrupted = isinstance(error, KeyboardInterrupt | Terminated)
+            note = clean_up_failed_run(Path(out), state=state, resumable=interrupted) if state else NOTHING_WRITTEN
+            if interrupted:
+                error.prefnoise_note = note  # type: ignore[union-attr]
+            elif isinstance(error, PrefnoiseError):
+                error.message = f"{error.message}; {note}"
+        raise
     if not _is_main_process():
         return
     if json_output:
         emit_json(summary)
     else:
         _print_summary(summary)
+
+
+def remove_previous_run(out: Path) -> None:
+    """Remove what an earlier align run wrote into ``out`` (checked to be an align output); keep the
+    reference cache, which is keyed by model and data and so stays valid."""
+    from prefnoise.align import CHECKPOINTS_DIR, METRICS_FILE, MODEL_DIR, SUMMARY_FILE
+
+    for name in (CHECKPOINTS_DIR, MODEL_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (METRICS_FILE, SUMMARY_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
+def clean_up_failed_run(out: Path, *, state: str | None, resumable: bool = True) -> str:
+    """After an interrupted or failed run: if this run created ``out`` (``state`` 'missing' or 'empty'
+    before it started) and left no checkpoint, remove what it wrote; say what became of ``out``.
+    ``resumable``: the run stopped from outside (a signal), so continuing it makes sense."""
+    from prefnoise.align import CHECKPOINTS_DIR, latest_checkpoint
+
+    if latest_checkpoint(out / CHECKPOINTS_DIR) is not None:
+        hint = "continue with --resume" if resumable else "start over with --overwrite and other options"
+        return f"checkpoints in {out} were kept; {hint}"
+    if state in ("missing", "empty"):
+        if out.is_dir():
+            for entry in out.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            if state == "missing":
+                out.rmdir()
+        return "no output was written."
+    return f"{out} holds only what earlier runs wrote and this run's partial metrics"
 
 
 def _is_main_process() -> bool:

@@ -1,8 +1,15 @@
-"""The typer application object every command module registers on."""
+"""The typer application object every command module registers on, and its global options."""
 
 from __future__ import annotations
 
+import os
+from typing import Annotated
+
 import typer
+
+from prefnoise import __version__
+
+DEBUG_ENV = "PREFNOISE_DEBUG"
 
 app = typer.Typer(
     name="prefnoise",
@@ -12,3 +19,28 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"prefnoise {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def global_options(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="On an internal error (exit 3) print the full traceback; may follow any command."),
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Inject, measure and survive label noise in preference datasets.
+
+    Exit codes: 0 ok, 1 a failed gate, 2 bad input or usage, 3 an internal error,
+    130 on Ctrl-C, 143 on SIGTERM (129 on SIGHUP), 141 when the reader of stdout went away.
+    """
+    if debug:
+        os.environ[DEBUG_ENV] = "1"

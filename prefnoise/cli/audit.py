@@ -15,6 +15,7 @@ from prefnoise.cli.common import (
     DropInvalidOption,
     JsonOption,
     LayoutOption,
+    OverwriteOption,
     PromptColOption,
     RejectedColOption,
     SeedOption,
@@ -23,10 +24,12 @@ from prefnoise.cli.common import (
     emit_json,
     open_input,
     progress,
+    safe,
     show_progress,
 )
 from prefnoise.data import new_history_entry, write_table
 from prefnoise.errors import PrefnoiseError
+from prefnoise.outputs import check_output_file
 
 
 @app.command("audit")
@@ -73,6 +76,7 @@ def audit_command(
     estimate_only: Annotated[
         bool, typer.Option("--estimate-only", help="Print only ε̂ (for align --noise-rate $(...)).")
     ] = False,
+    overwrite: OverwriteOption = False,
     seed: SeedOption = C.DEFAULT_SEED,
     json_output: JsonOption = False,
     prompt_col: PromptColOption = C.PROMPT,
@@ -84,6 +88,7 @@ def audit_command(
     """Cross-fit reward models, estimate the flip rate ε̂ and score each pair's suspicion."""
     from prefnoise import audit as A
     from prefnoise.cli.fit_reward import backend_of
+    from prefnoise.reward import check_finite_features
 
     if fix is not None and out is None:
         raise PrefnoiseError("--fix needs --out for the cleaned table")
@@ -91,8 +96,12 @@ def audit_command(
         raise PrefnoiseError(f"--fix must be 'drop' or 'swap', got {fix!r}")
     if not 0.0 <= threshold <= 1.0:
         raise PrefnoiseError(f"--threshold must be within [0, 1], got {threshold}")
+    check_output_file(out, inputs=[data], overwrite=overwrite)
+    check_output_file(plot, inputs=[data], overwrite=overwrite, flag="--plot")
+    if out is not None and plot is not None and str(out) == str(plot):
+        raise PrefnoiseError("--out and --plot name the same file; give each its own")
     src = open_input(data, prompt_col, chosen_col, rejected_col, layout, drop_invalid)
-    frame = src.collect()
+    frame, _ = check_finite_features(src.collect(), src.name, drop_invalid)
     backend, model_path = backend_of(model, C.chosen(C.FEATURES) in frame.columns)
     fit_options = {
         "loss": loss,
@@ -127,7 +136,7 @@ def audit_command(
         entry.extra["noise_estimate"] = {"rate": estimate.rate, "low": estimate.low, "high": estimate.high}
         if fix is not None:
             entry.extra["fixed_pairs"] = {"mode": fix, "count": fixed}
-        write_table(scored, out, entry=entry)
+        write_table(scored, out, entry=entry, overwrite=overwrite)
     if plot is not None:
         from prefnoise.experiments.figures import margin_histogram
 
@@ -184,5 +193,5 @@ def _print_report(report: dict) -> None:
         for column in report["most_suspect"][0]:
             table.add_column(column, justify="right" if column in ("oof_margin", "suspicion") else "left")
         for row in report["most_suspect"]:
-            table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()])
+            table.add_row(*[f"{v:.4f}" if isinstance(v, float) else safe(v) for v in row.values()])
         console.print(table)

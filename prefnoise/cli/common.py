@@ -5,12 +5,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
+import numbers
+import os
+import re
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,6 +28,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from prefnoise.atomic import remove_temporary_files, user_umask
+from prefnoise.cli.app import DEBUG_ENV
 from prefnoise.data import ColumnMap, PreferenceSource, open_source
 from prefnoise.errors import PrefnoiseError
 
@@ -28,24 +38,227 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Human-facing output goes to stderr so stdout stays clean for Parquet or JSON in pipes.
 console = Console(stderr=True, highlight=False)
 
+# The exit-code contract (README, "Errors and exit codes").
+EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141, as for a program the shell sees killed by SIGPIPE
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so every ``finally`` and context manager cleans up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def debug_enabled() -> bool:
+    """Whether ``--debug`` (or ``PREFNOISE_DEBUG=1``) asked for tracebacks of internal errors."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def one_line(text: str) -> str:
+    """``text`` as a single printable line: newlines and control characters (terminal escapes) shown escaped."""
+    text = " | ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def safe(value: object) -> str:
+    """``value`` for a rich console: one printable line, its rich markup escaped (data is never markup)."""
+    return escape(one_line(str(value)))
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print ``Error: message`` as one line on stderr; return the Exit to raise."""
+    typer.echo(f"Error: {one_line(message)}", err=True)
+    return typer.Exit(code)
+
+
+def os_error_message(error: OSError) -> str:
+    """A one-line description of an OS-level failure (disk full, permission denied, ...) naming the path."""
+    reason = error.strerror or str(error) or type(error).__name__
+    where = error.filename if error.filename is not None else None
+    if where is None:
+        return f"{reason}; check the disk space and permissions of the output location"
+    return f"{where}: {reason}"
+
+
+@contextlib.contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` for the block (main thread only).
+
+    The exception unwinds like Ctrl-C does, so temporary files, spill buckets and half-written
+    outputs are removed. A second signal during that cleanup is ignored so the cleanup completes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again (EPIPE, ENOSPC)."""
+    with contextlib.suppress(Exception):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def flush_stdout() -> None:
+    """Flush stdout, raising a one-line PrefnoiseError when it cannot take the output (e.g. /dev/full)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        _silence_stdout()
+        raise PrefnoiseError(f"cannot write to standard output: {error.strerror or error}") from None
+
 
 def cli_errors(command: F) -> F:
-    """Turn a PrefnoiseError raised by ``command`` into one line on stderr and its exit code."""
+    """Run ``command`` under the exit-code contract.
+
+    Options are validated first (:func:`check_options`). A PrefnoiseError or an OS error is one line
+    on stderr and exit 2 (or the error's code); Ctrl-C exits 130 and SIGTERM/SIGHUP 143/129 after
+    the same cleanup; anything unexpected is one line "internal error: ..." and exit 3, with the
+    traceback only under ``--debug``.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        user_umask()  # read once, before any writer thread starts
         try:
-            return command(*args, **kwargs)
+            with signals_as_exceptions():
+                check_options(kwargs)
+                result = command(*args, **kwargs)
+                flush_stdout()
+                return result
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
         except PrefnoiseError as error:
-            typer.echo(f"Error: {error.message}", err=True)
-            raise typer.Exit(error.exit_code) from None
+            raise fail(error.message, error.exit_code) from None
         except BrokenPipeError:
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("Interrupted; no output was written.", err=True)
+            _silence_stdout()
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        except OSError as error:
+            raise fail(os_error_message(error), EXIT_BAD_INPUT) from None
+        except KeyboardInterrupt as error:
+            typer.echo(f"Interrupted; {getattr(error, 'prefnoise_note', NOTHING_WRITTEN)}", err=True)
             raise typer.Exit(130) from None
+        except Terminated as error:
+            typer.echo(f"Terminated ({error}); {getattr(error, 'prefnoise_note', NOTHING_WRITTEN)}", err=True)
+            raise typer.Exit(128 + error.signum) from None
+        except Exception as error:
+            if debug_enabled():
+                traceback.print_exc()
+            reason = one_line(f"{type(error).__name__}: {error}")
+            typer.echo(f"internal error: {reason} (rerun with --debug for the traceback)", err=True)
+            raise typer.Exit(EXIT_INTERNAL) from None
+        finally:
+            remove_temporary_files()
 
     return wrapper  # type: ignore[return-value]
+
+
+NOTHING_WRITTEN = "no output was written."
+
+
+# --------------------------------------------------------------------------- option validation
+
+# One rule per option name, for every command that has the option: (low, low inclusive, high, high inclusive).
+# None bounds are open. Every float option must also be finite.
+SEED_MAX = 2**32 - 1
+OPTION_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "seed": (0, True, SEED_MAX, True),
+    "rate": (0, True, 1, True),
+    "rate_pos": (0, True, 1, True),
+    "rate_neg": (0, True, 1, True),
+    "max_rate": (0, True, 1, True),
+    "temperature": (0, False, None, False),
+    "beta": (0, False, None, False),
+    "clip": (0, True, None, False),
+    "label_smoothing": (0, True, 0.5, False),
+    "noise_rate": (0, True, 0.5, False),
+    "eps": (0, True, 0.5, False),
+    "tau": (0, False, None, False),
+    "alpha": (0, False, None, False),
+    "lr": (0, False, None, False),
+    "weight_decay": (0, True, None, False),
+    "margin_scale": (0, False, None, False),
+    "warmup_steps": (0, True, None, False),
+    "max_grad_norm": (0, True, None, False),
+    "batch_size": (1, True, None, False),
+    "grad_accum": (1, True, None, False),
+    "epochs": (1, True, None, False),
+    "max_steps": (1, True, None, False),
+    "max_length": (1, True, None, False),
+    "max_prompt_length": (1, True, None, False),
+    "lora_r": (0, True, None, False),
+    "lora_alpha": (0, False, None, False),
+    "lora_dropout": (0, True, 1, False),
+    "dropout": (0, True, 1, False),
+    "val_fraction": (0, True, 1, False),
+    "eval_every": (0, True, None, False),
+    "save_every": (0, True, None, False),
+    "log_every": (1, True, None, False),
+    "folds": (2, True, None, False),
+    "hidden": (1, True, None, False),
+    "layers": (0, True, None, False),
+    "output_clip": (0, True, None, False),
+    "bootstrap": (0, True, None, False),
+    "show_suspects": (0, True, None, False),
+    "show_worst": (0, True, None, False),
+    "threshold": (0, True, 1, True),
+    "min_agreement": (0, True, 1, True),
+    "min_kendall": (-1, True, 1, True),
+    "min_preservation": (0, True, 1, True),
+    "memory_responses": (1, True, None, False),
+    "early_stopping": (1, True, None, False),
+    "seeds": (1, True, None, False),
+    "train_pairs": (10, True, None, False),
+    "pairs": (40, True, None, False),
+}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _interval(low: float, low_in: bool, high: float | None, high_in: bool) -> str:
+    if high is None:
+        return f">= {_number(low)}" if low_in else f"> {_number(low)}"
+    return f"in {'[' if low_in else '('}{_number(low)}, {_number(high)}{']' if high_in else ')'}"
+
+
+def check_options(values: dict[str, Any]) -> None:
+    """PrefnoiseError for the first option that is not finite or is outside its range (OPTION_RANGES)."""
+    for name, value in values.items():
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        flag = "--" + name.replace("_", "-")  # every numeric option is spelled after its parameter
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PrefnoiseError(f"{flag} must be a finite number, got {value}")
+        rule = OPTION_RANGES.get(name)
+        if rule is None:
+            continue
+        low, low_in, high, high_in = rule
+        below = low is not None and (value < low if low_in else value <= low)
+        above = high is not None and (value > high if high_in else value >= high)
+        if below or above:
+            raise PrefnoiseError(f"{flag} must be {_interval(*rule)}, got {_number(value)}")
 
 
 def show_progress(json_output: bool) -> bool:
@@ -73,9 +286,25 @@ def progress(description: str, total: int | None, *, enabled: bool) -> Iterator[
         yield lambda n: bar.advance(task, n)
 
 
+def strict_json_value(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by None, so it is valid JSON."""
+    if isinstance(value, dict):
+        return {str(k): strict_json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json_value(v) for v in value]
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    return value
+
+
 def emit_json(payload: dict[str, Any], *, to_stderr: bool = False) -> None:
-    """Print ``payload`` as one JSON object (stdout, or stderr when stdout carries data)."""
-    text = json.dumps(payload, default=str)
+    """Print ``payload`` as one strict JSON object (NaN/inf as null) on stdout, or stderr when stdout carries data."""
+    text = json.dumps(strict_json_value(payload), default=str, allow_nan=False)
     stream = sys.stderr if to_stderr else sys.stdout
     stream.write(text + "\n")
     stream.flush()
@@ -108,6 +337,13 @@ DropInvalidOption = Annotated[
         "--drop-invalid",
         help="Skip rows with empty fields, identical responses or mismatched prefixes instead of failing.",
         rich_help_panel="Input",
+    ),
+]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an existing output that prefnoise wrote earlier (never a file or directory it did not write).",
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]

@@ -15,6 +15,7 @@ from prefnoise.cli.common import (
     DropInvalidOption,
     JsonOption,
     LayoutOption,
+    OverwriteOption,
     PromptColOption,
     RejectedColOption,
     SeedOption,
@@ -33,6 +34,8 @@ from prefnoise.noise import (
     corrupt_batches,
     exact_thresholds,
 )
+from prefnoise.outputs import check_output_file
+from prefnoise.pair_ids import PairIdCheck
 
 
 @app.command("corrupt")
@@ -61,6 +64,7 @@ def corrupt_command(
         bool, typer.Option("--exact", help="Flip exactly round(rate·n) pairs (per group) instead of independent draws.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Allow rates that leave the labels without signal.")] = False,
+    overwrite: OverwriteOption = False,
     seed: SeedOption = C.DEFAULT_SEED,
     json_output: JsonOption = False,
     prompt_col: PromptColOption = C.PROMPT,
@@ -83,6 +87,7 @@ def corrupt_command(
         force=force,
     )
     spec.check()
+    check_output_file(dest, inputs=[source], overwrite=overwrite)
     started = time.perf_counter()
     src = open_input(source, prompt_col, chosen_col, rejected_col, layout, drop_invalid)
     spec.check(src.schema)
@@ -90,8 +95,9 @@ def corrupt_command(
     stats = CorruptionStats()
     with progress("corrupting", src.total_rows(), enabled=show_progress(json_output)) as advance:
         thresholds = exact_thresholds(src.batches(), spec) if spec.exact else None
-        batches = corrupt_batches(src.batches(), spec, stats=stats, thresholds=thresholds, on_progress=advance)
-        write_table(batches, dest, entry=entry)
+        inputs = PairIdCheck(src.name, reread=src.batches).watch(src.batches())
+        batches = corrupt_batches(inputs, spec, stats=stats, thresholds=thresholds, on_progress=advance)
+        write_table(batches, dest, entry=entry, overwrite=overwrite)
     elapsed = time.perf_counter() - started
     summary = {
         "input": src.name,

@@ -17,6 +17,7 @@ from prefnoise.cli.common import (
     DropInvalidOption,
     JsonOption,
     LayoutOption,
+    OverwriteOption,
     PromptColOption,
     RejectedColOption,
     SeedOption,
@@ -29,6 +30,7 @@ from prefnoise.cli.common import (
 from prefnoise.data import new_history_entry
 from prefnoise.errors import PrefnoiseError
 from prefnoise.loss_names import MARGIN_LOSS_NAMES
+from prefnoise.outputs import check_output_dir
 
 
 def backend_of(model: str | None, has_features: bool) -> tuple[str, str | None]:
@@ -87,7 +89,12 @@ def fit_reward_command(
     data: Annotated[
         str, typer.Argument(metavar="DATA", help="Preference table (Parquet, JSONL, CSV, saved dataset, or -).")
     ],
-    out: Annotated[Path, typer.Option("--out", help="Output directory for the model (replaced atomically).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Output directory for the model: new or empty (or an earlier output, with --overwrite)."
+        ),
+    ],
     loss: Annotated[str, typer.Option("--loss", help=f"Margin loss: {', '.join(MARGIN_LOSS_NAMES)}.")] = "sigmoid",
     model: Annotated[
         str | None,
@@ -135,6 +142,7 @@ def fit_reward_command(
             "--cache-dir", help="embed+mlp embedding cache (default $PREFNOISE_CACHE_DIR or ~/.cache/prefnoise)."
         ),
     ] = None,
+    overwrite: OverwriteOption = False,
     seed: SeedOption = C.DEFAULT_SEED,
     json_output: JsonOption = False,
     prompt_col: PromptColOption = C.PROMPT,
@@ -150,6 +158,7 @@ def fit_reward_command(
         raise PrefnoiseError(f"unknown --loss {loss!r}; choose one of: {', '.join(MARGIN_LOSS_NAMES)}")
     if encoder is not None and model != "embed+mlp":
         raise PrefnoiseError("--encoder applies to --model embed+mlp only")
+    check_output_dir(out, command="fit-reward", inputs=[data, model, encoder, cache_dir], overwrite=overwrite)
     src = open_input(data, prompt_col, chosen_col, rejected_col, layout, drop_invalid)
     frame = src.collect()
     backend, model_path = backend_of(model, C.chosen(C.FEATURES) in frame.columns)
@@ -179,7 +188,7 @@ def fit_reward_command(
         "fit-reward", {k: v for k, v in options.items() if k != "cache_dir"}, seed=seed, source=src
     )
     with training_progress(show_progress(json_output)) as callbacks:
-        result = fit_reward_model(frame, seed=seed, **options, **callbacks)
+        result = fit_reward_model(frame, seed=seed, drop_invalid=drop_invalid, source=src.name, **options, **callbacks)
     if not result.is_main:  # other data-parallel processes: the main one writes
         return
     save_reward_model(result, out, history=[*src.history, entry.to_dict(rows_out=frame.height)])

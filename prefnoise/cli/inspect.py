@@ -19,6 +19,7 @@ from prefnoise.cli.common import (
     RejectedColOption,
     cli_errors,
     emit_json,
+    one_line,
     open_input,
 )
 from prefnoise.describe import column_stats
@@ -47,7 +48,14 @@ def inspect_command(
         lazy = src.collect().lazy()
     stats = column_stats(lazy)
     rows = stats and _rows(lazy)
-    report = {"file": src.name, "format": src.format, "rows": rows, "columns": stats, "history": src.history}
+    report = {
+        "file": src.name,
+        "format": src.format,
+        "rows": rows,
+        "columns": stats,
+        "history": src.history,
+        "history_error": getattr(src, "history_error", None),
+    }
     if json_output:
         emit_json(report)
         return
@@ -59,39 +67,48 @@ def _rows(lazy: pl.LazyFrame) -> int:
 
 
 def _fmt(value: object) -> str:
+    """A cell: numbers with separators, any text as one printable line (no terminal escapes)."""
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:,.4g}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return one_line(str(value))
 
 
 def _print_report(report: dict) -> None:
-    console = Console(highlight=False)
-    console.print(f"{report['file']}  ({report['format']}, {report['rows']:,} rows)")
+    # markup=False: column names and metadata are data, never rich markup or terminal control
+    console = Console(highlight=False, markup=False, emoji=False)
+    console.print(f"{_fmt(report['file'])}  ({report['format']}, {_fmt(report['rows'])} rows)")
     table = Table(title="columns", title_justify="left")
     for header in ("column", "dtype", "nulls", "summary"):
         table.add_column(header, justify="right" if header == "nulls" else "left")
     for col in report["columns"]:
         summary = ", ".join(
-            f"{key}={_fmt(value)}" for key, value in col.items() if key not in ("column", "dtype", "nulls")
+            f"{_fmt(key)}={_fmt(value)}" for key, value in col.items() if key not in ("column", "dtype", "nulls")
         )
-        table.add_row(col["column"], col["dtype"], _fmt(col.get("nulls")), summary)
+        table.add_row(_fmt(col["column"]), _fmt(col["dtype"]), _fmt(col.get("nulls")), summary)
     console.print(table)
-    if not report["history"]:
+    history = [step for step in report["history"] if isinstance(step, dict)]
+    if report.get("history_error"):
+        console.print(f"history: unreadable ({_fmt(report['history_error'])}); the file's provenance is ignored")
+        return
+    if not history:
         console.print("history: none (not written by prefnoise)")
         return
-    history = Table(title="history", title_justify="left")
+    view = Table(title="history", title_justify="left")
     for header in ("#", "command", "when", "seed", "rows in → out", "parameters"):
-        history.add_column(header)
-    for i, step in enumerate(report["history"], 1):
-        rows_in = (step.get("input") or {}).get("rows")
-        history.add_row(
+        view.add_column(header)
+    for i, step in enumerate(history, 1):
+        source = step.get("input")
+        rows_in = source.get("rows") if isinstance(source, dict) else None
+        view.add_row(
             str(i),
-            step.get("command", "?"),
-            str(step.get("time", "")),
-            str(step.get("seed", "")),
+            _fmt(step.get("command", "?")),
+            _fmt(step.get("time", "")),
+            _fmt(step.get("seed", "")),
             f"{_fmt(rows_in)} → {_fmt(step.get('rows_out'))}",
-            json.dumps(step.get("parameters", {}), default=str),
+            _fmt(json.dumps(step.get("parameters", {}), default=str)),
         )
-    console.print(history)
+    console.print(view)

@@ -13,9 +13,19 @@ from rich.table import Table
 
 from prefnoise import columns as C
 from prefnoise.cli.app import app
-from prefnoise.cli.common import JsonOption, SeedOption, cli_errors, emit_json, progress, show_progress
+from prefnoise.cli.common import (
+    JsonOption,
+    OverwriteOption,
+    SeedOption,
+    cli_errors,
+    emit_json,
+    progress,
+    safe,
+    show_progress,
+)
 from prefnoise.data import open_source
 from prefnoise.errors import PrefnoiseError
+from prefnoise.outputs import check_output_file
 from prefnoise.rank import DEFAULT_MEMORY_RESPONSES, RankMetrics, RankReport, figure_frames, rank_report
 
 GATE_FAILED = 1
@@ -41,9 +51,9 @@ def rank_check_command(
         list[str] | None, typer.Option("--group-by", help="Also split the report by this column.")
     ] = None,
     bootstrap: Annotated[
-        int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95% interval.")
+        int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% interval.")
     ] = 1000,
-    show_worst: Annotated[int, typer.Option("--show-worst", min=0, help="List the K most wrongly ranked pairs.")] = 0,
+    show_worst: Annotated[int, typer.Option("--show-worst", help="List the K most wrongly ranked pairs.")] = 0,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG figure here.")] = None,
     min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Fail (exit 1) below this.")] = None,
     min_kendall: Annotated[float | None, typer.Option("--min-kendall", help="Fail (exit 1) below this.")] = None,
@@ -54,7 +64,6 @@ def rank_check_command(
         int,
         typer.Option(
             "--memory-responses",
-            min=1,
             help="Hold about this many responses in memory at once (1,000,000: ~0.6 GB peak in all); "
             "a larger table is partitioned into temporary files.",
         ),
@@ -62,10 +71,14 @@ def rank_check_command(
     temp_dir: Annotated[
         Path | None, typer.Option("--temp-dir", help="Directory for the temporary files (default: $TMPDIR).")
     ] = None,
+    overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
     seed: SeedOption = C.DEFAULT_SEED,
 ) -> None:
     """Pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho of a learned reward."""
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise PrefnoiseError(f"--plot {plot}: only .png figures are written; name the file *.png")
+    check_output_file(plot, inputs=[source], overwrite=overwrite, flag="--plot")
     lazy = open_source(source).scan_raw()  # resolves "-" (spooled stdin), existence and format
     splits = list(group_by or [])
     with progress("rank-check %", 100, enabled=show_progress(json_output)) as advance:
@@ -112,8 +125,6 @@ def gate_failures(
 def _write_plot(lazy: pl.LazyFrame, report: RankReport, out: Path, long: bool, seed: int) -> None:
     from prefnoise.plots import rank_check_figure
 
-    if out.suffix.lower() != ".png":
-        raise PrefnoiseError(f"--plot {out}: only .png figures are written; name the file *.png")
     points, pairs = figure_frames(lazy, pred=report.pred, true=report.true or C.SCORE, layout=report.layout)
     x, y = ("true", "pred") if "true" in points.columns else ("rejected", "chosen")
     rank_check_figure(
@@ -155,7 +166,8 @@ def _print_report(report: RankReport, source: str, failures: list[str]) -> None:
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     reference = f"true reward '{report.true}'" if report.true else "labels (no true reward found)"
     console.print(
-        f"{source}: {report.layout} table, {report.overall.rows:,} rows, predicted '{report.pred}' vs {reference}"
+        f"{safe(source)}: {report.layout} table, {report.overall.rows:,} rows, predicted '{safe(report.pred)}' vs "
+        f"{safe(reference)}"
         + (f"; {report.dropped_rows:,} rows with a missing reward skipped" if report.dropped_rows else "")
     )
     table = Table(title="rank check", title_justify="left")
@@ -163,7 +175,7 @@ def _print_report(report: RankReport, source: str, failures: list[str]) -> None:
     table.add_column("all", justify="right")
     columns = [(name, value, m) for name, by in report.splits.items() for value, m in by.items()]
     for name, value, _ in columns:
-        table.add_column(f"{name}={value}", justify="right")
+        table.add_column(safe(f"{name}={value}"), justify="right")
     rows = [_metric_rows(report.overall)] + [_metric_rows(m) for _, _, m in columns]
     for i, (label, _) in enumerate(rows[0]):
         table.add_row(label, *[r[i][1] for r in rows])
@@ -173,7 +185,7 @@ def _print_report(report: RankReport, source: str, failures: list[str]) -> None:
         for key in report.worst[0]:
             worst.add_column(key, justify="left" if key in (C.PAIR_ID, "rows") else "right")
         for row in report.worst:
-            worst.add_row(*[_fmt(v) if not isinstance(v, str) else v for v in row.values()])
+            worst.add_row(*[_fmt(v) if not isinstance(v, str) else safe(v) for v in row.values()])
         console.print(worst)
     for failure in failures:
         console.print(f"[bold red]gate failed:[/] {failure}")

@@ -13,9 +13,20 @@ from rich.table import Table
 
 from prefnoise.atomic import atomic_path
 from prefnoise.cli.app import app
-from prefnoise.cli.common import JsonOption, cli_errors, console, emit_json, progress, show_progress
+from prefnoise.cli.common import (
+    JsonOption,
+    OverwriteOption,
+    cli_errors,
+    console,
+    emit_json,
+    progress,
+    show_progress,
+)
 from prefnoise.errors import PrefnoiseError
 from prefnoise.experiments import with_overrides
+from prefnoise.outputs import check_output_dir
+
+REPRODUCE = "reproduce"
 
 reproduce_app = typer.Typer(
     help="Re-run the paper's robustness experiments through prefnoise's own pipeline.", no_args_is_help=True
@@ -31,7 +42,7 @@ DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when pre
 
 def _write_outputs(out: Path, results, markdown: str, draw_figure: Callable[[Path], object]) -> None:
     """results.parquet, results.md and robustness.png into ``out``, all or nothing."""
-    with atomic_path(out, directory=True) as tmp:
+    with atomic_path(out, directory=True, command=REPRODUCE) as tmp:
         results.write_parquet(tmp / "results.parquet")
         (tmp / "results.md").write_text(markdown)
         draw_figure(tmp / "robustness.png")
@@ -58,6 +69,7 @@ def synthetic_command(
         typer.Option("--mnist", help="Local MNIST images (idx, labels beside it) or npz instead of sklearn digits."),
     ] = None,
     device: DeviceOption = "auto",
+    overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Symmetric vs convex losses under label noise on digit images (paper Sec. 5.1)."""
@@ -68,6 +80,7 @@ def synthetic_command(
     config = with_overrides(config, seeds=seeds, epochs=epochs, train_pairs=train_pairs)
     if config.seeds < 1 or config.epochs < 1 or config.train_pairs < 10:
         raise PrefnoiseError("--seeds and --epochs must be >= 1 and --train-pairs >= 10")
+    check_output_dir(out, command=REPRODUCE, inputs=[mnist], overwrite=overwrite)
     command = _command_line()
     with progress("grid", config.cells(), enabled=show_progress(json_output)) as advance:
         results = S.run_synthetic(config, mnist=mnist, device=device, on_cell=lambda row: advance(1))
@@ -130,6 +143,7 @@ def alignment_command(
         bool, typer.Option("--asymmetric/--no-asymmetric", help="Add the 30%/10% class-conditional noise column.")
     ] = True,
     device: DeviceOption = "cpu",
+    overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """SymPO against DPO, cDPO, rDPO and IPO under label noise on a tiny LM (paper Sec. 5.2, offline)."""
@@ -140,6 +154,7 @@ def alignment_command(
     config = with_overrides(config, seeds=seeds, epochs=epochs, pairs=pairs, asymmetric=None if asymmetric else ())
     if config.seeds < 1 or config.epochs < 1 or config.pairs < 40:
         raise PrefnoiseError("--seeds and --epochs must be >= 1 and --pairs >= 40")
+    check_output_dir(out, command=REPRODUCE, overwrite=overwrite)
     command = _command_line()
     with progress("grid", config.cells(), enabled=show_progress(json_output)) as advance:
         results = A.run_alignment(config, device=device, on_cell=lambda row: advance(1))

@@ -16,6 +16,7 @@ from prefnoise.cli.common import (
     DropInvalidOption,
     JsonOption,
     LayoutOption,
+    OverwriteOption,
     PromptColOption,
     RejectedColOption,
     cli_errors,
@@ -27,6 +28,7 @@ from prefnoise.cli.common import (
 )
 from prefnoise.data import new_history_entry, open_source, read_history, write_table
 from prefnoise.errors import PrefnoiseError
+from prefnoise.outputs import check_output_file
 
 
 def read_long_table(source: str) -> pl.DataFrame:
@@ -46,6 +48,7 @@ def score_command(
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Responses per forward pass.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="embed+mlp embedding cache.")] = None,
+    overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
     prompt_col: PromptColOption = C.PROMPT,
     chosen_col: ChosenColOption = C.CHOSEN,
@@ -58,6 +61,7 @@ def score_command(
 
     if batch_size is not None and batch_size < 1:
         raise PrefnoiseError(f"--batch-size must be >= 1, got {batch_size}")
+    check_output_file(dest, inputs=[model_dir, data], overwrite=overwrite)
     started = time.perf_counter()
     model = load_reward_model(model_dir, cache_dir=cache_dir)
     parameters = {"model": str(model_dir), "responses": responses, "batch_size": batch_size}
@@ -73,8 +77,9 @@ def score_command(
         entry = new_history_entry("score", parameters, source=src)
         score, total = score_table, frame.height
     with progress("scoring", total, enabled=show_progress(json_output)) as advance:
-        scored = score(model, frame, batch_size, device=device, on_progress=advance)
-    rows = write_table(scored, dest, entry=entry, history=history)
+        scored = score(model, frame, batch_size, device=device, on_progress=advance, drop_invalid=drop_invalid,
+                       source="<stdin>" if data == "-" else data, model_name=str(model_dir))
+    rows = write_table(scored, dest, entry=entry, history=history, overwrite=overwrite)
     elapsed = time.perf_counter() - started
     summary = {
         "model": str(model_dir),

@@ -47,8 +47,9 @@ def robustness_figure(
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from prefnoise.plots import save_png
+
+    save_png(fig, path, dpi=120)
     return path
 
 
@@ -77,6 +78,7 @@ def margin_histogram(margins, mixture, path: str | Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from prefnoise.plots import save_png
+
+    save_png(fig, path, dpi=120)
     return path

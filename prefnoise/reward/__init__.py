@@ -19,12 +19,14 @@ from prefnoise.reward.train import (
     score_responses,
     score_table,
 )
+from prefnoise.reward.validate import check_finite_features
 
 __all__ = [
     "BACKENDS",
     "BACKEND_DEFAULTS",
     "FitResult",
     "RewardModel",
+    "check_finite_features",
     "fit_reward_model",
     "fold_of_pair_id",
     "load_reward_model",

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from prefnoise.errors import PrefnoiseError
-from prefnoise.hf import quiet_transformers
+from prefnoise.hf import check_model_dir, first_line, from_pretrained, quiet_transformers, read_safetensors
 
 CONFIG_FILE = "reward_config.json"
 WEIGHTS_FILE = "model.safetensors"  # mlp weights; HF models write their own model.safetensors
@@ -85,28 +85,21 @@ def mean_pool(states: Tensor, attention_mask: Tensor) -> Tensor:
     return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def _load_tokenizer(path: str | Path) -> Any:
+def _load_tokenizer(path: str | Path, what: str) -> Any:
+    """The tokenizer saved in model dir ``path``, with a pad token (the eos token when it has none)."""
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as error:
-        raise PrefnoiseError(f"{path}: cannot load a tokenizer ({error}); save one beside the model") from None
+    tokenizer = from_pretrained(AutoTokenizer, path, what=what)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise PrefnoiseError(f"{path}: tokenizer has neither a pad nor an eos token; add a pad token")
+            raise PrefnoiseError(f"{what} {path}: tokenizer has neither a pad nor an eos token; add a pad token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def _check_model_dir(path: str | Path, what: str) -> Path:
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise PrefnoiseError(
-            f"{what} {path}: not a local Hugging Face model directory (no config.json); "
-            "pass a directory saved with save_pretrained"
-        )
-    return path
+    """``path`` once it is a local HF model directory prefnoise may load (see prefnoise.hf.check_model_dir)."""
+    return check_model_dir(path, what)
 
 
 def tokenize_pairs(
@@ -234,21 +227,22 @@ class TransformerRewardModel(RewardModel):
         _write_config(directory, self.config)
 
 
-def _hf_reward_module(path: Path, head: str | None) -> tuple[nn.Module, str]:
+def _hf_reward_module(path: Path, head: str | None, what: str) -> tuple[nn.Module, str]:
     """The scalar-reward module for HF model dir ``path`` and which head it uses."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-    hf_config = AutoConfig.from_pretrained(str(path))
+    hf_config = from_pretrained(AutoConfig, path, what=what)
     if head is None:
         known = hf_config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
         head = "sequence-classification" if known else "pooled"
-    with quiet_transformers():
-        if head == "sequence-classification":
-            hf_config.num_labels = 1
-            model = AutoModelForSequenceClassification.from_pretrained(str(path), config=hf_config, dtype=torch.float32)
-            return SequenceReward(model), head
-        model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+    if head == "sequence-classification":
+        hf_config.num_labels = 1
+        model = from_pretrained(
+            AutoModelForSequenceClassification, path, what=what, config=hf_config, dtype=torch.float32
+        )
+        return SequenceReward(model), head
+    model = from_pretrained(AutoModel, path, what=what, config=hf_config, dtype=torch.float32)
     return PooledReward(model, model.config.hidden_size), head
 
 
@@ -259,8 +253,8 @@ def new_transformer(model_path: str | Path, *, max_length: int, head: str | None
     architecture has one, else pooled).
     """
     path = _check_model_dir(model_path, "--model")
-    tokenizer = _load_tokenizer(path)
-    module, head = _hf_reward_module(path, head)
+    tokenizer = _load_tokenizer(path, "--model")
+    module, head = _hf_reward_module(path, head, "--model")
     if isinstance(module, SequenceReward):
         module.model.config.pad_token_id = tokenizer.pad_token_id
     config = {"backend": "transformer", "base_model": str(path), "head": head, "max_length": max_length}
@@ -271,14 +265,19 @@ class Encoder:
     """A frozen HF encoder that embeds (prompt, response) by mean pooling, with an on-disk cache."""
 
     def __init__(
-        self, path: str | Path, *, max_length: int, batch_size: int = 64, cache_dir: str | Path | None = None
+        self,
+        path: str | Path,
+        *,
+        max_length: int,
+        batch_size: int = 64,
+        cache_dir: str | Path | None = None,
+        what: str = "--encoder",
     ) -> None:
         from transformers import AutoModel
 
-        self.path = _check_model_dir(path, "--encoder")
-        self.tokenizer = _load_tokenizer(self.path)
-        with quiet_transformers():
-            self.model = AutoModel.from_pretrained(str(self.path), dtype=torch.float32).eval()
+        self.path = _check_model_dir(path, what)
+        self.tokenizer = _load_tokenizer(self.path, what)
+        self.model = from_pretrained(AutoModel, self.path, what=what, dtype=torch.float32).eval()
         self.model.requires_grad_(False)
         self.max_length = max_length
         self.batch_size = batch_size
@@ -387,35 +386,131 @@ def _write_config(directory: Path, config: dict[str, Any]) -> None:
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def load_reward_model(directory: str | Path, *, cache_dir: str | Path | None = None) -> RewardModel:
-    """The reward model saved by ``fit-reward`` in ``directory`` (on CPU, eval mode)."""
-    directory = Path(directory)
+HEADS = ("sequence-classification", "pooled")
+SAVED_AS = "reward model"  # how messages name a directory written by fit-reward
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# reward_config.json: per backend, each required key and a check of its value (with what it should be)
+_CONFIG_KEYS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "mlp": {
+        "input_dim": (lambda v: _is_int(v, 1), "an integer >= 1"),
+        "hidden": (lambda v: _is_int(v, 1), "an integer >= 1"),
+        "layers": (lambda v: _is_int(v, 0), "an integer >= 0"),
+        "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "output_clip": (lambda v: v is None or (_is_number(v) and v > 0), "a number > 0 or null"),
+    },
+    "transformer": {
+        "head": (lambda v: v in HEADS, " or ".join(HEADS)),
+        "max_length": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    },
+}
+_CONFIG_KEYS["embed+mlp"] = {
+    **_CONFIG_KEYS["mlp"],
+    "max_length": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "encoder_fingerprint": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def read_reward_config(directory: Path) -> dict[str, Any]:
+    """The checked reward_config.json of reward model ``directory``; PrefnoiseError when it is unusable."""
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise PrefnoiseError(
             f"{directory}: not a prefnoise reward model (no {CONFIG_FILE}); train one with `prefnoise fit-reward`"
         )
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    retrain = "train the model again with `prefnoise fit-reward`"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise PrefnoiseError(f"{config_path}: not readable JSON ({first_line(error)}); {retrain}") from None
+    if not isinstance(config, dict):
+        raise PrefnoiseError(f"{config_path}: not a JSON object; {retrain}")
     backend = config.get("backend")
-    if backend in ("mlp", "embed+mlp"):
-        module = FeatureMLP(
-            config["input_dim"], config["hidden"], config["layers"], config["dropout"], config["output_clip"]
+    if backend not in _CONFIG_KEYS:
+        raise PrefnoiseError(f"{config_path}: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    for key, (valid, expected) in _CONFIG_KEYS[backend].items():
+        if key not in config:
+            raise PrefnoiseError(f"{config_path}: the {backend} backend needs {key!r}, which is missing; {retrain}")
+        if not valid(config[key]):
+            raise PrefnoiseError(f"{config_path}: {key} is {config[key]!r}, not {expected}; {retrain}")
+    return config
+
+
+def _load_weights(module: nn.Module, file: Path, directory: Path) -> None:
+    """Load safetensors ``file`` into ``module``; PrefnoiseError when missing, damaged or mis-shaped."""
+    if not file.is_file():
+        raise PrefnoiseError(
+            f"{SAVED_AS} {directory}: {file.name} is missing; train the model again with `prefnoise fit-reward`"
         )
-        module.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    state = read_safetensors(file, SAVED_AS)
+    expected = module.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            problem = f"{file.name} has no tensor {key!r}"
+        elif tuple(state[key].shape) != tuple(tensor.shape):
+            problem = (
+                f"{file.name} has {key} of shape {list(state[key].shape)}, "
+                f"{CONFIG_FILE} implies {list(tensor.shape)}"
+            )
+        else:
+            continue
+        raise PrefnoiseError(f"{SAVED_AS} {directory}: {problem}; train the model again with `prefnoise fit-reward`")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise PrefnoiseError(
+            f"{SAVED_AS} {directory}: {file.name} has tensor {extra[0]!r} that {CONFIG_FILE} does not describe; "
+            "train the model again with `prefnoise fit-reward`"
+        )
+    module.load_state_dict(state)
+
+
+def load_reward_model(directory: str | Path, *, cache_dir: str | Path | None = None) -> RewardModel:
+    """The reward model saved by ``fit-reward`` in ``directory`` (on CPU, eval mode).
+
+    A missing, incomplete or damaged directory (reward_config.json, weights, encoder copy, tokenizer)
+    raises a one-line PrefnoiseError naming it; no code from the directory is ever run.
+    """
+    directory = Path(directory)
+    config = read_reward_config(directory)
+    backend = config["backend"]
+    if backend in ("mlp", "embed+mlp"):
+        try:
+            module = FeatureMLP(
+                config["input_dim"], config["hidden"], config["layers"], config["dropout"], config["output_clip"]
+            )
+        except (ValueError, RuntimeError, TypeError) as error:
+            raise PrefnoiseError(f"{directory / CONFIG_FILE}: unusable MLP settings ({first_line(error)})") from None
+        _load_weights(module, directory / WEIGHTS_FILE, directory)
         if backend == "mlp":
             model: RewardModel = MLPRewardModel(module, config)
         else:
-            encoder = Encoder(directory / ENCODER_DIR, max_length=config["max_length"], cache_dir=cache_dir)
+            encoder = Encoder(
+                directory / ENCODER_DIR,
+                max_length=config["max_length"],
+                cache_dir=cache_dir,
+                what=f"{SAVED_AS} encoder",
+            )
+            if encoder.dim != config["input_dim"]:
+                raise PrefnoiseError(
+                    f"{SAVED_AS} {directory}: the encoder copy embeds {encoder.dim} dims but {CONFIG_FILE} "
+                    f"says input_dim {config['input_dim']}; train the model again with `prefnoise fit-reward`"
+                )
             # the copy has the original's weights, so it shares the original's cache entries
             encoder._fingerprint = config["encoder_fingerprint"]
             model = EmbedMLPRewardModel(module, config, encoder)
-    elif backend == "transformer":
-        tokenizer = _load_tokenizer(directory)
-        module, _ = _hf_reward_module(directory, config["head"])
+    else:  # "transformer" (read_reward_config accepts no other backend)
+        tokenizer = _load_tokenizer(directory, SAVED_AS)
+        module, _ = _hf_reward_module(directory, config["head"], SAVED_AS)
         if isinstance(module, PooledReward):
-            module.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+            _load_weights(module.head, directory / HEAD_FILE, directory)
         model = TransformerRewardModel(module, config, tokenizer)
-    else:
-        raise PrefnoiseError(f"{config_path}: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     model.module.eval()
     return model

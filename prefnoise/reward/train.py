@@ -5,6 +5,10 @@ so a flipped pair is simply a pair whose z should be negative. The training loop
 Under ``accelerate launch`` / ``torchrun`` (WORLD_SIZE > 1) it runs data-parallel (DDP): every
 process takes its share of each epoch's batches, validation runs everywhere on the whole split,
 and only the main process should write results (``FitResult.is_main``).
+
+Numbers stay finite: NaN/inf feature vectors are refused (or dropped with ``drop_invalid``) before
+training or scoring, a run stops with PrefnoiseError as soon as its loss, weights or validation
+margins turn non-finite, and scoring refuses a model whose rewards are NaN or inf.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ from prefnoise.reward.models import (
     new_transformer,
 )
 from prefnoise.reward.split import split_by_pair_id
+from prefnoise.reward.validate import (
+    DROP_REASON,
+    check_finite_features,
+    check_finite_number,
+    first_nonfinite_parameter,
+    nonfinite_name,
+)
 
 Progress = Callable[[int], None]
 
@@ -237,6 +248,8 @@ def fit_reward_model(
     dropout: float = 0.0,
     output_clip: float | None = 20.0,
     cache_dir: str | Path | None = None,
+    drop_invalid: bool = False,
+    source: str = "data",
     on_start: Callable[[int], None] | None = None,
     on_progress: Progress | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
@@ -245,9 +258,16 @@ def fit_reward_model(
 
     ``on_start(total)`` announces the number of training pairs to come, ``on_progress(n)``
     advances by pairs trained, ``on_epoch(row)`` receives each epoch's metrics row.
+
+    Feature vectors (mlp) must be finite: a null, NaN or ±inf entry raises PrefnoiseError naming
+    ``source`` (the file), the column and the row, or with ``drop_invalid`` drops the row
+    (counted in ``metrics["dropped"]``). Training stops with PrefnoiseError as soon as the loss,
+    a parameter or the validation rewards become non-finite (nothing is returned to save).
     """
     entry = get_margin_loss(loss)
     loss_params = {k: v for k, v in (loss_params or {}).items() if v is not None}
+    for name, value in loss_params.items():
+        check_finite_number(f"--{name}", value)
     entry.fn(torch.zeros(1), **_only(loss_params, entry.params, loss))  # validates params early
     if backend not in BACKEND_DEFAULTS:
         raise PrefnoiseError(f"unknown backend {backend!r}; use mlp, embed+mlp or transformer")
@@ -264,9 +284,19 @@ def fit_reward_model(
         weight_decay=weight_decay,
         early_stopping=early_stopping,
         val_fraction=val_fraction,
+        max_length=max_length,
+        hidden=hidden,
+        layers=layers,
+        dropout=dropout,
+        output_clip=output_clip,
     )
     if C.PAIR_ID not in df.columns:
         raise PrefnoiseError("table has no pair_id column; read it with prefnoise.data.read_table")
+    dropped = 0
+    if backend == "mlp":  # the one backend that reads feature columns
+        df, dropped = check_finite_features(
+            df, source, drop_invalid, columns=(C.chosen(C.FEATURES), C.rejected(C.FEATURES))
+        )
 
     runtime = _runtime(device, distributed=True)
     torch.manual_seed(seed)
@@ -315,8 +345,8 @@ def fit_reward_model(
         net.train()
         order = train_index[torch.randperm(len(train_index), generator=generator).numpy()]
         mine = order[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
-        total, count = 0.0, 0
-        for rows in _batches(mine, batch_size):
+        total, count, step = 0.0, 0, 0
+        for step, rows in enumerate(_batches(mine, batch_size), start=1):
             with runtime.autocast():
                 rewards = net(**model.batch(sides, rows, runtime.device)).float()
             chosen, rejected = rewards.reshape(2, len(rows))
@@ -324,18 +354,29 @@ def fit_reward_model(
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
             optimizer.step()
-            total += float(batch_loss.detach()) * len(rows)
+            step_loss = float(batch_loss.detach())  # the one sync per step, as before
+            if not _finite_on_every_rank(math.isfinite(step_loss), runtime):
+                raise _diverged("the loss", step_loss, epoch, step)
+            total += step_loss * len(rows)
             count += len(rows)
             if on_progress is not None:
                 on_progress(len(rows))
+        broken = first_nonfinite_parameter(model.module)  # the last steps' updates, or a non-finite gradient
+        if broken is not None:
+            raise _diverged(f"parameter {broken!r}", None, epoch, step, after=True)
         row: dict[str, Any] = {"epoch": epoch, "train_loss": _mean_over_ranks(total, count, runtime)}
         if len(val_index):
             chosen, rejected = _pair_rewards(model, sides, val_index, runtime, EVAL_BATCH[backend])
             margin = chosen - rejected
+            _check_margins(margin, "the validation margins", epoch, step)
             row["val_loss"] = float(loss_of(margin).mean())
             row["val_accuracy"] = pairwise_accuracy(margin, torch.ones(len(margin), dtype=torch.bool))
             if clean is not None:
                 row["val_clean_accuracy"] = pairwise_accuracy(margin, clean[val_index])
+        else:  # no validation pass: a batch of training rows shows whether the weights still give finite rewards
+            probe = train_index[: EVAL_BATCH[backend]]
+            chosen, rejected = _pair_rewards(model, sides, probe, runtime, EVAL_BATCH[backend])
+            _check_margins(chosen - rejected, "the margins", epoch, step)
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
@@ -363,6 +404,7 @@ def fit_reward_model(
         "best_epoch": best_epoch or history[-1]["epoch"],
         "train_pairs": int(len(train_index)),
         "val_pairs": int(len(val_index)),
+        "dropped": {DROP_REASON: dropped} if dropped else {},
         "device": str(runtime.device),
         "processes": runtime.world,
         "settings": {
@@ -398,19 +440,89 @@ def _check_options(
     weight_decay: float,
     early_stopping: int | None,
     val_fraction: float,
+    max_length: int = 1,
+    hidden: int = 1,
+    layers: int = 0,
+    dropout: float = 0.0,
+    output_clip: float | None = None,
 ) -> None:
-    checks = [
-        (epochs >= 1, f"--epochs must be >= 1, got {epochs}"),
-        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
-        (lr > 0, f"--lr must be > 0, got {lr}"),
-        (margin_scale > 0, f"--margin-scale must be > 0, got {margin_scale}"),
-        (weight_decay >= 0, f"--weight-decay must be >= 0, got {weight_decay}"),
-        (early_stopping is None or early_stopping >= 1, f"--early-stopping must be >= 1, got {early_stopping}"),
-        (0.0 <= val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {val_fraction}"),
+    """PrefnoiseError on the first invalid option; every float must be finite (NaN passes no `>` test)."""
+    counts = [
+        ("--epochs", epochs, 1),
+        ("--batch-size", batch_size, 1),
+        ("--early-stopping", early_stopping, 1),
+        ("--max-length", max_length, 1),
+        ("--hidden", hidden, 1),
+        ("--layers", layers, 0),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise PrefnoiseError(message)
+    for flag, value, least in counts:
+        if value is None and flag == "--early-stopping":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise PrefnoiseError(f"{flag} must be an integer >= {least}, got {value}")
+        if value < least:
+            raise PrefnoiseError(f"{flag} must be >= {least}, got {value}")
+    check_finite_number("--lr", lr, low=0, low_open=True)
+    check_finite_number("--margin-scale", margin_scale, low=0, low_open=True)
+    check_finite_number("--weight-decay", weight_decay, low=0)
+    check_finite_number("--val-fraction", val_fraction, low=0, high=1)
+    check_finite_number("--dropout", dropout, low=0, high=1)
+    check_finite_number("--output-clip", output_clip, low=0, low_open=True, allow_none=True)
+
+
+def _finite_on_every_rank(finite: bool, runtime: _Runtime) -> bool:
+    """Whether every data-parallel process saw a finite value (all of them then stop together)."""
+    if runtime.world == 1:
+        return finite
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=runtime.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _diverged(what: str, value: float | None, epoch: int, step: int, *, after: bool = False) -> PrefnoiseError:
+    """The error that stops a diverging run (``value``: the non-finite number, None or finite when unknown)."""
+    shown = f" ({nonfinite_name(value)})" if value is not None and not math.isfinite(value) else ""
+    where = f"after epoch {epoch}, step {step}" if after else f"at epoch {epoch}, step {step}"
+    return PrefnoiseError(
+        f"training diverged: {what} became non-finite{shown} {where}; lower --lr or check the data; nothing was saved"
+    )
+
+
+def _check_margins(margin: Tensor, what: str, epoch: int, step: int) -> None:
+    """PrefnoiseError when a margin computed after epoch ``epoch`` is NaN or ±inf (overflowing weights)."""
+    finite = torch.isfinite(margin)
+    if not bool(finite.all()):
+        raise _diverged(what, float(margin[~finite][0]), epoch, step, after=True)
+
+
+def check_finite_rewards(rewards: Sequence[Tensor], rows: np.ndarray, model_name: str | None = None) -> None:
+    """PrefnoiseError when any reward is NaN or ±inf: a model that produces them is damaged or diverged.
+
+    ``rewards``: per side, one reward per row; ``rows``: the 1-based row number of each row.
+    """
+    bad = torch.stack([~torch.isfinite(r) for r in rewards]) if rewards else torch.zeros(0, 0, dtype=torch.bool)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return
+    first = int(bad.any(dim=0).nonzero()[0, 0])
+    prefix = f"{model_name}: " if model_name else ""
+    raise PrefnoiseError(
+        f"{prefix}the model produced non-finite rewards for {n_bad} responses (first at row {int(rows[first])}); "
+        "the model is damaged or diverged; train it again with `prefnoise fit-reward`"
+    )
+
+
+def _checked_features(
+    model: RewardModel, df: pl.DataFrame, columns: Sequence[str], source: str, drop_invalid: bool
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """``df`` with finite feature vectors (when ``model`` reads them), and each kept row's 1-based number."""
+    if model.backend != "mlp":
+        return df, np.arange(1, df.height + 1)
+    numbered = df.with_row_index("__row", offset=1)
+    numbered, _ = check_finite_features(numbered, source, drop_invalid, columns=columns)
+    return numbered.drop("__row"), numbered["__row"].to_numpy()
 
 
 def _mean_over_ranks(total: float, count: int, runtime: _Runtime) -> float:
@@ -426,7 +538,7 @@ def _mean_over_ranks(total: float, count: int, runtime: _Runtime) -> float:
 def save_reward_model(result: FitResult, directory: str | Path, *, history: list[dict[str, Any]]) -> Path:
     """Write model, config, metrics.json and history.json into ``directory`` atomically; return it."""
     directory = Path(directory)
-    with atomic_path(directory, directory=True) as tmp:
+    with atomic_path(directory, directory=True, command="fit-reward") as tmp:
         result.model.save(tmp)
         (tmp / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2, default=str) + "\n", encoding="utf-8")
@@ -440,14 +552,24 @@ def score_table(
     *,
     device: str = "auto",
     on_progress: Progress | None = None,
+    drop_invalid: bool = False,
+    source: str = "data",
+    model_name: str | None = None,
 ) -> pl.DataFrame:
-    """``df`` with float32 ``chosen_reward`` and ``rejected_reward`` from ``model``."""
+    """``df`` with float32 ``chosen_reward`` and ``rejected_reward`` from ``model``.
+
+    Feature vectors (mlp) must be finite: a bad row raises PrefnoiseError naming ``source``, or with
+    ``drop_invalid`` is left out of the result. Non-finite rewards (a damaged model, e.g. NaN
+    weights) raise PrefnoiseError naming ``model_name``.
+    """
+    df, rows = _checked_features(model, df, (C.chosen(C.FEATURES), C.rejected(C.FEATURES)), source, drop_invalid)
     runtime = _runtime(device)
     model.module.to(runtime.device)
     sides = _prepare_sides(model, df, runtime.device, None)
     chosen, rejected = _pair_rewards(
         model, sides, np.arange(df.height), runtime, batch_size or EVAL_BATCH[model.backend], on_progress
     )
+    check_finite_rewards([chosen, rejected], rows, model_name)
     return df.with_columns(
         pl.Series(C.chosen(C.REWARD), chosen.numpy(), dtype=pl.Float32),
         pl.Series(C.rejected(C.REWARD), rejected.numpy(), dtype=pl.Float32),
@@ -464,13 +586,20 @@ def score_responses(
     *,
     device: str = "auto",
     on_progress: Progress | None = None,
+    drop_invalid: bool = False,
+    source: str = "data",
+    model_name: str | None = None,
 ) -> pl.DataFrame:
-    """``df`` (one row per prompt, response) with a float32 ``reward`` column from ``model``."""
+    """``df`` (one row per prompt, response) with a float32 ``reward`` column from ``model``.
+
+    Finite features and finite rewards are checked as in :func:`score_table`.
+    """
     missing = [c for c in (C.PROMPT, RESPONSE) if c not in df.columns]
     if model.backend == "mlp":
         missing = [c for c in (C.FEATURES,) if c not in df.columns]
     if missing:
         raise PrefnoiseError(f"--responses needs column(s) {', '.join(missing)}; columns are {', '.join(df.columns)}")
+    df, numbers = _checked_features(model, df, (C.FEATURES,), source, drop_invalid)
     runtime = _runtime(device)
     model.module.to(runtime.device)
     n = df.height
@@ -480,4 +609,5 @@ def score_responses(
     rewards, _ = _pair_rewards(
         model, [side], np.arange(n), runtime, batch_size or EVAL_BATCH[model.backend], on_progress
     )
+    check_finite_rewards([rewards], numbers, model_name)
     return df.with_columns(pl.Series(C.REWARD, rewards.numpy(), dtype=pl.Float32))
