@@ -394,6 +394,10 @@ class PreferenceSource:
         if self._schema is None:
             first = next(self._canonical_batches(count=False), None)
             if first is None:
+                if self.drop_invalid and any(batch.num_rows for batch in self._arrow_batches()):
+                    raise PrefnoiseError(
+                        f"{self.name}: no valid rows: --drop-invalid skipped every row; run without it to see why"
+                    )
                 raise PrefnoiseError(f"{self.name}: contains no rows")
             self._schema = first.schema
         return self._schema
@@ -638,15 +642,21 @@ def _check_shard_schemas(files: list[Path]) -> list[str]:
     return [] if first is None else first.names
 
 
+def _is_type(dtype: pa.DataType, kind: str) -> bool:
+    """``pa.types.is_<kind>(dtype)``, False where this pyarrow predates the type (view types: 16)."""
+    check = getattr(pa.types, f"is_{kind}", None)
+    return bool(check(dtype)) if check is not None else False
+
+
 def _normal_type(dtype: pa.DataType) -> str:
     """A type's spelling with Arrow's storage variants (large_, _view, dictionary) folded, as polars reads them."""
     if pa.types.is_dictionary(dtype):
         return _normal_type(dtype.value_type)
-    if pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+    if pa.types.is_large_string(dtype) or _is_type(dtype, "string_view"):
         return "string"
-    if pa.types.is_large_binary(dtype) or pa.types.is_binary_view(dtype):
+    if pa.types.is_large_binary(dtype) or _is_type(dtype, "binary_view"):
         return "binary"
-    if pa.types.is_large_list(dtype) or pa.types.is_list_view(dtype) or pa.types.is_large_list_view(dtype):
+    if pa.types.is_large_list(dtype) or _is_type(dtype, "list_view") or _is_type(dtype, "large_list_view"):
         return f"list<{_normal_type(dtype.value_type)}>"
     if pa.types.is_list(dtype):
         return f"list<{_normal_type(dtype.value_type)}>"
@@ -666,8 +676,8 @@ def _check_batch(batch: pa.RecordBatch, label: str, row_offset: int) -> None:
             bad = _first_invalid_utf8(column)
             if bad is None:
                 raise PrefnoiseError(
-                    f"{label}: column {field_.name!r} holds malformed data ({_first_line(error)}); "
-                    "check the file is complete"
+                    f"{label}: column {field_.name!r} could not be read into a valid column ({_first_line(error)}); "
+                    "check the file is complete and well-formed"
                 ) from None
             raise PrefnoiseError(
                 f"{label}: invalid UTF-8 in column {field_.name!r} at row {row_offset + bad + 1}; "
@@ -689,8 +699,8 @@ def _first_invalid_utf8(array: pa.Array) -> int | None:
 def _invalid_utf8_mask(array: pa.Array) -> np.ndarray | None:
     """Per value, whether it (or a string nested in it) is invalid UTF-8; None for types not searched."""
     dtype = array.type
-    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
-        raw = array.cast(pa.binary_view() if pa.types.is_string_view(dtype) else pa.large_binary())
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or _is_type(dtype, "string_view"):
+        raw = array.cast(pa.binary_view() if _is_type(dtype, "string_view") else pa.large_binary())
         return np.array([value is not None and not _is_utf8(value) for value in raw.to_pylist()], dtype=bool)
     if pa.types.is_dictionary(dtype):
         inner = _invalid_utf8_mask(array.dictionary)
@@ -883,24 +893,55 @@ def _order_columns(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _split_shared_prefix(frame: pl.DataFrame, name: str) -> tuple[pl.DataFrame, pl.Expr]:
-    """Anthropic HH layout: prompt = transcript up to the last '\\n\\nAssistant:'."""
+    """Anthropic HH layout, split as TRL's ``extract_prompt`` does, at a turn boundary.
+
+    The prompt is the longest common prefix of the two transcripts, cut back to its last
+    '\\n\\nAssistant:' (which the prompt keeps); each response is the rest of its transcript,
+    leading space included, so ``prompt + chosen`` and ``prompt + rejected`` rebuild the originals
+    byte for byte. TRL's ``extract_prompt`` takes the character-level common prefix, which on raw
+    HH strings can end inside the final reply (both replies start "I ..."); cutting it back to the
+    last assistant marker gives the same prompt whenever TRL's ends at one. Transcripts whose final
+    turns differ in number (one reply continues the dialogue) keep the shared turns as the prompt,
+    as TRL does; only pairs with no common prefix ending in '\\n\\nAssistant:' are invalid.
+    """
     if C.PROMPT in frame.columns:
         raise PrefnoiseError(f"{name}: --layout hh expects no 'prompt' column, but one exists")
     for column in (C.CHOSEN, C.REJECTED):
         if column not in frame.columns or frame.schema[column] != pl.String:
             raise PrefnoiseError(f"{name}: --layout hh needs text columns 'chosen' and 'rejected'")
-    pattern = r"(?s)^(.*\n\nAssistant:)(.*)$"  # greedy: splits at the LAST assistant turn
+    prompts, chosens, rejecteds = [], [], []
+    for chosen, rejected in zip(frame[C.CHOSEN].to_list(), frame[C.REJECTED].to_list()):
+        cut = hh_prompt_length(chosen, rejected)
+        if cut is None:
+            prompts.append(None)
+            chosens.append(chosen)
+            rejecteds.append(rejected)
+        else:
+            prompts.append(chosen[:cut])
+            chosens.append(chosen[cut:])
+            rejecteds.append(rejected[cut:])
     frame = frame.with_columns(
-        pl.col(C.CHOSEN).str.extract(pattern, 1).alias("__prompt_c"),
-        pl.col(C.REJECTED).str.extract(pattern, 1).alias("__prompt_r"),
-        pl.col(C.CHOSEN).str.extract(pattern, 2).str.strip_chars_start(" ").alias(C.CHOSEN),
-        pl.col(C.REJECTED).str.extract(pattern, 2).str.strip_chars_start(" ").alias(C.REJECTED),
+        pl.Series(C.PROMPT, prompts, dtype=pl.String),
+        pl.Series(C.CHOSEN, chosens, dtype=pl.String),
+        pl.Series(C.REJECTED, rejecteds, dtype=pl.String),
     )
-    mismatch = pl.col("__prompt_c").is_null() | (pl.col("__prompt_c") != pl.col("__prompt_r"))
-    frame = frame.with_columns(mismatch.fill_null(True).alias("__mismatch"), pl.col("__prompt_c").alias(C.PROMPT)).drop(
-        "__prompt_c", "__prompt_r"
-    )
+    frame = frame.with_columns(pl.col(C.PROMPT).is_null().alias("__mismatch"))
     return frame, pl.col("__mismatch")
+
+
+def hh_prompt_length(chosen: str | None, rejected: str | None) -> int | None:
+    """Length of the HH prompt of a transcript pair: their longest common prefix cut back to the end
+    of its last '\\n\\nAssistant:'; None when either is null or the common prefix has none."""
+    if chosen is None or rejected is None:
+        return None
+    # fast path: one transcript's last-assistant prefix is a prefix of the other
+    for first, second in ((chosen, rejected), (rejected, chosen)):
+        at = first.rfind(HH_ASSISTANT)
+        if at >= 0 and second.startswith(first[: at + len(HH_ASSISTANT)]):
+            return at + len(HH_ASSISTANT)
+    common = os.path.commonprefix([chosen, rejected])
+    at = common.rfind(HH_ASSISTANT)
+    return at + len(HH_ASSISTANT) if at >= 0 else None
 
 
 def _is_messages(dtype: pl.DataType | None) -> bool:

@@ -116,11 +116,17 @@ def check_output_file(
     inputs: Iterable[str | Path | None] = (),
     overwrite: bool = False,
     flag: str = "OUT",
+    suffix: str | None = None,
 ) -> None:
-    """Raise PrefnoiseError unless prefnoise may write the file ``dest`` (``-``: stdout, always fine)."""
+    """Raise PrefnoiseError unless prefnoise may write the file ``dest`` (``-``: stdout, always fine).
+
+    ``suffix`` (e.g. ".png"): the only file type written there.
+    """
     if dest is None or str(dest) == STDOUT:
         return
     path = _check_name(dest, flag)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise PrefnoiseError(f"{flag} {dest}: only {suffix} files are written here; name the file *{suffix}")
     _check_against_inputs(path, inputs, flag)
     if path.is_dir():
         raise PrefnoiseError(f"{flag} {dest}: is a directory; give a file name")

@@ -100,7 +100,7 @@ class Buckets:
         else:
             try:
                 with open(self._path(i), "ab") as handle:  # opened per write: no limit on open files
-                    records.tofile(handle)
+                    handle.write(records.tobytes())
             except OSError as error:
                 raise PrefnoiseError(
                     f"cannot write temporary files in {self.directory}: {error.strerror}; free some space or "

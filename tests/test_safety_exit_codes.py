@@ -53,15 +53,17 @@ def test_an_internal_error_is_one_line_and_exit_3(monkeypatch, tmp_path, sample_
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("where", ["before", "after", "env"])
 def test_debug_prints_the_traceback(monkeypatch, capsys, tmp_path, sample_path, where):
     import prefnoise.cli.corrupt as corrupt_cli
 
     monkeypatch.delenv("PREFNOISE_DEBUG", raising=False)
+    if where == "env":
+        monkeypatch.setenv("PREFNOISE_DEBUG", "1")
     monkeypatch.setattr(corrupt_cli, "corrupt_batches", lambda *a, **k: 1 / 0)
     args = ["corrupt", str(sample_path), str(tmp_path / "o.parquet"), "--rate", "0.2"]
     with pytest.raises(SystemExit) as stop:
-        main(["--debug", *args] if where == "before" else [*args, "--debug"])
+        main({"before": ["--debug", *args], "after": [*args, "--debug"], "env": args}[where])
     assert stop.value.code == 3
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "ZeroDivisionError" in err

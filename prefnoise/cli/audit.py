@@ -97,7 +97,7 @@ def audit_command(
     if not 0.0 <= threshold <= 1.0:
         raise PrefnoiseError(f"--threshold must be within [0, 1], got {threshold}")
     check_output_file(out, inputs=[data], overwrite=overwrite)
-    check_output_file(plot, inputs=[data], overwrite=overwrite, flag="--plot")
+    check_output_file(plot, inputs=[data], overwrite=overwrite, flag="--plot", suffix=".png")
     if out is not None and plot is not None and str(out) == str(plot):
         raise PrefnoiseError("--out and --plot name the same file; give each its own")
     src = open_input(data, prompt_col, chosen_col, rejected_col, layout, drop_invalid)

@@ -195,6 +195,7 @@ OPTION_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "eps": (0, True, 0.5, False),
     "tau": (0, False, None, False),
     "alpha": (0, False, None, False),
+    "beta_prime": (0, False, None, False),
     "lr": (0, False, None, False),
     "weight_decay": (0, True, None, False),
     "margin_scale": (0, False, None, False),
@@ -357,7 +358,15 @@ def open_input(
     rejected_col: str = "rejected",
     layout: str = "auto",
     drop_invalid: bool = False,
+    *,
+    warn_history: bool = True,
 ) -> PreferenceSource:
-    """Open a preference table from the shared input options."""
+    """Open a preference table from the shared input options; warn (one line) when its provenance is unreadable."""
     columns = ColumnMap(prompt=prompt_col, chosen=chosen_col, rejected=rejected_col)
-    return open_source(source, columns=columns, layout=layout, drop_invalid=drop_invalid)
+    src = open_source(source, columns=columns, layout=layout, drop_invalid=drop_invalid)
+    if warn_history and getattr(src, "history_error", None):
+        typer.echo(
+            one_line(f"Warning: {src.name}: provenance history unreadable ({src.history_error}); starting a new one"),
+            err=True,
+        )
+    return src

@@ -85,6 +85,7 @@ def corrupt_command(
         exact=exact,
         seed=seed,
         force=force,
+        drop_invalid=drop_invalid,
     )
     spec.check()
     check_output_file(dest, inputs=[source], overwrite=overwrite)
@@ -94,9 +95,11 @@ def corrupt_command(
     entry = new_history_entry("corrupt", spec.parameters(), seed=seed, source=src)
     stats = CorruptionStats()
     with progress("corrupting", src.total_rows(), enabled=show_progress(json_output)) as advance:
-        thresholds = exact_thresholds(src.batches(), spec) if spec.exact else None
+        thresholds = exact_thresholds(src.batches(), spec, name=src.name) if spec.exact else None
         inputs = PairIdCheck(src.name, reread=src.batches).watch(src.batches())
-        batches = corrupt_batches(inputs, spec, stats=stats, thresholds=thresholds, on_progress=advance)
+        batches = corrupt_batches(
+            inputs, spec, stats=stats, thresholds=thresholds, on_progress=advance, name=src.name
+        )
         write_table(batches, dest, entry=entry, overwrite=overwrite)
     elapsed = time.perf_counter() - started
     summary = {
@@ -104,7 +107,7 @@ def corrupt_command(
         "output": "<stdout>" if dest == "-" else dest,
         "noise": noise,
         **stats.to_dict(),
-        "dropped": src.dropped,
+        "dropped": {**src.dropped, **stats.dropped},
         "seconds": round(elapsed, 3),
         "rows_per_second": round(stats.rows / elapsed) if elapsed > 0 else None,
     }

@@ -36,7 +36,7 @@ def inspect_command(
     layout: LayoutOption = "auto",
 ) -> None:
     """Print a table's schema, row count, column statistics and provenance history."""
-    src = open_input(source, prompt_col, chosen_col, rejected_col, layout, drop_invalid=True)
+    src = open_input(source, prompt_col, chosen_col, rejected_col, layout, drop_invalid=True, warn_history=False)
     if (
         src.format == "parquet"
         and layout == "auto"

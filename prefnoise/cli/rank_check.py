@@ -24,7 +24,6 @@ from prefnoise.cli.common import (
     show_progress,
 )
 from prefnoise.data import open_source
-from prefnoise.errors import PrefnoiseError
 from prefnoise.outputs import check_output_file
 from prefnoise.rank import DEFAULT_MEMORY_RESPONSES, RankMetrics, RankReport, figure_frames, rank_report
 
@@ -76,9 +75,7 @@ def rank_check_command(
     seed: SeedOption = C.DEFAULT_SEED,
 ) -> None:
     """Pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho of a learned reward."""
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise PrefnoiseError(f"--plot {plot}: only .png figures are written; name the file *.png")
-    check_output_file(plot, inputs=[source], overwrite=overwrite, flag="--plot")
+    check_output_file(plot, inputs=[source], overwrite=overwrite, flag="--plot", suffix=".png")
     lazy = open_source(source).scan_raw()  # resolves "-" (spooled stdin), existence and format
     splits = list(group_by or [])
     with progress("rank-check %", 100, enabled=show_progress(json_output)) as advance:
@@ -168,7 +165,11 @@ def _print_report(report: RankReport, source: str, failures: list[str]) -> None:
     console.print(
         f"{safe(source)}: {report.layout} table, {report.overall.rows:,} rows, predicted '{safe(report.pred)}' vs "
         f"{safe(reference)}"
-        + (f"; {report.dropped_rows:,} rows with a missing reward skipped" if report.dropped_rows else "")
+        + (
+            f"; {report.dropped_rows:,} rows with a missing or non-finite (NaN/inf) reward skipped"
+            if report.dropped_rows
+            else ""
+        )
     )
     table = Table(title="rank check", title_justify="left")
     table.add_column("metric")
