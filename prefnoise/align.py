@@ -9,6 +9,7 @@ Output directory ``out``::
     metrics.jsonl          one JSON object per logging step (split "train") and evaluation ("val")
     ref_logps.parquet      cached reference log-probs (unless ``ref_cache`` points elsewhere)
     checkpoints/step-N/    latest checkpoint: accelerate state (model, optimizer, RNG) + trainer.json
+                           (options, chat date, fingerprints of the data and the model)
     model/                 final weights (merged) or the LoRA adapter, with the tokenizer
     summary.json           the summary ``train`` returns
 
@@ -48,11 +49,14 @@ from prefnoise.logprobs import (
     read_reference_cache,
     reference_fingerprint,
     reference_logps,
+    template_uses_date,
+    today,
     tokenize_pairs,
     uses_chat_template,
     write_reference_cache,
 )
-from prefnoise.losses import MARGIN_LOSSES, POLICY_LOSSES, implicit_rewards, preference_loss
+from prefnoise.loss_names import POLICY_RATE_OPTIONS, missing_rate
+from prefnoise.losses import MARGIN_LOSSES, POLICY_LOSSES, implicit_rewards, policy_objective, preference_loss
 from prefnoise.outputs import check_output_dir, read_marker, write_marker
 from prefnoise.reward.split import split_by_pair_id
 from prefnoise.reward.validate import first_nonfinite_parameter, nonfinite_name
@@ -78,10 +82,11 @@ class AlignConfig:
     symmetric_loss: str = "sigmoid"
     beta: float = 0.1
     clip: float | None = 10.0  # SymPO's bound on each implicit reward
-    label_smoothing: float = 0.0  # cdpo's ε
-    noise_rate: float = 0.0  # rdpo's ε
+    label_smoothing: float | None = None  # cdpo's ε: required for cdpo, no default
+    noise_rate: float | None = None  # rdpo's ε: required for rdpo, no default
     tau: float | None = None  # ipo; None means β
     alpha: float = 14.0  # ropo
+    beta_prime: float = 1.0  # drdpo's β′ (Dr. DPO's default)
     lr: float = 5e-6
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -110,8 +115,9 @@ class AlignConfig:
 
 
 # Options check_config requires to be finite numbers (clip and tau may also be None), and integers.
-FLOAT_OPTIONS = ("beta", "clip", "label_smoothing", "noise_rate", "tau", "alpha", "lr", "weight_decay",
-                 "max_grad_norm", "lora_alpha", "lora_dropout", "val_fraction")
+FLOAT_OPTIONS = ("beta", "clip", "label_smoothing", "noise_rate", "tau", "alpha", "beta_prime", "lr",
+                 "weight_decay", "max_grad_norm", "lora_alpha", "lora_dropout", "val_fraction")
+OPTIONAL_FLOATS = ("clip", "tau", "label_smoothing", "noise_rate")  # may be None
 INT_OPTIONS = ("warmup_steps", "batch_size", "grad_accum", "epochs", "max_steps", "seed", "max_length",
                "max_prompt_length", "lora_r", "save_every", "eval_every", "log_every")
 
@@ -133,7 +139,7 @@ def check_config(cfg: AlignConfig) -> None:
     # and inf passes every lower bound (an inf --lr trains garbage).
     for name in FLOAT_OPTIONS:
         value = getattr(cfg, name)
-        if value is None and name in ("clip", "tau"):
+        if value is None and name in OPTIONAL_FLOATS:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             bad(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -141,8 +147,13 @@ def check_config(cfg: AlignConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
             bad(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+    missing = missing_rate(cfg.loss, asdict(cfg), POLICY_RATE_OPTIONS)
+    if missing:
+        bad(missing)
     if not cfg.alpha > 0:
         bad(f"--alpha must be > 0, got {cfg.alpha}")
+    if not cfg.beta_prime > 0:
+        bad(f"--beta-prime must be > 0, got {cfg.beta_prime}")
     for flag, value in (("--weight-decay", cfg.weight_decay), ("--max-grad-norm", cfg.max_grad_norm)):
         if value < 0:
             bad(f"{flag} must be >= 0, got {value}")
@@ -153,7 +164,7 @@ def check_config(cfg: AlignConfig) -> None:
     if not cfg.beta > 0:
         bad(f"--beta must be > 0, got {cfg.beta}")
     for flag, eps in (("--label-smoothing", cfg.label_smoothing), ("--noise-rate", cfg.noise_rate)):
-        if not 0.0 <= eps < 0.5:
+        if eps is not None and not 0.0 <= eps < 0.5:
             bad(f"{flag} must be in [0, 0.5), got {eps}")
     if cfg.clip is not None and not cfg.clip > 0:
         bad(f"--clip must be > 0, got {cfg.clip}")
@@ -302,6 +313,7 @@ class Plan:
     trainable_parameters: int
     memory_estimate_bytes: int
     chat_template: bool
+    chat_date: str | None = None  # the fixed date a date-rendering chat template sees in this run
 
 
 def make_plan(cfg: AlignConfig, pairs: TokenizedPairs, val_mask: np.ndarray, config,
@@ -329,7 +341,7 @@ def make_plan(cfg: AlignConfig, pairs: TokenizedPairs, val_mask: np.ndarray, con
     memory = int(4 * params + 12 * trainable + activations)
     return Plan(len(pairs), train_rows, len(pairs) - train_rows, pairs.truncated_rows,
                 pairs.token_count(), longest, processes, micro_per_epoch, steps, params, trainable,
-                memory, pairs.settings.chat_template)
+                memory, pairs.settings.chat_template, pairs.settings.chat_date)
 
 
 def count_parameters(config, lora_r: int) -> tuple[int, int]:
@@ -377,16 +389,44 @@ class Prepared:
     plan: Plan
 
 
+def check_pair_ids(frame: pl.DataFrame, source: str = "data") -> None:
+    """PrefnoiseError naming the first pair_id shared by rows whose content differs (1-based rows).
+
+    Rows that repeat a pair exactly (same pair_id, prompt, responses, flipped flag) may stay: they
+    get the same reference log-probs, and the reference pass is assembled by row index.
+    """
+    content = [c for c in (C.PROMPT, C.PROMPT_MESSAGES, C.CHOSEN, C.REJECTED, C.FLIPPED) if c in frame.columns]
+    indexed = frame.select(C.PAIR_ID, *content).with_row_index("__row", offset=1)
+    shared = indexed.filter(pl.col(C.PAIR_ID).is_duplicated())
+    if shared.height == 0:
+        return
+    conflicts = (shared.group_by(C.PAIR_ID, maintain_order=True)
+                 .agg(pl.col("__row"), pl.struct(content).n_unique().alias("__variants"))
+                 .filter(pl.col("__variants") > 1))
+    if conflicts.height == 0:
+        return
+    pair_id, rows = conflicts.row(0)[:2]
+    shown = ", ".join(str(r) for r in rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+    raise PrefnoiseError(
+        f"{source}: pair_id {pair_id!r} is shared by rows {shown} whose prompts, responses or labels "
+        f"differ ({conflicts.height} such pair_id(s)); give each distinct pair its own pair_id")
+
+
 def prepare(cfg: AlignConfig, frame: pl.DataFrame, *, source: str = "data",
-            processes: int = 1) -> Prepared:
-    """Check options, model and data, tokenize and split: everything before the first write."""
+            processes: int = 1, chat_date: str | None = None) -> Prepared:
+    """Check options, model and data, tokenize and split: everything before the first write.
+
+    ``chat_date``: the date a date-rendering chat template sees (a resumed run's); default today.
+    """
     check_config(cfg)
     if frame.height == 0:
         raise PrefnoiseError(f"{source}: the dataset has no rows; align needs preference pairs")
+    check_pair_ids(frame, source)
     config = check_causal_lm(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    settings = TokenizeSettings(cfg.max_length, cfg.max_prompt_length,
-                                uses_chat_template(frame, tokenizer))
+    chat = uses_chat_template(frame, tokenizer)
+    date = (chat_date or today()) if chat and template_uses_date(tokenizer) else None
+    settings = TokenizeSettings(cfg.max_length, cfg.max_prompt_length, chat, date)
     pairs = tokenize_pairs(frame, tokenizer, settings, source=source)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions and cfg.max_length > positions:
@@ -425,14 +465,21 @@ def train(
         == "bf16" else "no",
     )
     rank, processes, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    run = prepare(cfg, frame, source=source, processes=processes)
-    pairs, plan = run.pairs, run.plan
     out = Path(cfg.out)
-    started = time.perf_counter()
-
-    # From here on files are written: all checks have passed.
     checkpoints = out / CHECKPOINTS_DIR
     resume_from = latest_checkpoint(checkpoints) if cfg.resume else None
+    saved = read_trainer_state(resume_from) if resume_from is not None else None
+    run = prepare(cfg, frame, source=source, processes=processes,
+                  chat_date=saved.get("chat_date") if saved else None)
+    pairs, plan = run.pairs, run.plan
+    started = time.perf_counter()
+    # What a checkpoint must match to be resumed, besides the options: the data and the model.
+    run_state = {"chat_date": pairs.settings.chat_date, "data": data_fingerprint(pairs),
+                 "model": model_fingerprint(cfg.model)}
+    if saved is not None:
+        check_resumable(cfg, saved["config"], resume_from, saved_run=saved, run=run_state)
+
+    # From here on files are written: all checks have passed.
     if main:
         check_output_dir(out, command=ALIGN_COMMAND, overwrite=True, resume=True)  # never a foreign directory
         out.mkdir(parents=True, exist_ok=True)
@@ -453,14 +500,14 @@ def train(
     ref = read_reference_cache(cache_path, fingerprint, pairs)
     ref_cache_hit = ref is not None
     if ref is None:
-        shard = pairs.subset(range(rank, len(pairs), processes))
+        shard_rows = range(rank, len(pairs), processes)
+        shard = pairs.subset(shard_rows)
         base = model.disable_adapter() if cfg.lora_r else contextlib.nullcontext()
         with base, accelerator.autocast():
             part = reference_logps(model, shard, pad_id=pad_token_id(run.tokenizer),
                                    batch_size=2 * cfg.batch_size, device=accelerator.device)
-        rows = gather_object(part.rows()) if processes > 1 else part.rows()
-        by_id = {r[0]: r for r in rows}
-        ref = pl.DataFrame([by_id[p] for p in pairs.pair_ids], schema=part.schema, orient="row")
+        indexed = list(zip(shard_rows, part.rows(), strict=True))
+        ref = assemble_reference(gather_object(indexed) if processes > 1 else indexed, len(pairs), part.schema)
         if main:
             write_reference_cache(ref, cache_path, fingerprint)
         accelerator.wait_for_everyone()
@@ -483,11 +530,9 @@ def train(
         return [train_idx[i] for i in epoch_permutation(len(train_idx), cfg.seed, epoch)]
 
     start_step = 0
-    if resume_from is not None:
-        state = json.loads((resume_from / "trainer.json").read_text())
-        check_resumable(cfg, state["config"], resume_from)
+    if resume_from is not None:  # checked against this run before anything was written
         accelerator.load_state(str(resume_from))
-        start_step = state["step"]
+        start_step = saved["step"]
         if main:
             truncate_metrics(out / METRICS_FILE, start_step)
 
@@ -517,7 +562,7 @@ def train(
     for step in range(start_step, plan.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, plan.steps, cfg)
-        step_losses, step_chosen, step_rejected = [], [], []
+        step_losses, step_chosen, step_rejected, step_objectives = [], [], [], []
         for micro in range(cfg.grad_accum):
             rows = batch_rows(step, micro, order_of, plan.micro_batches_per_epoch, cfg, rank, processes)
             cpu_batch = collate_pairs(pairs, rows, pad_id)
@@ -529,9 +574,12 @@ def train(
                     chosen_logps, rejected_logps = pair_logps(model, batch)
                 losses, chosen_rewards, rejected_rewards = loss_of(
                     cfg, chosen_logps, rejected_logps,
-                    ref_chosen[rows].to(accelerator.device), ref_rejected[rows].to(accelerator.device))
-                accelerator.backward(losses.mean() / cfg.grad_accum)
+                    ref_chosen[rows].to(accelerator.device), ref_rejected[rows].to(accelerator.device),
+                    response_tokens(batch))
+                objective = policy_objective(cfg.loss, losses, beta_prime=cfg.beta_prime)
+                accelerator.backward(objective / cfg.grad_accum)
             step_losses.append(losses.detach())
+            step_objectives.append(objective.detach())
             step_chosen.append(chosen_rewards)
             step_rejected.append(rejected_rewards)
         grad_norm = None
@@ -551,13 +599,13 @@ def train(
             tokens = int(accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device),
                                             reduction="sum"))
             last_train = train_record(done, step, plan, cfg, accelerator, step_losses, step_chosen,
-                                      step_rejected, tokens / max(elapsed, 1e-9))
+                                      step_rejected, tokens / max(elapsed, 1e-9), step_objectives)
             log(last_train)
             window_tokens, window_start = 0, time.perf_counter()
         if evaluates:
             evaluate(done)
         if saves:
-            save_checkpoint(accelerator, checkpoints, done, cfg)
+            save_checkpoint(accelerator, checkpoints, done, cfg, run_state)
         if on_progress and main:
             on_progress(1)
 
@@ -571,7 +619,8 @@ def train(
     digests = gather_object([weights_digest(accelerator.unwrap_model(model))])
     save_final_model(accelerator, model, run.tokenizer, out / MODEL_DIR, cfg, run.config)
     summary = {
-        "out": str(out), "model": str(out / MODEL_DIR), "loss": cfg.loss,
+        "out": str(out), "model": str(out / MODEL_DIR), "loss": cfg.loss, **eps_of(cfg),
+        "loss_params": loss_params_of(cfg), "loss_level": loss_level(cfg),
         **{k: v for k, v in asdict(plan).items() if k != "memory_estimate_bytes"},
         "memory_estimate_bytes": plan.memory_estimate_bytes,
         "resumed_from_step": start_step if resume_from else None,
@@ -645,17 +694,59 @@ class DivergenceWatch:
                 raise diverged(f"weight {broken!r}", None, self.last_step, self.plan, self.cfg, after=True)
 
 
-def loss_of(cfg: AlignConfig, chosen_logps, rejected_logps, ref_chosen, ref_rejected):
-    """(elementwise losses, chosen rewards, rejected rewards) from the losses table for ``cfg.loss``."""
+def loss_of(cfg: AlignConfig, chosen_logps, rejected_logps, ref_chosen, ref_rejected, tokens=None):
+    """(elementwise losses, chosen rewards, rejected rewards) from the losses table for ``cfg.loss``.
+
+    ``tokens``: (chosen, rejected) response token counts (:func:`response_tokens`), which ipo needs.
+    """
+    chosen_tokens, rejected_tokens = tokens if tokens is not None else (None, None)
     return preference_loss(
         cfg.loss, chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=cfg.beta,
         symmetric_loss=cfg.symmetric_loss, clip=cfg.clip, label_smoothing=cfg.label_smoothing,
-        noise_rate=cfg.noise_rate, tau=cfg.tau, alpha=cfg.alpha)
+        noise_rate=cfg.noise_rate, tau=cfg.tau, alpha=cfg.alpha, chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens)
 
 
-def train_record(done, step, plan, cfg, accelerator, losses, chosen, rejected, tokens_per_s):
-    """The metrics record of one optimizer step, gathered over processes."""
+def response_tokens(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) counts of the scored response tokens of a ``collate_pairs`` batch."""
+    counts = batch["labels_mask"][:, 1:].sum(-1).float()  # token t is scored from position t-1
+    half = counts.shape[0] // 2
+    return counts[:half], counts[half:]
+
+
+def eps_of(cfg: AlignConfig) -> dict[str, float]:
+    """{"eps": ε} for cdpo (--label-smoothing) and rdpo (--noise-rate); {} for other losses."""
+    option = POLICY_RATE_OPTIONS.get(cfg.loss)
+    return {"eps": getattr(cfg, option)} if option else {}
+
+
+def loss_params_of(cfg: AlignConfig) -> dict[str, Any]:
+    """The loss parameters in effect for ``cfg.loss`` (as summaries report them)."""
+    params: dict[str, dict[str, Any]] = {
+        "sympo": {"symmetric_loss": cfg.symmetric_loss, "clip": cfg.clip},
+        "ipo": {"tau": cfg.beta if cfg.tau is None else cfg.tau},
+        "ropo": {"alpha": cfg.alpha},
+        "drdpo": {"beta_prime": cfg.beta_prime},
+    }
+    return {"beta": cfg.beta, **eps_of(cfg), **params.get(cfg.loss, {})}
+
+
+def loss_level(cfg: AlignConfig) -> str:
+    """"batch" for drdpo (no per-row loss: train records' loss is its batch objective), else "row"."""
+    return "batch" if cfg.loss == "drdpo" else "row"
+
+
+def train_record(done, step, plan, cfg, accelerator, losses, chosen, rejected, tokens_per_s, objectives=None):
+    """The metrics record of one optimizer step, gathered over processes.
+
+    ``loss`` is the mean per-row loss, except for drdpo (batch-level): there it is the mean over
+    micro-batches of −β′·log mean exp(−ℓ/β′), and ``dpo_row_loss`` is the mean per-row DPO ℓ.
+    """
     losses = accelerator.gather(torch.cat(losses)).float()
+    batch_level = {}
+    if cfg.loss == "drdpo" and objectives:
+        batch_loss = float(accelerator.gather(torch.stack(objectives).reshape(-1)).float().mean())
+        batch_level = {"loss": batch_loss, "dpo_row_loss": float(losses.mean()), "loss_level": "batch"}
     chosen = accelerator.gather(torch.cat(chosen)).float()
     rejected = accelerator.gather(torch.cat(rejected)).float()
     margins = chosen - rejected
@@ -664,7 +755,7 @@ def train_record(done, step, plan, cfg, accelerator, losses, chosen, rejected, t
         "lr": learning_rate(step, plan.steps, cfg), "loss": float(losses.mean()),
         "reward_accuracy": reward_accuracy(margins), "margin": float(margins.mean()),
         "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean()),
-        "tokens_per_s": round(tokens_per_s, 1),
+        "tokens_per_s": round(tokens_per_s, 1), **eps_of(cfg), **batch_level,
     }
 
 
@@ -691,7 +782,7 @@ def evaluate_rows(model, pairs, rows, ref_chosen, ref_rejected, run, cfg, accele
         indices, margins = [i for i, _ in gathered], [m for _, m in gathered]
     z = torch.tensor(margins, dtype=torch.float64)
     record = {"split": "val", "step": step, "rows": len(indices),
-              "reward_accuracy": reward_accuracy(z), "margin": float(z.mean())}
+              "reward_accuracy": reward_accuracy(z), "margin": float(z.mean()), **eps_of(cfg)}
     if run.flipped is not None:
         sign = 1.0 - 2.0 * torch.tensor(run.flipped[indices], dtype=torch.float64)
         record["clean_reward_accuracy"] = reward_accuracy(z, sign)
@@ -717,8 +808,12 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def save_checkpoint(accelerator, checkpoints: Path, step: int, cfg: AlignConfig) -> Path:
-    """Save model, optimizer and every process's RNG state at ``step``; keep only the newest."""
+def save_checkpoint(accelerator, checkpoints: Path, step: int, cfg: AlignConfig,
+                    run_state: dict[str, Any] | None = None) -> Path:
+    """Save model, optimizer and every process's RNG state at ``step``; keep only the newest.
+
+    ``run_state`` (chat date, data and model fingerprints) goes into trainer.json beside the options.
+    """
     final = checkpoints / f"step-{step:08d}"
     staging = checkpoints / f".staging-{step:08d}"
     if accelerator.is_main_process:
@@ -727,7 +822,7 @@ def save_checkpoint(accelerator, checkpoints: Path, step: int, cfg: AlignConfig)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging), safe_serialization=False)
     if accelerator.is_main_process:
-        state = {"step": step, "config": asdict(cfg)}
+        state = {"step": step, "config": asdict(cfg), **(run_state or {})}
         (staging / "trainer.json").write_text(json.dumps(state, indent=2))
         staging.rename(final)  # a checkpoint is complete once it has its final name
         for old in checkpoints.glob("step-*"):
@@ -737,14 +832,114 @@ def save_checkpoint(accelerator, checkpoints: Path, step: int, cfg: AlignConfig)
     return final
 
 
-def check_resumable(cfg: AlignConfig, saved: dict[str, Any], where: Path) -> None:
-    """PrefnoiseError if an option that shapes training differs from the checkpoint's."""
+def check_resumable(cfg: AlignConfig, saved: dict[str, Any], where: Path, *,
+                    saved_run: dict[str, Any] | None = None, run: dict[str, Any] | None = None) -> None:
+    """PrefnoiseError if an option that shapes training differs from the checkpoint's, or (given the
+    checkpoint's ``saved_run`` and this run's ``run`` state) the model or the data do.
+
+    A checkpoint written before data and model fingerprints were recorded is checked on options only.
+    """
     changed = [f.name for f in fields(cfg) if f.name not in RESUME_FREE
                and saved.get(f.name) != getattr(cfg, f.name)]
     if changed:
         raise PrefnoiseError(f"--resume: {where} was written with different "
                              f"{', '.join('--' + n.replace('_', '-') for n in changed)}; "
                              "use the same options or drop --resume to start over")
+    if saved_run is None or run is None:
+        return
+    if "model" in saved_run and saved_run["model"] != run["model"]:
+        raise PrefnoiseError(f"--resume: the model differs from the checkpoint's "
+                             f"({describe_model_change(saved_run['model'], run['model'])}); "
+                             "use the same --model or start over with --overwrite")
+    if "data" in saved_run and saved_run["data"] != run["data"]:
+        raise PrefnoiseError(f"--resume: the data differs from the checkpoint's "
+                             f"({describe_data_change(saved_run['data'], run['data'])}); "
+                             "use the same data or start over with --overwrite")
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The trainer.json of ``checkpoint``; PrefnoiseError if it is unreadable."""
+    path = checkpoint / "trainer.json"
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict) \
+                or not isinstance(state.get("step"), int):
+            raise ValueError("no step or config")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PrefnoiseError(f"--resume: {path} is damaged ({exc}); start over with --overwrite") from exc
+    return state
+
+
+def data_fingerprint(pairs: TokenizedPairs) -> dict[str, Any]:
+    """What the run trains on, in order: the pair count, a digest of the pair_ids and one of the
+    pairs' token ids (so a changed text or a flipped label shows, a reformatted file does not)."""
+    ids = hashlib.blake2b(digest_size=16)
+    for pair_id in pairs.pair_ids:
+        ids.update(str(pair_id).encode() + b"\0")
+    content = hashlib.blake2b(digest_size=16)
+    for key in pairs.content_keys():
+        content.update(key.encode())
+    return {"pairs": len(pairs), "pair_ids": ids.hexdigest(), "tokens": content.hexdigest()}
+
+
+def describe_data_change(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between two ``data_fingerprint`` results, in words."""
+    if saved.get("pairs") != now["pairs"]:
+        return f"{now['pairs']} pairs now, {saved.get('pairs')} then"
+    if saved.get("pair_ids") != now["pair_ids"]:
+        return f"the same number of pairs ({now['pairs']}) but other pair_ids or another order"
+    return "the same pair_ids, but the text or the labels of some pairs changed"
+
+
+MODEL_HASH_LIMIT = 64 * 2**20  # model files up to this size (config, tokenizer) are hashed in full
+
+
+def model_fingerprint(model_path: str | Path) -> dict[str, list[Any]]:
+    """Per file of the --model directory: [size, mtime in ns, content hash or None].
+
+    Files up to ``MODEL_HASH_LIMIT`` (config, tokenizer, small weights) are hashed; larger ones
+    are known by size and mtime only. A link out of the directory is followed for its stats only.
+    """
+    root = Path(model_path)
+    base = root.resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    result: dict[str, list[Any]] = {}
+    for file in files:
+        st = file.stat()
+        digest = None
+        if st.st_size <= MODEL_HASH_LIMIT and file.resolve().is_relative_to(base):
+            with open(file, "rb") as handle:
+                digest = hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+        result[file.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns, digest]
+    return result
+
+
+def describe_model_change(saved: dict[str, list[Any]], now: dict[str, list[Any]]) -> str:
+    """The first file that differs between two ``model_fingerprint`` results, in words."""
+    for name in sorted(set(saved) | set(now)):
+        if name not in now:
+            return f"{name} is gone"
+        if name not in saved:
+            return f"{name} is new"
+        (size0, mtime0, hash0), (size1, mtime1, hash1) = saved[name], now[name]
+        if hash0 != hash1 or size0 != size1:
+            return f"{name} has other content"
+        if mtime0 != mtime1:
+            return f"{name} was modified since"
+    return "other files"
+
+
+def assemble_reference(indexed_rows, n: int, schema) -> pl.DataFrame:
+    """The reference frame in row order from (row index, row) pairs gathered over processes.
+
+    Keyed by row index, not pair_id: rows that repeat a pair_id each keep their own values.
+    """
+    by_row = dict(indexed_rows)
+    missing = [i for i in range(n) if i not in by_row]
+    if missing:
+        raise PrefnoiseError(f"the reference pass returned no log-probs for rows {missing[:5]}; "
+                             "this is a bug, please report it")
+    return pl.DataFrame([by_row[i] for i in range(n)], schema=schema, orient="row")
 
 
 def truncate_metrics(path: Path, step: int) -> None:

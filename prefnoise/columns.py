@@ -2,6 +2,9 @@
 
 A row is one preference pair. ``chosen_<name>`` / ``rejected_<name>`` columns describe one
 response each and travel with it when a label is flipped; every other column describes the pair.
+Inside struct columns (at any depth) the fields ``chosen_<name>``/``rejected_<name>`` and
+``<name>_chosen``/``<name>_rejected`` are per-response too and swap with their response (e.g.
+UltraFeedback's ``metadata.score_chosen``/``score_rejected``, ``chosen_model``/``rejected_model``).
 """
 
 from __future__ import annotations
@@ -44,3 +47,15 @@ def response_fields(column_names: list[str] | tuple[str, ...]) -> list[str]:
         for name in column_names
         if name.startswith(CHOSEN_PREFIX) and rejected(name[len(CHOSEN_PREFIX) :]) in names
     ]
+
+
+def struct_partner(name: str, names: list[str] | tuple[str, ...]) -> str | None:
+    """The other response's field for struct field ``name`` (chosen_X <-> rejected_X,
+    X_chosen <-> X_rejected) when ``names`` holds it, else None (a field of the pair)."""
+    candidates = []
+    for this, other in ((CHOSEN, REJECTED), (REJECTED, CHOSEN)):
+        if name.startswith(this + "_") and len(name) > len(this) + 1:
+            candidates.append(other + name[len(this) :])
+        if name.endswith("_" + this) and len(name) > len(this) + 1:
+            candidates.append(name[: -len(this)] + other)
+    return next((c for c in candidates if c in names and c != name), None)

@@ -7,15 +7,23 @@ then responses lose tokens from the right, so that prompt + response fits ``max_
 
 The frozen reference model's log-probs are computed in one batched no-grad pass and stored as
 Parquet (``pair_id``, ``content_key``, ``ref_chosen_logp``, ``ref_rejected_logp``) with a
-fingerprint of the model files and the tokenization settings; a later run with the same
-fingerprint reads them back (rows match on pair_id and on a hash of the pair's token ids).
+fingerprint of the model files (plus the size and modification time of every weight file), the
+tokenization settings (with the run's chat date) and ``LOGPROB_FORMAT_VERSION``; a later run with
+the same fingerprint reads them back (rows match on pair_id and on a hash of the pair's token ids).
+
+Chat templates that insert today's date (Llama 3.x: ``date_string`` / ``strftime_now``) would make
+token ids depend on the day: such a run fixes one date (``TokenizeSettings.chat_date``, chosen when
+a fresh run starts, reused on --resume) and renders every prompt with it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +41,12 @@ REF_CHOSEN = "ref_chosen_logp"
 REF_REJECTED = "ref_rejected_logp"
 CONTENT_KEY = "content_key"
 FINGERPRINT_KEY = b"prefnoise.ref_fingerprint"
+# Part of the reference-cache key: bump it whenever how token ids or log-probs are computed changes
+# (tokenization, truncation, masking, the forward pass), so that older caches are recomputed.
+LOGPROB_FORMAT_VERSION = 2
+# The date_string style of Llama 3.x chat templates ("26 Jul 2024"): how a run's chat date is kept.
+CHAT_DATE_FORMAT = "%d %b %Y"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
 # --- log-probs ---------------------------------------------------------------------------------
@@ -74,6 +88,7 @@ class TokenizeSettings:
     max_length: int = 512
     max_prompt_length: int = 256
     chat_template: bool = False  # prompt from PROMPT_MESSAGES through the tokenizer's template
+    chat_date: str | None = None  # the run's fixed date for templates that render today's date
 
 
 @dataclass
@@ -121,6 +136,45 @@ def uses_chat_template(frame: pl.DataFrame, tokenizer) -> bool:
     return C.PROMPT_MESSAGES in frame.columns and bool(getattr(tokenizer, "chat_template", None))
 
 
+def template_uses_date(tokenizer) -> bool:
+    """True when the tokenizer's chat template renders a date (``date_string`` or ``strftime_now``)."""
+    template = getattr(tokenizer, "chat_template", None)
+    texts = template.values() if isinstance(template, dict) else [template]
+    return any(isinstance(t, str) and ("date_string" in t or "strftime_now" in t) for t in texts)
+
+
+def today() -> str:
+    """Today's date in ``CHAT_DATE_FORMAT``: the chat date of a fresh run."""
+    return datetime.date.today().strftime(CHAT_DATE_FORMAT)
+
+
+@contextlib.contextmanager
+def fixed_template_clock(chat_date: str | None) -> Iterator[None]:
+    """While active, the templates' ``strftime_now`` formats ``chat_date`` instead of the clock.
+
+    transformers' ``strftime_now`` reads ``datetime.now()`` of its own module at render time (and
+    callables cannot be passed as template variables), so that name is swapped for the duration.
+    """
+    from transformers.utils import chat_template_utils
+
+    real = getattr(chat_template_utils, "datetime", None)
+    if chat_date is None or not isinstance(real, type):  # another transformers: date_string only
+        yield
+        return
+    fixed = datetime.datetime.strptime(chat_date, CHAT_DATE_FORMAT)
+
+    class FixedDatetime(real):
+        @classmethod
+        def now(cls, tz=None):
+            return fixed.replace(tzinfo=tz)
+
+    chat_template_utils.datetime = FixedDatetime
+    try:
+        yield
+    finally:
+        chat_template_utils.datetime = real
+
+
 def truncate_pair(
     prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, max_prompt_length: int
 ) -> tuple[list[int], list[int], list[int], bool]:
@@ -157,10 +211,13 @@ def tokenize_pairs(
             f"--max-length ({settings.max_length}) to leave room for the response"
         )
     if settings.chat_template:
-        prompts = [
-            tokenizer.apply_chat_template(json.loads(m), tokenize=False, add_generation_prompt=True)
-            for m in frame[C.PROMPT_MESSAGES].to_list()
-        ]
+        # a date-rendering template sees the run's date, never the clock (see fixed_template_clock)
+        dated = {} if settings.chat_date is None else {"date_string": settings.chat_date}
+        with fixed_template_clock(settings.chat_date):
+            prompts = [
+                tokenizer.apply_chat_template(json.loads(m), tokenize=False, add_generation_prompt=True, **dated)
+                for m in frame[C.PROMPT_MESSAGES].to_list()
+            ]
     else:
         prompts = frame[C.PROMPT].to_list()
 
@@ -283,10 +340,33 @@ def reference_logps(
                          REF_CHOSEN: chosen.numpy(), REF_REJECTED: rejected.numpy()})
 
 
+def weight_file_stats(model_path: str | Path) -> dict[str, list[int | None]]:
+    """Size and modification time (ns) of every weight file under ``model_path`` (links followed).
+
+    ``file_fingerprint`` hashes only sampled blocks of a file over 256 MiB, so a weight file
+    rewritten in place could keep its fingerprint; its mtime changes even then.
+    """
+    root = Path(model_path)
+    files = sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES) if root.is_dir() else [root]
+    stats: dict[str, list[int | None]] = {}
+    for file in files:
+        name = file.relative_to(root).as_posix() if root.is_dir() else file.name
+        try:
+            st = os.stat(file)
+        except OSError:  # a dangling link: named, with no stats
+            stats[name] = [None, None]
+            continue
+        stats[name] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
 def reference_fingerprint(model_path: str | Path, settings: TokenizeSettings, dtype: str) -> str:
-    """Fingerprint that keys the reference cache: model files, tokenization settings, compute dtype."""
-    spec = json.dumps({"model": file_fingerprint(model_path), "tokenize": asdict(settings),
-                       "dtype": dtype}, sort_keys=True)
+    """Fingerprint that keys the reference cache: model files (content fingerprint, and size and
+    mtime of each weight file), tokenization settings (chat date included), compute dtype and
+    ``LOGPROB_FORMAT_VERSION``."""
+    spec = json.dumps({"model": file_fingerprint(model_path), "weights": weight_file_stats(model_path),
+                       "tokenize": asdict(settings), "dtype": dtype, "format": LOGPROB_FORMAT_VERSION},
+                      sort_keys=True)
     return hashlib.blake2b(spec.encode(), digest_size=16).hexdigest()
 
 

@@ -8,6 +8,7 @@ labels (Nishimori et al., arXiv 2505.24709).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,13 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefnoise.errors import PrefnoiseError
-from prefnoise.loss_names import POLICY_LOSS_NAMES
+from prefnoise.loss_names import MARGIN_RATE_PARAMS, POLICY_LOSS_NAMES, missing_rate
 
 # exp(50) ≈ 5e21 is finite in float32 and bfloat16 (max ≈ 3.4e38), with room for a batch sum.
 EXP_CLAMP = 50.0
 
 
-def _check_eps(eps: float) -> float:
+def _check_eps(eps: float | None) -> float:
+    if eps is None:
+        raise PrefnoiseError("eps (a flip rate / label smoothing in [0, 0.5)) is required; there is no default")
     if not 0.0 <= eps < 0.5:
         raise PrefnoiseError(f"eps must be in [0, 0.5) (a flip rate / label smoothing), got {eps}")
     return float(eps)
@@ -75,20 +78,24 @@ def exponential_loss(z: Tensor) -> Tensor:
 
 # --- noise-aware baselines ----------------------------------------------------------------------
 
-def cdpo_loss(z: Tensor, eps: float = 0.1) -> Tensor:
-    """Label-smoothed logistic: (1−ε)·logistic(z) + ε·logistic(−z)."""
+def cdpo_loss(z: Tensor, eps: float) -> Tensor:
+    """Label-smoothed logistic: (1−ε)·logistic(z) + ε·logistic(−z); ε has no default."""
     eps = _check_eps(eps)
     return (1.0 - eps) * F.softplus(-z) + eps * F.softplus(z)
 
 
-def rdpo_loss(z: Tensor, eps: float = 0.1) -> Tensor:
-    """Unbiased logistic for a known flip rate ε: ((1−ε)·logistic(z) − ε·logistic(−z)) / (1−2ε)."""
+def rdpo_loss(z: Tensor, eps: float) -> Tensor:
+    """Unbiased logistic for a known flip rate ε: ((1−ε)·logistic(z) − ε·logistic(−z)) / (1−2ε); no default ε."""
     eps = _check_eps(eps)
     return ((1.0 - eps) * F.softplus(-z) - eps * F.softplus(z)) / (1.0 - 2.0 * eps)
 
 
 def ipo_loss(z: Tensor, tau: float = 0.5) -> Tensor:
-    """(z − 1/(2τ))²: squared distance of the margin to 1/(2τ) (τ = 0.5 targets margin 1)."""
+    """(z − 1/(2τ))²: squared distance of the margin to 1/(2τ) (τ = 0.5 targets margin 1).
+
+    On a reward margin (fit-reward) there are no tokens, so this is IPO's form only, not TRL's IPO;
+    the policy loss ``ipo`` (:func:`preference_loss`) feeds it TRL's per-token averaged log-ratios.
+    """
     tau = _check_positive("tau", tau)
     return (z - 1.0 / (2.0 * tau)) ** 2
 
@@ -122,9 +129,9 @@ MARGIN_LOSSES: dict[str, MarginLoss] = {
         MarginLoss("hinge", hinge_loss, False, None, (), "max(0, 1 − z)"),
         MarginLoss("squared", squared_loss, False, None, (), "(1 − z)²"),
         MarginLoss("exponential", exponential_loss, False, None, (), "e^(−z), exponent clamped"),
-        MarginLoss("cdpo", cdpo_loss, False, None, ("eps",), "label-smoothed logistic (eps)"),
-        MarginLoss("rdpo", rdpo_loss, False, None, ("eps",), "unbiased logistic for flip rate eps"),
-        MarginLoss("ipo", ipo_loss, False, None, ("tau",), "(z − 1/(2τ))²"),
+        MarginLoss("cdpo", cdpo_loss, False, None, ("eps",), "label-smoothed logistic (eps required)"),
+        MarginLoss("rdpo", rdpo_loss, False, None, ("eps",), "unbiased logistic for flip rate eps (required)"),
+        MarginLoss("ipo", ipo_loss, False, None, ("tau",), "(z − 1/(2τ))² on the margin (no per-token averaging)"),
         MarginLoss("ropo", ropo_loss, False, None, ("alpha",), "ROPO: logistic + α·sigmoid mix"),
     )
 }
@@ -151,7 +158,20 @@ def margin_loss(name: str, z: Tensor, **params: float) -> Tensor:
         raise PrefnoiseError(
             f"loss {name!r} does not take {', '.join(unknown)}; it accepts: {accepted}"
         )
+    missing = missing_rate(name, params, MARGIN_RATE_PARAMS)
+    if missing:
+        raise PrefnoiseError(missing)
     return entry.fn(z, **params)
+
+
+def drdpo_loss(row_losses: Tensor, beta_prime: float = 1.0) -> Tensor:
+    """Dr. DPO (Wu et al. 2024): −β′·log mean_batch exp(−ℓ/β′), ℓ the per-row DPO losses; a scalar.
+
+    Batch-level: it has no per-row value. As β′ → ∞ it tends to mean(ℓ) (DPO), small β′ to min(ℓ).
+    """
+    beta_prime = _check_positive("beta_prime", beta_prime)
+    n = row_losses.shape[0]
+    return -beta_prime * (torch.logsumexp(-row_losses / beta_prime, dim=0) - math.log(n))
 
 
 # --- policy level (DPO family) ------------------------------------------------------------------
@@ -179,14 +199,20 @@ def preference_loss(
     beta: float = 0.1,
     symmetric_loss: str = "sigmoid",
     clip: float | None = 10.0,
-    label_smoothing: float = 0.0,
-    noise_rate: float = 0.0,
+    label_smoothing: float | None = None,
+    noise_rate: float | None = None,
     tau: float | None = None,
     alpha: float = 14.0,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(elementwise losses, chosen rewards, rejected rewards) for policy loss ``name``.
 
-    Rewards are the detached implicit rewards; ``clip`` applies to sympo only.
+    Rewards are the detached implicit rewards (summed log-probs); ``clip`` applies to sympo only.
+    cdpo needs ``label_smoothing`` and rdpo ``noise_rate`` (no default ε). ipo needs the response
+    token counts ``chosen_tokens``/``rejected_tokens``: as TRL's ``loss_type="ipo"`` it averages each
+    response's log-ratio over its tokens. drdpo returns the per-row DPO losses ℓ; its objective is
+    batch-level (:func:`drdpo_loss`, applied by :func:`policy_objective`).
     """
     if name not in POLICY_LOSSES:
         raise PrefnoiseError(f"unknown policy loss {name!r}; valid: {', '.join(POLICY_LOSSES)}")
@@ -204,17 +230,31 @@ def preference_loss(
             valid = ", ".join(SYMMETRIC_LOSSES)
             raise PrefnoiseError(f"sympo needs a symmetric loss ({valid}), got {symmetric_loss!r}")
         losses = entry.fn(z)
-    elif name == "dpo":
+    elif name in ("dpo", "drdpo"):
         losses = logistic_loss(z)
     elif name == "cdpo":
+        if label_smoothing is None:
+            raise PrefnoiseError("cdpo needs label_smoothing ε in [0, 0.5); there is no default")
         losses = cdpo_loss(z, eps=label_smoothing)
     elif name == "rdpo":
+        if noise_rate is None:
+            raise PrefnoiseError("rdpo needs noise_rate ε (the flip rate) in [0, 0.5); there is no default")
         losses = rdpo_loss(z, eps=noise_rate)
     elif name == "ipo":
-        # TRL's convention: the unscaled log-ratio margin h = z/β, target 1/(2τ), τ = β by default.
-        losses = ipo_loss(z / beta, tau=beta if tau is None else tau)
+        # TRL (loss_type="ipo") and the IPO paper: per-token averaged log-ratios, h = h_c/n_c − h_r/n_r
+        # (n: response tokens, at least 1), target 1/(2τ), τ = β by default.
+        if chosen_tokens is None or rejected_tokens is None:
+            raise PrefnoiseError("ipo needs the response token counts (chosen_tokens, rejected_tokens)")
+        h = ((policy_chosen_logps - ref_chosen_logps) / chosen_tokens.clamp(min=1)
+             - (policy_rejected_logps - ref_rejected_logps) / rejected_tokens.clamp(min=1))
+        losses = ipo_loss(h, tau=beta if tau is None else tau)
     elif name == "ropo":
         losses = ropo_loss(z, alpha=alpha)
     else:  # hinge: TRL's relu(1 − β·h) = hinge(z)
         losses = hinge_loss(z)
     return losses, chosen.detach(), rejected.detach()
+
+
+def policy_objective(name: str, losses: Tensor, *, beta_prime: float = 1.0) -> Tensor:
+    """The scalar a batch trains on: mean of the per-row losses, or Dr. DPO's batch-level objective."""
+    return drdpo_loss(losses, beta_prime) if name == "drdpo" else losses.mean()

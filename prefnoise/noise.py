@@ -2,7 +2,9 @@
 
 Every model gives each pair a flip probability p; the pair flips when its uniform draw u < p.
 The draw is a keyed hash of (seed, model, pair_id), not a stateful RNG walking the rows, so a
-pair's fate is the same whatever the batch size, shard split or row order. Noise models follow
+pair's fate is the same whatever the batch size, shard split or row order. Each corrupt step of a
+file's history draws from its own stream (``NoiseSpec.step``, :func:`corrupt_step`), so corrupting
+twice composes independent noise: ε1 then ε2 gives ε1 + ε2 − 2·ε1·ε2 wrong labels. Noise models follow
 Nishimori et al. (arXiv 2505.24709, Sec. 3.1) and the instance-dependent variants of their code.
 """
 
@@ -43,6 +45,14 @@ class NoiseSpec:
     # Skip (and count in CorruptionStats.dropped) pairs whose score or orientation value is missing
     # or not finite, instead of stopping at the first one.
     drop_invalid: bool = False
+    # Position of this corrupt step in the data's provenance: the number of earlier `corrupt` steps
+    # (see corrupt_step). Each step draws from its own stream, so repeated corruption composes as
+    # independent noise instead of reusing (and XOR-cancelling) the same draws.
+    step: int = 0
+
+    def stream(self, name: str) -> str:
+        """The draw stream ``name`` of this step: step 0 keeps the historical key, step k > 0 its own."""
+        return name if self.step == 0 else f"{name}#step{self.step}"
 
     def parameters(self) -> dict[str, object]:
         """The parameters this noise model uses (for provenance and summaries)."""
@@ -52,7 +62,8 @@ class NoiseSpec:
             "bt": ("temperature",),
             "uniform": ("max_rate",),
         }.get(self.kind, ())
-        return {"noise": self.kind, **{name: getattr(self, name) for name in used}, "exact": self.exact}
+        step = {"step": self.step} if self.step else {}
+        return {"noise": self.kind, **{name: getattr(self, name) for name in used}, "exact": self.exact, **step}
 
     def check(self, schema: pl.Schema | None = None) -> None:
         """Raise PrefnoiseError for out-of-range parameters or columns the model needs but lacks."""
@@ -79,10 +90,23 @@ class NoiseSpec:
                 raise PrefnoiseError(f"--temperature must be > 0, got {self.temperature}")
         elif self.kind == "uniform":
             _check_rate("--max-rate", self.max_rate)
+        if not isinstance(self.step, int) or self.step < 0:
+            raise PrefnoiseError(f"noise step must be a non-negative integer, got {self.step!r}")
         if self.exact and self.kind not in ("symmetric", "asymmetric"):
             raise PrefnoiseError("--exact applies to symmetric and asymmetric noise only")
         if schema is not None:
             _check_columns(self, schema)
+
+
+def corrupt_step(history: Iterable[dict[str, object]]) -> int:
+    """The step number of a new corruption of data with provenance ``history``: its count of
+    earlier ``corrupt`` steps (pass it as ``NoiseSpec(step=...)``).
+
+    Composition rule: steps draw independently, so symmetric noise ε1 then ε2 leaves a label
+    wrong with probability ε1 + ε2 − 2·ε1·ε2 (0.2 then 0.4 → 0.44; 0.3 twice → 0.42), and the
+    same inputs, seeds and history always give the same output.
+    """
+    return sum(1 for entry in history if isinstance(entry, dict) and entry.get("command") == "corrupt")
 
 
 def _check_rate(flag: str, value: float | None) -> None:
@@ -278,7 +302,7 @@ def flip_probability(frame: pl.DataFrame, spec: NoiseSpec) -> np.ndarray:
             raise PrefnoiseError("--noise bt: chosen_score/rejected_score contain NaN or inf; fix or drop those rows")
         return bradley_terry_flip_probability(chosen, rejected, spec.temperature)
     # uniform: each pair draws its own rate from U[0, max_rate] (instance-dependent noise)
-    return spec.max_rate * uniform_draws(frame[C.PAIR_ID], spec.seed, stream="uniform-rate")
+    return spec.max_rate * uniform_draws(frame[C.PAIR_ID], spec.seed, stream=spec.stream("uniform-rate"))
 
 
 def flip_mask(
@@ -293,7 +317,7 @@ def flip_mask(
 
     ``probability`` / ``groups`` may pass in what the caller already computed for this frame.
     """
-    draws = uniform_draws(frame[C.PAIR_ID], spec.seed, stream=spec.kind)
+    draws = uniform_draws(frame[C.PAIR_ID], spec.seed, stream=spec.stream(spec.kind))
     if not spec.exact:
         return draws < (flip_probability(frame, spec) if probability is None else probability)
     if thresholds is None:
@@ -313,7 +337,7 @@ def exact_thresholds(batches: Iterable[pl.DataFrame], spec: NoiseSpec, *, name: 
         height = frame.height
         frame, _ = usable_rows(frame, spec, offset, name)  # counted by corrupt_batches, on the second pass
         offset += height
-        u = uniform_draws(frame[C.PAIR_ID], spec.seed, stream=spec.kind)
+        u = uniform_draws(frame[C.PAIR_ID], spec.seed, stream=spec.stream(spec.kind))
         groups = flip_groups(frame, spec)
         for group in np.unique(groups):
             draws.setdefault(str(group), []).append(u[groups == group])
@@ -327,7 +351,12 @@ def exact_thresholds(batches: Iterable[pl.DataFrame], spec: NoiseSpec, *, name: 
 
 
 def swap_responses(frame: pl.DataFrame, mask: np.ndarray | pl.Series) -> pl.DataFrame:
-    """Swap chosen/rejected and every chosen_<f>/rejected_<f> where ``mask``; XOR it into ``flipped``."""
+    """Swap chosen/rejected and every chosen_<f>/rejected_<f> where ``mask``; XOR it into ``flipped``.
+
+    Struct columns (e.g. UltraFeedback's ``metadata``) have their per-response fields swapped too,
+    at any nesting depth: ``chosen_X``/``rejected_X`` and ``X_chosen``/``X_rejected`` (the rule of
+    :func:`prefnoise.columns.struct_partner`), so a score keeps describing its own response.
+    """
     flip = pl.Series("__flip", mask, dtype=pl.Boolean)
     frame = frame.with_columns(flip)
     swaps = []
@@ -336,9 +365,36 @@ def swap_responses(frame: pl.DataFrame, mask: np.ndarray | pl.Series) -> pl.Data
         rejected_col = C.REJECTED if field_name is None else C.rejected(field_name)
         swaps.append(pl.when("__flip").then(pl.col(rejected_col)).otherwise(pl.col(chosen_col)).alias(chosen_col))
         swaps.append(pl.when("__flip").then(pl.col(chosen_col)).otherwise(pl.col(rejected_col)).alias(rejected_col))
+    fields = C.response_fields(frame.columns)
+    paired = {C.chosen(f) for f in fields} | {C.rejected(f) for f in fields}
+    for column, dtype in frame.schema.items():
+        if isinstance(dtype, pl.Struct) and column not in paired:
+            swapped = _swap_struct_fields(pl.col(column), dtype, pl.col("__flip"))
+            if swapped is not None:
+                swaps.append(swapped.alias(column))
     previous = pl.col(C.FLIPPED).fill_null(False) if C.FLIPPED in frame.columns else pl.lit(False)
     swaps.append((previous ^ pl.col("__flip")).alias(C.FLIPPED))
     return frame.with_columns(swaps).drop("__flip")
+
+
+def _swap_struct_fields(value: pl.Expr, dtype: pl.Struct, flip: pl.Expr) -> pl.Expr | None:
+    """``value`` (a struct) with its per-response fields swapped where ``flip`` (see
+    :func:`prefnoise.columns.struct_partner`), nested structs included; None when it has none."""
+    names = [f.name for f in dtype.fields]
+    fields, changed = [], False
+    for item in dtype.fields:
+        own = value.struct.field(item.name)
+        partner = C.struct_partner(item.name, names)
+        if partner is not None:
+            fields.append(pl.when(flip).then(value.struct.field(partner)).otherwise(own).alias(item.name))
+            changed = True
+            continue
+        inner = _swap_struct_fields(own, item.dtype, flip) if isinstance(item.dtype, pl.Struct) else None
+        changed |= inner is not None
+        fields.append(own.alias(item.name) if inner is None else inner.alias(item.name))
+    if not changed:
+        return None
+    return pl.when(value.is_null()).then(None).otherwise(pl.struct(fields))
 
 
 # --------------------------------------------------------------------------- streaming corrupt

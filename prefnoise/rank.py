@@ -63,6 +63,7 @@ _READ_ROWS = 1 << 18  # input rows per batch
 _SAMPLE = 200_000  # responses sampled to choose the reward ranges of the buckets
 _OUTCOMES = np.array([1.0, 0.5, 0.0, 0.0])  # pair outcome per index: right, predicted tie, wrong, true tie
 _OUTCOME_DEN = np.array([1.0, 1.0, 1.0, 0.0])
+_NO_PAIR = 4  # outcome index of a pair table's rejected-side record (each pair counted once)
 
 # Internal column names of the projected input.
 _G, _P, _X, _Y = "_split", "_prompt", "_true", "_pred"
@@ -125,6 +126,8 @@ class RankReport:
     dropped_rows: int = 0  # rows skipped: a predicted or reference reward is null, NaN or infinite
     n_boot: int = 0
     seed: int = C.DEFAULT_SEED
+    note: str | None = None  # e.g. why the labels are the reference
+    interval: str = ""  # how the agreement intervals were resampled
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the whole report."""
@@ -139,6 +142,23 @@ def pair_outcome(pred_margin: pl.Expr, true_margin: pl.Expr) -> pl.Expr:
     0 when reversed, null when the truth ties (the pair says nothing about ranking)."""
     agree = pl.when(pred_margin == 0).then(0.5).when((pred_margin > 0) == (true_margin > 0)).then(1.0)
     return pl.when(true_margin == 0).then(None).otherwise(agree.otherwise(0.0))
+
+
+def tie_half_accuracy(
+    margin: np.ndarray | Sequence[float], correct_sign: np.ndarray | Sequence[float] | None = None
+) -> float:
+    """THE project rule for "accuracy"/"agreement" of margins (chosen minus rejected): a pair with
+    the right sign counts 1, a predicted tie (margin 0) counts 1/2, a reversed pair 0; pairs whose
+    reference ties (``correct_sign`` 0) are left out. ``correct_sign`` (+1/−1 per pair, default +1:
+    the labels) scores against another reference, e.g. −1 for flipped pairs. NaN when no pair is
+    left. Same rule as :func:`pair_outcome` (rank-check)."""
+    margin = np.asarray(margin, dtype=np.float64)
+    sign = np.ones(len(margin)) if correct_sign is None else np.sign(np.asarray(correct_sign, dtype=np.float64))
+    keep = sign != 0
+    if not keep.any():
+        return float("nan")
+    signed = margin[keep] * sign[keep]
+    return float(((signed > 0) + 0.5 * (signed == 0)).mean())
 
 
 def signed_margin(pred_margin: pl.Expr, true_margin: pl.Expr) -> pl.Expr:
@@ -158,9 +178,17 @@ def pairwise_agreement(
     seed: int = C.DEFAULT_SEED,
 ) -> Agreement:
     """Agreement of a pair table's predicted order with the true order (or the labels when
-    ``true`` is None), with a seeded bootstrap 95% interval over pairs."""
-    counts = np.bincount(_outcome_index(_pair_outcomes(frame.lazy(), pred, true).collect().to_series()))
-    return _agreements(_pair_cells(counts, 1, np.zeros(1, dtype=np.int64)), n_boot, seed, 1)[0]
+    ``true`` is None), with a seeded bootstrap 95% interval that resamples prompts (clusters of
+    pairs; each pair is its own cluster when the table has no ``prompt`` column)."""
+    outcomes = _pair_outcomes(frame.lazy(), pred, true).collect()
+    index = _outcome_index(outcomes["_outcome"])
+    if C.PROMPT not in outcomes.columns:
+        counts = np.bincount(index)
+        return _agreements(_pair_cells(counts, 1, np.zeros(1, dtype=np.int64)), n_boot, seed, 1)[0]
+    totals = _PromptTotals([1])
+    group = outcomes[C.PROMPT].hash(seed=1).to_numpy()
+    totals.add_pair_outcomes(0, _dense(group), index, 1)
+    return totals.agreements(0, np.zeros(1, dtype=np.int64), n_boot, seed, pairs=True)[0]
 
 
 def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
@@ -188,7 +216,7 @@ def rank_report(
     data: Frame,
     *,
     pred: str = C.REWARD,
-    true: str = C.SCORE,
+    true: str | None = None,
     group_by: Sequence[str] = (),
     n_boot: int = 1000,
     seed: int = C.DEFAULT_SEED,
@@ -204,6 +232,13 @@ def rank_report(
     Reads only the columns it needs, in batches, and holds about ``memory_responses`` responses
     at a time (larger tables spill to buckets under ``temp_dir``). ``on_progress`` receives
     percentage points of the work as they are done (100 in all).
+
+    ``true`` names the true reward; None means the default ``score``, and a pair table without
+    ``chosen_score``/``rejected_score`` then falls back to the labels as the reference (the report's
+    ``reference`` and ``note`` say so). A ``true`` given by name must exist: a pair table lacking
+    ``chosen_<true>``/``rejected_<true>`` is a PrefnoiseError, so a misspelt --true cannot silently
+    compare against the labels. (``true="score"`` is treated like the default until the CLI passes
+    None for an unset --true.)
     """
     if memory_responses < 1:
         raise PrefnoiseError(f"memory_responses must be at least 1 (got {memory_responses})")
@@ -211,6 +246,8 @@ def rank_report(
     schema = lazy.collect_schema()
     names = schema.names()
     layout = detect_layout(names, pred, layout)
+    explicit = true is not None
+    true = C.SCORE if true is None else true
     splits = list(dict.fromkeys([*([C.FLIPPED] if C.FLIPPED in names else []), *group_by]))
     missing = [name for name in splits if name not in names]
     if missing:
@@ -226,7 +263,17 @@ def rank_report(
         raise PrefnoiseError(f"column 'pair_id' has type {schema[C.PAIR_ID]}; expected text or integer ids")
     if layout == "pairs":
         has_true = C.chosen(true) in names and C.rejected(true) in names
+        halves = [c for c in (C.chosen(true), C.rejected(true)) if c in names]
+        if not has_true and (explicit or halves):
+            missing_true = [c for c in (C.chosen(true), C.rejected(true)) if c not in names]
+            raise PrefnoiseError(
+                f"--true {true}: no column {' or '.join(repr(c) for c in missing_true)} in the pair table; "
+                f"columns are {', '.join(names)}. Name the true reward field (chosen_<f>/rejected_<f>) "
+                "or leave --true unset to compare against the labels"
+            )
         reference_true = true if has_true else None
+        if not has_true:
+            note = f"no {C.chosen(true)}/{C.rejected(true)} columns: the labels are the reference"
         projected = _pair_frame(lazy, names, pred, reference_true, splits, pair_ids=worst > 0)
     else:
         if true not in names:
@@ -242,7 +289,10 @@ def rank_report(
     ) as builder:
         for batch in projected.collect_batches(chunk_size=_READ_ROWS):
             builder.add_rows(batch)
-        return builder.report(pred=pred, true=reference_true, n_boot=n_boot, seed=seed)
+        report = builder.report(pred=pred, true=reference_true, n_boot=n_boot, seed=seed)
+    if layout == "pairs" and reference_true is None:
+        report.note = note
+    return report
 
 
 def check_reward_types(schema: pl.Schema, layout: str, pred: str, true: str | None) -> None:
@@ -346,14 +396,16 @@ def _pair_outcomes(lazy: pl.LazyFrame, pred: str, true: str | None) -> pl.LazyFr
     has = true is not None and C.chosen(true) in names
     check_reward_types(schema, "pairs", pred, true if has else None)
     rewards = [C.chosen(pred), C.rejected(pred)] + ([C.chosen(true), C.rejected(true)] if has else [])  # type: ignore[arg-type]
-    frame = lazy.select(pl.col(rewards).cast(pl.Float64)).filter(_finite(*rewards))
+    prompt = [C.PROMPT] if C.PROMPT in names else []
+    frame = lazy.select(*prompt, pl.col(rewards).cast(pl.Float64)).filter(_finite(*rewards))
     frame = frame.select(
+        *prompt,
         (pl.col(C.chosen(pred)) - pl.col(C.rejected(pred))).alias("_pm"),
         (pl.col(C.chosen(true)) - pl.col(C.rejected(true))).alias("_tm")  # type: ignore[arg-type]
         if has
         else pl.lit(1.0).alias("_tm"),
     )
-    return frame.select(pair_outcome(pl.col("_pm"), pl.col("_tm")))
+    return frame.select(*prompt, pair_outcome(pl.col("_pm"), pl.col("_tm")).alias("_outcome"))
 
 
 def _long_responses(lazy: pl.LazyFrame, pred: str, true: str) -> pl.LazyFrame:
@@ -456,6 +508,8 @@ class _ReportBuilder:
         self.samples: dict[str, list[np.ndarray]] = {"x": [], "y": []}
         self.stack = ExitStack()
         fields = [("prompt", "u8")] + [(f"c{j}", "i4") for j in self.columns if j]
+        if layout == "pairs":
+            fields += [("out", "i1")]  # the pair's outcome index (on its chosen side; _NO_PAIR elsewhere)
         if not has_true:
             fields += [("ok", "?")]
         elif layout == "pairs":
@@ -507,7 +561,7 @@ class _ReportBuilder:
             self._add_worst_pairs(clean, true_margin)
         split_codes = {f"c{j}": codes[j] for j in self.columns if j}
         if not self.has_true:
-            self.prompt_buckets.add({"prompt": prompt, "ok": index == 0, **split_codes}, bucket)
+            self.prompt_buckets.add({"prompt": prompt, "ok": index == 0, "out": index, **split_codes}, bucket)
             return
         x = np.concatenate([clean["_tc"].to_numpy(), clean["_tr"].to_numpy()])
         y = np.concatenate([clean["_pc"].to_numpy(), clean["_pr"].to_numpy()])
@@ -518,6 +572,7 @@ class _ReportBuilder:
             "y": y,
             "text": np.concatenate([clean["_hc"].to_numpy(), clean["_hr"].to_numpy()]),
             "order": np.concatenate([row, row | (1 << 40)]),  # every chosen side, then every rejected side
+            "out": np.concatenate([index, np.full(len(index), _NO_PAIR)]),
             **{name: np.concatenate([code, code]) for name, code in split_codes.items()},
         }
         self.prompt_buckets.add(columns, np.concatenate([bucket, bucket]) if self.n_buckets > 1 else 0)
@@ -560,10 +615,9 @@ class _ReportBuilder:
         splits: dict[str, dict[str, RankMetrics]] = {}
         for j, coder in zip(self.columns, self.coders, strict=True):
             order = coder.sorted_codes()
-            if self.layout == "pairs":
-                agreements = _agreements(_pair_cells(self.cells[j], sizes[j], order), n_boot, seed, sizes[j])
-            else:
-                agreements = per_prompt.agreements(j, order, n_boot, seed)
+            # Both layouts resample prompts (clusters): pairs of one prompt share its responses and
+            # are not independent, so a bootstrap over pairs would be far too narrow.
+            agreements = per_prompt.agreements(j, order, n_boot, seed, pairs=self.layout == "pairs")
             metrics = _metrics_per_split(
                 _grow(np.zeros(sizes[j], dtype=np.int64), self.rows[j])[order],
                 agreements,
@@ -577,7 +631,9 @@ class _ReportBuilder:
                 splits[str(coder.name)] = {str(coder.labels[code]): m for code, m in zip(order, metrics, strict=True)}
         assert overall is not None
         worst = pl.concat(self.worst_frames) if self.worst_frames else None
+        clusters = per_prompt.clusters(0, self.layout == "pairs")
         return RankReport(
+            interval=f"cluster bootstrap over {clusters} prompts" if n_boot > 0 else "none (n_boot = 0)",
             layout=self.layout,
             reference="score" if self.has_true else "labels",
             pred=pred,
@@ -601,6 +657,7 @@ class _ReportBuilder:
                     groups, group = np.unique(key, return_inverse=True)
                     wrong = np.bincount(group.reshape(-1), weights=(~rec["ok"]).astype(float), minlength=len(groups))
                     totals.add_flags(j, groups % sizes[j], wrong == 0, np.ones(len(groups), dtype=bool))
+                    totals.add_pair_outcomes(j, key, rec["out"], sizes[j])
             self.progress.at(1, (i + 1) / self.n_buckets)
 
     def _prompt_pass(self, totals: _PromptTotals, sizes: list[int]) -> list[dict[str, np.ndarray]]:
@@ -666,6 +723,8 @@ class _ReportBuilder:
             stats = grouped_stats(ranked, group, keep)
             stats["split"] = stats["code"] % sizes[j]
             totals.add_prompts(j, stats, sizes[j])
+            if "out" in rec:
+                totals.add_pair_outcomes(j, group, rec["out"], sizes[j])
         if self.worst and self.layout == "long":
             self.worst_frames.append(_worst(_long_pairs(rec), self.worst))
         return codes, keeps, ranked
@@ -684,6 +743,33 @@ class _PromptTotals:
             [z.copy() for z in zeros] for _ in range(6)
         )
         self.cells: list[list[pl.DataFrame]] = [[] for _ in self.sizes]
+        self.pair_cells: list[list[pl.DataFrame]] = [[] for _ in self.sizes]  # pair tables' outcomes per prompt
+
+    def add_pair_outcomes(self, j: int, group: np.ndarray, out: np.ndarray, size: int) -> None:
+        """A pair table's outcomes summed per (prompt, split) ``group`` code: one cluster each."""
+        mine = out != _NO_PAIR
+        if not mine.any():
+            return
+        groups, index = np.unique(group[mine], return_inverse=True)
+        counts = np.zeros((len(groups), 4))
+        np.add.at(counts, (index.reshape(-1), out[mine].astype(np.int64)), 1.0)
+        cells = pl.DataFrame(
+            {
+                _G: groups % size,
+                "num": counts @ _OUTCOMES,
+                "den": counts @ _OUTCOME_DEN,
+                "pties": counts[:, 1],
+                "tties": counts[:, 3],
+            }
+        )
+        self.pair_cells[j].append(
+            cells.group_by(_G, "num", "den").agg(pl.len().alias("count"), pl.col("pties").sum(), pl.col("tties").sum())
+        )
+
+    def clusters(self, j: int, pairs: bool) -> int:
+        """How many prompt clusters the agreement of column ``j`` resamples (all splits together)."""
+        parts = (self.pair_cells if pairs else self.cells)[j]
+        return int(sum(int(part["count"].sum()) for part in parts))
 
     def add_flags(self, j: int, split: np.ndarray, ok: np.ndarray, ordered: np.ndarray) -> None:
         size = self.sizes[j]
@@ -716,16 +802,28 @@ class _PromptTotals:
         )
         self.cells[j].append(cells.group_by(_G, "num", "den").agg(pl.len().alias("count"), pl.col("pties").sum()))
 
-    def agreements(self, j: int, order: np.ndarray, n_boot: int, seed: int) -> list[Agreement]:
-        """A long table's agreement per code (in ``order``) over all within-prompt pairs."""
+    def agreements(self, j: int, order: np.ndarray, n_boot: int, seed: int, pairs: bool = False) -> list[Agreement]:
+        """The agreement per code (in ``order``): over all within-prompt pairs of a long table, or
+        over a pair table's pairs (``pairs``); the interval resamples prompts either way."""
         position = np.argsort(order)  # code -> its place in the sorted order
+        parts = self.pair_cells[j] if pairs else self.cells[j]
+        if not parts:
+            return _agreements(_pair_cells(np.zeros(0, dtype=np.int64), len(order), order), n_boot, seed, len(order))
+        extra = [pl.col("tties").sum()] if pairs else []
         cells = (
-            pl.concat(self.cells[j])
+            pl.concat(parts)
             .group_by(_G, "num", "den")
-            .agg(pl.col("count").sum(), pl.col("pties").sum())
+            .agg(pl.col("count").sum(), pl.col("pties").sum(), *extra)
             .with_columns(pl.col(_G).replace_strict(list(range(len(order))), position.tolist()))
         )
-        return _agreements(cells, n_boot, seed, len(order), true_ties=self.true_ties[j][order])
+        if pairs:
+            true_ties = np.zeros(len(order))
+            for split, ties in cells.group_by(_G).agg(pl.col("tties").sum()).iter_rows():
+                true_ties[split] = ties
+            cells = cells.drop("tties")
+        else:
+            true_ties = self.true_ties[j][order]
+        return _agreements(cells, n_boot, seed, len(order), true_ties=true_ties)
 
     def preservations(self, j: int, order: np.ndarray) -> list[Preservation]:
         return [

@@ -14,7 +14,7 @@ from tiny_models import make_tiny_causal_lm, pattern_pairs, pattern_texts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import prefnoise.align as align_module
-from prefnoise.align import AlignConfig, learning_rate, loss_of, reward_accuracy, train
+from prefnoise.align import AlignConfig, learning_rate, loss_of, response_tokens, reward_accuracy, train
 from prefnoise.logprobs import (
     REF_CHOSEN,
     TokenizeSettings,
@@ -55,7 +55,8 @@ HAND = {  # loss name, options → ℓ as a function of (z, unclipped rewards rc
     ("dpo", None): lambda z, rc, rr: -logsig(z),
     ("cdpo", None): lambda z, rc, rr: -(1 - EPS) * logsig(z) - EPS * logsig(-z),
     ("rdpo", None): lambda z, rc, rr: (-(1 - EPS) * logsig(z) + EPS * logsig(-z)) / (1 - 2 * EPS),
-    ("ipo", None): lambda z, rc, rr: (z / BETA - 1 / (2 * BETA)) ** 2,  # τ defaults to β
+    ("ipo", None): lambda z, rc, rr: (z / BETA - 1 / (2 * BETA)) ** 2,  # τ = β; rewards averaged per token
+    ("drdpo", None): lambda z, rc, rr: -logsig(z),  # per-row DPO ℓ; the batch objective is drdpo_loss
     ("ropo", None): lambda z, rc, rr: 4 * ALPHA / (ALPHA + 1) ** 2 * -logsig(z)
     + 4 * ALPHA**2 / (ALPHA + 1) ** 2 * sig(-z),
     ("hinge", None): lambda z, rc, rr: max(0.0, 1.0 - z),
@@ -80,12 +81,14 @@ def test_loss_of_one_batch_matches_hand_computation(lm_path, reference_path, tmp
     cfg = config(lm_path, tmp_path, loss=loss, symmetric_loss=symmetric or "sigmoid", beta=BETA, clip=CLIP,
                  label_smoothing=EPS, noise_rate=EPS, alpha=ALPHA)
     losses, _, _ = loss_of(cfg, chosen, rejected, torch.tensor(ref[REF_CHOSEN].to_numpy()).float(),
-                           torch.tensor(ref["ref_rejected_logp"].to_numpy()).float())
+                           torch.tensor(ref["ref_rejected_logp"].to_numpy()).float(), response_tokens(batch))
     expected = []
     for i in range(5):
         p, c, r = pairs.prompt_ids[i], pairs.chosen_ids[i], pairs.rejected_ids[i]
         rc = BETA * (token_logp(policy, p, c) - token_logp(reference, p, c))
         rr = BETA * (token_logp(policy, p, r) - token_logp(reference, p, r))
+        if loss == "ipo":  # TRL's IPO: each response's log-ratio averaged over its tokens
+            rc, rr = rc / len(c), rr / len(r)
         expected.append(HAND[(loss, symmetric)](rc - rr, rc, rr))
     assert losses.tolist() == pytest.approx(expected, rel=1e-4, abs=1e-5)
     if loss == "sympo":  # the clip must actually bind for the sympo cases to test it

@@ -124,16 +124,18 @@ def test_conversational_explicit_and_implicit_prompt(tmp_path):
 def test_hh_layout_splits_the_real_file(real_hh_path):
     with pytest.raises(PrefnoiseError, match="--layout hh"):
         read_table(real_hh_path)
-    with pytest.raises(PrefnoiseError, match=r"5 row\(s\) with transcript prefixes differ.*--drop-invalid"):
+    with pytest.raises(PrefnoiseError, match=r"4 row\(s\) with null or empty 'chosen'.*--drop-invalid"):
         read_table(real_hh_path, layout="hh")
     src = open_source(real_hh_path, layout="hh", drop_invalid=True)
     table = src.collect()
     assert src.rows_read == 2312
-    assert src.dropped == {"transcript prefixes differ": 5, "null or empty 'chosen'": 4}
-    assert table.height == 2312 - 9  # 5 prefix mismatches + 4 empty final replies
+    # The 5 rows whose final turns differ in number keep their shared turns as the prompt (as TRL does).
+    assert src.dropped == {"null or empty 'chosen'": 4}
+    assert table.height == 2312 - 4  # 4 empty final replies
     assert table["prompt"].str.starts_with("\n\nHuman:").all()
     assert table["prompt"].str.ends_with("\n\nAssistant:").all()
-    assert not table["chosen"].str.contains("\n\nAssistant:", literal=True).any()
+    assert table["chosen"].str.starts_with(" ").sum() == table.height  # the reply keeps its leading space
+    assert table["chosen"].str.contains("\n\nAssistant:", literal=True).sum() <= 5
 
 
 def test_hh_split_by_hand(tmp_path):
@@ -147,7 +149,7 @@ def test_hh_split_by_hand(tmp_path):
     path.write_text(json.dumps(rows[0]))
     table = read_table(path, layout="hh")
     assert table["prompt"][0] == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
-    assert (table["chosen"][0], table["rejected"][0]) == ("good", "bad")
+    assert (table["chosen"][0], table["rejected"][0]) == (" good", " bad")  # prompt + reply == transcript
 
 
 @pytest.mark.parametrize(

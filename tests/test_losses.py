@@ -73,7 +73,8 @@ def test_non_symmetric_losses_violate_the_identity():
     for name, entry in MARGIN_LOSSES.items():
         if entry.symmetric:
             continue
-        total = entry.fn(z) + entry.fn(-z)
+        params = {"eps": 0.1} if "eps" in entry.params else {}  # cdpo/rdpo: ε has no default
+        total = entry.fn(z, **params) + entry.fn(-z, **params)
         assert (total.max() - total.min()).item() > 0.1, name
 
 
@@ -95,7 +96,7 @@ def test_cdpo_rdpo_reduce_to_logistic_at_zero_eps():
 def test_finite_values_and_gradients_at_extreme_margins(name, dtype):
     z = torch.tensor([-1e4, -1e3, -30.0, -1.0, 0.0, 1.0, 30.0, 1e3, 1e4], dtype=dtype,
                      requires_grad=True)
-    loss = margin_loss(name, z)
+    loss = margin_loss(name, z, **({"eps": 0.2} if name in ("cdpo", "rdpo") else {}))  # ε has no default
     assert torch.isfinite(loss).all(), name
     loss.sum().backward()
     assert torch.isfinite(z.grad).all(), name
@@ -136,9 +137,11 @@ POLICY_EXPECTED = [
     ("dpo", {}, 0.5543552445),  # softplus(−0.3)
     ("cdpo", {"label_smoothing": 0.1}, 0.5843552445),  # 0.9·sp(−0.3) + 0.1·sp(0.3)
     ("rdpo", {"noise_rate": 0.1}, 0.5168552445),  # (0.9·sp(−0.3) − 0.1·sp(0.3)) / 0.8
-    ("ipo", {}, 4.0),  # (h − 1/(2·0.1))² = (3 − 5)²
-    ("ipo", {"tau": 0.5}, 4.0),  # (3 − 1)²
-    ("ipo", {"tau": 1.0}, 6.25),  # (3 − 0.5)²
+    # ipo averages each log-ratio over its response tokens (TRL): 2 chosen, 1 rejected token -> h = 2/2 + 1/1 = 2
+    ("ipo", {"chosen_tokens": torch.tensor([2.0]), "rejected_tokens": torch.tensor([1.0])}, 9.0),  # (2 − 5)²
+    ("ipo", {"tau": 0.5, "chosen_tokens": torch.tensor([2.0]), "rejected_tokens": torch.tensor([1.0])}, 1.0),
+    ("ipo", {"tau": 1.0, "chosen_tokens": torch.tensor([1.0]), "rejected_tokens": torch.tensor([1.0])}, 6.25),
+    ("drdpo", {}, 0.5543552445),  # per-row DPO ℓ; the batch objective is drdpo_loss
     ("ropo", {}, 1.6208042689),  # 56/225·sp(−0.3) + 784/225·σ(−0.3)
     ("hinge", {}, 0.7),  # relu(1 − 0.3)
 ]

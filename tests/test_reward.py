@@ -168,6 +168,8 @@ def test_fit_errors(noisy_features):
         fit_reward_model(noisy_features, loss="sigmoid", loss_params={"eps": 0.1})
     with pytest.raises(PrefnoiseError, match="eps must be in"):
         fit_reward_model(noisy_features, loss="rdpo", loss_params={"eps": 0.6})
+    with pytest.raises(PrefnoiseError, match="--loss cdpo needs --eps"):  # no silent default ε
+        fit_reward_model(noisy_features, loss="cdpo")
     with pytest.raises(PrefnoiseError, match="--epochs must be >= 1"):
         fit_reward_model(noisy_features, epochs=0)
     with pytest.raises(PrefnoiseError, match="needs chosen_features"):

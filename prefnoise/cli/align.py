@@ -37,7 +37,7 @@ from prefnoise.errors import PrefnoiseError
 from prefnoise.outputs import check_output_dir, check_output_file
 
 # Spelled here (not imported) so that `prefnoise --help` does not pay for importing torch.
-POLICY_LOSSES = ("sympo", "dpo", "cdpo", "rdpo", "ipo", "ropo", "hinge")
+POLICY_LOSSES = ("sympo", "dpo", "cdpo", "rdpo", "ipo", "ropo", "hinge", "drdpo")
 SCHEDULES = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 LOSS = "Loss"
@@ -61,16 +61,21 @@ def align_command(
                             rich_help_panel=LOSS)
     ] = 10.0,
     label_smoothing: Annotated[
-        float, typer.Option("--label-smoothing", help="cdpo: ε in [0, 0.5).", rich_help_panel=LOSS)
-    ] = 0.0,
+        float | None, typer.Option("--label-smoothing", help="cdpo (required): ε in [0, 0.5).", rich_help_panel=LOSS)
+    ] = None,
     noise_rate: Annotated[
-        float, typer.Option("--noise-rate", help="rdpo: the flip rate ε in [0, 0.5).", rich_help_panel=LOSS)
-    ] = 0.0,
-    tau: Annotated[
-        float | None, typer.Option("--tau", help="ipo: target margin 1/(2τ) of the log-ratios (default β).",
+        float | None, typer.Option("--noise-rate", help="rdpo (required): the flip rate ε in [0, 0.5).",
                                    rich_help_panel=LOSS)
     ] = None,
+    tau: Annotated[
+        float | None, typer.Option("--tau", help="ipo: target 1/(2τ) of the per-token averaged log-ratio margin "
+                                   "(default β).", rich_help_panel=LOSS)
+    ] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="ropo: α.", rich_help_panel=LOSS)] = 14.0,
+    beta_prime: Annotated[
+        float, typer.Option("--beta-prime", help="drdpo: β′ of −β′·log mean exp(−ℓ/β′) over the batch.",
+                            rich_help_panel=LOSS)
+    ] = 1.0,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).", rich_help_panel=TRAIN)] = 5e-6,
     weight_decay: Annotated[float, typer.Option("--weight-decay", rich_help_panel=TRAIN)] = 0.0,
     warmup_steps: Annotated[
@@ -150,11 +155,11 @@ def align_command(
     drop_invalid: DropInvalidOption = False,
 ) -> None:
     """Fine-tune a causal LM on preference pairs with SymPO (default) or a DPO-family loss."""
-    from prefnoise.align import AlignConfig, prepare, train
+    from prefnoise.align import AlignConfig, check_config, prepare, train
 
     cfg = AlignConfig(
         model=model, out=out or "", loss=loss, symmetric_loss=symmetric_loss, beta=beta, clip=clip or None,
-        label_smoothing=label_smoothing, noise_rate=noise_rate, tau=tau, alpha=alpha, lr=lr,
+        label_smoothing=label_smoothing, noise_rate=noise_rate, tau=tau, alpha=alpha, beta_prime=beta_prime, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule, max_grad_norm=max_grad_norm,
         batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, seed=seed,
         max_length=max_length, max_prompt_length=max_prompt_length, lora_r=lora_r, lora_alpha=lora_alpha,
@@ -162,6 +167,7 @@ def align_command(
         ref_cache=ref_cache, val_fraction=val_fraction, eval_every=eval_every, log_every=log_every,
         precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
     )
+    check_config(cfg)  # a missing cdpo/rdpo rate or a bad option fails before anything is read
     if not out and not dry_run:
         raise PrefnoiseError("--out DIR is required (or use --dry-run to only print the plan)")
     if resume and overwrite:
@@ -181,16 +187,18 @@ def align_command(
         return
     if state == "ours" and overwrite:
         remove_previous_run(Path(out))
+    before = _listing(Path(out)) if out else None
     try:
         with progress("aligning", None, enabled=show_progress(json_output)) as advance:
             summary = train(cfg, frame, source=source, on_progress=advance)
     except BaseException as error:
         if _is_main_process():
             interrupted = isinstance(error, KeyboardInterrupt | Terminated)
-            note = clean_up_failed_run(Path(out), state=state, resumable=interrupted) if state else NOTHING_WRITTEN
+            untouched = state is None or _listing(Path(out)) == before
+            note = NOTHING_WRITTEN if untouched else clean_up_failed_run(Path(out), state=state, resumable=interrupted)
             if interrupted:
                 error.prefnoise_note = note  # type: ignore[union-attr]
-            elif isinstance(error, PrefnoiseError):
+            elif isinstance(error, PrefnoiseError) and not untouched:
                 error.message = f"{error.message}; {note}"
         raise
     if not _is_main_process():
@@ -199,6 +207,13 @@ def align_command(
         emit_json(summary)
     else:
         _print_summary(summary)
+
+
+def _listing(out: Path) -> dict[str, int] | None:
+    """Every entry below ``out`` with its modification time (ns): to tell whether a run touched ``out``."""
+    if not out.exists():
+        return None
+    return {str(p.relative_to(out)): p.lstat().st_mtime_ns for p in out.rglob("*")}
 
 
 def remove_previous_run(out: Path) -> None:
@@ -251,7 +266,8 @@ def _print_plan(plan: dict) -> None:
 
 
 def _print_summary(summary: dict) -> None:
-    table = Table(title=f"align: {summary['loss']}", title_justify="left")
+    params = ", ".join(f"{'ε' if k == 'eps' else k} = {v}" for k, v in summary.get("loss_params", {}).items())
+    table = Table(title=f"align: {summary['loss']} ({params})", title_justify="left")
     for header in ("split", "step", "reward acc", "clean acc", "margin", "loss"):
         table.add_column(header, justify="left" if header == "split" else "right")
     for record in (summary["train"], summary["val"]):
@@ -262,6 +278,9 @@ def _print_summary(summary: dict) -> None:
                 f"{record['margin']:.4f}", f"{record['loss']:.4f}" if "loss" in record else "",
             )
     console.print(table)
+    if summary.get("loss_level") == "batch":
+        console.print(f"{summary['loss']} is batch-level: train loss is −β′·log mean exp(−ℓ/β′) over each "
+                      "micro-batch (no per-row loss); dpo_row_loss in metrics.jsonl is the mean per-row DPO ℓ")
     cache = "reused" if summary["ref_cache_hit"] else "computed"
     console.print(
         f"{summary['rows']:,} pairs ({summary['train_rows']:,} train, {summary['val_rows']:,} val, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Annotated
 
@@ -32,6 +33,7 @@ from prefnoise.noise import (
     CorruptionStats,
     NoiseSpec,
     corrupt_batches,
+    corrupt_step,
     exact_thresholds,
 )
 from prefnoise.outputs import check_output_file
@@ -91,6 +93,7 @@ def corrupt_command(
     check_output_file(dest, inputs=[source], overwrite=overwrite)
     started = time.perf_counter()
     src = open_input(source, prompt_col, chosen_col, rejected_col, layout, drop_invalid)
+    spec = dataclasses.replace(spec, step=corrupt_step(src.history))  # each corrupt step draws afresh
     spec.check(src.schema)
     entry = new_history_entry("corrupt", spec.parameters(), seed=seed, source=src)
     stats = CorruptionStats()

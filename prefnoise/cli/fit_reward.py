@@ -29,7 +29,7 @@ from prefnoise.cli.common import (
 )
 from prefnoise.data import new_history_entry
 from prefnoise.errors import PrefnoiseError
-from prefnoise.loss_names import MARGIN_LOSS_NAMES
+from prefnoise.loss_names import MARGIN_LOSS_NAMES, MARGIN_RATE_PARAMS, missing_rate
 from prefnoise.outputs import check_output_dir
 
 
@@ -104,8 +104,12 @@ def fit_reward_command(
     margin_scale: Annotated[
         float, typer.Option("--margin-scale", help="β: the loss sees β·(r_chosen − r_rejected).")
     ] = 1.0,
-    eps: Annotated[float | None, typer.Option("--eps", help="cdpo/rdpo: label smoothing / known flip rate.")] = None,
-    tau: Annotated[float | None, typer.Option("--tau", help="ipo: target margin 1/(2τ).")] = None,
+    eps: Annotated[
+        float | None, typer.Option("--eps", help="cdpo/rdpo (required): label smoothing / known flip rate.")
+    ] = None,
+    tau: Annotated[
+        float | None, typer.Option("--tau", help="ipo: target margin 1/(2τ) of the reward margin (default 0.5).")
+    ] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", help="ropo: α (default 14).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs (default: mlp 50, transformer 1).")] = None,
     batch_size: Annotated[
@@ -134,7 +138,7 @@ def fit_reward_command(
     layers: Annotated[int, typer.Option("--layers", help="MLP hidden layers.")] = 2,
     dropout: Annotated[float, typer.Option("--dropout", help="MLP dropout.")] = 0.0,
     output_clip: Annotated[
-        float, typer.Option("--output-clip", help="MLP rewards are clipped to [−C, C] (0 disables).")
+        float, typer.Option("--output-clip", help="Rewards of every backend are clipped to [−C, C] (0 disables).")
     ] = 20.0,
     cache_dir: Annotated[
         Path | None,
@@ -153,9 +157,13 @@ def fit_reward_command(
 ) -> None:
     """Train a reward model r(prompt, response) with a margin loss; print validation accuracy vs clean labels last."""
     from prefnoise.reward import fit_reward_model, save_reward_model
+    from prefnoise.reward.models import describe_truncation
 
     if loss not in MARGIN_LOSS_NAMES:
         raise PrefnoiseError(f"unknown --loss {loss!r}; choose one of: {', '.join(MARGIN_LOSS_NAMES)}")
+    missing = missing_rate(loss, {"eps": eps}, MARGIN_RATE_PARAMS)
+    if missing:
+        raise PrefnoiseError(missing)
     if encoder is not None and model != "embed+mlp":
         raise PrefnoiseError("--encoder applies to --model embed+mlp only")
     check_output_dir(out, command="fit-reward", inputs=[data, model, encoder, cache_dir], overwrite=overwrite)
@@ -197,7 +205,9 @@ def fit_reward_command(
         emit_json({"out": str(out), "rows": frame.height, **{k: v for k, v in result.metrics.items() if k != "epochs"}})
         return
     console.print(
-        f"fit-reward: {backend} · loss {loss} · {result.metrics['train_pairs']:,} train / "
+        f"fit-reward: {backend} · loss {loss}"
+        + "".join(f" · {'ε' if k == 'eps' else k} {v}" for k, v in result.metrics["loss_params"].items())
+        + f" · {result.metrics['train_pairs']:,} train / "
         f"{result.metrics['val_pairs']:,} val pairs · {result.metrics['stopped_epoch']} epochs "
         f"on {result.metrics['device']} → {out}"
     )
@@ -209,5 +219,8 @@ def fit_reward_command(
             else " · no validation split"
         )
     )
+    cut = describe_truncation(getattr(result.model, "truncation", []), result.model.config.get("max_length") or 0)
+    if cut:
+        console.print(cut)
     if "val_clean_accuracy" in final:
         console.print(f"[bold]val accuracy vs clean labels: {final['val_clean_accuracy']:.4f}[/bold]")

@@ -40,9 +40,13 @@ def rank_check_command(
         str, typer.Option("--pred", help="Predicted reward field (chosen_<f>/rejected_<f>, or <f>).")
     ] = C.REWARD,
     true: Annotated[
-        str,
-        typer.Option("--true", help="True reward field; when absent from a pair table, the labels are the reference."),
-    ] = C.SCORE,
+        str | None,
+        typer.Option(
+            "--true",
+            help="True reward field (default 'score'; when that is absent the labels are the reference). "
+            "A field named here must exist.",
+        ),
+    ] = None,
     long: Annotated[
         bool, typer.Option("--long", help="Treat DATA as a long table (prompt_id, <pred>, <true>).")
     ] = False,
@@ -171,7 +175,9 @@ def _print_report(report: RankReport, source: str, failures: list[str]) -> None:
             else ""
         )
     )
-    table = Table(title="rank check", title_justify="left")
+    if report.note:
+        console.print(safe(report.note))
+    table = Table(title=f"rank check (95% intervals: {report.interval})", title_justify="left")
     table.add_column("metric")
     table.add_column("all", justify="right")
     columns = [(name, value, m) for name, by in report.splits.items() for value, m in by.items()]

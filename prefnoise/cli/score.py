@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import polars as pl
 import typer
 
@@ -29,6 +30,7 @@ from prefnoise.cli.common import (
 from prefnoise.data import new_history_entry, open_source, read_history, write_table
 from prefnoise.errors import PrefnoiseError
 from prefnoise.outputs import check_output_file
+from prefnoise.rank import tie_half_accuracy
 
 
 def read_long_table(source: str) -> pl.DataFrame:
@@ -58,6 +60,7 @@ def score_command(
 ) -> None:
     """Add chosen_reward/rejected_reward (or `reward` with --responses) from a trained reward model."""
     from prefnoise.reward import load_reward_model, score_responses, score_table
+    from prefnoise.reward.models import describe_truncation
 
     if batch_size is not None and batch_size < 1:
         raise PrefnoiseError(f"--batch-size must be >= 1, got {batch_size}")
@@ -90,14 +93,18 @@ def score_command(
         "seconds": round(elapsed, 3),
     }
     if not responses:
-        margin = scored[C.chosen(C.REWARD)] - scored[C.rejected(C.REWARD)]
-        summary["accuracy"] = float((margin > 0).mean())
+        margin = (scored[C.chosen(C.REWARD)] - scored[C.rejected(C.REWARD)]).to_numpy()
+        summary["accuracy"] = tie_half_accuracy(margin)  # one rule: a predicted tie counts 1/2
         if C.FLIPPED in scored.columns:
-            clean = ~scored[C.FLIPPED].fill_null(False)
-            summary["clean_accuracy"] = float(((margin > 0) & clean | (margin < 0) & ~clean).mean())
+            flipped = scored[C.FLIPPED].fill_null(False).to_numpy()
+            summary["clean_accuracy"] = tie_half_accuracy(margin, np.where(flipped, -1.0, 1.0))
+    cut = describe_truncation(getattr(model, "truncation", []), model.config.get("max_length") or 0)
+    summary["truncated_sequences"] = sum(s["truncated"] for s in getattr(model, "truncation", []))
     if json_output:
         emit_json(summary, to_stderr=dest == "-")
         return
+    if cut:
+        console.print(cut)
     line = f"score: {rows:,} rows with {model.backend} rewards → {summary['output']} in {elapsed:.2f} s"
     if "accuracy" in summary:
         line += f"; agreement with the given labels {summary['accuracy']:.4f}"

@@ -32,6 +32,17 @@ ENCODER_DIR = "encoder"  # embed+mlp: a copy of the frozen encoder, so the model
 BACKENDS = ("mlp", "transformer", "embed+mlp")
 
 
+def clip_reward(reward: Tensor, output_clip: float | None) -> Tensor:
+    """``reward`` clamped to [−output_clip, output_clip] (unchanged when ``output_clip`` is None).
+
+    Every backend bounds its scalar output with this one function, so unbounded losses
+    (unhinged, rdpo, exponential) cannot drive the rewards to infinity.
+    """
+    if output_clip is None:
+        return reward
+    return torch.clamp(reward, -output_clip, output_clip)
+
+
 class FeatureMLP(nn.Module):
     """MLP on a feature vector -> scalar reward, clipped to [−output_clip, output_clip]."""
 
@@ -49,34 +60,63 @@ class FeatureMLP(nn.Module):
         self.output_clip = output_clip
 
     def forward(self, x: Tensor) -> Tensor:
-        reward = self.net(x).squeeze(-1)
-        if self.output_clip is not None:
-            reward = torch.clamp(reward, -self.output_clip, self.output_clip)
-        return reward
+        return clip_reward(self.net(x).squeeze(-1), self.output_clip)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Per row, the position of the last token with ``attention_mask`` 1 (right or left padding)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * (attention_mask != 0)).argmax(-1)
 
 
 class SequenceReward(nn.Module):
-    """A sequence-classification model with one label, read as a scalar reward."""
+    """A sequence-classification model with one label, read as a scalar reward (clipped by ``output_clip``).
 
-    def __init__(self, model: nn.Module) -> None:
+    Decoder heads (a linear ``score`` applied at every position: GPT-2, Llama, Mistral, Qwen, ...)
+    let transformers pick the "last token that is not pad_token_id", which is wrong when the pad
+    token is the eos token (GPT-2) and a sequence ends in eos. Here the per-position scores are
+    read off the ``score`` layer and pooled at the last position the attention mask marks, so a
+    sequence gets the same reward alone or padded in a batch. Encoder heads (BERT's pooler on the
+    first token) are padding-invariant already and are read as the model returns them.
+    """
+
+    def __init__(self, model: nn.Module, output_clip: float | None = None) -> None:
         super().__init__()
         self.model = model
+        self.output_clip = output_clip
+        self._scores: Tensor | None = None
+        score = getattr(model, "score", None)
+        self.pools_last_token = isinstance(score, nn.Linear)
+        if self.pools_last_token:
+            score.register_forward_hook(self._keep_scores)
+
+    def _keep_scores(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        self._scores = output
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        self._scores = None
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        scores, self._scores = self._scores, None
+        if self.pools_last_token and scores is not None and scores.dim() == 3:
+            rows = torch.arange(scores.shape[0], device=scores.device)
+            reward = scores[rows, last_token_index(attention_mask).to(scores.device), 0]
+        else:
+            reward = logits[:, 0]
+        return clip_reward(reward, self.output_clip)
 
 
 class PooledReward(nn.Module):
-    """A base model + linear head on its mean-pooled last hidden states."""
+    """A base model + linear head on its mean-pooled last hidden states (clipped by ``output_clip``)."""
 
-    def __init__(self, model: nn.Module, hidden_size: int) -> None:
+    def __init__(self, model: nn.Module, hidden_size: int, output_clip: float | None = None) -> None:
         super().__init__()
         self.model = model
         self.head = nn.Linear(hidden_size, 1)
+        self.output_clip = output_clip
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(mean_pool(states, attention_mask)).squeeze(-1)
+        return clip_reward(self.head(mean_pool(states, attention_mask)).squeeze(-1), self.output_clip)
 
 
 def mean_pool(states: Tensor, attention_mask: Tensor) -> Tensor:
@@ -102,16 +142,125 @@ def _check_model_dir(path: str | Path, what: str) -> Path:
     return check_model_dir(path, what)
 
 
+def _fit_lengths(prompt: int, response: int, room: int) -> tuple[int, int]:
+    """How many prompt and response tokens to keep so that both fit in ``room`` tokens.
+
+    The prompt gives way first (it keeps its end, as TRL and ``prefnoise align`` do); the response
+    is cut from the right only when it alone is longer than ``room``.
+    """
+    room = max(room, 0)
+    keep_response = min(response, room)
+    return min(prompt, room - keep_response), keep_response
+
+
+def _decoder_head(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text (BOS for Llama-style tokenizers, else none)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    with_specials = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return [bos] if with_specials[:1] == [bos] and plain[:1] != [bos] else []
+
+
+def _vanished(row: int, prompt: int, response: int, max_length: int, reserved: int) -> PrefnoiseError:
+    return PrefnoiseError(
+        f"row {row}: the response ({response} tokens) has no token left within max-length {max_length} "
+        f"({reserved} taken by special tokens, prompt {prompt} tokens cut away); raise --max-length"
+    )
+
+
+def encode_pairs(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
+) -> tuple[list[list[int]], dict[str, int]]:
+    """Token ids of each (prompt, response), at most ``max_length`` tokens, and truncation counts.
+
+    Prompt and response are tokenized separately. When they do not fit together, the prompt loses
+    tokens from the left (it keeps its end, next to the response); the response loses tokens from
+    the right only when it alone exceeds the limit. Encoders (tokenizers with a sep token) get a
+    proper text pair with the tokenizer's special tokens; decoders get the prompt (after BOS when
+    the tokenizer adds one) followed by the response. Sequences are never padded here.
+
+    The counts: ``rows``, ``truncated`` (rows cut at all), ``prompt_truncated`` and
+    ``response_truncated``, and ``first_truncated_row`` (-1 when none). A response that had tokens
+    and has none left (``max_length`` no larger than the special tokens) raises PrefnoiseError
+    naming its row (0-based); such a row cannot be scored faithfully, so it is never dropped silently.
+    """
+    prompts, responses = list(prompts), list(responses)
+    stats = {"rows": len(prompts), "truncated": 0, "prompt_truncated": 0, "response_truncated": 0,
+             "first_truncated_row": -1}
+    out: list[list[int]] = []
+
+    def count(row: int, cut_prompt: bool, cut_response: bool) -> None:
+        stats["prompt_truncated"] += cut_prompt
+        stats["response_truncated"] += cut_response
+        if cut_prompt or cut_response:
+            stats["truncated"] += 1
+            if stats["first_truncated_row"] < 0:
+                stats["first_truncated_row"] = row
+
+    if not prompts:
+        return out, stats
+    encoder = getattr(tokenizer, "sep_token", None) is not None
+    backend = getattr(tokenizer, "backend_tokenizer", None) if encoder else None
+    if backend is not None:  # fast encoder: cut the Encodings, then let the tokenizer add its specials
+        reserved = backend.num_special_tokens_to_add(is_pair=True)
+        firsts = backend.encode_batch(prompts, add_special_tokens=False)
+        seconds = backend.encode_batch(responses, add_special_tokens=False)
+        for row, (first, second) in enumerate(zip(firsts, seconds)):
+            n_prompt, n_response = len(first.ids), len(second.ids)
+            keep_prompt, keep_response = _fit_lengths(n_prompt, n_response, max_length - reserved)
+            if n_response and not keep_response:
+                raise _vanished(row, n_prompt, n_response, max_length, reserved)
+            if keep_prompt < n_prompt:
+                first.truncate(keep_prompt, direction="left")
+            if keep_response < n_response:
+                second.truncate(keep_response, direction="right")
+            out.append(list(backend.post_process(first, second, add_special_tokens=True).ids))
+            count(row, keep_prompt < n_prompt, keep_response < n_response)
+        return out, stats
+
+    def plain(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    head = [] if encoder else _decoder_head(tokenizer)
+    reserved = tokenizer.num_special_tokens_to_add(pair=True) if encoder else len(head)
+    for row, (first, second) in enumerate(zip(plain(prompts), plain(responses))):
+        n_prompt, n_response = len(first), len(second)
+        keep_prompt, keep_response = _fit_lengths(n_prompt, n_response, max_length - reserved)
+        if n_response and not keep_response:
+            raise _vanished(row, n_prompt, n_response, max_length, reserved)
+        first, second = first[n_prompt - keep_prompt :], second[:keep_response]
+        if encoder:  # a slow (Python) encoder tokenizer
+            out.append(list(tokenizer.build_inputs_with_special_tokens(first, second)))
+        else:
+            out.append(head + first + second)
+        count(row, keep_prompt < n_prompt, keep_response < n_response)
+    return out, stats
+
+
 def tokenize_pairs(
     tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
 ) -> list[list[int]]:
-    """Token ids of prompt and response together, truncated to ``max_length`` tokens."""
-    if getattr(tokenizer, "sep_token", None) is not None:  # encoders: a proper text pair
-        encoded = tokenizer(list(prompts), list(responses), truncation=True, max_length=max_length)
-    else:  # decoders: the response continues the prompt
-        texts = [p + r for p, r in zip(prompts, responses)]
-        encoded = tokenizer(texts, truncation=True, max_length=max_length)
-    return encoded["input_ids"]
+    """Token ids of prompt and response together, at most ``max_length`` tokens (see :func:`encode_pairs`)."""
+    return encode_pairs(tokenizer, prompts, responses, max_length)[0]
+
+
+def describe_truncation(stats: Sequence[dict[str, int]], max_length: int) -> str | None:
+    """One line for the CLI about the rows ``encode_pairs`` had to cut (None when nothing was cut).
+
+    ``stats``: the ``last_truncation`` of each ``prepare`` call (e.g. the chosen and rejected sides).
+    """
+    rows = sum(s["rows"] for s in stats)
+    cut = sum(s["truncated"] for s in stats)
+    if not cut:
+        return None
+    prompt = sum(s["prompt_truncated"] for s in stats)
+    response = sum(s["response_truncated"] for s in stats)
+    return (
+        f"truncated {cut} of {rows} prompt+response sequences to --max-length {max_length} "
+        f"({prompt} prompts cut from the left, {response} responses cut from the right)"
+    )
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
@@ -204,9 +353,14 @@ class TransformerRewardModel(RewardModel):
     def __init__(self, module: nn.Module, config: dict[str, Any], tokenizer: Any) -> None:
         super().__init__(module, config)
         self.tokenizer = tokenizer
+        # counts of the latest prepare call (see encode_pairs); describe_truncation words them
+        self.last_truncation: dict[str, int] | None = None
 
     def prepare(self, prompts, responses, features, *, device, on_progress=None):
-        ids = tokenize_pairs(self.tokenizer, prompts, responses, self.config["max_length"])
+        ids, self.last_truncation = encode_pairs(self.tokenizer, prompts, responses, self.config["max_length"])
+        for row, seq in enumerate(ids):
+            if not seq:
+                raise PrefnoiseError(f"row {row}: prompt and response have no tokens to score")
         if on_progress is not None:
             on_progress(len(ids))
         return ids
@@ -227,7 +381,9 @@ class TransformerRewardModel(RewardModel):
         _write_config(directory, self.config)
 
 
-def _hf_reward_module(path: Path, head: str | None, what: str) -> tuple[nn.Module, str]:
+def _hf_reward_module(
+    path: Path, head: str | None, what: str, output_clip: float | None = None
+) -> tuple[nn.Module, str]:
     """The scalar-reward module for HF model dir ``path`` and which head it uses."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
@@ -241,23 +397,32 @@ def _hf_reward_module(path: Path, head: str | None, what: str) -> tuple[nn.Modul
         model = from_pretrained(
             AutoModelForSequenceClassification, path, what=what, config=hf_config, dtype=torch.float32
         )
-        return SequenceReward(model), head
+        return SequenceReward(model, output_clip), head
     model = from_pretrained(AutoModel, path, what=what, config=hf_config, dtype=torch.float32)
-    return PooledReward(model, model.config.hidden_size), head
+    return PooledReward(model, model.config.hidden_size, output_clip), head
 
 
-def new_transformer(model_path: str | Path, *, max_length: int, head: str | None = None) -> TransformerRewardModel:
+def new_transformer(
+    model_path: str | Path, *, max_length: int, head: str | None = None, output_clip: float | None = None
+) -> TransformerRewardModel:
     """A reward model on the local HF model at ``model_path`` with a fresh scalar head.
 
     ``head``: "sequence-classification", "pooled", or None (sequence classification when the
-    architecture has one, else pooled).
+    architecture has one, else pooled). ``output_clip``: rewards are clamped to [−C, C] as the
+    mlp backend's (None: unbounded).
     """
     path = _check_model_dir(model_path, "--model")
     tokenizer = _load_tokenizer(path, "--model")
-    module, head = _hf_reward_module(path, head, "--model")
+    module, head = _hf_reward_module(path, head, "--model", output_clip)
     if isinstance(module, SequenceReward):
         module.model.config.pad_token_id = tokenizer.pad_token_id
-    config = {"backend": "transformer", "base_model": str(path), "head": head, "max_length": max_length}
+    config = {
+        "backend": "transformer",
+        "base_model": str(path),
+        "head": head,
+        "max_length": max_length,
+        "output_clip": output_clip,
+    }
     return TransformerRewardModel(module, config, tokenizer)
 
 
@@ -295,7 +460,8 @@ class Encoder:
         if self._fingerprint is None:
             from prefnoise.data import file_fingerprint
 
-            self._fingerprint = file_fingerprint(self.path) + f"-len{self.max_length}-mean"
+            # "keepend": prompts are cut from the left (encode_pairs); older caches cut them from the right
+            self._fingerprint = file_fingerprint(self.path) + f"-len{self.max_length}-mean-keepend"
         return self._fingerprint
 
     @torch.no_grad()
@@ -412,6 +578,12 @@ _CONFIG_KEYS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "max_length": (lambda v: _is_int(v, 1), "an integer >= 1"),
     },
 }
+# keys older reward_config.json files may lack: checked when present, else read as the default
+_OPTIONAL_KEYS: dict[str, dict[str, tuple[Callable[[Any], bool], str, Any]]] = {
+    "transformer": {
+        "output_clip": (lambda v: v is None or (_is_number(v) and v > 0), "a number > 0 or null", None),
+    },
+}
 _CONFIG_KEYS["embed+mlp"] = {
     **_CONFIG_KEYS["mlp"],
     "max_length": (lambda v: _is_int(v, 1), "an integer >= 1"),
@@ -440,6 +612,11 @@ def read_reward_config(directory: Path) -> dict[str, Any]:
         if key not in config:
             raise PrefnoiseError(f"{config_path}: the {backend} backend needs {key!r}, which is missing; {retrain}")
         if not valid(config[key]):
+            raise PrefnoiseError(f"{config_path}: {key} is {config[key]!r}, not {expected}; {retrain}")
+    for key, (valid, expected, default) in _OPTIONAL_KEYS.get(backend, {}).items():
+        if key not in config:
+            config[key] = default
+        elif not valid(config[key]):
             raise PrefnoiseError(f"{config_path}: {key} is {config[key]!r}, not {expected}; {retrain}")
     return config
 
@@ -508,7 +685,9 @@ def load_reward_model(directory: str | Path, *, cache_dir: str | Path | None = N
             model = EmbedMLPRewardModel(module, config, encoder)
     else:  # "transformer" (read_reward_config accepts no other backend)
         tokenizer = _load_tokenizer(directory, SAVED_AS)
-        module, _ = _hf_reward_module(directory, config["head"], SAVED_AS)
+        module, _ = _hf_reward_module(directory, config["head"], SAVED_AS, config["output_clip"])
+        if isinstance(module, SequenceReward) and module.model.config.pad_token_id is None:
+            module.model.config.pad_token_id = tokenizer.pad_token_id
         if isinstance(module, PooledReward):
             _load_weights(module.head, directory / HEAD_FILE, directory)
         model = TransformerRewardModel(module, config, tokenizer)

@@ -30,6 +30,7 @@ from torch import Tensor
 from prefnoise import columns as C
 from prefnoise.atomic import atomic_path
 from prefnoise.errors import PrefnoiseError
+from prefnoise.loss_names import MARGIN_RATE_PARAMS, missing_rate
 from prefnoise.losses import get_margin_loss
 from prefnoise.reward.models import (
     RewardModel,
@@ -164,26 +165,34 @@ def build_reward_model(
     if backend == "transformer":
         if model_path is None:
             raise PrefnoiseError("the transformer backend needs --model PATH (a local HF model directory)")
-        return new_transformer(model_path, max_length=max_length)
+        return new_transformer(model_path, max_length=max_length, output_clip=output_clip)
     raise PrefnoiseError(f"unknown backend {backend!r}; use mlp, embed+mlp or a model directory")
 
 
 def _prepare_sides(
     model: RewardModel, df: pl.DataFrame, device: torch.device, on_progress: Progress | None
 ) -> list[Any]:
-    """Prepared inputs of the chosen and the rejected responses of every row."""
+    """Prepared inputs of the chosen and the rejected responses of every row.
+
+    Text backends leave what they had to cut in ``model.truncation`` (a list, one entry per side).
+    """
     prompts = df[C.PROMPT].to_list()
     wants_features = model.backend == "mlp"
-    return [
-        model.prepare(
-            prompts,
-            df[side].to_list(),
-            _features(df, f"{side}_{C.FEATURES}") if wants_features else None,
-            device=device,
-            on_progress=on_progress,
+    sides, truncation = [], []
+    for side in (C.CHOSEN, C.REJECTED):
+        sides.append(
+            model.prepare(
+                prompts,
+                df[side].to_list(),
+                _features(df, f"{side}_{C.FEATURES}") if wants_features else None,
+                device=device,
+                on_progress=on_progress,
+            )
         )
-        for side in (C.CHOSEN, C.REJECTED)
-    ]
+        if getattr(model, "last_truncation", None) is not None:
+            truncation.append(dict(model.last_truncation))
+    model.truncation = truncation
+    return sides
 
 
 def _batches(index: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -220,9 +229,12 @@ def _pair_rewards(
 
 
 def pairwise_accuracy(margin: Tensor, chosen_better: Tensor) -> float:
-    """Fraction of pairs whose margin sign agrees with the label (ties count as wrong)."""
-    correct = torch.where(chosen_better, margin > 0, margin < 0)
-    return float(correct.float().mean()) if len(correct) else float("nan")
+    """Agreement of the margins' signs with the label, by the project's one rule
+    (:func:`prefnoise.rank.tie_half_accuracy`: a predicted tie counts 1/2)."""
+    from prefnoise.rank import tie_half_accuracy
+
+    sign = np.where(chosen_better.detach().cpu().numpy(), 1.0, -1.0)
+    return tie_half_accuracy(margin.detach().float().cpu().numpy(), sign)
 
 
 def fit_reward_model(
@@ -266,6 +278,9 @@ def fit_reward_model(
     """
     entry = get_margin_loss(loss)
     loss_params = {k: v for k, v in (loss_params or {}).items() if v is not None}
+    missing = missing_rate(loss, loss_params, MARGIN_RATE_PARAMS)  # cdpo/rdpo: ε has no default
+    if missing:
+        raise PrefnoiseError(missing)
     for name, value in loss_params.items():
         check_finite_number(f"--{name}", value)
     entry.fn(torch.zeros(1), **_only(loss_params, entry.params, loss))  # validates params early
@@ -405,6 +420,7 @@ def fit_reward_model(
         "train_pairs": int(len(train_index)),
         "val_pairs": int(len(val_index)),
         "dropped": {DROP_REASON: dropped} if dropped else {},
+        "truncated_sequences": sum(s["truncated"] for s in getattr(model, "truncation", [])),
         "device": str(runtime.device),
         "processes": runtime.world,
         "settings": {
