@@ -1048,6 +1048,11 @@ def write_table(
 
     source_path = entry.source.path if isinstance(entry, HistoryEntry) and entry.source is not None else None
     check_output_file(dest, inputs=[source_path], overwrite=overwrite)
+    if str(dest) != _STDIN and Path(dest).suffix.lower() not in ("", ".parquet", ".pq"):
+        raise PrefnoiseError(
+            f"OUT {dest}: prefnoise writes Parquet tables only; name the file *.parquet (other formats: "
+            "convert the Parquet output, e.g. with polars)"
+        )
     frames = [data] if isinstance(data, pl.DataFrame) else data
     if history is None:
         source = entry.source if isinstance(entry, HistoryEntry) else None

@@ -379,3 +379,10 @@ def test_library_writers_share_the_policy(tmp_path):
         write_table(frame, foreign, overwrite=True)
     check_output_file("-")  # stdout is always a fine destination
     assert check_output_dir(tmp_path / "new", command="fit-reward") == "missing"
+
+
+@pytest.mark.parametrize("name", ["out.jsonl", "out.csv", "out.txt"])
+def test_a_table_is_never_written_under_another_formats_name(tmp_path, sample_path, name):
+    result = run("corrupt", sample_path, tmp_path / name, "--rate", "0.2")
+    assert result.exit_code == 2 and "writes Parquet tables only" in one_error_line(result)
+    assert list(tmp_path.iterdir()) == []
