@@ -17,34 +17,19 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-from prefnoise.cli import app
 from prefnoise.data import open_source, read_history, read_provenance, read_table, write_table
 from prefnoise.errors import PrefnoiseError
+from tests.cli_helpers import assert_nothing_written, assert_one_line_error, invoke
 from tests.conftest import make_pairs
 
 RATE = ["--rate", "0.2"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def assert_one_line_error(result, *fragments: str) -> str:
-    """Exit 2, no traceback, stderr exactly one line 'Error: …' holding every fragment; the line."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
-    return result.stderr.strip()
 
 
-def assert_nothing_written(out: Path) -> None:
-    """No output and no hidden temporary (.OUT.tmp-*) beside it."""
-    assert not out.exists()
-    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] == []
 
 
 def jsonl_bytes(rows: list[bytes]) -> bytes:

@@ -21,35 +21,21 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from prefnoise.cli import app
 from prefnoise.data import canonicalize, read_table
 from prefnoise.errors import PrefnoiseError
 from prefnoise.noise import CorruptionStats, NoiseSpec, corrupt_batches, corrupt_frame, exact_thresholds
 from prefnoise.rank import rank_report
+from tests.cli_helpers import assert_nothing_written, assert_one_line_error, invoke
 from tests.conftest import make_pairs
 
 ASYM = ["--noise", "asymmetric", "--rate-pos", "0.3", "--rate-neg", "0.1"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def assert_one_line_error(result, *fragments: str) -> str:
-    """Exit 2, no traceback, stderr exactly one line 'Error: …' holding every fragment; the line."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
-    return result.stderr.strip()
 
 
-def assert_nothing_written(out: Path) -> None:
-    assert not out.exists()
-    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] == []
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

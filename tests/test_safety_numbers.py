@@ -16,16 +16,15 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from prefnoise import columns as C
 from prefnoise.align import AlignConfig, check_config
 from prefnoise.align import train as align_train
-from prefnoise.cli import app
 from prefnoise.data import canonicalize, read_table, write_table
 from prefnoise.errors import PrefnoiseError
 from prefnoise.reward import fit_reward_model, load_reward_model, save_reward_model, score_responses, score_table
 from prefnoise.reward.validate import check_finite_features
+from tests.cli_helpers import assert_one_line_error, invoke
 from tests.conftest import make_feature_pairs
 from tests.tiny_models import make_tiny_encoder, pattern_pairs, pattern_texts
 
@@ -55,18 +54,8 @@ def read_table_of(frame: pl.DataFrame) -> pl.DataFrame:
     return canonicalize(frame)[0]
 
 
-def invoke(*args) -> object:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def assert_one_line_error(result, *fragments: str) -> str:
-    """Exit 2, no traceback, stderr exactly one line 'Error: …' holding every fragment; the line."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
-    return result.stderr.strip()
 
 
 def leftovers(directory: Path) -> list[str]:
