@@ -34,6 +34,7 @@ _EXPORTS = {
     ),
     "prefnoise.rank": ("rank_report", "pairwise_agreement", "kendall_tau_b", "spearman_rho"),
     "prefnoise.audit": ("estimate_noise_rate", "out_of_fold_margins"),
+    "prefnoise.heldout": ("split_table", "mark_seen", "read_training_pairs"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

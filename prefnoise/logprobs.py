@@ -43,7 +43,7 @@ CONTENT_KEY = "content_key"
 FINGERPRINT_KEY = b"prefnoise.ref_fingerprint"
 # Part of the reference-cache key: bump it whenever how token ids or log-probs are computed changes
 # (tokenization, truncation, masking, the forward pass), so that older caches are recomputed.
-LOGPROB_FORMAT_VERSION = 2
+LOGPROB_FORMAT_VERSION = 3
 # The date_string style of Llama 3.x chat templates ("26 Jul 2024"): how a run's chat date is kept.
 CHAT_DATE_FORMAT = "%d %b %Y"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -201,38 +201,33 @@ def tokenize_pairs(
 ) -> TokenizedPairs:
     """Token ids of every pair in ``frame`` (canonical columns, ``pair_id`` present).
 
-    Prompts start with BOS when the tokenizer has one (kept through truncation); responses end
-    with EOS. Raises
-    PrefnoiseError naming the pair when a response is empty after truncation.
+    Prompts start with BOS when the tokenizer has one (kept through truncation). Plain-text
+    responses end with EOS (one, as TRL's DPOTrainer adds it). With a chat template, each response
+    is rendered as TRL does: the prompt messages plus one assistant message through the template,
+    the response being the tokens after the common prefix with the templated prompt (so it ends
+    with the template's end-of-turn, no EOS added). Raises PrefnoiseError naming the pair when a
+    response is empty after truncation.
     """
     if settings.max_prompt_length >= settings.max_length:
         raise PrefnoiseError(
             f"--max-prompt-length ({settings.max_prompt_length}) must be smaller than "
             f"--max-length ({settings.max_length}) to leave room for the response"
         )
-    if settings.chat_template:
-        # a date-rendering template sees the run's date, never the clock (see fixed_template_clock)
-        dated = {} if settings.chat_date is None else {"date_string": settings.chat_date}
-        with fixed_template_clock(settings.chat_date):
-            prompts = [
-                tokenizer.apply_chat_template(json.loads(m), tokenize=False, add_generation_prompt=True, **dated)
-                for m in frame[C.PROMPT_MESSAGES].to_list()
-            ]
-    else:
-        prompts = frame[C.PROMPT].to_list()
-
     def ids(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if settings.chat_template:
+        prompt_ids, chosen_ids, rejected_ids = _chat_template_ids(frame, tokenizer, settings.chat_date, ids)
+    else:
+        prompt_ids, chosen_ids, rejected_ids = (ids(frame[c].to_list()) for c in (C.PROMPT, C.CHOSEN, C.REJECTED))
     out = TokenizedPairs([], [], [], [], 0, settings)
-    rows = zip(
-        frame[C.PAIR_ID].to_list(), ids(prompts), ids(frame[C.CHOSEN].to_list()),
-        ids(frame[C.REJECTED].to_list()), strict=True,
-    )
+    rows = zip(frame[C.PAIR_ID].to_list(), prompt_ids, chosen_ids, rejected_ids, strict=True)
+    # plain-text responses get one EOS (TRL adds it unless the text already ends with it)
+    add_eos = eos is not None and not settings.chat_template
     for pair_id, prompt, chosen, rejected in rows:
-        if eos is not None:
-            chosen, rejected = [*chosen, eos], [*rejected, eos]
+        if add_eos:
+            chosen, rejected = (r if r[-1:] == [eos] else [*r, eos] for r in (chosen, rejected))
         # BOS survives truncation: the budget is cut for the prompt body behind it.
         if bos is not None and prompt[:1] == [bos]:
             prompt = prompt[1:]
@@ -243,7 +238,7 @@ def tokenize_pairs(
         )
         prompt = head + prompt
         for side, kept, full in (("chosen", chosen_kept, chosen), ("rejected", rejected_kept, rejected)):
-            text_tokens = len(full) - (eos is not None)
+            text_tokens = len(full) - add_eos
             if min(len(kept), text_tokens) == 0:
                 raise PrefnoiseError(
                     f"{source}: pair {pair_id}: {side} response is empty after truncation "
@@ -260,6 +255,47 @@ def tokenize_pairs(
         out.chosen_ids.append(chosen_kept)
         out.rejected_ids.append(rejected_kept)
         out.truncated_rows += cut
+    return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chat_template_ids(
+    frame: pl.DataFrame, tokenizer, chat_date: str | None, ids: Callable[[list[str]], list[list[int]]]
+) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Prompt, chosen and rejected ids of conversational rows, split as TRL's DPOTrainer does.
+
+    The prompt messages are rendered with the generation prompt; prompt + one assistant message
+    (the response) without it. The response is what follows the common prefix of the prompt
+    and both renderings (templates may render a prompt alone differently).
+    """
+    # a date-rendering template sees the run's date, never the clock (see fixed_template_clock)
+    dated = {} if chat_date is None else {"date_string": chat_date}
+    prompts, chosen, rejected = [], [], []
+    with fixed_template_clock(chat_date):
+        for messages, c, r in zip(frame[C.PROMPT_MESSAGES].to_list(), frame[C.CHOSEN].to_list(),
+                                  frame[C.REJECTED].to_list(), strict=True):
+            messages = json.loads(messages)
+
+            def render(tail: list[dict], generation: bool, messages=messages) -> str:
+                return tokenizer.apply_chat_template(messages + tail, tokenize=False,
+                                                     add_generation_prompt=generation, **dated)
+
+            prompts.append(render([], True))
+            chosen.append(render([{"role": "assistant", "content": c}], False))
+            rejected.append(render([{"role": "assistant", "content": r}], False))
+    out: tuple[list[list[int]], list[list[int]], list[list[int]]] = ([], [], [])
+    for prompt, full_c, full_r in zip(ids(prompts), ids(chosen), ids(rejected), strict=True):
+        cut = min(_common_prefix(prompt, full_c), _common_prefix(prompt, full_r))
+        for part, seq in zip(out, (prompt[:cut], full_c[cut:], full_r[cut:]), strict=True):
+            part.append(seq)
     return out
 
 

@@ -48,6 +48,7 @@ def test_fit_reward_writes_model_dir_and_prints_clean_accuracy_last(noisy_path, 
         "metrics.json",
         "history.json",
         ".prefnoise-output.json",  # the marker that lets a later --overwrite replace this directory
+        "training_pairs.parquet",  # the pairs it trained and validated on: score keeps them apart
     }
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 5 and metrics["loss"] == "sigmoid"

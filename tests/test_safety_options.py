@@ -82,7 +82,8 @@ def assert_refused(result, flag: str) -> str:
 
 def test_the_sweep_covers_every_command_with_numbers():
     assert {name for name, _, _ in NUMERIC} == {
-        "align", "audit", "corrupt", "fit-reward", "rank-check", "score", "reproduce synthetic", "reproduce alignment"
+        "align", "audit", "corrupt", "fit-reward", "rank-check", "score", "split", "reproduce synthetic",
+        "reproduce alignment",
     }
     assert len(NUMERIC) >= 60
 

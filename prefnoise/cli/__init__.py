@@ -17,6 +17,7 @@ from prefnoise.cli import (
     rank_check,  # noqa: E402,F401
     reproduce,  # noqa: E402,F401
     score,  # noqa: E402,F401
+    split,  # noqa: E402,F401
 )
 from prefnoise.cli.app import DEBUG_ENV, app
 from prefnoise.cli.common import EXIT_BAD_INPUT, fail, flush_stdout

@@ -223,6 +223,7 @@ OPTION_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "show_suspects": (0, True, None, False),
     "show_worst": (0, True, None, False),
     "threshold": (0, True, 1, True),
+    "test_fraction": (0, False, 1, False),
     "min_agreement": (0, True, 1, True),
     "min_kendall": (-1, True, 1, True),
     "min_preservation": (0, True, 1, True),

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import polars as pl
 import typer
 
@@ -29,8 +28,10 @@ from prefnoise.cli.common import (
 )
 from prefnoise.data import new_history_entry, open_source, read_history, write_table
 from prefnoise.errors import PrefnoiseError
+from prefnoise.heldout import IN_TRAINING, IN_VALIDATION, agreement_summary, mark_seen, read_training_pairs
 from prefnoise.outputs import check_output_file
-from prefnoise.rank import tie_half_accuracy
+
+SEEN = (IN_TRAINING, IN_VALIDATION)
 
 
 def read_long_table(source: str) -> pl.DataFrame:
@@ -67,6 +68,7 @@ def score_command(
     check_output_file(dest, inputs=[model_dir, data], overwrite=overwrite)
     started = time.perf_counter()
     model = load_reward_model(model_dir, cache_dir=cache_dir)
+    splits = read_training_pairs(model_dir)
     parameters = {"model": str(model_dir), "responses": responses, "batch_size": batch_size}
     if responses:
         frame = read_long_table(data)
@@ -82,6 +84,8 @@ def score_command(
     with progress("scoring", total, enabled=show_progress(json_output)) as advance:
         scored = score(model, frame, batch_size, device=device, on_progress=advance, drop_invalid=drop_invalid,
                        source="<stdin>" if data == "-" else data, model_name=str(model_dir))
+    if splits is not None and not responses:
+        scored = mark_seen(scored, splits)  # in_training / in_validation travel on to rank-check --group-by
     rows = write_table(scored, dest, entry=entry, history=history, overwrite=overwrite)
     elapsed = time.perf_counter() - started
     summary = {
@@ -89,15 +93,11 @@ def score_command(
         "backend": model.backend,
         "rows": rows,
         "output": "<stdout>" if dest == "-" else dest,
-        "columns": [C.REWARD] if responses else [C.chosen(C.REWARD), C.rejected(C.REWARD)],
+        "columns": [C.REWARD] if responses else [c for c in scored.columns if c.endswith(C.REWARD) or c in SEEN],
         "seconds": round(elapsed, 3),
     }
     if not responses:
-        margin = (scored[C.chosen(C.REWARD)] - scored[C.rejected(C.REWARD)]).to_numpy()
-        summary["accuracy"] = tie_half_accuracy(margin)  # one rule: a predicted tie counts 1/2
-        if C.FLIPPED in scored.columns:
-            flipped = scored[C.FLIPPED].fill_null(False).to_numpy()
-            summary["clean_accuracy"] = tie_half_accuracy(margin, np.where(flipped, -1.0, 1.0))
+        summary.update(agreement_summary(scored))
     cut = describe_truncation(getattr(model, "truncation", []), model.config.get("max_length") or 0)
     summary["truncated_sequences"] = sum(s["truncated"] for s in getattr(model, "truncation", []))
     if json_output:
@@ -105,9 +105,28 @@ def score_command(
         return
     if cut:
         console.print(cut)
-    line = f"score: {rows:,} rows with {model.backend} rewards → {summary['output']} in {elapsed:.2f} s"
+    console.print(f"score: {rows:,} rows with {model.backend} rewards → {summary['output']} in {elapsed:.2f} s")
     if "accuracy" in summary:
-        line += f"; agreement with the given labels {summary['accuracy']:.4f}"
-    if "clean_accuracy" in summary:
-        line += f", with clean labels {summary['clean_accuracy']:.4f}"
-    console.print(line)
+        console.print(agreement_line(summary))
+
+
+def agreement_line(summary: dict) -> str:
+    """How well the rewards agree with the labels, never passing rows the model saw off as held out."""
+    def both(prefix: str) -> str:
+        text = f"{summary[prefix + 'accuracy']:.4f} with the given labels"
+        clean = summary.get(prefix + "clean_accuracy")
+        return text + (f", {clean:.4f} with the clean labels" if clean is not None else "")
+
+    seen = summary.get("seen")
+    if seen is None:
+        return f"agreement on all rows: {both('')} (the model records no training pairs: none is known to be unseen)"
+    if not seen["unseen"]:
+        return (
+            f"agreement on all rows: {both('')}; [bold]every row was seen by the model[/bold] ({seen['train']:,} in "
+            f"training, {seen['val']:,} in validation), so this is no held-out figure: score a split-off test set "
+            "(prefnoise split)"
+        )
+    return (
+        f"agreement on the {seen['unseen']:,} rows the model never saw: {both('unseen_')}; on all rows "
+        f"(incl. {seen['train']:,} training and {seen['val']:,} validation rows): {both('')}"
+    )

@@ -239,6 +239,70 @@ def encode_pairs(
     return out, stats
 
 
+def _chat_ids(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+    """``messages`` through the tokenizer's chat template, as TRL's RewardTrainer tokenizes them."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def _common_prefix(ids: Sequence[int], other: Sequence[int]) -> int:
+    n = 0
+    for a, b in zip(ids, other):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def uses_chat_template(tokenizer: Any, prompt_messages: Sequence[str | None] | None) -> bool:
+    """Whether rows are tokenized with the chat template: the tokenizer has one and every row has
+    its prompt messages (the ``prompt_messages`` JSON column that conversational tables carry)."""
+    return (
+        prompt_messages is not None
+        and bool(getattr(tokenizer, "chat_template", None))
+        and all(isinstance(m, str) and m != "" for m in prompt_messages)
+    )
+
+
+def encode_chat_pairs(
+    tokenizer: Any, prompt_messages: Sequence[str], responses: Sequence[str], max_length: int
+) -> tuple[list[list[int]], dict[str, int]]:
+    """Token ids of each (prompt messages + assistant response) through the tokenizer's chat template.
+
+    A row that fits in ``max_length`` gets exactly what TRL's RewardTrainer builds for a
+    conversational row: ``apply_chat_template(prompt + [assistant response], tokenize=True)``, no
+    EOS added. A longer row is split where the prompt rendered with the generation prompt stops
+    matching; the prompt part (after a leading BOS, which is kept) loses tokens from the left and the
+    response part (the response and the template's end-of-turn tokens) from the right only when it
+    alone is too long. ``prompt_messages``: JSON lists of {role, content}. Counts as
+    :func:`encode_pairs`.
+    """
+    stats = {"rows": len(responses), "truncated": 0, "prompt_truncated": 0, "response_truncated": 0,
+             "first_truncated_row": -1}
+    bos = getattr(tokenizer, "bos_token_id", None)
+    out: list[list[int]] = []
+    for row, (raw, response) in enumerate(zip(prompt_messages, responses)):
+        messages = json.loads(raw)
+        full = _chat_ids(tokenizer, [*messages, {"role": "assistant", "content": response}])
+        if len(full) <= max_length:
+            out.append(full)
+            continue
+        split = _common_prefix(_chat_ids(tokenizer, messages, add_generation_prompt=True), full) if messages else 0
+        head = full[:1] if bos is not None and split and full[:1] == [bos] else []
+        prompt, answer = full[len(head) : split], full[split:]
+        keep_prompt, keep_response = _fit_lengths(len(prompt), len(answer), max_length - len(head))
+        if answer and not keep_response:
+            raise _vanished(row, len(prompt), len(answer), max_length, len(head))
+        out.append(head + prompt[len(prompt) - keep_prompt :] + answer[:keep_response])
+        cut_prompt, cut_response = keep_prompt < len(prompt), keep_response < len(answer)
+        stats["prompt_truncated"] += cut_prompt
+        stats["response_truncated"] += cut_response
+        stats["truncated"] += 1
+        if stats["first_truncated_row"] < 0:
+            stats["first_truncated_row"] = row
+    return out, stats
+
+
 def tokenize_pairs(
     tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
 ) -> list[list[int]]:
@@ -291,8 +355,13 @@ class RewardModel:
         *,
         device: torch.device,
         on_progress: Callable[[int], None] | None = None,
+        prompt_messages: Sequence[str | None] | None = None,
     ) -> Any:
-        """Per-row network inputs, computed once (features, token ids, or embeddings)."""
+        """Per-row network inputs, computed once (features, token ids, or embeddings).
+
+        ``prompt_messages`` (the JSON ``prompt_messages`` column of conversational tables) is read by
+        the transformer backend only: with a chat-template tokenizer, rows go through the template.
+        """
         raise NotImplementedError
 
     def batch(self, sides: Sequence[Any], index: np.ndarray, device: torch.device) -> dict[str, Tensor]:
@@ -356,8 +425,13 @@ class TransformerRewardModel(RewardModel):
         # counts of the latest prepare call (see encode_pairs); describe_truncation words them
         self.last_truncation: dict[str, int] | None = None
 
-    def prepare(self, prompts, responses, features, *, device, on_progress=None):
-        ids, self.last_truncation = encode_pairs(self.tokenizer, prompts, responses, self.config["max_length"])
+    def prepare(self, prompts, responses, features, *, device, on_progress=None, prompt_messages=None):
+        if uses_chat_template(self.tokenizer, prompt_messages):
+            ids, self.last_truncation = encode_chat_pairs(
+                self.tokenizer, prompt_messages, responses, self.config["max_length"]
+            )
+        else:
+            ids, self.last_truncation = encode_pairs(self.tokenizer, prompts, responses, self.config["max_length"])
         for row, seq in enumerate(ids):
             if not seq:
                 raise PrefnoiseError(f"row {row}: prompt and response have no tokens to score")

@@ -30,6 +30,7 @@ from torch import Tensor
 from prefnoise import columns as C
 from prefnoise.atomic import atomic_path
 from prefnoise.errors import PrefnoiseError
+from prefnoise.heldout import pair_splits, write_training_pairs
 from prefnoise.loss_names import MARGIN_RATE_PARAMS, missing_rate
 from prefnoise.losses import get_margin_loss
 from prefnoise.reward.models import (
@@ -67,6 +68,7 @@ class FitResult:
     model: RewardModel
     metrics: dict[str, Any]
     is_main: bool = True
+    pair_splits: pl.DataFrame | None = None  # (pair_id, split): the pairs that trained and validated it
 
 
 @dataclass
@@ -169,6 +171,13 @@ def build_reward_model(
     raise PrefnoiseError(f"unknown backend {backend!r}; use mlp, embed+mlp or a model directory")
 
 
+def _prompt_messages(model: RewardModel, df: pl.DataFrame) -> dict[str, Any]:
+    """``prompt_messages=`` for ``model.prepare`` when the table is conversational (transformer backend)."""
+    if model.backend != "transformer" or C.PROMPT_MESSAGES not in df.columns:
+        return {}
+    return {"prompt_messages": df[C.PROMPT_MESSAGES].to_list()}
+
+
 def _prepare_sides(
     model: RewardModel, df: pl.DataFrame, device: torch.device, on_progress: Progress | None
 ) -> list[Any]:
@@ -178,6 +187,7 @@ def _prepare_sides(
     """
     prompts = df[C.PROMPT].to_list()
     wants_features = model.backend == "mlp"
+    chat = _prompt_messages(model, df)
     sides, truncation = [], []
     for side in (C.CHOSEN, C.REJECTED):
         sides.append(
@@ -187,6 +197,7 @@ def _prepare_sides(
                 _features(df, f"{side}_{C.FEATURES}") if wants_features else None,
                 device=device,
                 on_progress=on_progress,
+                **chat,
             )
         )
         if getattr(model, "last_truncation", None) is not None:
@@ -434,7 +445,8 @@ def fit_reward_model(
             "max_length": max_length if backend != "mlp" else None,
         },
     }
-    return FitResult(model=model, metrics=metrics, is_main=runtime.rank == 0)
+    splits = pair_splits(df[C.PAIR_ID], train_index, val_index)
+    return FitResult(model=model, metrics=metrics, is_main=runtime.rank == 0, pair_splits=splits)
 
 
 def _only(params: dict[str, float], accepted: tuple[str, ...], loss: str) -> dict[str, float]:
@@ -552,12 +564,15 @@ def _mean_over_ranks(total: float, count: int, runtime: _Runtime) -> float:
 
 
 def save_reward_model(result: FitResult, directory: str | Path, *, history: list[dict[str, Any]]) -> Path:
-    """Write model, config, metrics.json and history.json into ``directory`` atomically; return it."""
+    """Write model, config, metrics.json, history.json and the trained/validated pair_ids
+    (training_pairs.parquet) into ``directory`` atomically; return it."""
     directory = Path(directory)
     with atomic_path(directory, directory=True, command="fit-reward") as tmp:
         result.model.save(tmp)
         (tmp / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2, default=str) + "\n", encoding="utf-8")
+        if result.pair_splits is not None:
+            write_training_pairs(result.pair_splits, tmp)
     return directory
 
 
@@ -621,7 +636,9 @@ def score_responses(
     n = df.height
     prompts = df[C.PROMPT].to_list() if C.PROMPT in df.columns else [""] * n
     responses = df[RESPONSE].to_list() if RESPONSE in df.columns else [""] * n
-    side = model.prepare(prompts, responses, _features(df, C.FEATURES), device=runtime.device)
+    side = model.prepare(
+        prompts, responses, _features(df, C.FEATURES), device=runtime.device, **_prompt_messages(model, df)
+    )
     rewards, _ = _pair_rewards(
         model, [side], np.arange(n), runtime, batch_size or EVAL_BATCH[model.backend], on_progress
     )
