@@ -992,12 +992,18 @@ def _broken_messages(*lists: list[Any]) -> bool:
 
 def _from_conversational(frame: pl.DataFrame, name: str) -> tuple[pl.DataFrame, pl.Expr, pl.Expr]:
     """TRL's conversational format: lists of {role, content}, explicit or implicit prompt.
+
+    The text columns hold the rendered prompt and the response text; the messages themselves are
+    kept losslessly as JSON in ``prompt_messages``, ``chosen_messages`` and ``rejected_messages``
+    (the latter two swap with their response on a flip), from which :func:`write_table` writes the
+    table back in TRL's explicit-prompt conversational format.
     Returns the frame and the masks of rows with a broken message and with differing prefixes."""
     chosen_lists = frame[C.CHOSEN].to_list()
     rejected_lists = frame[C.REJECTED].to_list()
     explicit = C.PROMPT in frame.columns and _is_messages(frame.schema[C.PROMPT])
     prompt_lists = frame[C.PROMPT].to_list() if explicit else [None] * frame.height
     prompts, prompt_json, chosen, rejected, mismatch, broken = [], [], [], [], [], []
+    chosen_json, rejected_json = [], []
     for prompt, chosen_msgs, rejected_msgs in zip(prompt_lists, chosen_lists, rejected_lists):
         chosen_msgs, rejected_msgs = chosen_msgs or [], rejected_msgs or []
         bad = _broken_messages(prompt or [], chosen_msgs, rejected_msgs)
@@ -1015,9 +1021,13 @@ def _from_conversational(frame: pl.DataFrame, name: str) -> tuple[pl.DataFrame, 
         prompt_json.append(json.dumps(prompt, ensure_ascii=False, default=str))
         chosen.append(_response_text(chosen_msgs))
         rejected.append(_response_text(rejected_msgs))
+        chosen_json.append(json.dumps(chosen_msgs, ensure_ascii=False, default=str))
+        rejected_json.append(json.dumps(rejected_msgs, ensure_ascii=False, default=str))
     frame = frame.with_columns(
         pl.Series(C.PROMPT, prompts, dtype=pl.String),
         pl.Series(C.PROMPT_MESSAGES, prompt_json, dtype=pl.String),
+        pl.Series(C.chosen(C.MESSAGES), chosen_json, dtype=pl.String),
+        pl.Series(C.rejected(C.MESSAGES), rejected_json, dtype=pl.String),
         pl.Series(C.CHOSEN, chosen, dtype=pl.String),
         pl.Series(C.REJECTED, rejected, dtype=pl.String),
         pl.Series("__broken", broken, dtype=pl.Boolean),
@@ -1039,6 +1049,11 @@ def write_table(
     overwrite: bool = False,
 ) -> int:
     """Write frames atomically as zstd Parquet (``-`` for stdout) with history; return rows written.
+
+    A conversational table (one carrying ``prompt_messages``, ``chosen_messages`` and
+    ``rejected_messages``) is written back in TRL's conversational format: ``prompt``, ``chosen``
+    and ``rejected`` as lists of {role, content} messages (explicit prompt), without the JSON
+    helper columns; reading it back gives the same canonical table.
 
     ``history`` defaults to the entry's source history; ``entry`` is appended to it. An existing
     ``dest`` is replaced only with ``overwrite`` and only when prefnoise wrote it; ``dest`` may never
@@ -1063,9 +1078,10 @@ def write_table(
     try:
         with atomic_path(target) as tmp:
             writer: _BackgroundWriter | None = None
+            message_types: dict[str, pa.DataType] = {}
             try:
                 for frame in frames:
-                    table = _drop_internal(frame).to_arrow()
+                    table = _to_conversational(_drop_internal(frame).to_arrow(), message_types)
                     if writer is None:
                         writer = _BackgroundWriter(tmp, table.schema, row_group_size)
                     writer.put(table)
@@ -1094,6 +1110,63 @@ def write_table(
         if to_stdout:
             shutil.rmtree(target.parent, ignore_errors=True)
     return rows
+
+
+_MESSAGE_COLUMNS = (
+    (C.PROMPT_MESSAGES, C.PROMPT),
+    (C.chosen(C.MESSAGES), C.CHOSEN),
+    (C.rejected(C.MESSAGES), C.REJECTED),
+)
+
+
+def _to_conversational(table: pa.Table, message_types: dict[str, pa.DataType]) -> pa.Table:
+    """``table`` with its JSON message columns turned back into TRL's conversational columns
+    (``prompt``, ``chosen``, ``rejected`` as lists of message structs) and dropped; unchanged when
+    it lacks any of them. ``message_types`` holds each column's list type, fixed by the first batch
+    so every batch of one file gets the same schema."""
+    names = table.column_names
+    if not all(helper in names for helper, _ in _MESSAGE_COLUMNS):
+        return table
+    for helper, column in _MESSAGE_COLUMNS:
+        values = [None if raw is None else json.loads(raw) for raw in table.column(helper).to_pylist()]
+        if column not in message_types:
+            message_types[column] = _message_list_type(values)
+        target = message_types[column]
+        known = {f.name for f in target.value_type}
+        extra = {k for msgs in values for m in msgs or [] if isinstance(m, dict) for k in m} - known
+        if extra:
+            raise PrefnoiseError(
+                f"messages in {column!r} gain field(s) {', '.join(sorted(map(repr, extra)))} part-way "
+                "through the table; give every message the same fields"
+            )
+        try:
+            array = pa.array(values, type=target)
+        except (pa.ArrowException, TypeError, ValueError) as error:
+            raise PrefnoiseError(f"cannot write the {column!r} messages: {_first_line(error)}") from None
+        table = table.set_column(table.column_names.index(column), column, array)
+    return table.drop_columns([helper for helper, _ in _MESSAGE_COLUMNS])
+
+
+def _message_list_type(values: list[Any]) -> pa.DataType:
+    """The list-of-struct type of messages ``values``: their fields in first-seen order (role and
+    content always, as text), other fields typed from their values (text when all null)."""
+    text = ("role", "content")
+    keys: list[str] = []
+    for msgs in values:
+        for message in msgs or []:
+            for key in message if isinstance(message, dict) else ():
+                if key not in keys:
+                    keys.append(key)
+    keys += [k for k in text if k not in keys]
+    fields = []
+    for key in keys:
+        if key in text:
+            fields.append(pa.field(key, pa.string()))
+            continue
+        items = [m.get(key) for msgs in values for m in msgs or [] if isinstance(m, dict)]
+        inferred = pa.array(items).type
+        fields.append(pa.field(key, pa.string() if pa.types.is_null(inferred) else inferred))
+    return pa.list_(pa.struct(fields))
 
 
 class _BackgroundWriter:

@@ -186,4 +186,9 @@ def test_fit_reward_and_score_a_conversational_table_through_the_cli(chat_lm, tm
     assert sum(templated) == 4 * len(rows)
     scored = pl.read_parquet(scored_path)
     assert scored.height == len(rows) and scored[C.chosen(C.REWARD)].null_count() == 0
-    assert C.PROMPT_MESSAGES in scored.columns
+    # written back in TRL's conversational format; reading it gives the prompt messages again
+    assert scored.schema[C.PROMPT] == pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+    assert C.PROMPT_MESSAGES not in scored.columns
+    from prefnoise.data import read_table
+
+    assert C.PROMPT_MESSAGES in read_table(scored_path).columns
