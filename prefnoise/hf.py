@@ -83,6 +83,12 @@ def _read_json_object(path: Path, name: str, what: str, directory: Path) -> dict
     return data
 
 
+TRANSFORMERS_CONFIGS = frozenset(
+    {"config.json", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json",
+     "processor_config.json", "feature_extractor_config.json", "image_processor_config.json"}
+)
+
+
 def _config_jsons(path: Path) -> list[str]:
     """The small JSON config files transformers may read: config.json, tokenizer_config.json, ..."""
     return sorted(p.name for p in path.glob("*config*.json") if p.is_file())
@@ -127,7 +133,17 @@ def check_model_dir(path: str | Path, what: str) -> Path:
             f"{what} {path}: not a local Hugging Face model directory (no config.json); "
             "pass a directory written by save_pretrained"
         )
-    configs = {name: _read_json_object(path, name, what, path) for name in _config_jsons(path)}
+    configs = {}
+    for name in _config_jsons(path):
+        if name in TRANSFORMERS_CONFIGS:  # files transformers reads: they must be JSON objects
+            configs[name] = _read_json_object(path, name, what, path)
+            continue
+        try:  # other *config*.json files (e.g. sentence-transformers' data_config.json, a list) are only scanned
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(data, dict):
+            configs[name] = data
     for name, data in configs.items():
         if CUSTOM_CODE_KEY in data:
             raise PrefnoiseError(

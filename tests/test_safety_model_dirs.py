@@ -399,3 +399,20 @@ def test_check_model_dir_messages(tmp_path):
         hf.check_model_dir(tmp_path / "f", "--model")
     with pytest.raises(PrefnoiseError, match=r"--encoder .*no config\.json"):
         hf.check_model_dir(tmp_path, "--encoder")
+
+
+def test_other_config_files_are_scanned_but_need_not_be_objects(tmp_path):
+    """sentence-transformers ship data_config.json as a JSON list: a real model dir must still load."""
+    from prefnoise.hf import check_model_dir
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
+    (tmp_path / "data_config.json").write_text('[{"name": "s2orc"}]')
+    (tmp_path / "sentence_bert_config.json").write_text("not json at all")
+    assert check_model_dir(tmp_path, "--encoder") == tmp_path
+    (tmp_path / "config_sentence_transformers.json").write_text('{"auto_map": {"AutoModel": "evil.Model"}}')
+    with pytest.raises(PrefnoiseError, match=r"custom code \(auto_map in config_sentence_transformers.json\)"):
+        check_model_dir(tmp_path, "--encoder")
+    (tmp_path / "config_sentence_transformers.json").unlink()
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(PrefnoiseError, match="tokenizer_config.json is not a JSON object"):
+        check_model_dir(tmp_path, "--encoder")
