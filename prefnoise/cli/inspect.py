@@ -107,7 +107,7 @@ def _print_report(report: dict) -> None:
             str(i),
             _fmt(step.get("command", "?")),
             _fmt(step.get("time", "")),
-            _fmt(step.get("seed", "")),
+            _fmt(str(step.get("seed", ""))),  # an id, not a quantity: no thousands separators
             f"{_fmt(rows_in)} → {_fmt(step.get('rows_out'))}",
             _fmt(json.dumps(step.get("parameters", {}), default=str)),
         )
