@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -96,6 +97,7 @@ def audit_command(
         raise PrefnoiseError(f"--fix must be 'drop' or 'swap', got {fix!r}")
     if not 0.0 <= threshold <= 1.0:
         raise PrefnoiseError(f"--threshold must be within [0, 1], got {threshold}")
+    started = time.time()  # the history entry's duration covers the folds, not only the writing
     check_output_file(out, inputs=[data], overwrite=overwrite)
     check_output_file(plot, inputs=[data], overwrite=overwrite, flag="--plot", suffix=".png")
     if out is not None and plot is not None and str(out) == str(plot):
@@ -133,6 +135,7 @@ def audit_command(
             "threshold": threshold,
         }
         entry = new_history_entry("audit", parameters, seed=seed, source=src)
+        entry.started = started
         entry.extra["noise_estimate"] = {"rate": estimate.rate, "low": estimate.low, "high": estimate.high}
         if fix is not None:
             entry.extra["fixed_pairs"] = {"mode": fix, "count": fixed}
