@@ -485,9 +485,12 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         if read_marker(out) is None:
             write_marker(out, ALIGN_COMMAND)
-        if resume_from is None:
-            shutil.rmtree(checkpoints, ignore_errors=True)
-            (out / METRICS_FILE).unlink(missing_ok=True)
+        if resume_from is None:  # starting over in an earlier align output: clear what that run wrote,
+            # keeping the reference cache (keyed by model and data, so still valid)
+            for directory in (checkpoints, out / MODEL_DIR):
+                shutil.rmtree(directory, ignore_errors=True)
+            for file in (METRICS_FILE, SUMMARY_FILE):
+                (out / file).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
 
     torch.manual_seed(cfg.seed)

@@ -146,7 +146,7 @@ def read_provenance(path: str | Path) -> tuple[list[dict[str, Any]], str | None]
         metadata = pq.read_metadata(files[0]).metadata or {}
     except (pa.ArrowException, OSError) as error:
         raise PrefnoiseError(
-            f"{files[0]}: cannot read as parquet ({_first_line(error)}); check the file is complete"
+            f"{files[0]}: cannot read as parquet ({first_error_line(error)}); check the file is complete"
         ) from None
     raw = metadata.get(METADATA_KEY)
     if raw is None:
@@ -191,7 +191,8 @@ def _json_kind(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def _first_line(error: BaseException) -> str:
+def first_error_line(error: BaseException) -> str:
+    """The first non-empty line of ``error``'s message, or its type name: the cause in a one-line error."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
 
@@ -269,7 +270,7 @@ def _check_saved_dataset(directory: Path) -> None:
     try:
         state = json.loads(state_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise PrefnoiseError(f"{state_path}: unreadable ({_first_line(error)}); {fix}") from None
+        raise PrefnoiseError(f"{state_path}: unreadable ({first_error_line(error)}); {fix}") from None
     entries = state.get("_data_files") if isinstance(state, dict) else None
     if not isinstance(entries, list) or not all(
         isinstance(e, dict) and isinstance(e.get("filename"), str) and e["filename"] for e in entries
@@ -518,7 +519,7 @@ class PreferenceSource:
 
     def _read_error(self, label: str, error: BaseException) -> PrefnoiseError:
         return PrefnoiseError(
-            f"{label}: cannot read as {self.format} ({_first_line(error)}); "
+            f"{label}: cannot read as {self.format} ({first_error_line(error)}); "
             "check the file is complete and in that format"
         )
 
@@ -542,7 +543,7 @@ class PreferenceSource:
         try:
             dataset = datasets.load_from_disk(str(self.path))
         except Exception as error:  # datasets raises many types for unreadable directories
-            raise PrefnoiseError(f"{self.name}: cannot load saved dataset ({_first_line(error)})") from None
+            raise PrefnoiseError(f"{self.name}: cannot load saved dataset ({first_error_line(error)})") from None
         if isinstance(dataset, datasets.DatasetDict):
             raise PrefnoiseError(f"{self.name}: is a DatasetDict ({', '.join(dataset)}); pass one split's directory")
         return dataset.with_format("arrow").data.table
@@ -621,7 +622,7 @@ def _check_shard_schemas(files: list[Path]) -> list[str]:
             schema = pq.read_schema(file)
         except (pa.ArrowException, OSError) as error:
             raise PrefnoiseError(
-                f"{file}: cannot read as parquet ({_first_line(error)}); check the file is complete"
+                f"{file}: cannot read as parquet ({first_error_line(error)}); check the file is complete"
             ) from None
         if first is None:
             first, first_file = schema, file
@@ -676,7 +677,8 @@ def _check_batch(batch: pa.RecordBatch, label: str, row_offset: int) -> None:
             bad = _first_invalid_utf8(column)
             if bad is None:
                 raise PrefnoiseError(
-                    f"{label}: column {field_.name!r} could not be read into a valid column ({_first_line(error)}); "
+                    f"{label}: column {field_.name!r} could not be read into a valid column "
+                    f"({first_error_line(error)}); "
                     "check the file is complete and well-formed"
                 ) from None
             raise PrefnoiseError(
@@ -745,7 +747,7 @@ def _to_polars(data: pa.RecordBatch | pa.Table, name: str) -> pl.DataFrame:
     try:
         frame = pl.from_arrow(data)
     except (pl.exceptions.PolarsError, pa.ArrowException, ValueError, TypeError, PanicException) as error:
-        raise PrefnoiseError(f"{name}: cannot convert the columns to a table ({_first_line(error)})") from None
+        raise PrefnoiseError(f"{name}: cannot convert the columns to a table ({first_error_line(error)})") from None
     assert isinstance(frame, pl.DataFrame)
     return frame
 
@@ -1142,7 +1144,7 @@ def _to_conversational(table: pa.Table, message_types: dict[str, pa.DataType]) -
         try:
             array = pa.array(values, type=target)
         except (pa.ArrowException, TypeError, ValueError) as error:
-            raise PrefnoiseError(f"cannot write the {column!r} messages: {_first_line(error)}") from None
+            raise PrefnoiseError(f"cannot write the {column!r} messages: {first_error_line(error)}") from None
         table = table.set_column(table.column_names.index(column), column, array)
     return table.drop_columns([helper for helper, _ in _MESSAGE_COLUMNS])
 

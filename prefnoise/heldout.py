@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,9 @@ def read_training_pairs(directory: str | Path) -> pl.DataFrame | None:
     try:
         splits = pl.read_parquet(path)
     except Exception as error:  # polars raises several types for a damaged file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        from prefnoise.data import first_error_line
+
+        reason = first_error_line(error)
         raise PrefnoiseError(f"{path}: unreadable ({reason}); the model directory is damaged") from None
     if set(splits.columns) != {C.PAIR_ID, "split"}:
         raise PrefnoiseError(f"{path}: expected columns pair_id and split; the model directory is damaged")
@@ -99,6 +102,14 @@ def agreement_summary(scored: pl.DataFrame) -> dict[str, object]:
 SPLIT_BY = ("prompt", "pair")
 
 
+def check_split_options(test_fraction: float, by: str) -> None:
+    """PrefnoiseError unless ``by`` is a split unit and ``test_fraction`` lies in (0, 1)."""
+    if by not in SPLIT_BY:
+        raise PrefnoiseError(f"--by must be one of: {', '.join(SPLIT_BY)}; got {by!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise PrefnoiseError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+
+
 def split_table(
     frame: pl.DataFrame, *, test_fraction: float, by: str = "prompt", seed: int = C.DEFAULT_SEED
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -108,14 +119,9 @@ def split_table(
     (seed, its text or pair_id) falls below ``test_fraction``, so the split depends on neither row order
     nor batching, and every pair of one prompt lands on the same side.
     """
-    import hashlib
-
     from prefnoise.noise import uniform_draws
 
-    if by not in SPLIT_BY:
-        raise PrefnoiseError(f"--by must be one of: {', '.join(SPLIT_BY)}; got {by!r}")
-    if not 0.0 < test_fraction < 1.0:
-        raise PrefnoiseError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    check_split_options(test_fraction, by)
     if by == "prompt":  # a fixed-size digest, so long prompts cost no more than short ones
         keys = [hashlib.blake2b(p.encode("utf-8"), digest_size=8).hexdigest() for p in frame[C.PROMPT].to_list()]
     else:

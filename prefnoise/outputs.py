@@ -141,6 +141,18 @@ def check_output_file(
     _check_parent(path, flag)
 
 
+def check_distinct_outputs(outputs: dict[str, str | Path | None]) -> None:
+    """PrefnoiseError when two outputs of one command (flag → path) name the same file."""
+    seen: dict[Path, str] = {}
+    for flag, dest in outputs.items():
+        if dest is None or str(dest) == STDOUT:
+            continue
+        target = _resolved(dest)
+        if target in seen:
+            raise PrefnoiseError(f"{seen[target]} and {flag} name the same file; give each its own")
+        seen[target] = flag
+
+
 def read_marker(directory: str | Path) -> dict[str, Any] | None:
     """The marker prefnoise writes into every output directory, or None when there is none."""
     marker = Path(directory) / MARKER

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             code = EXIT_BAD_INPUT
         else:
             ctx = getattr(error, "ctx", None)
-            hint = f" (see '{ctx.command_path} --help')" if getattr(error, "ctx", None) is not None else ""
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             code = fail(f"{error.format_message()}{hint}", getattr(error, "exit_code", EXIT_BAD_INPUT)).exit_code
     except PrefnoiseError as error:  # stdout could not be flushed
         code = fail(error.message, error.exit_code).exit_code

@@ -185,8 +185,6 @@ def align_command(
         else:
             _print_plan(plan)
         return
-    if state == "ours" and overwrite:
-        remove_previous_run(Path(out))
     before = _listing(Path(out)) if out else None
     try:
         with progress("aligning", None, enabled=show_progress(json_output)) as advance:
@@ -214,17 +212,6 @@ def _listing(out: Path) -> dict[str, int] | None:
     if not out.exists():
         return None
     return {str(p.relative_to(out)): p.lstat().st_mtime_ns for p in out.rglob("*")}
-
-
-def remove_previous_run(out: Path) -> None:
-    """Remove what an earlier align run wrote into ``out`` (checked to be an align output); keep the
-    reference cache, which is keyed by model and data and so stays valid."""
-    from prefnoise.align import CHECKPOINTS_DIR, METRICS_FILE, MODEL_DIR, SUMMARY_FILE
-
-    for name in (CHECKPOINTS_DIR, MODEL_DIR):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in (METRICS_FILE, SUMMARY_FILE):
-        (out / name).unlink(missing_ok=True)
 
 
 def clean_up_failed_run(out: Path, *, state: str | None, resumable: bool = True) -> str:

@@ -30,7 +30,7 @@ from prefnoise.cli.common import (
 )
 from prefnoise.data import new_history_entry, write_table
 from prefnoise.errors import PrefnoiseError
-from prefnoise.outputs import check_output_file
+from prefnoise.outputs import check_distinct_outputs, check_output_file
 
 
 @app.command("audit")
@@ -95,13 +95,10 @@ def audit_command(
         raise PrefnoiseError("--fix needs --out for the cleaned table")
     if fix is not None and fix not in ("drop", "swap"):
         raise PrefnoiseError(f"--fix must be 'drop' or 'swap', got {fix!r}")
-    if not 0.0 <= threshold <= 1.0:
-        raise PrefnoiseError(f"--threshold must be within [0, 1], got {threshold}")
     started = time.time()  # the history entry's duration covers the folds, not only the writing
     check_output_file(out, inputs=[data], overwrite=overwrite)
     check_output_file(plot, inputs=[data], overwrite=overwrite, flag="--plot", suffix=".png")
-    if out is not None and plot is not None and str(out) == str(plot):
-        raise PrefnoiseError("--out and --plot name the same file; give each its own")
+    check_distinct_outputs({"--out": out, "--plot": plot})
     src = open_input(data, prompt_col, chosen_col, rejected_col, layout, drop_invalid)
     frame, _ = check_finite_features(src.collect(), src.name, drop_invalid)
     backend, model_path = backend_of(model, C.chosen(C.FEATURES) in frame.columns)

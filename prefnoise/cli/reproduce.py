@@ -22,7 +22,6 @@ from prefnoise.cli.common import (
     progress,
     show_progress,
 )
-from prefnoise.errors import PrefnoiseError
 from prefnoise.experiments import with_overrides
 from prefnoise.outputs import check_output_dir
 
@@ -78,8 +77,6 @@ def synthetic_command(
 
     config = S.SyntheticConfig.quick() if quick else S.SyntheticConfig()
     config = with_overrides(config, seeds=seeds, epochs=epochs, train_pairs=train_pairs)
-    if config.seeds < 1 or config.epochs < 1 or config.train_pairs < 10:
-        raise PrefnoiseError("--seeds and --epochs must be >= 1 and --train-pairs >= 10")
     check_output_dir(out, command=REPRODUCE, inputs=[mnist], overwrite=overwrite)
     command = _command_line()
     with progress("grid", config.cells(), enabled=show_progress(json_output)) as advance:
@@ -152,8 +149,6 @@ def alignment_command(
 
     config = A.AlignmentConfig.quick() if quick else A.AlignmentConfig()
     config = with_overrides(config, seeds=seeds, epochs=epochs, pairs=pairs, asymmetric=None if asymmetric else ())
-    if config.seeds < 1 or config.epochs < 1 or config.pairs < 40:
-        raise PrefnoiseError("--seeds and --epochs must be >= 1 and --pairs >= 40")
     check_output_dir(out, command=REPRODUCE, overwrite=overwrite)
     command = _command_line()
     with progress("grid", config.cells(), enabled=show_progress(json_output)) as advance:

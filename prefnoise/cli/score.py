@@ -27,7 +27,6 @@ from prefnoise.cli.common import (
     show_progress,
 )
 from prefnoise.data import new_history_entry, open_source, read_history, write_table
-from prefnoise.errors import PrefnoiseError
 from prefnoise.heldout import IN_TRAINING, IN_VALIDATION, agreement_summary, mark_seen, read_training_pairs
 from prefnoise.outputs import check_output_file
 
@@ -63,8 +62,6 @@ def score_command(
     from prefnoise.reward import load_reward_model, score_responses, score_table
     from prefnoise.reward.models import describe_truncation
 
-    if batch_size is not None and batch_size < 1:
-        raise PrefnoiseError(f"--batch-size must be >= 1, got {batch_size}")
     check_output_file(dest, inputs=[model_dir, data], overwrite=overwrite)
     started = time.perf_counter()
     model = load_reward_model(model_dir, cache_dir=cache_dir)

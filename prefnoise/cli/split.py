@@ -24,8 +24,8 @@ from prefnoise.cli.common import (
 )
 from prefnoise.data import new_history_entry, write_table
 from prefnoise.errors import PrefnoiseError
-from prefnoise.heldout import SPLIT_BY, split_table
-from prefnoise.outputs import check_output_file
+from prefnoise.heldout import check_split_options, split_table
+from prefnoise.outputs import check_distinct_outputs, check_output_file
 
 
 @app.command("split")
@@ -50,14 +50,12 @@ def split_command(
     drop_invalid: DropInvalidOption = False,
 ) -> None:
     """Split a table into training and held-out parts, prompt-disjoint by default; provenance recorded."""
-    if by not in SPLIT_BY:
-        raise PrefnoiseError(f"--by must be one of: {', '.join(SPLIT_BY)}; got {by!r}")
+    check_split_options(test_fraction, by)  # before the input is read
     if "-" in (train_dest, test_dest):
         raise PrefnoiseError("TRAIN and TEST must be files (two tables cannot share stdout)")
     for dest in (train_dest, test_dest):
         check_output_file(dest, inputs=[source], overwrite=overwrite)
-    if check_same(train_dest, test_dest):
-        raise PrefnoiseError("TRAIN and TEST name the same file; give each its own")
+    check_distinct_outputs({"TRAIN": train_dest, "TEST": test_dest})
     src = open_input(source, prompt_col, chosen_col, rejected_col, layout, drop_invalid)
     frame = src.collect()
     train, test = split_table(frame, test_fraction=test_fraction, by=by, seed=seed)
@@ -88,9 +86,3 @@ def split_command(
         f"{summary['shared_prompts']} prompts on both sides"
     )
 
-
-def check_same(a: str, b: str) -> bool:
-    """Whether two output names point at one file."""
-    from pathlib import Path
-
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
