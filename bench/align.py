@@ -97,6 +97,7 @@ def versus_trl(args: argparse.Namespace) -> None:
             beta=0.1,
             lr=lr,
             batch_size=batch,
+            batching="exact",  # the order TRL replays below
             max_steps=steps,
             seed=seed,
             max_length=64,

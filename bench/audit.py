@@ -76,14 +76,15 @@ def run_case(name: str, spec: NoiseSpec, args) -> dict:
     scored = A.add_suspicion(scored, estimate.mixture)
     seconds = time.perf_counter() - started
     flipped = scored["flipped"].to_numpy()
-    suspicion = scored[A.SUSPICION].to_numpy()
+    suspicion = -scored[A.MARGIN].to_numpy()  # suspicion's ranking (suspicion is null when ε̂ is undetermined)
     true_rate = stats.flips / stats.rows
+    known = estimate.rate is not None
     row = {
         "case": name,
         "eps": true_rate,
         "eps_hat": estimate.rate,
-        "ci": f"{estimate.low:.3f}–{estimate.high:.3f}",
-        "abs_err": abs(estimate.rate - true_rate),
+        "ci": f"{estimate.low:.3f}–{estimate.high:.3f}" if known else "undetermined",
+        "abs_err": abs(estimate.rate - true_rate) if known else None,
         "auroc": A.auroc(suspicion, flipped),
         "precision@k": A.precision_at(suspicion, flipped, int(flipped.sum())),
         "seconds": seconds,
@@ -105,14 +106,20 @@ def run_hh(path: str, encoder: str, args) -> None:
         "hidden": 64,
         "val_fraction": 0.0,
     }
-    scored = A.out_of_fold_margins(frame, folds=args.folds, seed=0, fit_options=options, device="cpu")
-    estimate = A.estimate_noise_rate(scored[A.MARGIN].to_numpy(), n_boot=200)
-    margins = scored[A.MARGIN].to_numpy()
+    _, margins = A.cross_fitted_margins(
+        frame, folds=args.folds, refits=args.refits, seed=0, fit_options=options, device="cpu"
+    )
+    estimate = A.estimate_noise_rate(margins, n_boot=200)
+    verdict = (
+        f"eps_hat = {estimate.rate:.3f} (95% {estimate.low:.3f}–{estimate.high:.3f})"
+        if estimate.identifiable
+        else f"eps_hat undetermined: {estimate.reason}"
+    )
     print(
-        f"HH harmless-base test ({frame.height} pairs, embed+mlp MiniLM, {args.folds} folds, "
-        f"{time.perf_counter() - started:.0f} s): eps_hat = {estimate.rate:.3f} "
-        f"(95% {estimate.low:.3f}–{estimate.high:.3f}); share of negative out-of-fold margins "
-        f"{(margins < 0).mean():.3f}; mixture mean {estimate.mixture.mean:.3f}, std {estimate.mixture.std:.3f}"
+        f"HH harmless-base test ({frame.height} pairs, embed+mlp MiniLM, {args.folds} folds × {args.refits} refits, "
+        f"{time.perf_counter() - started:.0f} s): {verdict}; fold models agree with the labels on "
+        f"{estimate.label_agreement:.3f}; tail share {estimate.tail_share:.3f}; own-error share of confident pairs "
+        f"{estimate.own_error_bias:.3f} (plausible up to {estimate.own_error_bias_high:.3f})"
     )
 
 
@@ -121,6 +128,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5000)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--refits", type=int, default=3, help="cross-fits for --hh")
     parser.add_argument("--hh", help="path to the HH jsonl.gz slice")
     parser.add_argument("--encoder", help="local encoder directory for --hh")
     parser.add_argument("--skip-generated", action="store_true")

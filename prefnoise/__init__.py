@@ -1,13 +1,16 @@
 """prefnoise: inject, measure and survive label noise in preference datasets.
 
-The library behind the ``prefnoise`` command; every subcommand is a thin layer over these::
+The library behind the ``prefnoise`` command: one call per subcommand, with the CLI's option names,
+on polars, pandas, pyarrow, ``datasets.Dataset`` tables or paths (see :mod:`prefnoise.api`)::
 
     import prefnoise as pn
-    table = pn.read_table("sample_data/pairs.parquet")
-    noisy, stats = pn.corrupt_frame(table, pn.NoiseSpec(kind="symmetric", rate=0.2))
-    fit = pn.fit_reward_model(noisy, loss="sigmoid")
-    report = pn.rank_report(pn.score_table(fit.model, table))
+    noisy = pn.corrupt("sample_data/pairs.parquet", rate=0.2, seed=0).table
+    train, test = pn.split(noisy, test_fraction=0.2)
+    fit = pn.fit_reward(train, loss="ramp")
+    report = pn.rank_check(pn.score(fit, test).table)
+    print(report.summary["overall"]["agreement"])
 
+The building blocks stay public too (``pn.read_table``, ``pn.corrupt_frame``, ``pn.rank_report``, ...).
 Names are imported on first use, so ``import prefnoise`` stays fast (torch loads only when a model
 function is touched).
 """
@@ -15,6 +18,8 @@ function is touched).
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -22,6 +27,21 @@ __version__ = "0.1.0"
 from prefnoise.errors import PrefnoiseError  # noqa: E402
 
 _EXPORTS = {
+    "prefnoise.api": (
+        "as_polars",
+        "corrupt",
+        "split",
+        "fit_reward",
+        "score",
+        "rank_check",
+        "CorruptResult",
+        "SplitResult",
+        "FitRewardResult",
+        "ScoreResult",
+        "RankCheckResult",
+        "AuditResult",
+        "AlignResult",
+    ),
     "prefnoise.data": ("ColumnMap", "open_source", "read_table", "write_table", "read_history", "new_history_entry"),
     "prefnoise.noise": ("NoiseSpec", "corrupt_frame", "corrupt_batches", "flip_mask", "uniform_draws"),
     "prefnoise.losses": ("MARGIN_LOSSES", "POLICY_LOSSES", "margin_loss", "preference_loss", "implicit_rewards"),
@@ -38,8 +58,39 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
+# ``pn.audit(...)`` and ``pn.align(...)`` share their names with the modules prefnoise.audit and
+# prefnoise.align, which Python binds on this package whenever they are imported. So those two modules
+# are made callable: calling one runs prefnoise.api.audit / prefnoise.api.align, while its other
+# attributes (``pn.audit.estimate_noise_rate``, ...) stay the module's.
+_CALLABLE_MODULES = ("audit", "align")
+
+
+class _CallableModule(types.ModuleType):
+    """A module that, called, runs the prefnoise.api function of its name."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        api = importlib.import_module("prefnoise.api")
+        return getattr(api, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
+
+
+class _Package(types.ModuleType):
+    """This package: makes prefnoise.audit and prefnoise.align callable as the import system binds them."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CALLABLE_MODULES and type(value) is types.ModuleType:
+            value.__class__ = _CallableModule
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+for _name in _CALLABLE_MODULES:  # already imported (e.g. by a submodule of this package)
+    if f"{__name__}.{_name}" in sys.modules:
+        setattr(sys.modules[__name__], _name, sys.modules[f"{__name__}.{_name}"])
+
 
 def __getattr__(name: str) -> Any:
+    if name in (*_CALLABLE_MODULES, "api"):
+        return importlib.import_module(f"{__name__}.{name}")  # binds (and makes callable) the module
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'prefnoise' has no attribute {name!r}")
@@ -48,4 +99,4 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["PrefnoiseError", "__version__", *_WHERE]
+__all__ = ["PrefnoiseError", "__version__", *_CALLABLE_MODULES, *_WHERE]

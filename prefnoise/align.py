@@ -36,6 +36,13 @@ import torch
 
 from prefnoise import columns as C
 from prefnoise.atomic import atomic_path, atomic_write_text
+from prefnoise.batching import (
+    BATCHING_MODES,
+    BatchSchedule,
+    epoch_permutation,  # noqa: F401  (re-exported: benches replay exact order)
+    padding_fraction,
+    pair_length,
+)
 from prefnoise.errors import PrefnoiseError
 from prefnoise.hf import check_model_dir, check_weights, from_pretrained, quiet_transformers
 from prefnoise.logprobs import (
@@ -93,6 +100,8 @@ class AlignConfig:
     schedule: str = "linear"
     max_grad_norm: float = 1.0
     batch_size: int = 8
+    batching: str = "group"  # prefnoise.batching: "exact" is the plain shuffled order (loss-parity tests)
+    max_tokens_per_batch: int | None = None  # group mode: padded tokens per micro-batch instead of batch_size
     grad_accum: int = 1
     epochs: int = 1
     max_steps: int | None = None
@@ -119,10 +128,12 @@ FLOAT_OPTIONS = ("beta", "clip", "label_smoothing", "noise_rate", "tau", "alpha"
                  "weight_decay", "max_grad_norm", "lora_alpha", "lora_dropout", "val_fraction")
 OPTIONAL_FLOATS = ("clip", "tau", "label_smoothing", "noise_rate")  # may be None
 INT_OPTIONS = ("warmup_steps", "batch_size", "grad_accum", "epochs", "max_steps", "seed", "max_length",
-               "max_prompt_length", "lora_r", "save_every", "eval_every", "log_every")
+               "max_prompt_length", "lora_r", "save_every", "eval_every", "log_every", "max_tokens_per_batch")
 
 # Options that may change between an interrupted run and its --resume without changing the result.
 RESUME_FREE = ("out", "resume", "save_every", "log_every", "eval_every", "ref_cache", "device")
+# What a checkpoint written before an option existed ran with.
+LEGACY_OPTIONS = {"batching": "exact", "max_tokens_per_batch": None}
 
 
 def check_config(cfg: AlignConfig) -> None:
@@ -179,6 +190,13 @@ def check_config(cfg: AlignConfig) -> None:
             bad(f"{flag} must be >= 1, got {value}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         bad(f"--max-steps must be >= 1, got {cfg.max_steps}")
+    if cfg.batching not in BATCHING_MODES:
+        bad(f"--batching must be one of {', '.join(BATCHING_MODES)}, not {cfg.batching!r}")
+    if cfg.max_tokens_per_batch is not None:
+        if cfg.max_tokens_per_batch < 1:
+            bad(f"--max-tokens-per-batch must be >= 1, got {cfg.max_tokens_per_batch}")
+        if cfg.batching == "exact":
+            bad("--max-tokens-per-batch needs --batching group (exact keeps fixed batches of --batch-size)")
     if not 0 <= cfg.max_prompt_length < cfg.max_length:
         bad(f"--max-prompt-length must be in [0, --max-length={cfg.max_length}), "
             f"got {cfg.max_prompt_length}")
@@ -278,20 +296,30 @@ def reward_accuracy(margins: torch.Tensor, correct_sign: torch.Tensor | None = N
     return float(((signed > 0).double() + 0.5 * (signed == 0).double()).mean())
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
-    """The order in which epoch ``epoch`` visits the ``n`` training rows (a pure function of seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
+def batch_schedule(cfg: AlignConfig, pairs: TokenizedPairs, train_idx: list[int], processes: int) -> BatchSchedule:
+    """The run's micro-batches (``prefnoise.batching``) over the training rows; indices are positions
+    in ``train_idx``. A pair's length is its padded width: prompt plus the longer response."""
+    lengths = [pair_length(len(pairs.prompt_ids[i]), len(pairs.chosen_ids[i]), len(pairs.rejected_ids[i]))
+               for i in train_idx]
+    return BatchSchedule(lengths, batch_size=cfg.batch_size, mode=cfg.batching,
+                         max_tokens=cfg.max_tokens_per_batch, seed=cfg.seed, processes=processes)
 
 
-def batch_rows(step: int, micro: int, order_of, micro_per_epoch: int, cfg: AlignConfig,
-               rank: int, processes: int) -> list[int]:
-    """Row indices this process trains on at (optimizer step, micro-batch): a pure function."""
-    k = step * cfg.grad_accum + micro
-    epoch, position = divmod(k, micro_per_epoch)
-    order = order_of(epoch)
-    global_rows = order[position * cfg.batch_size * processes:][:cfg.batch_size * processes]
-    return global_rows[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+def step_rows(schedule: BatchSchedule, step: int, cfg: AlignConfig, train_idx: list[int], rank: int
+              ) -> tuple[list[list[int]], list[float]]:
+    """Per micro-batch of optimizer step ``step``: this process's rows, and the divisor of its objective.
+
+    The divisor makes the step's gradient that of the mean per-pair loss over every pair of the step
+    (all micro-batches, all processes), also when micro-batches hold different numbers of pairs
+    (group mode's last batch, a token budget): a micro-batch of n pairs out of T in the step, on one
+    of P processes whose gradients are averaged, divides its mean loss by T / (n·P). With equal
+    batches this is ``grad_accum``, as before.
+    """
+    groups = [schedule.locate(step * cfg.grad_accum + micro)[1] for micro in range(cfg.grad_accum)]
+    total = sum(len(part) for group in groups for part in group)
+    processes = len(groups[0])
+    rows = [[train_idx[i] for i in group[rank]] for group in groups]
+    return rows, [total / (len(group[rank]) * processes) for group in groups]
 
 
 # --- plan -----------------------------------------------------------------------------------------
@@ -307,17 +335,19 @@ class Plan:
     tokens: int
     max_sequence: int
     processes: int
-    micro_batches_per_epoch: int
+    micro_batches_per_epoch: int  # in the first epoch (with a token budget the count varies by epoch)
     steps: int
     parameters: int
     trainable_parameters: int
     memory_estimate_bytes: int
     chat_template: bool
     chat_date: str | None = None  # the fixed date a date-rendering chat template sees in this run
+    batching: str = "exact"
+    padding_fraction: float = 0.0  # share of the first epoch's padded training tokens that are padding
 
 
 def make_plan(cfg: AlignConfig, pairs: TokenizedPairs, val_mask: np.ndarray, config,
-              processes: int = 1) -> Plan:
+              processes: int = 1, schedule: BatchSchedule | None = None) -> Plan:
     """Counts and the step budget; PrefnoiseError if the training split cannot fill one batch."""
     train_rows = int((~val_mask).sum())
     global_micro = cfg.batch_size * processes
@@ -325,15 +355,19 @@ def make_plan(cfg: AlignConfig, pairs: TokenizedPairs, val_mask: np.ndarray, con
         raise PrefnoiseError(f"only {train_rows} training rows, fewer than one batch "
                              f"({cfg.batch_size} x {processes} processes); lower --batch-size "
                              "or --val-fraction")
-    micro_per_epoch = train_rows // global_micro
-    steps = cfg.max_steps or max(1, cfg.epochs * micro_per_epoch // cfg.grad_accum)
+    if schedule is None:
+        schedule = batch_schedule(cfg, pairs, np.flatnonzero(~val_mask).tolist(), processes)
+    micro_per_epoch = len(schedule.epoch(0))
+    steps = cfg.max_steps or max(1, schedule.micro_batches(cfg.epochs) // cfg.grad_accum)
+    first = [part for group in schedule.epoch(0) for part in group]
     params, trainable = count_parameters(config, cfg.lora_r)
     longest = max(len(p) + max(len(c), len(r)) for p, c, r in
                   zip(pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids, strict=True))
     act_bytes = 2 if resolve_precision(cfg, cuda_available()) == "bf16" else 4
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
-    tokens_per_micro = 2 * cfg.batch_size * longest
+    tokens_per_micro = 2 * cfg.batch_size * longest if cfg.max_tokens_per_batch is None \
+        else max(cfg.max_tokens_per_batch, 2 * longest)  # a pair over the budget trains alone
     # weights (fp32) + grads and two Adam moments for trainable ones; activations ~ 20·d per
     # token per layer (less with checkpointing); logits in fp32 with their gradient.
     per_layer = hidden * 20 * act_bytes * (0.1 if cfg.gradient_checkpointing else 1.0)
@@ -341,7 +375,8 @@ def make_plan(cfg: AlignConfig, pairs: TokenizedPairs, val_mask: np.ndarray, con
     memory = int(4 * params + 12 * trainable + activations)
     return Plan(len(pairs), train_rows, len(pairs) - train_rows, pairs.truncated_rows,
                 pairs.token_count(), longest, processes, micro_per_epoch, steps, params, trainable,
-                memory, pairs.settings.chat_template, pairs.settings.chat_date)
+                memory, pairs.settings.chat_template, pairs.settings.chat_date, cfg.batching,
+                round(padding_fraction(first, schedule.lengths), 4))
 
 
 def count_parameters(config, lora_r: int) -> tuple[int, int]:
@@ -387,6 +422,7 @@ class Prepared:
     val_mask: np.ndarray
     flipped: np.ndarray | None
     plan: Plan
+    schedule: BatchSchedule | None = None  # the training micro-batches (positions in the training rows)
 
 
 def check_pair_ids(frame: pl.DataFrame, source: str = "data") -> None:
@@ -437,8 +473,9 @@ def prepare(cfg: AlignConfig, frame: pl.DataFrame, *, source: str = "data",
                                  f"tokens but the model has {positions} positions; lower --max-length")
     val_mask = split_by_pair_id(pairs.pair_ids, cfg.val_fraction, cfg.seed)
     flipped = frame[C.FLIPPED].fill_null(False).to_numpy() if C.FLIPPED in frame.columns else None
-    plan = make_plan(cfg, pairs, val_mask, config, processes)
-    return Prepared(tokenizer, config, pairs, val_mask, flipped, plan)
+    schedule = batch_schedule(cfg, pairs, np.flatnonzero(~val_mask).tolist(), processes)
+    plan = make_plan(cfg, pairs, val_mask, config, processes, schedule)
+    return Prepared(tokenizer, config, pairs, val_mask, flipped, plan, schedule)
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -529,9 +566,6 @@ def train(
     train_idx = np.flatnonzero(~run.val_mask).tolist()
     val_idx = np.flatnonzero(run.val_mask).tolist()
 
-    def order_of(epoch: int) -> list[int]:
-        return [train_idx[i] for i in epoch_permutation(len(train_idx), cfg.seed, epoch)]
-
     start_step = 0
     if resume_from is not None:  # checked against this run before anything was written
         accelerator.load_state(str(resume_from))
@@ -566,8 +600,8 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, plan.steps, cfg)
         step_losses, step_chosen, step_rejected, step_objectives = [], [], [], []
-        for micro in range(cfg.grad_accum):
-            rows = batch_rows(step, micro, order_of, plan.micro_batches_per_epoch, cfg, rank, processes)
+        micro_rows, divisors = step_rows(run.schedule, step, cfg, train_idx, rank)
+        for micro, (rows, divisor) in enumerate(zip(micro_rows, divisors, strict=True)):
             cpu_batch = collate_pairs(pairs, rows, pad_id)
             window_tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU: no device sync
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in cpu_batch.items()}
@@ -580,7 +614,7 @@ def train(
                     ref_chosen[rows].to(accelerator.device), ref_rejected[rows].to(accelerator.device),
                     response_tokens(batch))
                 objective = policy_objective(cfg.loss, losses, beta_prime=cfg.beta_prime)
-                accelerator.backward(objective / cfg.grad_accum)
+                accelerator.backward(objective / divisor)
             step_losses.append(losses.detach())
             step_objectives.append(objective.detach())
             step_chosen.append(chosen_rewards)
@@ -602,7 +636,8 @@ def train(
             tokens = int(accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device),
                                             reduction="sum"))
             last_train = train_record(done, step, plan, cfg, accelerator, step_losses, step_chosen,
-                                      step_rejected, tokens / max(elapsed, 1e-9), step_objectives)
+                                      step_rejected, tokens / max(elapsed, 1e-9), step_objectives,
+                                      epoch=run.schedule.epoch_of(done * cfg.grad_accum))
             log(last_train)
             window_tokens, window_start = 0, time.perf_counter()
         if evaluates:
@@ -739,8 +774,10 @@ def loss_level(cfg: AlignConfig) -> str:
     return "batch" if cfg.loss == "drdpo" else "row"
 
 
-def train_record(done, step, plan, cfg, accelerator, losses, chosen, rejected, tokens_per_s, objectives=None):
-    """The metrics record of one optimizer step, gathered over processes.
+def train_record(done, step, plan, cfg, accelerator, losses, chosen, rejected, tokens_per_s, objectives=None,
+                 epoch=None):
+    """The metrics record of one optimizer step, gathered over processes (``epoch``: epochs done, by default
+    from the first epoch's micro-batch count).
 
     ``loss`` is the mean per-row loss, except for drdpo (batch-level): there it is the mean over
     micro-batches of −β′·log mean exp(−ℓ/β′), and ``dpo_row_loss`` is the mean per-row DPO ℓ.
@@ -754,7 +791,8 @@ def train_record(done, step, plan, cfg, accelerator, losses, chosen, rejected, t
     rejected = accelerator.gather(torch.cat(rejected)).float()
     margins = chosen - rejected
     return {
-        "split": "train", "step": done, "epoch": round(done * cfg.grad_accum / plan.micro_batches_per_epoch, 4),
+        "split": "train", "step": done,
+        "epoch": round(done * cfg.grad_accum / plan.micro_batches_per_epoch if epoch is None else epoch, 4),
         "lr": learning_rate(step, plan.steps, cfg), "loss": float(losses.mean()),
         "reward_accuracy": reward_accuracy(margins), "margin": float(margins.mean()),
         "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean()),
@@ -843,7 +881,7 @@ def check_resumable(cfg: AlignConfig, saved: dict[str, Any], where: Path, *,
     A checkpoint written before data and model fingerprints were recorded is checked on options only.
     """
     changed = [f.name for f in fields(cfg) if f.name not in RESUME_FREE
-               and saved.get(f.name) != getattr(cfg, f.name)]
+               and saved.get(f.name, LEGACY_OPTIONS.get(f.name)) != getattr(cfg, f.name)]
     if changed:
         raise PrefnoiseError(f"--resume: {where} was written with different "
                              f"{', '.join('--' + n.replace('_', '-') for n in changed)}; "

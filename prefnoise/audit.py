@@ -3,31 +3,44 @@
 1. Cross-fitting: pairs are split into K folds by a hash of pair_id; for each fold a reward model
    (symmetric loss by default, any fit-reward backend) is fitted on the other folds and scores the
    held-out fold, so every pair gets an out-of-fold margin m = r(chosen) − r(rejected) from a model
-   that never saw its label.
+   that never saw its label. This is repeated R times (``refits``) with other fold assignments and
+   seeds, so the fold models' own variability reaches the interval.
 2. Under label flips that do not depend on the pair's content (symmetric noise, or class-conditional
    noise averaged over classes), a flipped pair's margin is a clean margin mirrored through 0:
-   g(m) = (1 − ε)·f(m) + ε·f(−m). Where the model is confident (|m| large) clean pairs almost never
-   have the wrong sign, so among pairs with |m| > t the share with m < −t estimates ε. prefnoise
-   takes t = the median of |m| (``tail_quantile``), which discards the close pairs where a model's
-   own mistakes live, whatever the shape of f; a bootstrap over pairs gives the interval.
-3. The suspicion of a pair is its posterior probability of being flipped under a mirrored Gaussian
+   g(m) = (1 − ε)·f(m) + ε·f(−m). Among the confident pairs (|m| above its median t) the share τ with
+   m < −t is τ = b + ε(1 − 2b), where b is the share of wrong signs the *clean* model would have there
+   (its own confident mistakes). prefnoise reports ε̂ = (τ − b̂)/(1 − 2b̂).
+3. When is ε identifiable? |m| carries no information about ε (flips only change signs), so b is
+   read from the signs given |m|: the clean model's chance of a wrong sign at |m| = u·t is taken as
+   e(u) = σ(−k·u) (exact for Gaussian clean margins, where k = 2μt/σ²; close to the probit shape of
+   half-normal ones), and P(m < 0 | |m|) = e + ε(1 − 2e) is fitted by profile likelihood over k.
+   b(k) is e averaged over the confident pairs; every k within χ²₁(0.95)/2 of the best fit is
+   plausible, giving [b_low, b_high]. The rate is *identifiable* only if b_high ≤ ``MAX_OWN_ERROR``
+   (the clean and mirrored modes are separated enough that flips are not confused with the model's
+   own mistakes), each cross-fit has ``MIN_CONFIDENT_PAIRS`` confident pairs, and the 95% interval
+   — pair bootstrap within each refit, pooled over refits, with b anywhere in [b_low, b_high] — is
+   at most ``MAX_INTERVAL_WIDTH`` wide. Otherwise the rate is None with a reason, and the CLI exits
+   ``UNDETERMINED_EXIT`` (4) for ``--estimate-only`` and ``--fix``. A model near chance has e ≈ 1/2
+   everywhere: k and ε trade off along a flat ridge and b_high is large, so it is declined.
+4. The suspicion of a pair is its posterior probability of being flipped under a mirrored Gaussian
    mixture (1 − ε̂)·N(μ, σ²) + ε̂·N(−μ, σ²) with ε̂ from step 2 and μ, σ fitted by EM: the closed
    form σ(log(ε/(1 − ε)) − 2μm/σ²), i.e. σ(−m) with a fitted scale and prior. Its ranking of pairs
-   is the ranking by −m; the calibration matters for ``--threshold``.
+   is the ranking by −m; the calibration matters for ``--threshold``, and there is none (suspicion
+   is null) when ε̂ is undetermined.
 
-Known bias: clean pairs the model gets confidently wrong (|m| > t with the wrong sign) are counted as
-flips, so ε̂ is biased upward for a weak model, and toward 0.5 for a model that learned nothing.
-Instance-dependent noise (close pairs flip more, as with Bradley–Terry annotators) breaks the mirror
-assumption: flips concentrate below t, and ε̂ then counts only the flips the model can see, so it
-is biased downward. A pure Gaussian-mixture fit of ε was tried first and underestimated ε by about a
-quarter on linear-reward data, whose clean margins are half-normal rather than Gaussian.
+Known limits: instance-dependent noise (close pairs flip more, as with Bradley–Terry annotators)
+breaks the mirror assumption: flips concentrate below t, and ε̂ then counts only the flips the model
+can see, so it is biased downward. Near ε = 0.5 the signs carry little information and the rate is
+often declined unless there are many pairs. A pure Gaussian-mixture fit of ε was tried first: it
+underestimated ε by about a quarter on linear-reward data (half-normal clean margins), and with ε
+free its separation μ/σ confounds ε with the model's strength, so it does not decide identifiability.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +54,16 @@ MARGIN = "oof_margin"
 SUSPICION = "suspicion"
 FOLD = "fold"
 _EPS = 1e-9
+
+# The identifiability verdict (step 3 above): one source for each limit.
+MAX_OWN_ERROR = 0.2  # the fold models' own confident mistakes may be at most this share of the confident pairs
+MAX_INTERVAL_WIDTH = 0.25  # a wider 95% interval says too little to act on
+MIN_CONFIDENT_PAIRS = 100  # pairs with |m| above the cut, per cross-fit
+PROFILE_DROP = 1.9207  # χ²₁(0.95)/2: own-error slopes within this log-likelihood of the best are plausible
+SLOPES = np.geomspace(0.01, 1000.0, 101)  # own-error slopes k the profile tries, per unit of the cut t
+_GROUPS = 400  # above this many pairs on a side of the cut, the slope fit uses quantile groups of |m|
+UNDETERMINED_EXIT = 4  # the CLI's exit code for `--estimate-only` and `--fix` when ε̂ is undetermined
+HELP_MORE = "a stronger reward model (a better backend, more epochs) or more pairs would help"
 
 
 @dataclass
@@ -61,15 +84,40 @@ class MirrorMixture:
 
 
 @dataclass
-class NoiseEstimate:
-    """ε̂ with its bootstrap interval, the mixture behind it, and the method's name."""
+class OwnErrorFit:
+    """The clean model's own-error curve e(u) = σ(−k·u) fitted on the signs given |m| = u·t."""
 
-    rate: float
+    slope: float  # k at the best fit
+    rate: float  # ε at the best fit (the curve's own estimate; the report uses the corrected tail share)
+    bias: float  # b̂: the own-error share among confident pairs at the best k
+    bias_low: float  # the smallest and largest b over the plausible k (profile likelihood, 95%)
+    bias_high: float
+    cut: float  # t, the |m| cut
+    confident_pairs: int
+
+
+@dataclass
+class NoiseEstimate:
+    """ε̂ (None when undetermined, with the reason) with its interval, diagnostics and the suspicion mixture."""
+
+    rate: float | None
     low: float | None
     high: float | None
     pairs: int
-    mixture: MirrorMixture
-    method: str = "mirror-tail count on out-of-fold margins (|m| above its median)"
+    mixture: MirrorMixture | None
+    identifiable: bool = True
+    reason: str | None = None
+    tail_share: float | None = None
+    own_error_bias: float | None = None
+    own_error_bias_low: float | None = None
+    own_error_bias_high: float | None = None
+    own_error_slope: float | None = None
+    confident_pairs: int | None = None
+    label_agreement: float | None = None
+    refits: list[dict[str, Any]] = field(default_factory=list)
+    method: str = (
+        "mirror-tail count on out-of-fold margins (|m| above its median), corrected for the models' own errors"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values."""
@@ -113,23 +161,168 @@ def mirror_tail_rate(margins: np.ndarray, tail_quantile: float = 0.5) -> float:
     return float((m[confident] < 0).mean())
 
 
+def own_error_share(slope: float | np.ndarray, u: np.ndarray) -> np.ndarray:
+    """e(u) = σ(−k·u): the clean model's chance of a wrong sign at |m| = u·t (Gaussian clean margins: k = 2μt/σ²)."""
+    return 0.5 * (1.0 - np.tanh(np.multiply(slope, u) / 2.0))
+
+
+def wrong_sign_probability(own_error: np.ndarray, rate: float | np.ndarray) -> np.ndarray:
+    """P(m < 0 | |m|) = e + ε(1 − 2e): a clean pair is wrong with chance e, a flipped one with 1 − e."""
+    return own_error + np.multiply(rate, 1.0 - 2.0 * own_error)
+
+
+def corrected_rate(tail_share: float | np.ndarray, bias: float) -> float | np.ndarray:
+    """ε = (τ − b)/(1 − 2b), from τ = b + ε(1 − 2b); clipped to [0, 0.5]."""
+    return np.clip((np.asarray(tail_share) - bias) / (1.0 - 2.0 * bias), 0.0, 0.5)
+
+
+def _grouped(u: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(u, negatives, pairs) per group: each pair alone, or quantile groups of |m| when there are many."""
+    if u.size <= _GROUPS:
+        return u, negative.astype(np.float64), np.ones(u.size)
+    order = np.argsort(u, kind="mergesort")
+    chunks = np.array_split(order, _GROUPS)
+    return (
+        np.array([u[c].mean() for c in chunks]),
+        np.array([negative[c].sum() for c in chunks], dtype=np.float64),
+        np.array([c.size for c in chunks], dtype=np.float64),
+    )
+
+
+def _best_rates(own: np.ndarray, negatives: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``own`` (one slope), the ε in [0, 0.5] maximizing the sign likelihood, and that maximum."""
+
+    def gradient(rate: np.ndarray) -> np.ndarray:  # d log-likelihood / dε, decreasing in ε (concave)
+        p = np.clip(wrong_sign_probability(own, rate[:, None]), 1e-300, 1 - 1e-16)
+        return ((1 - 2 * own) * (negatives / p - (pairs - negatives) / (1 - p))).sum(axis=1)
+
+    low, high = np.zeros(own.shape[0]), np.full(own.shape[0], 0.5)
+    for _ in range(30):  # bisection on the gradient's sign; the ends stay when the optimum is on the boundary
+        mid = (low + high) / 2
+        up = gradient(mid) > 0
+        low, high = np.where(up, mid, low), np.where(up, high, mid)
+    rate = (low + high) / 2
+    p = np.clip(wrong_sign_probability(own, rate[:, None]), 1e-300, 1 - 1e-16)
+    loglik = (negatives * np.log(p) + (pairs - negatives) * np.log1p(-p)).sum(axis=1)
+    return rate, loglik
+
+
+def fit_own_error(margins: np.ndarray, tail_quantile: float = 0.5) -> OwnErrorFit:
+    """Profile likelihood of the own-error slope k on P(m < 0 | |m|): the best k and ε, b̂ and [b_low, b_high]."""
+    m = np.asarray(margins, dtype=np.float64)
+    magnitude = np.abs(m)
+    cut = float(np.quantile(magnitude, tail_quantile))
+    confident = magnitude > cut
+    if cut <= 0 or not confident.any():
+        return OwnErrorFit(math.nan, math.nan, 0.5, 0.5, 0.5, cut, int(confident.sum()))
+    u = magnitude / cut
+    u_all, negatives, pairs = _grouped(u, m < 0)
+    own = own_error_share(SLOPES[:, None], u_all[None, :])
+    rates, loglik = _best_rates(own, negatives, pairs)
+    u_confident = _grouped(u[confident], np.zeros(int(confident.sum()), dtype=bool))
+    biases = (own_error_share(SLOPES[:, None], u_confident[0][None, :]) * u_confident[2]).sum(axis=1)
+    biases /= u_confident[2].sum()
+    best = int(np.argmax(loglik))
+    plausible = loglik >= loglik[best] - PROFILE_DROP
+    plausible[1:] |= plausible[:-1].copy()  # one grid step either way: the true slope may lie between two
+    plausible[:-1] |= plausible[1:].copy()
+    return OwnErrorFit(
+        slope=float(SLOPES[best]),
+        rate=float(rates[best]),
+        bias=float(biases[best]),
+        bias_low=float(biases[plausible].min()),
+        bias_high=float(biases[plausible].max()),
+        cut=cut,
+        confident_pairs=int(confident.sum()),
+    )
+
+
+def identifiability_reason(
+    confident_pairs: int, bias_high: float, low: float | None, high: float | None, agreement: float
+) -> str | None:
+    """Why ε cannot be read from these margins (None when it can): too few confident pairs, the models' own
+    confident errors possibly above ``MAX_OWN_ERROR``, or an interval wider than ``MAX_INTERVAL_WIDTH``."""
+    if confident_pairs < MIN_CONFIDENT_PAIRS:
+        return (
+            f"only {confident_pairs} confident pairs (|margin| above its median), at least {MIN_CONFIDENT_PAIRS} "
+            "are needed; more pairs would help"
+        )
+    if not bias_high <= MAX_OWN_ERROR:
+        return (
+            f"the fold models' own confident mistakes cannot be told apart from flips: up to {bias_high:.0%} of the "
+            f"confident pairs may have the wrong sign through the model alone (at most {MAX_OWN_ERROR:.0%} "
+            f"allowed; the models agree with the labels on {agreement:.1%} of pairs); {HELP_MORE}"
+        )
+    if low is not None and high is not None and high - low > MAX_INTERVAL_WIDTH:
+        return (
+            f"the 95% interval {low:.3f}–{high:.3f} is wider than {MAX_INTERVAL_WIDTH}; "
+            "more pairs or more --refits would help"
+        )
+    return None
+
+
 def estimate_noise_rate(
     margins: np.ndarray, *, n_boot: int = 200, seed: int = C.DEFAULT_SEED, tail_quantile: float = 0.5
 ) -> NoiseEstimate:
-    """ε̂ from out-of-fold margins (mirror-tail count), a 95% bootstrap interval, and the suspicion mixture."""
-    m = np.asarray(margins, dtype=np.float64)
-    if m.size < 2 or not np.isfinite(m).all():
+    """ε̂ from out-of-fold margins — one cross-fit (1-D) or R refits (R × pairs) — with a 95% interval
+    (pair bootstrap within each refit, pooled, own-error bias anywhere in its plausible range), the
+    identifiability verdict and the suspicion mixture (None when undetermined)."""
+    sets = np.atleast_2d(np.asarray(margins, dtype=np.float64))
+    if sets.shape[1] < 2 or not np.isfinite(sets).all():
         raise PrefnoiseError("noise estimate needs at least two finite out-of-fold margins")
     if not 0.0 <= tail_quantile < 1.0:
         raise PrefnoiseError(f"tail quantile must be within [0, 1), got {tail_quantile}")
-    rate = mirror_tail_rate(m, tail_quantile)
+    rng = np.random.default_rng(seed)
+    fits = [fit_own_error(m, tail_quantile) for m in sets]
+    tails = [mirror_tail_rate(m, tail_quantile) for m in sets]
+    bias_low = float(np.mean([f.bias_low for f in fits]))
+    bias_high = float(np.mean([f.bias_high for f in fits]))
+    determined = all(f.bias_high < 0.5 for f in fits)  # b = 1/2: every sign could be the model's own
+    per_refit = [float(corrected_rate(tail, fit.bias)) if determined else None for tail, fit in zip(tails, fits)]
     low = high = None
-    if n_boot > 0:
-        rng = np.random.default_rng(seed)
-        rates = [mirror_tail_rate(m[rng.integers(0, m.size, m.size)], tail_quantile) for _ in range(n_boot)]
-        low, high = (float(q) for q in np.quantile(rates, [0.025, 0.975]))
-    mixture = fit_mirror_mixture(m, rate=rate)
-    return NoiseEstimate(rate=rate, low=low, high=high, pairs=int(m.size), mixture=mixture)
+    if n_boot > 0 and determined:
+        lows, highs = [], []
+        for m, fit in zip(sets, fits):  # within each refit: pairs resampled, its bias anywhere in its range
+            draws = np.array(
+                [mirror_tail_rate(m[rng.integers(0, m.size, m.size)], tail_quantile) for _ in range(n_boot)]
+            )
+            lows.append(corrected_rate(draws, fit.bias_high))
+            highs.append(corrected_rate(draws, fit.bias_low))
+        low = float(np.quantile(np.concatenate(lows), 0.025))
+        high = float(np.quantile(np.concatenate(highs), 0.975))
+    agreement = float((sets > 0).mean() + 0.5 * (sets == 0).mean())  # the one tie rule: a tie counts 1/2
+    confident = min(f.confident_pairs for f in fits)
+    worst = bias_high if determined else max(f.bias_high for f in fits)  # one refit without signal decides
+    reason = identifiability_reason(confident, worst, low, high, agreement)
+    if any(f.cut <= 0 for f in fits):
+        reason = f"most out-of-fold margins are exactly 0 (the fold models score both responses alike); {HELP_MORE}"
+    rate = float(np.mean(per_refit)) if reason is None else None
+    combined = sets.mean(axis=0)
+    return NoiseEstimate(
+        rate=rate,
+        low=low if reason is None else None,
+        high=high if reason is None else None,
+        pairs=int(sets.shape[1]),
+        mixture=fit_mirror_mixture(combined, rate=rate) if rate is not None else None,
+        identifiable=reason is None,
+        reason=reason,
+        tail_share=float(np.mean(tails)),
+        own_error_bias=float(np.mean([f.bias for f in fits])),
+        own_error_bias_low=bias_low,
+        own_error_bias_high=bias_high,
+        own_error_slope=float(np.mean([f.slope for f in fits])),
+        confident_pairs=confident,
+        label_agreement=agreement,
+        refits=[
+            {
+                "tail_share": tail,
+                "own_error_bias": fit.bias,
+                "own_error_bias_high": fit.bias_high,
+                "rate": r if reason is None else None,
+            }
+            for tail, fit, r in zip(tails, fits, per_refit)
+        ],
+    )
 
 
 def out_of_fold_margins(
@@ -161,8 +354,72 @@ def out_of_fold_margins(
     return frame.with_columns(pl.Series(FOLD, fold, dtype=pl.Int32), pl.Series(MARGIN, margins, dtype=pl.Float64))
 
 
-def add_suspicion(frame: pl.DataFrame, mixture: MirrorMixture) -> pl.DataFrame:
-    """``frame`` (with ``oof_margin``) plus ``suspicion`` = P(flipped | margin)."""
+def refit_seed(seed: int, refit: int) -> int:
+    """The seed of cross-fit number ``refit`` (fold assignment and fold models): refit 0 uses ``seed``."""
+    return seed + 1000 * refit
+
+
+def cross_fitted_margins(
+    frame: pl.DataFrame,
+    *,
+    folds: int = 5,
+    refits: int = 3,
+    seed: int = C.DEFAULT_SEED,
+    fit_options: dict[str, Any] | None = None,
+    device: str = "auto",
+    on_fold: Callable[[int], None] | None = None,
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """``refits`` independent cross-fits: ``frame`` with the first one's ``fold`` and the mean ``oof_margin``
+    over refits, and the (refits × pairs) matrix of out-of-fold margins, one row per refit."""
+    if refits < 1:
+        raise PrefnoiseError(f"--refits must be at least 1, got {refits}")
+    runs = [
+        out_of_fold_margins(
+            frame, folds=folds, seed=refit_seed(seed, r), fit_options=fit_options, device=device, on_fold=on_fold
+        )
+        for r in range(refits)
+    ]
+    margins = np.stack([run[MARGIN].to_numpy() for run in runs])
+    return runs[0].with_columns(pl.Series(MARGIN, margins.mean(axis=0), dtype=pl.Float64)), margins
+
+
+def given_margins(frame: pl.DataFrame, *, reward_col: str | None = None, margin_col: str | None = None) -> pl.DataFrame:
+    """``frame`` with ``oof_margin`` from precomputed predictions: ``chosen_COL − rejected_COL`` for
+    ``reward_col`` COL, or the ``margin_col`` column (margin = reward(chosen) − reward(rejected))."""
+    from prefnoise.heldout import IN_TRAINING, IN_VALIDATION, unseen_mask
+
+    if (reward_col is None) == (margin_col is None):
+        raise PrefnoiseError("give exactly one of --reward-col and --margin-col")
+    needed = [margin_col] if margin_col is not None else [C.chosen(reward_col), C.rejected(reward_col)]
+    missing = [name for name in needed if name not in frame.columns]
+    if missing:
+        raise PrefnoiseError(f"column {missing[0]!r} not found; the table has {', '.join(frame.columns)}")
+    values = []
+    for name in needed:
+        try:
+            column = frame[name].cast(pl.Float64, strict=True)
+        except Exception:  # polars raises several types for a column that is not numeric
+            raise PrefnoiseError(f"column {name!r} must hold numbers, it is {frame[name].dtype}") from None
+        bad = (column.is_null() | ~column.is_finite()).arg_true()
+        if bad.len():
+            raise PrefnoiseError(f"column {name!r}, row {int(bad[0])}: missing or not a finite number")
+        values.append(column.to_numpy())
+    margin = values[0] if margin_col is not None else values[0] - values[1]
+    seen = ~unseen_mask(frame)
+    if seen.any():
+        raise PrefnoiseError(
+            f"{int(seen.sum())} rows were seen by the model that scored them ({IN_TRAINING}/{IN_VALIDATION} "
+            f"true, first row {int(np.flatnonzero(seen)[0])}); their margins are not out of sample: "
+            "audit only held-out rows (filter on those columns) or score with a model that never saw them"
+        )
+    return frame.with_columns(pl.Series(MARGIN, margin, dtype=pl.Float64))
+
+
+def add_suspicion(frame: pl.DataFrame, mixture: MirrorMixture | None) -> pl.DataFrame:
+    """``frame`` (with ``oof_margin``) plus ``suspicion`` = P(flipped | margin); null without a mixture
+    (ε̂ undetermined: the ranking by margin stands, a calibrated probability does not)."""
+    if mixture is None:
+        return frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(SUSPICION))
     return frame.with_columns(
         pl.Series(SUSPICION, mixture.posterior_flipped(frame[MARGIN].to_numpy()), dtype=pl.Float64)
     )
@@ -187,9 +444,9 @@ def clean_table(frame: pl.DataFrame, *, mode: str, threshold: float = 0.5) -> tu
 
 
 def most_suspect(frame: pl.DataFrame, k: int, *, with_text: bool = False) -> list[dict[str, Any]]:
-    """The ``k`` most suspect pairs: ids, margins and suspicion (text only when asked)."""
+    """The ``k`` most suspect pairs (most negative margins): ids, margins and suspicion (text only when asked)."""
     columns = [C.PAIR_ID, MARGIN, SUSPICION] + ([C.PROMPT, C.CHOSEN, C.REJECTED] if with_text else [])
-    return frame.sort(SUSPICION, descending=True).head(k).select(columns).to_dicts()
+    return frame.sort(MARGIN).head(k).select(columns).to_dicts()  # suspicion is decreasing in the margin
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -50,11 +50,20 @@ _FULL_HASH_LIMIT = 256 * 2**20  # files above this are fingerprinted by sampled 
 
 @dataclass(frozen=True)
 class ColumnMap:
-    """Which input columns hold the prompt and the two responses."""
+    """Which input columns hold the prompt, the two responses and (optionally) their true scores.
+
+    Each entry is a column name or a dotted path into struct columns (``metadata.score_chosen``);
+    a column whose own name contains the dot wins over a path. A mapped column moves to its
+    canonical name (``prompt``, ``chosen``, ``rejected``, ``chosen_score``, ``rejected_score``): a
+    top-level column is renamed, a struct field is taken out of its struct, so no stale copy is left
+    behind to disagree with the canonical column after a flip.
+    """
 
     prompt: str = C.PROMPT
     chosen: str = C.CHOSEN
     rejected: str = C.REJECTED
+    chosen_score: str | None = None
+    rejected_score: str | None = None
 
 
 # --------------------------------------------------------------------------- ids and hashes
@@ -73,25 +82,29 @@ def content_pair_ids(prompts: Iterable[str], chosens: Iterable[str], rejecteds: 
     return ids
 
 
-def file_fingerprint(path: str | Path) -> str:
+def file_fingerprint(path: str | Path, *, files: list[Path] | None = None) -> str:
     """A content fingerprint of a file or directory of files (blake2b).
 
     Parquet files are fingerprinted by size and footer (the footer records every column chunk's
     offsets, compressed sizes and statistics, so content changes show), other files by their bytes
     (sampled blocks above 256 MiB). Either way a 10 GB input costs milliseconds, not a full read.
+    ``files``: only these files of directory ``path`` (one split of a hub dataset, already checked).
     """
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    chosen = files is not None
+    if files is None:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.blake2b(digest_size=16)
     kinds = set()
     root = path.resolve() if path.is_dir() else None
     for file in files:
-        if root is not None and not file.resolve().is_relative_to(root):
+        if root is not None and not chosen and not file.resolve().is_relative_to(root):
             # a link out of the directory is named, never read: only the directory's own files count
             digest.update(f"{file.relative_to(path)} -> {os.readlink(file) if file.is_symlink() else '?'}".encode())
             continue
         size = file.stat().st_size
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        inside = path.is_dir() and file.is_relative_to(path)
+        digest.update(str(file.relative_to(path) if inside else file.name).encode())
         digest.update(size.to_bytes(8, "little"))
         with open(file, "rb") as handle:
             footer = _parquet_footer(handle, size)
@@ -142,6 +155,9 @@ def read_provenance(path: str | Path) -> tuple[list[dict[str, Any]], str | None]
     files = _parquet_files(path) if path.is_dir() else [path]
     if not files:
         return [], None
+    with contextlib.suppress(OSError), open(files[0], "rb") as handle:
+        if handle.read(4) != b"PAR1":
+            return [], None  # JSON lines, CSV and other formats carry no provenance
     try:
         metadata = pq.read_metadata(files[0]).metadata or {}
     except (pa.ArrowException, OSError) as error:
@@ -224,6 +240,14 @@ class HistoryEntry:
                 "fingerprint": self.source.fingerprint,
                 "rows": self.source.rows_read,
             }
+            for key in ("split", "config"):
+                if getattr(self.source, key, None) is not None:
+                    record["input"][key] = getattr(self.source, key)
+            column_map = getattr(self.source, "columns", None)
+            pairs = _mapping(column_map) if isinstance(column_map, ColumnMap) else []
+            mapped = {canonical: given for canonical, given, _ in pairs if given != canonical}
+            if mapped:  # which input columns (or struct paths) became the canonical ones
+                record["input"]["columns"] = mapped
         if rows_out is not None:
             record["rows_out"] = rows_out
         record.update(self.extra)
@@ -291,13 +315,50 @@ def _check_saved_dataset(directory: Path) -> None:
             )
 
 
+def _hub():
+    from prefnoise import hub
+
+    return hub
+
+
+def _resolve_hub(source: str, path: Path, *, split: str | None, config: str | None) -> Any:
+    """The hub split ``source`` names (a hub-layout directory, or a hub id found in the local
+    caches), or None for every other source."""
+    if source == _STDIN:
+        return None
+    if path.is_dir() and _hub().is_hub_layout(path):
+        return _hub().resolve_hub_dir(path, split=split, config=config, label=source)
+    if not path.exists() and not path.is_symlink() and _hub().looks_like_hub_id(source):
+        return _hub().resolve_hub_id(source, split=split, config=config)
+    return None
+
+
+def _pick_saved_split(path: Path, split: str | None, config: str | None, name: str) -> Path:
+    """``path`` itself, or with ``--split`` one split's directory of a saved DatasetDict; ``--split``
+    and ``--config`` are refused for sources that have neither."""
+    where = "hub datasets, hub-layout directories"
+    if config is not None:
+        raise PrefnoiseError(f"{name}: --config applies to {where} only; drop it")
+    if split is None:
+        return path
+    if path.is_dir() and (path / "dataset_dict.json").exists():
+        if not (path / split / "dataset_info.json").exists() and not (path / split / "state.json").exists():
+            names = sorted(p.name for p in path.iterdir() if (p / "state.json").exists())
+            raise PrefnoiseError(f"{name}: no split {split!r}; splits are: {', '.join(names) or 'none'}")
+        if not (path / split).resolve().is_relative_to(path.resolve()):
+            raise PrefnoiseError(f"{name}: split directory {split!r} links outside the dataset; copy it in instead")
+        return path / split
+    raise PrefnoiseError(f"{name}: --split applies to {where} and saved DatasetDicts only; drop it")
+
+
 def _detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             return "hf-dataset"
         if (path / "dataset_dict.json").exists():
             raise PrefnoiseError(
-                f"{path}: is a DatasetDict with several splits; pass one split's directory, e.g. {path / 'train'}"
+                f"{path}: is a DatasetDict with several splits; pass --split NAME or one split's directory, "
+                f"e.g. {path / 'train'}"
             )
         if _parquet_files(path):
             return "parquet"
@@ -349,16 +410,26 @@ class PreferenceSource:
         layout: str = "auto",
         drop_invalid: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        split: str | None = None,
+        config: str | None = None,
     ) -> None:
         if layout not in LAYOUTS:
             raise PrefnoiseError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
         self.name = "<stdin>" if str(source) == _STDIN else str(source)
         path = _spool_stdin() if str(source) == _STDIN else Path(source)
-        if not path.exists():
+        self.split, self.config = split, config
+        self._hub_cached: Callable[[], Any] | None = None
+        hub = _resolve_hub(str(source), path, split=split, config=config)
+        if hub is not None:
+            path = hub.root
+            self.split, self.config = hub.split, hub.config  # recorded in provenance
+        elif not path.exists():
             raise PrefnoiseError(f"{self.name}: no such file or directory")
+        else:
+            path = _pick_saved_split(path, split, config, self.name)
         self.path = path
-        self.format = _detect_format(path)
         self.columns = columns or ColumnMap()
+        _check_column_map(self.columns)
         self.layout = layout
         self.drop_invalid = drop_invalid
         self.batch_size = batch_size
@@ -368,17 +439,30 @@ class PreferenceSource:
         self._schema: pl.Schema | None = None
         self._files: list[Path] = []
         self._shard_columns: list[str] | None = None
-        if self.format == "parquet":
-            self._files = _parquet_files(path) if path.is_dir() else [path]
-            if path.is_dir():
+        self._multi = path.is_dir()  # errors name each file of a directory, else the source
+        if isinstance(hub, _hub().HubFiles):
+            self.format = hub.format
+            self._files = list(hub.files)
+            if self.format == "parquet":
                 self._shard_columns = _check_shard_schemas(self._files)
-        elif self.format == "hf-dataset":
-            _check_saved_dataset(path)
+        elif hub is not None:
+            self.format = "hf-dataset"
+            self._hub_cached = hub.load
+        else:
+            self.format = _detect_format(path)
+            if self.format == "parquet":
+                self._files = _parquet_files(path) if path.is_dir() else [path]
+                if path.is_dir():
+                    self._shard_columns = _check_shard_schemas(self._files)
+            elif self.format == "hf-dataset":
+                _check_saved_dataset(path)
+            else:
+                self._files = [path]
         # Malformed provenance never stops a command: the history restarts and history_error says why.
         self.history: list[dict[str, Any]] = []
         self.history_error: str | None = None
         if self.format == "parquet":
-            self.history, self.history_error = read_provenance(path)
+            self.history, self.history_error = read_provenance(self._files[0] if self._multi else path)
 
     # -- public -------------------------------------------------------------------------
 
@@ -386,7 +470,8 @@ class PreferenceSource:
     def fingerprint(self) -> str:
         """Content fingerprint of the input, recorded in provenance."""
         if self._fingerprint is None:
-            self._fingerprint = file_fingerprint(self.path)
+            hub_files = self._files if self.split is not None and self.format != "hf-dataset" else None
+            self._fingerprint = file_fingerprint(self.path, files=hub_files)
         return self._fingerprint
 
     @property
@@ -417,13 +502,17 @@ class PreferenceSource:
         return pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
 
     def scan_raw(self) -> pl.LazyFrame:
-        """The file as it is (no column mapping or validation) as a LazyFrame, for long tables and
-        column projection: Parquet and plain CSV stay lazy, other formats are read whole.
+        """The file as it is (no validation; of the column map only the true-score columns, added as
+        ``chosen_score``/``rejected_score``) as a LazyFrame, for long tables and column projection:
+        Parquet and plain CSV stay lazy, other formats are read whole.
 
         Parquet is read by the same Arrow reader and checks as :meth:`batches` (each projected
         column's UTF-8 included), so polars never decodes an unchecked file. Reading errors (damaged
         pages, invalid UTF-8, unparsable CSV) surface when the frame is collected, as a
         PrefnoiseError naming the file."""
+        return map_score_columns(self._scan_unmapped(), self.columns, self.name)
+
+    def _scan_unmapped(self) -> pl.LazyFrame:
         if self.format == "parquet":
             return self._scan_parquet()
         if self.format == "csv" and self.path.suffix.lower() in (".csv", ".tsv"):
@@ -540,6 +629,8 @@ class PreferenceSource:
     def _hf_table(self) -> pa.Table:
         import datasets
 
+        if self._hub_cached is not None:
+            return self._hub_cached().with_format("arrow").data.table
         try:
             dataset = datasets.load_from_disk(str(self.path))
         except Exception as error:  # datasets raises many types for unreadable directories
@@ -559,17 +650,24 @@ class PreferenceSource:
                 )
         elif self.format == "json":
             options = pa_json.ReadOptions(block_size=32 * 2**20)
-            yield self.name, lambda: pa_json.open_json(pa.input_stream(str(self.path)), read_options=options)
+            for file in self._files:
+                yield (
+                    str(file) if self.path.is_dir() else self.name,
+                    functools.partial(pa_json.open_json, pa.input_stream(str(file)), read_options=options),
+                )
         elif self.format == "csv":
             options = pa_csv.ReadOptions(block_size=32 * 2**20)
-            parse = pa_csv.ParseOptions(
-                delimiter="\t" if ".tsv" in self.path.suffixes else ",", newlines_in_values=True
-            )
             # UTF-8 is checked below (naming the row) instead of turning a bad column into binary
             convert = pa_csv.ConvertOptions(check_utf8=False)
-            yield self.name, lambda: pa_csv.open_csv(
-                pa.input_stream(str(self.path)), read_options=options, parse_options=parse, convert_options=convert
-            )
+            for file in self._files:
+                parse = pa_csv.ParseOptions(delimiter="\t" if ".tsv" in file.suffixes else ",", newlines_in_values=True)
+                yield str(file) if self.path.is_dir() else self.name, functools.partial(
+                    pa_csv.open_csv,
+                    pa.input_stream(str(file)),
+                    read_options=options,
+                    parse_options=parse,
+                    convert_options=convert,
+                )
         else:
             yield self.name, lambda: self._hf_table().to_batches(max_chunksize=self.batch_size)
 
@@ -759,9 +857,21 @@ def open_source(
     layout: str = "auto",
     drop_invalid: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    split: str | None = None,
+    config: str | None = None,
 ) -> PreferenceSource:
-    """Open a Parquet file or shard directory, JSONL(.gz), CSV, saved dataset, or ``-`` (stdin)."""
-    return PreferenceSource(source, columns=columns, layout=layout, drop_invalid=drop_invalid, batch_size=batch_size)
+    """Open a Parquet file or shard directory, JSONL(.gz), CSV, saved dataset, hub-layout directory,
+    hub dataset id found in the local Hugging Face caches (``split``/``config`` pick one part of
+    those; offline, :mod:`prefnoise.hub`), or ``-`` (stdin)."""
+    return PreferenceSource(
+        source,
+        columns=columns,
+        layout=layout,
+        drop_invalid=drop_invalid,
+        batch_size=batch_size,
+        split=split,
+        config=config,
+    )
 
 
 def read_table(source: str | Path, **options: Any) -> pl.DataFrame:
@@ -829,24 +939,167 @@ def canonicalize(
     return _order_columns(_drop_internal(frame)), dropped
 
 
-def _apply_column_map(frame: pl.DataFrame, columns: ColumnMap, name: str) -> pl.DataFrame:
-    renames = {}
-    for canonical, given in (
-        (C.PROMPT, columns.prompt),
-        (C.CHOSEN, columns.chosen),
-        (C.REJECTED, columns.rejected),
-    ):
-        if given == canonical:
-            continue
-        if given not in frame.columns:
+def _check_column_map(columns: ColumnMap) -> None:
+    """The true-score options go together."""
+    if (columns.chosen_score is None) != (columns.rejected_score is None):
+        given = "--chosen-score-col" if columns.chosen_score is not None else "--rejected-score-col"
+        raise PrefnoiseError(
+            f"{given} needs its partner: give both --chosen-score-col and --rejected-score-col (one score per response)"
+        )
+
+
+def _mapping(columns: ColumnMap) -> list[tuple[str, str, str]]:
+    """(canonical column, given column or path, option) for every mapped column."""
+    pairs = [
+        (C.PROMPT, columns.prompt, "--prompt-col"),
+        (C.CHOSEN, columns.chosen, "--chosen-col"),
+        (C.REJECTED, columns.rejected, "--rejected-col"),
+    ]
+    if columns.chosen_score is not None and columns.rejected_score is not None:
+        pairs.append((C.chosen(C.SCORE), columns.chosen_score, "--chosen-score-col"))
+        pairs.append((C.rejected(C.SCORE), columns.rejected_score, "--rejected-score-col"))
+    return pairs
+
+
+def resolve_path(schema: pl.Schema | dict[str, pl.DataType], path: str, *, what: str) -> list[str]:
+    """The parts of column or dotted ``path`` (``metadata.score_chosen``): a top-level column, then
+    struct fields. A column whose own name contains dots wins; a name is matched longest first.
+    PrefnoiseError, in one line naming ``what`` asked for it, when a part is missing or its parent
+    is not a struct."""
+    if path in schema:
+        return [path]
+    if not path or "." not in path:
+        raise PrefnoiseError(f"no column {path!r} ({what}); columns are: {', '.join(_visible(schema))}")
+    names: dict[str, pl.DataType] = dict(schema)
+    parts: list[str] = []
+    rest = path
+    where = "columns"
+    while rest:
+        match = next((n for n in sorted(names, key=len, reverse=True) if rest == n or rest.startswith(n + ".")), None)
+        if match is None:
+            field_name = rest.split(".", 1)[0]
+            inside = f"struct {'.'.join(parts)!r} has no field" if parts else "no column"
             raise PrefnoiseError(
-                f"{name}: no column {given!r} (asked for as the {canonical} column); "
-                f"columns are: {', '.join(frame.columns)}"
+                f"{inside} {field_name!r} (path {path!r}, {what}); {where} are: {', '.join(_visible(names))}"
             )
-        if canonical in frame.columns and canonical not in (columns.prompt, columns.chosen, columns.rejected):
+        parts.append(match)
+        rest = rest[len(match) + 1 :]
+        dtype = names[match]
+        if not rest:
+            break
+        if not isinstance(dtype, pl.Struct):
+            kind = "a list" if isinstance(dtype, pl.List | pl.Array) else f"of type {dtype}"
+            raise PrefnoiseError(
+                f"{'.'.join(parts)!r} is {kind}, not a struct, so it has no field {rest.split('.', 1)[0]!r} "
+                f"(path {path!r}, {what})"
+            )
+        names = {f.name: f.dtype for f in dtype.fields}
+        where = f"fields of {'.'.join(parts)!r}"
+    return parts
+
+
+def _visible(names: Any) -> list[str]:
+    return [n for n in names if not str(n).startswith("__")]
+
+
+def path_expr(parts: list[str]) -> pl.Expr:
+    """The polars expression reading the column or nested struct field ``parts``."""
+    expr = pl.col(parts[0])
+    for part in parts[1:]:
+        expr = expr.struct.field(part)
+    return expr
+
+
+def path_dtype(schema: pl.Schema | dict[str, pl.DataType], parts: list[str]) -> pl.DataType:
+    """The type of the column or nested struct field ``parts``."""
+    dtype = schema[parts[0]]
+    for part in parts[1:]:
+        dtype = {f.name: f.dtype for f in dtype.fields}[part]  # type: ignore[attr-defined]
+    return dtype
+
+
+def _without_field(expr: pl.Expr, dtype: pl.DataType, parts: list[str]) -> pl.Expr | None:
+    """Struct ``expr`` without its nested field ``parts`` (None when nothing would be left); a null
+    struct stays null."""
+    fields = []
+    for field_ in dtype.fields:  # type: ignore[attr-defined]
+        value = expr.struct.field(field_.name)
+        if field_.name == parts[0]:
+            if len(parts) == 1:
+                continue
+            value = _without_field(value, field_.dtype, parts[1:])
+            if value is None:
+                continue
+        fields.append(value.alias(field_.name))
+    if not fields:
+        return None
+    return pl.when(expr.is_null()).then(None).otherwise(pl.struct(fields))
+
+
+def map_score_columns(lazy: pl.LazyFrame, columns: ColumnMap, name: str) -> pl.LazyFrame:
+    """``lazy`` with the true-score columns of ``columns`` (columns or dotted paths) added as
+    ``chosen_score``/``rejected_score``, for readers of the raw table (``rank-check``); the
+    sources stay in place."""
+    mapping = [m for m in _mapping(columns)[3:] if m[1] != m[0]]
+    if not mapping:
+        return lazy
+    schema = lazy.collect_schema()
+    given_names = {given for _, given, _ in mapping}
+    exprs = []
+    for canonical, given, flag in mapping:
+        try:
+            parts = resolve_path(schema, given, what=f"asked for by {flag}")
+        except PrefnoiseError as error:
+            raise PrefnoiseError(f"{name}: {error.message}") from None
+        _check_score_source(schema, parts, canonical, given, flag, given_names, name)
+        exprs.append(path_expr(parts).alias(canonical))
+    return lazy.with_columns(exprs)
+
+
+def _check_score_source(
+    schema: Any, parts: list[str], canonical: str, given: str, flag: str, given_names: set[str], name: str
+) -> None:
+    """A true-score source must be numeric and must not silently replace an existing score column."""
+    dtype = path_dtype(schema, parts)
+    if not (dtype.is_numeric() or dtype == pl.Null):
+        raise PrefnoiseError(f"{name}: {flag} {given}: has type {dtype}; true scores must be numbers (int or float)")
+    if canonical in schema and canonical not in given_names:
+        raise PrefnoiseError(
+            f"{name}: column {canonical!r} exists already and {flag} {given} would replace it; "
+            f"drop {flag} to use the existing column, or rename that column"
+        )
+
+
+def _apply_column_map(frame: pl.DataFrame, columns: ColumnMap, name: str) -> pl.DataFrame:
+    """Move every mapped column (a top-level column or a dotted path into structs) to its canonical name."""
+    mapping = [(canonical, given, flag) for canonical, given, flag in _mapping(columns) if given != canonical]
+    if not mapping:
+        return frame
+    given_names = {given for _, given, _ in _mapping(columns)}
+    resolved: list[tuple[str, list[str]]] = []
+    for canonical, given, flag in mapping:
+        try:
+            parts = resolve_path(frame.schema, given, what=f"asked for by {flag}")
+        except PrefnoiseError as error:
+            raise PrefnoiseError(f"{name}: {error.message}") from None
+        if canonical in (C.chosen(C.SCORE), C.rejected(C.SCORE)):
+            _check_score_source(frame.schema, parts, canonical, given, flag, given_names, name)
+        resolved.append((canonical, parts))
+    # read every value before anything is renamed or taken apart
+    nested = [(canonical, parts) for canonical, parts in resolved if len(parts) > 1]
+    values = frame.select([path_expr(parts).alias(canonical) for canonical, parts in nested]) if nested else None
+    for column in dict.fromkeys(parts[0] for _, parts in nested):
+        for _, parts in nested:
+            if parts[0] != column or column not in frame.columns:
+                continue
+            remaining = _without_field(pl.col(column), frame.schema[column], parts[1:])
+            frame = frame.drop(column) if remaining is None else frame.with_columns(remaining.alias(column))
+    renames = {parts[0]: canonical for canonical, parts in resolved if len(parts) == 1}
+    for canonical, _ in resolved:
+        if canonical in frame.columns and canonical not in renames:
             frame = frame.rename({canonical: f"original_{canonical}"})
-        renames[given] = canonical
-    return frame.rename(renames) if renames else frame
+    frame = frame.rename(renames) if renames else frame
+    return frame.with_columns(values) if values is not None else frame
 
 
 def _check_required(frame: pl.DataFrame, name: str, columns: ColumnMap) -> None:
@@ -1050,7 +1303,12 @@ def write_table(
     row_group_size: int = DEFAULT_BATCH_SIZE,
     overwrite: bool = False,
 ) -> int:
-    """Write frames atomically as zstd Parquet (``-`` for stdout) with history; return rows written.
+    """Write frames atomically (``-``: Parquet on stdout) with history; return rows written.
+
+    OUT's extension picks the format (:func:`output_format`): ``.parquet``/``.pq`` or none writes
+    zstd Parquet carrying the provenance history in its metadata; ``.jsonl`` writes JSON lines and
+    ``.csv`` CSV, which carry no provenance (``history`` and ``entry`` are then not stored). CSV
+    holds flat values only: a struct or list column is refused, naming it (write .jsonl or .parquet).
 
     A conversational table (one carrying ``prompt_messages``, ``chosen_messages`` and
     ``rejected_messages``) is written back in TRL's conversational format: ``prompt``, ``chosen``
@@ -1065,12 +1323,10 @@ def write_table(
 
     source_path = entry.source.path if isinstance(entry, HistoryEntry) and entry.source is not None else None
     check_output_file(dest, inputs=[source_path], overwrite=overwrite)
-    if str(dest) != _STDIN and Path(dest).suffix.lower() not in ("", ".parquet", ".pq"):
-        raise PrefnoiseError(
-            f"OUT {dest}: prefnoise writes Parquet tables only; name the file *.parquet (other formats: "
-            "convert the Parquet output, e.g. with polars)"
-        )
+    kind = output_format(dest)
     frames = [data] if isinstance(data, pl.DataFrame) else data
+    if kind != "parquet":
+        return _write_text_table(frames, Path(dest), kind)
     if history is None:
         source = entry.source if isinstance(entry, HistoryEntry) else None
         history = list(source.history) if source is not None else []
@@ -1111,6 +1367,56 @@ def write_table(
     finally:
         if to_stdout:
             shutil.rmtree(target.parent, ignore_errors=True)
+    return rows
+
+
+OUTPUT_FORMATS = {"": "parquet", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".csv": "csv"}
+
+
+def output_format(dest: str | Path) -> str:
+    """The table format OUT's extension asks for: parquet (``.parquet``, ``.pq``, none, or ``-``),
+    jsonl or csv; a PrefnoiseError for any other extension (so ``out.json`` never receives Parquet)."""
+    if str(dest) == _STDIN:
+        return "parquet"
+    suffix = Path(dest).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise PrefnoiseError(
+            f"OUT {dest}: unknown table format {suffix!r}; name the file *.parquet (with provenance), "
+            "*.jsonl or *.csv"
+        )
+    return OUTPUT_FORMATS[suffix]
+
+
+def _write_text_table(frames: Iterable[pl.DataFrame], dest: Path, kind: str) -> int:
+    """Write frames atomically as JSON lines or CSV (header once); return rows written."""
+    import io
+
+    rows = 0
+    header = True
+    message_types: dict[str, pa.DataType] = {}
+    with atomic_path(dest) as tmp, open(tmp, "wb") as handle:
+        for frame in frames:
+            table = _to_conversational(_drop_internal(frame).to_arrow(), message_types)
+            out = _to_polars(table, str(dest))
+            buffer = io.BytesIO()
+            try:
+                if kind == "csv":
+                    nested = [c for c, t in out.schema.items() if t.is_nested() or t == pl.Binary]
+                    if nested:
+                        raise PrefnoiseError(
+                            f"OUT {dest}: column {nested[0]!r} holds {out.schema[nested[0]]} values, which CSV "
+                            "cannot hold; write *.jsonl or *.parquet, or drop the column first"
+                        )
+                    out.write_csv(buffer, include_header=header)
+                    header = False
+                else:
+                    out.write_ndjson(buffer)
+            except (pl.exceptions.PolarsError, PanicException) as error:
+                raise PrefnoiseError(f"OUT {dest}: cannot write as {kind} ({first_error_line(error)})") from None
+            handle.write(buffer.getvalue())
+            rows += out.height
+        if rows == 0:
+            raise PrefnoiseError("no rows to write: every input row was filtered out")
     return rows
 
 

@@ -65,8 +65,27 @@ def sequence_logps(
     """Sum of log p(token | previous tokens) over positions where ``labels_mask`` is 1: shape [batch].
 
     Token t is scored by the logits at t-1, so the first token of a row is never scored; padding
-    may sit on either side (positions come from ``attention_mask``).
+    may sit on either side (positions come from ``attention_mask``). Where the model takes a boolean
+    ``logits_to_keep`` (transformers 5), only the scored positions go through the vocabulary head:
+    prompt and padding positions cost no logits (the head is most of a small model's compute).
     """
+    scored = labels_mask[:, 1:].bool()
+    if _keeps_logits_by_mask(model):
+        keep = torch.nn.functional.pad(scored, (0, 1))  # position t predicts token t+1; the last predicts none
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits
+        if logits.ndim == 2 and logits.shape[0] == int(scored.sum()):  # [scored tokens, vocab]
+            logits = logits.float()
+            targets = input_ids[:, 1:][scored]
+            token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+            rows = scored.nonzero()[:, 0]
+            return torch.zeros(input_ids.shape[0], dtype=token_logps.dtype,
+                               device=token_logps.device).index_add(0, rows, token_logps)
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -77,6 +96,23 @@ def sequence_logps(
     # gather - logsumexp avoids materializing a second [batch, length, vocab] tensor
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     return (token_logps * labels_mask[:, 1:].to(token_logps.dtype)).sum(-1)
+
+
+def _keeps_logits_by_mask(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (unwrapped from DDP and peft) has a ``logits_to_keep`` argument that accepts a
+    boolean mask: its modeling module slices with transformers' ``slice_logits_to_keep`` (a few older
+    models slice by hand and would fail on a mask); the caller also checks the logits' shape."""
+    import inspect
+    import sys
+
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+    if not hasattr(sys.modules.get(type(inner).__module__), "slice_logits_to_keep"):
+        return False
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # --- tokenization --------------------------------------------------------------------------------

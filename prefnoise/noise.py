@@ -20,6 +20,7 @@ import polars as pl
 import pyarrow as pa
 
 from prefnoise import columns as C
+from prefnoise.data import path_dtype, path_expr, resolve_path
 from prefnoise.errors import PrefnoiseError
 
 NOISE_MODELS = ("symmetric", "asymmetric", "bt", "uniform")
@@ -140,19 +141,28 @@ def _check_columns(spec: NoiseSpec, schema: pl.Schema) -> None:
                 )
     if spec.kind == "asymmetric":
         kind, name = _parse_rule(spec.by)
-        if kind == "column" and name not in schema:
-            raise PrefnoiseError(f"--by column:{name}: no column {name!r}; columns are: {', '.join(schema)}")
-        if kind == "column" and not (schema[name] == pl.Boolean or schema[name].is_integer()):  # type: ignore[index]
-            raise PrefnoiseError(
-                f"--by column:{name} needs a boolean column (true marks a positive pair; integers 0/1 work too); "
-                f"column {name!r} has type {schema[name]}"  # type: ignore[index]
-            )
+        if kind == "column":
+            dtype = path_dtype(schema, _rule_path(schema, name))  # type: ignore[arg-type]
+            if not (dtype == pl.Boolean or dtype.is_integer()):
+                hint = ""
+                if isinstance(dtype, pl.Struct) and dtype.fields:
+                    hint = f"; to use a field inside it give its dotted path, e.g. column:{name}.{dtype.fields[0].name}"
+                raise PrefnoiseError(
+                    f"--by column:{name} needs a boolean column (true marks a positive pair; integers 0/1 work too); "
+                    f"column {name!r} has type {dtype}{hint}"
+                )
         if kind == "compare":
             needed = [C.chosen(name), C.rejected(name)]  # type: ignore[arg-type]
             missing = [c for c in needed if c not in schema]
             if missing:
+                hint = (
+                    "; map true scores kept elsewhere (e.g. struct fields) with --chosen-score-col/--rejected-score-col"
+                    " and use compare:score"
+                    if name == C.SCORE or "." in name  # type: ignore[operator]
+                    else ""
+                )
                 raise PrefnoiseError(
-                    f"--by compare:{name} needs columns {' and '.join(needed)}; missing {', '.join(missing)}"
+                    f"--by compare:{name} needs columns {' and '.join(needed)}; missing {', '.join(missing)}{hint}"
                 )
             for column in needed:
                 if not schema[column].is_numeric():
@@ -160,6 +170,21 @@ def _check_columns(spec: NoiseSpec, schema: pl.Schema) -> None:
                         f"--by compare:{name} needs numeric {' and '.join(needed)} (positive: chosen's value is "
                         f"larger); column {column!r} has type {schema[column]}"
                     )
+
+
+def _rule_path(schema: pl.Schema, name: str) -> list[str]:
+    """The column (or dotted path into a struct) ``--by column:NAME`` reads."""
+    try:
+        return resolve_path(schema, name, what=f"read by --by column:{name}")
+    except PrefnoiseError as error:
+        raise PrefnoiseError(f"--by column:{name}: {error.message}") from None
+
+
+def _values(frame: pl.DataFrame, column: str) -> pl.Series:
+    """The values of ``column``, or of the struct field a dotted ``column`` names."""
+    if column in frame.columns:
+        return frame[column]
+    return frame.select(path_expr(_rule_path(frame.schema, column)).alias(column)).to_series()
 
 
 def value_columns(spec: NoiseSpec) -> tuple[str, list[str], bool]:
@@ -188,7 +213,7 @@ def usable_rows(
     dropped: dict[str, int] = {}
     seen = np.zeros(frame.height, dtype=bool)
     for column in columns:
-        values = frame[column]
+        values = _values(frame, column)
         bad = values.is_null()
         if finite and values.dtype.is_float():
             bad = bad | ~values.is_finite().fill_null(False)
@@ -266,7 +291,7 @@ def positive_pairs(frame: pl.DataFrame, rule: str) -> np.ndarray:
     if kind == "longer":
         expr = pl.col(C.CHOSEN).str.len_chars() > pl.col(C.REJECTED).str.len_chars()
     elif kind == "column":
-        expr = pl.col(name).cast(pl.Boolean)  # type: ignore[arg-type]
+        expr = path_expr(_rule_path(frame.schema, name)).cast(pl.Boolean)  # type: ignore[arg-type]
     else:
         expr = pl.col(C.chosen(name)) > pl.col(C.rejected(name))  # type: ignore[arg-type]
     return frame.select(expr.fill_null(False)).to_series().to_numpy().astype(bool)

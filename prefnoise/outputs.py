@@ -131,6 +131,11 @@ def check_output_file(
     if path.is_dir():
         raise PrefnoiseError(f"{flag} {dest}: is a directory; give a file name")
     if path.exists() or path.is_symlink():
+        if path.suffix.lower() in (".jsonl", ".csv") and not path.is_dir():
+            raise PrefnoiseError(
+                f"{flag} {dest}: exists; JSON lines and CSV files carry no provenance, so prefnoise cannot tell "
+                "whether it wrote this one and never replaces it (even with --overwrite); remove it or use another name"
+            )
         if not written_by_prefnoise(path):
             raise PrefnoiseError(
                 f"{flag} {dest}: exists and was not written by prefnoise, which never replaces such files; "

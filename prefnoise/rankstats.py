@@ -47,15 +47,29 @@ def rank_stats(keys: tuple[np.ndarray, ...], x: np.ndarray, y: np.ndarray) -> di
     if len(x) == 0:
         empty = np.zeros(0)
         return {name: empty for name in ("n", "n0", "n1", "n2", "n3", "dis", "rho")} | {"split": empty.astype(int)}
-    if len(keys) == 1:
-        uniques, code = np.unique(keys[0], return_inverse=True)
-        split = uniques
-    else:
-        uniques, code = np.unique(np.stack(keys, axis=1), axis=0, return_inverse=True)
-        split = uniques[:, 0]
-    stats = grouped_stats(orders(x, y), code.reshape(-1).astype(np.int64))
+    code, split = group_codes(keys)
+    stats = grouped_stats(orders(x, y), code)
     stats["split"] = split.astype(np.int64)
     return stats
+
+
+def group_codes(keys: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(each row's group code, each group's ``keys[0]`` value) for groups of rows sharing all
+    ``keys``, codes 0..g-1 in lexicographic order of the keys.
+
+    Each key is coded on its own (1-d sorts, any dtype: a uint64 prompt hash is not mixed with an
+    int64 split into float64) and the codes are combined pairwise; ``np.unique(..., axis=0)`` on the
+    stacked keys gave the same codes about 10x slower.
+    """
+    uniques, code = np.unique(keys[0], return_inverse=True)
+    code = code.reshape(-1).astype(np.int64)
+    first = np.arange(len(uniques))  # the keys[0] index of each group so far
+    for key in keys[1:]:
+        values, inner = np.unique(key, return_inverse=True)
+        groups, code = np.unique(code * len(values) + inner.reshape(-1), return_inverse=True)
+        code = code.reshape(-1).astype(np.int64)
+        first = first[groups // len(values)]
+    return code, uniques[first]
 
 
 @dataclass

@@ -127,15 +127,23 @@ def test_audit_cli_end_to_end(tmp_path):
         "cpu",
         "--bootstrap",
         "20",
+        "--refits",
+        "2",
+        "--lr",
+        "0.003",  # fold models strong enough for ε to be identifiable (at the default 1e-3 they are declined)
     ]
     result = runner.invoke(app, [*args, "--out", str(out), "--json", "--plot", str(tmp_path / "m.png")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert 0.1 < report["noise_rate"]["rate"] < 0.3
+    assert report["identifiable"] and len(report["noise_rate"]["refits"]) == 2
+    assert report["noise_rate"]["own_error_bias_high"] <= A.MAX_OWN_ERROR
     assert report["against_flipped"]["auroc"] > 0.85
     audited = read_table(out)
     assert set(noisy.columns) | {"fold", "oof_margin", "suspicion"} == set(audited.columns)
     assert read_history(out)[-1]["command"] == "audit"
+    assert read_history(out)[-1]["noise_estimate"]["identifiable"] is True
+    assert read_history(out)[-1]["parameters"]["refits"] == 2
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # --estimate-only prints one number
     only = runner.invoke(app, [*args, "--estimate-only", "--bootstrap", "0"])

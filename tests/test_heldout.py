@@ -69,7 +69,7 @@ def test_training_pairs_are_recorded_marked_and_kept_apart(pairs_path, tmp_path)
     report = json.loads(seen_only.stdout)
     assert report["seen"]["unseen"] == 0 and report["unseen_accuracy"] is None
     human = run("score", model, train, tmp_path / "again.parquet")
-    text = " ".join(human.stderr.split())  # rich wraps long lines off a terminal
+    text = " ".join(human.stdout.split())  # rich wraps long lines off a terminal
     assert "every row was seen by the model" in text and "no held-out figure" in text
 
     everything = tmp_path / "all-scored.parquet"

@@ -19,8 +19,9 @@ from prefnoise.cli import (
     score,  # noqa: E402,F401
     split,  # noqa: E402,F401
 )
-from prefnoise.cli.app import DEBUG_ENV, app
+from prefnoise.cli.app import DEBUG_ENV, QUIET_ENV, app
 from prefnoise.cli.common import EXIT_BAD_INPUT, fail, flush_stdout
+from prefnoise.cli.config_file import config_defaults, hoist_global_options, is_options_file
 
 
 def _take_debug_flag(args: list[str]) -> list[str]:
@@ -36,10 +37,17 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `prefnoise` console script: every failure is one line and a documented exit code."""
     from prefnoise.errors import PrefnoiseError
 
-    args = _take_debug_flag(list(sys.argv[1:] if argv is None else argv))
+    args = hoist_global_options(_take_debug_flag(list(sys.argv[1:] if argv is None else argv)))
     command = typer.main.get_command(app)
+    end = args.index("--") if "--" in args else len(args)
+    if "-q" in args[:end] or "--quiet" in args[:end]:
+        os.environ[QUIET_ENV] = "1"  # read by every command before it prints
     try:
-        code = command.main(args=args, prog_name="prefnoise", standalone_mode=False)
+        extra = {}
+        files = [args[i + 1] for i in range(end - 1) if args[i] == "--config" and is_options_file(args[i + 1])]
+        if files:
+            extra["default_map"] = config_defaults(command, args, files[-1])
+        code = command.main(args=args, prog_name="prefnoise", standalone_mode=False, **extra)
         flush_stdout()
     except typer.Abort:
         code = 130

@@ -5,9 +5,7 @@ Data-parallel on several GPUs (or CPU processes): ``accelerate launch -m prefnoi
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import asdict
-from pathlib import Path
+import functools
 from typing import Annotated
 
 import typer
@@ -16,25 +14,24 @@ from rich.table import Table
 from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
-    NOTHING_WRITTEN,
     ChosenColOption,
+    ChosenScoreColOption,
+    ConfigOption,
     DropInvalidOption,
     JsonOption,
     LayoutOption,
     OverwriteOption,
     PromptColOption,
     RejectedColOption,
+    RejectedScoreColOption,
     SeedOption,
-    Terminated,
+    SplitOption,
     cli_errors,
     console,
     emit_json,
-    open_input,
     progress,
     show_progress,
 )
-from prefnoise.errors import PrefnoiseError
-from prefnoise.outputs import check_output_dir, check_output_file
 
 # Spelled here (not imported) so that `prefnoise --help` does not pay for importing torch.
 POLICY_LOSSES = ("sympo", "dpo", "cdpo", "rdpo", "ipo", "ropo", "hinge", "drdpo")
@@ -93,6 +90,14 @@ def align_command(
     grad_accum: Annotated[
         int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.", rich_help_panel=TRAIN)
     ] = 1,
+    batching: Annotated[
+        str, typer.Option("--batching", help="group: batch pairs of similar length (less padding, faster); exact: "
+                          "the plain shuffled order (for loss-parity checks).", rich_help_panel=TRAIN)
+    ] = "group",
+    max_tokens_per_batch: Annotated[
+        int | None, typer.Option("--max-tokens-per-batch", help="group: fill each micro-batch up to N padded tokens "
+                                 "(2 x pairs x longest pair) instead of --batch-size pairs.", rich_help_panel=TRAIN)
+    ] = None,
     epochs: Annotated[int, typer.Option("--epochs", rich_help_panel=TRAIN)] = 1,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Optimizer steps (overrides --epochs).", rich_help_panel=TRAIN)
@@ -153,93 +158,41 @@ def align_command(
     rejected_col: RejectedColOption = C.REJECTED,
     layout: LayoutOption = "auto",
     drop_invalid: DropInvalidOption = False,
+    chosen_score_col: ChosenScoreColOption = None,
+    rejected_score_col: RejectedScoreColOption = None,
+    split: SplitOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Fine-tune a causal LM on preference pairs with SymPO (default) or a DPO-family loss."""
-    from prefnoise.align import AlignConfig, check_config, prepare, train
+    from prefnoise import api
 
-    cfg = AlignConfig(
-        model=model, out=out or "", loss=loss, symmetric_loss=symmetric_loss, beta=beta, clip=clip or None,
-        label_smoothing=label_smoothing, noise_rate=noise_rate, tau=tau, alpha=alpha, beta_prime=beta_prime, lr=lr,
-        weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule, max_grad_norm=max_grad_norm,
-        batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, seed=seed,
-        max_length=max_length, max_prompt_length=max_prompt_length, lora_r=lora_r, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, save_adapter=save_adapter, save_every=save_every, resume=resume,
-        ref_cache=ref_cache, val_fraction=val_fraction, eval_every=eval_every, log_every=log_every,
+    result = api.align(
+        source, model=model, out=out, dry_run=dry_run, overwrite=overwrite, prompt_col=prompt_col,
+        chosen_col=chosen_col, rejected_col=rejected_col, layout=layout, drop_invalid=drop_invalid,
+        chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col, split=split, config=config,
+        progress_bar=functools.partial(progress, enabled=show_progress(json_output)),
+        loss=loss, symmetric_loss=symmetric_loss, beta=beta, clip=clip, label_smoothing=label_smoothing,
+        noise_rate=noise_rate, tau=tau, alpha=alpha, beta_prime=beta_prime, lr=lr, weight_decay=weight_decay,
+        warmup_steps=warmup_steps, schedule=schedule, max_grad_norm=max_grad_norm, batch_size=batch_size,
+        batching=batching, max_tokens_per_batch=max_tokens_per_batch, grad_accum=grad_accum, epochs=epochs,
+        max_steps=max_steps, seed=seed, max_length=max_length, max_prompt_length=max_prompt_length, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, save_adapter=save_adapter, save_every=save_every,
+        resume=resume, ref_cache=ref_cache, val_fraction=val_fraction, eval_every=eval_every, log_every=log_every,
         precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
     )
-    check_config(cfg)  # a missing cdpo/rdpo rate or a bad option fails before anything is read
-    if not out and not dry_run:
-        raise PrefnoiseError("--out DIR is required (or use --dry-run to only print the plan)")
-    if resume and overwrite:
-        raise PrefnoiseError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
-    if ref_cache is not None:
-        check_output_file(ref_cache, inputs=[source, model], overwrite=True, flag="--ref-cache")
-    state = None
-    if out and not dry_run:
-        state = check_output_dir(out, command="align", inputs=[source, model], overwrite=overwrite, resume=resume)
-    frame = open_input(source, prompt_col, chosen_col, rejected_col, layout, drop_invalid).collect()
+    summary = result.summary
     if dry_run:
-        plan = asdict(prepare(cfg, frame, source=source).plan)
         if json_output:
-            emit_json({"dry_run": True, **plan})
+            emit_json(summary)
         else:
-            _print_plan(plan)
+            _print_plan({k: v for k, v in summary.items() if k != "dry_run"})
         return
-    before = _listing(Path(out)) if out else None
-    try:
-        with progress("aligning", None, enabled=show_progress(json_output)) as advance:
-            summary = train(cfg, frame, source=source, on_progress=advance)
-    except BaseException as error:
-        if _is_main_process():
-            interrupted = isinstance(error, KeyboardInterrupt | Terminated)
-            untouched = state is None or _listing(Path(out)) == before
-            note = NOTHING_WRITTEN if untouched else clean_up_failed_run(Path(out), state=state, resumable=interrupted)
-            if interrupted:
-                error.prefnoise_note = note  # type: ignore[union-attr]
-            elif isinstance(error, PrefnoiseError) and not untouched:
-                error.message = f"{error.message}; {note}"
-        raise
-    if not _is_main_process():
+    if not api.is_main_process():
         return
     if json_output:
         emit_json(summary)
     else:
         _print_summary(summary)
-
-
-def _listing(out: Path) -> dict[str, int] | None:
-    """Every entry below ``out`` with its modification time (ns): to tell whether a run touched ``out``."""
-    if not out.exists():
-        return None
-    return {str(p.relative_to(out)): p.lstat().st_mtime_ns for p in out.rglob("*")}
-
-
-def clean_up_failed_run(out: Path, *, state: str | None, resumable: bool = True) -> str:
-    """After an interrupted or failed run: if this run created ``out`` (``state`` 'missing' or 'empty'
-    before it started) and left no checkpoint, remove what it wrote; say what became of ``out``.
-    ``resumable``: the run stopped from outside (a signal), so continuing it makes sense."""
-    from prefnoise.align import CHECKPOINTS_DIR, latest_checkpoint
-
-    if latest_checkpoint(out / CHECKPOINTS_DIR) is not None:
-        hint = "continue with --resume" if resumable else "start over with --overwrite and other options"
-        return f"checkpoints in {out} were kept; {hint}"
-    if state in ("missing", "empty"):
-        if out.is_dir():
-            for entry in out.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-            if state == "missing":
-                out.rmdir()
-        return "no output was written."
-    return f"{out} holds only what earlier runs wrote and this run's partial metrics"
-
-
-def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def _print_plan(plan: dict) -> None:

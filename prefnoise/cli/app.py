@@ -10,12 +10,13 @@ import typer
 from prefnoise import __version__
 
 DEBUG_ENV = "PREFNOISE_DEBUG"
+QUIET_ENV = "PREFNOISE_QUIET"
 
 app = typer.Typer(
     name="prefnoise",
     help="Inject, measure and survive label noise in preference datasets.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -33,14 +34,35 @@ def global_options(
         bool,
         typer.Option("--debug", help="On an internal error (exit 3) print the full traceback; may follow any command."),
     ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "-q",
+            "--quiet",
+            help="No progress bars or reports on stderr (errors and --json still print); may follow any command.",
+        ),
+    ] = False,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            metavar="FILE.yaml",
+            help=(
+                "Option defaults for the command from a YAML mapping (default < file < flag); may follow any "
+                "command. A value not ending in .yaml/.yml is a hub dataset's config name."
+            ),
+        ),
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
     ] = False,
 ) -> None:
     """Inject, measure and survive label noise in preference datasets.
 
-    Exit codes: 0 ok, 1 a failed gate, 2 bad input or usage, 3 an internal error,
+    Exit codes: 0 ok, 1 a failed gate, 2 bad input or usage, 3 an internal error, 4 audit's rate undetermined,
     130 on Ctrl-C, 143 on SIGTERM (129 on SIGHUP), 141 when the reader of stdout went away.
     """
     if debug:
         os.environ[DEBUG_ENV] = "1"
+    if quiet:
+        os.environ[QUIET_ENV] = "1"

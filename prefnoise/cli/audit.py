@@ -1,8 +1,13 @@
-"""`prefnoise audit DATA`: estimate a dataset's flip rate and find the suspect pairs."""
+"""`prefnoise audit DATA`: estimate a dataset's flip rate and find the suspect pairs.
+
+When the out-of-fold margins cannot separate flips from the fold models' own mistakes (a model near
+chance, too few pairs), the rate is *undetermined*: the text names the reason, ``--json`` has
+``"rate": null`` with a ``reason``, and ``--estimate-only`` and ``--fix`` exit 4 (nothing printed on stdout,
+nothing fixed).
+"""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -13,24 +18,26 @@ from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
     ChosenColOption,
+    ChosenScoreColOption,
+    ConfigOption,
     DropInvalidOption,
     JsonOption,
     LayoutOption,
     OverwriteOption,
     PromptColOption,
     RejectedColOption,
+    RejectedScoreColOption,
     SeedOption,
+    SplitOption,
     cli_errors,
     console,
     emit_json,
-    open_input,
     progress,
+    reports_to_stderr,
     safe,
     show_progress,
 )
-from prefnoise.data import new_history_entry, write_table
 from prefnoise.errors import PrefnoiseError
-from prefnoise.outputs import check_distinct_outputs, check_output_file
 
 
 @app.command("audit")
@@ -44,6 +51,22 @@ def audit_command(
         typer.Option("--out", help="Write the table with fold, oof_margin and suspicion columns (- for stdout)."),
     ] = None,
     folds: Annotated[int, typer.Option("--folds", help="Cross-fitting folds (split by pair_id hash).")] = 5,
+    refits: Annotated[
+        int,
+        typer.Option("--refits", help="Independent cross-fits (other folds and seeds), pooled into ε̂'s interval."),
+    ] = 3,
+    reward_col: Annotated[
+        str | None,
+        typer.Option(
+            "--reward-col",
+            help="Use precomputed rewards chosen_COL − rejected_COL (e.g. 'reward' from `prefnoise score`) as the "
+            "margins instead of fitting fold models; valid only for out-of-sample predictions.",
+        ),
+    ] = None,
+    margin_col: Annotated[
+        str | None,
+        typer.Option("--margin-col", help="Use a precomputed margin column (reward(chosen) − reward(rejected))."),
+    ] = None,
     loss: Annotated[
         str, typer.Option("--loss", help="Margin loss of the fold models (a symmetric one is robust).")
     ] = "sigmoid",
@@ -75,7 +98,10 @@ def audit_command(
         float, typer.Option("--threshold", help="--fix acts on pairs with suspicion above this.")
     ] = 0.5,
     estimate_only: Annotated[
-        bool, typer.Option("--estimate-only", help="Print only ε̂ (for align --noise-rate $(...)).")
+        bool,
+        typer.Option(
+            "--estimate-only", help="Print only ε̂ (for align --noise-rate $(...)); exit 4 when it is undetermined."
+        ),
     ] = False,
     overwrite: OverwriteOption = False,
     seed: SeedOption = C.DEFAULT_SEED,
@@ -85,97 +111,68 @@ def audit_command(
     rejected_col: RejectedColOption = C.REJECTED,
     layout: LayoutOption = "auto",
     drop_invalid: DropInvalidOption = False,
+    chosen_score_col: ChosenScoreColOption = None,
+    rejected_score_col: RejectedScoreColOption = None,
+    split: SplitOption = None,
+    config: ConfigOption = None,
 ) -> None:
-    """Cross-fit reward models, estimate the flip rate ε̂ and score each pair's suspicion."""
+    """Cross-fit reward models, estimate the flip rate ε̂ and score each pair's suspicion.
+
+    Exit 4 with --estimate-only or --fix when ε̂ is undetermined (the fold models cannot tell flips from
+    their own mistakes); the JSON report then has "rate": null and a "reason".
+    """
+    import functools
+
+    from prefnoise import api
     from prefnoise import audit as A
-    from prefnoise.cli.fit_reward import backend_of
-    from prefnoise.reward import check_finite_features
 
-    if fix is not None and out is None:
-        raise PrefnoiseError("--fix needs --out for the cleaned table")
-    if fix is not None and fix not in ("drop", "swap"):
-        raise PrefnoiseError(f"--fix must be 'drop' or 'swap', got {fix!r}")
-    started = time.time()  # the history entry's duration covers the folds, not only the writing
-    check_output_file(out, inputs=[data], overwrite=overwrite)
-    check_output_file(plot, inputs=[data], overwrite=overwrite, flag="--plot", suffix=".png")
-    check_distinct_outputs({"--out": out, "--plot": plot})
-    src = open_input(data, prompt_col, chosen_col, rejected_col, layout, drop_invalid)
-    frame, _ = check_finite_features(src.collect(), src.name, drop_invalid)
-    backend, model_path = backend_of(model, C.chosen(C.FEATURES) in frame.columns)
-    fit_options = {
-        "loss": loss,
-        "backend": backend,
-        "model_path": model_path,
-        "encoder_path": encoder,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "hidden": hidden,
-        "max_length": max_length,
-        "val_fraction": 0.0,
-    }
     quiet = estimate_only or json_output
-    with progress("cross-fitting folds", folds, enabled=show_progress(quiet)) as advance:
-        scored = A.out_of_fold_margins(
-            frame, folds=folds, seed=seed, fit_options=fit_options, device=device, on_fold=advance
-        )
-    estimate = A.estimate_noise_rate(scored[A.MARGIN].to_numpy(), n_boot=bootstrap, seed=seed)
-    scored = A.add_suspicion(scored, estimate.mixture)
-    fixed = 0
-    if fix is not None:
-        scored, fixed = A.clean_table(scored, mode=fix, threshold=threshold)
-    if out is not None:
-        parameters = {
-            "folds": folds,
-            **{k: v for k, v in fit_options.items() if v is not None},
-            "fix": fix,
-            "threshold": threshold,
-        }
-        entry = new_history_entry("audit", parameters, seed=seed, source=src)
-        entry.started = started
-        entry.extra["noise_estimate"] = {"rate": estimate.rate, "low": estimate.low, "high": estimate.high}
-        if fix is not None:
-            entry.extra["fixed_pairs"] = {"mode": fix, "count": fixed}
-        write_table(scored, out, entry=entry, overwrite=overwrite)
-    if plot is not None:
-        from prefnoise.experiments.figures import margin_histogram
-
-        margin_histogram(scored[A.MARGIN].to_numpy(), estimate.mixture, plot)
+    result = api.audit(
+        data, out, folds=folds, refits=refits, reward_col=reward_col, margin_col=margin_col, loss=loss,
+        model=model, encoder=encoder, epochs=epochs, batch_size=batch_size, lr=lr, hidden=hidden,
+        max_length=max_length, device=device, bootstrap=bootstrap, show_suspects=show_suspects,
+        show_text=show_text, plot=plot, fix=fix, threshold=threshold, overwrite=overwrite, seed=seed,
+        prompt_col=prompt_col, chosen_col=chosen_col, rejected_col=rejected_col, layout=layout,
+        drop_invalid=drop_invalid, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col,
+        split=split, config=config, progress_bar=functools.partial(progress, enabled=show_progress(quiet)),
+    )
+    estimate = result.estimate
     if estimate_only:
+        if not estimate.identifiable:
+            raise PrefnoiseError(f"flip rate undetermined: {estimate.reason}", exit_code=A.UNDETERMINED_EXIT)
         typer.echo(f"{estimate.rate:.4f}")
         return
-    report = {
-        "input": src.name,
-        "pairs": frame.height,
-        "folds": folds,
-        "loss": loss,
-        "backend": backend,
-        "noise_rate": estimate.to_dict(),
-        "suspects_above_threshold": int((scored[A.SUSPICION] > threshold).sum()) if fix is None else 0,
-        "threshold": threshold,
-        "fixed": {"mode": fix, "count": fixed} if fix else None,
-        "most_suspect": A.most_suspect(scored, show_suspects, with_text=show_text),
-    }
-    if C.FLIPPED in scored.columns and fix is None and scored[C.FLIPPED].n_unique() == 2:
-        flipped = scored[C.FLIPPED].to_numpy()
-        report["against_flipped"] = {
-            "true_rate": float(flipped.mean()),
-            "auroc": A.auroc(scored[A.SUSPICION].to_numpy(), flipped),
-            "precision_at_true_count": A.precision_at(scored[A.SUSPICION].to_numpy(), flipped, int(flipped.sum())),
-        }
     if json_output:
-        emit_json(report, to_stderr=out == "-")
+        emit_json(result.summary, to_stderr=out == "-")
         return
-    _print_report(report)
+    reports_to_stderr(out == "-")
+    _print_report(result.summary)
 
 
 def _print_report(report: dict) -> None:
     rate = report["noise_rate"]
-    interval = f" (95% interval {rate['low']:.3f}–{rate['high']:.3f})" if rate["low"] is not None else ""
-    console.print(
-        f"audit: {report['pairs']:,} pairs, {report['folds']} folds, {report['backend']} with {report['loss']} loss"
-    )
-    console.print(f"estimated flip rate ε̂ = {rate['rate']:.3f}{interval}")
+    if report["folds"] is None:
+        console.print(f"audit: {report['pairs']:,} pairs, margins from the {safe(report['margins_from'])}")
+        console.print(
+            "  these margins are valid only if the predictions were made out of sample (by a model that never "
+            "saw these pairs); the interval does not include that model's own variability"
+        )
+    else:
+        console.print(
+            f"audit: {report['pairs']:,} pairs, {report['folds']} folds × {report['refits']} refits, "
+            f"{report['backend']} with {report['loss']} loss"
+        )
+    if rate["rate"] is None:
+        console.print(f"estimated flip rate ε̂: undetermined — {safe(rate['reason'])}")
+    else:
+        interval = f" (95% interval {rate['low']:.3f}–{rate['high']:.3f})" if rate["low"] is not None else ""
+        console.print(f"estimated flip rate ε̂ = {rate['rate']:.3f}{interval}")
+        per_refit = ", ".join(f"{r['rate']:.3f}" for r in rate["refits"])
+        console.print(
+            f"  corrected for the models' own confident mistakes: {rate['own_error_bias']:.3f} of "
+            f"{rate['confident_pairs']:,} confident pairs (plausibly up to {rate['own_error_bias_high']:.3f})"
+            + (f"; per refit {per_refit}" if len(rate["refits"]) > 1 else "")
+        )
     if "against_flipped" in report:
         known = report["against_flipped"]
         console.print(
@@ -186,6 +183,8 @@ def _print_report(report: dict) -> None:
         console.print(
             f"--fix {report['fixed']['mode']}: {report['fixed']['count']:,} pairs above {report['threshold']}"
         )
+    elif report["suspects_above_threshold"] is None:
+        console.print("suspicion is not calibrated without ε̂ (null); pairs are listed by their margin")
     else:
         console.print(f"{report['suspects_above_threshold']:,} pairs have suspicion above {report['threshold']}")
     if report["most_suspect"]:
@@ -193,5 +192,7 @@ def _print_report(report: dict) -> None:
         for column in report["most_suspect"][0]:
             table.add_column(column, justify="right" if column in ("oof_margin", "suspicion") else "left")
         for row in report["most_suspect"]:
-            table.add_row(*[f"{v:.4f}" if isinstance(v, float) else safe(v) for v in row.values()])
+            table.add_row(
+                *[f"{v:.4f}" if isinstance(v, float) else "–" if v is None else safe(v) for v in row.values()]
+            )
         console.print(table)

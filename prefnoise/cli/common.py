@@ -35,8 +35,21 @@ from prefnoise.errors import PrefnoiseError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Human-facing output goes to stderr so stdout stays clean for Parquet or JSON in pipes.
-console = Console(stderr=True, highlight=False)
+# A command's report (its result for a person) goes to stdout, like rank-check's and inspect's; a
+# command whose stdout carries data (OUT is -) calls reports_to_stderr() first. Progress bars go to
+# stderr always (log_console). -q silences both; errors and --json are printed without them.
+console = Console(highlight=False, soft_wrap=True)  # a report line is one line, also in a pipe
+log_console = Console(stderr=True, highlight=False)
+
+
+def reports_to_stderr(data_on_stdout: bool = True) -> None:
+    """Send this command's report to stderr when stdout carries its data (an output of ``-``)."""
+    console.stderr = data_on_stdout
+
+
+def quiet_requested() -> bool:
+    """Whether ``-q/--quiet`` was given (no progress bars, no reports)."""
+    return os.environ.get("PREFNOISE_QUIET", "") not in ("", "0")
 
 # The exit-code contract (README, "Errors and exit codes").
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -140,6 +153,8 @@ def cli_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         user_umask()  # read once, before any writer thread starts
+        console.stderr = False  # reports to stdout unless the command's data goes there
+        console.quiet = log_console.quiet = quiet_requested()
         try:
             with signals_as_exceptions():
                 check_options(kwargs)
@@ -203,6 +218,7 @@ OPTION_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "max_grad_norm": (0, True, None, False),
     "batch_size": (1, True, None, False),
     "grad_accum": (1, True, None, False),
+    "max_tokens_per_batch": (1, True, None, False),
     "epochs": (1, True, None, False),
     "max_steps": (1, True, None, False),
     "max_length": (1, True, None, False),
@@ -216,6 +232,7 @@ OPTION_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "save_every": (0, True, None, False),
     "log_every": (1, True, None, False),
     "folds": (2, True, None, False),
+    "refits": (1, True, None, False),
     "hidden": (1, True, None, False),
     "layers": (0, True, None, False),
     "output_clip": (0, True, None, False),
@@ -231,6 +248,8 @@ OPTION_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "early_stopping": (1, True, None, False),
     "seeds": (1, True, None, False),
     "train_pairs": (10, True, None, False),
+    "test_pairs": (10, True, None, False),
+    "warmup": (0, True, 1, False),  # fit-reward: a share of the steps
     "pairs": (40, True, None, False),
 }
 
@@ -265,7 +284,7 @@ def check_options(values: dict[str, Any]) -> None:
 
 def show_progress(json_output: bool) -> bool:
     """Whether to draw a progress bar: only for a person at a terminal, never with --json."""
-    return not json_output and sys.stderr.isatty()
+    return not json_output and sys.stderr.isatty() and not quiet_requested()
 
 
 @contextlib.contextmanager
@@ -280,7 +299,7 @@ def progress(description: str, total: int | None, *, enabled: bool) -> Iterator[
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=console,
+        console=log_console,
         transient=True,
     )
     with bar:
@@ -316,13 +335,60 @@ def emit_json(payload: dict[str, Any], *, to_stderr: bool = False) -> None:
 # Reused by every command that reads a preference table, so the flags are spelled once.
 
 PromptColOption = Annotated[
-    str, typer.Option("--prompt-col", help="Input column holding the prompt.", rich_help_panel="Input")
+    str,
+    typer.Option(
+        "--prompt-col", help="Input column (or dotted path into a struct) holding the prompt.", rich_help_panel="Input"
+    ),
 ]
 ChosenColOption = Annotated[
-    str, typer.Option("--chosen-col", help="Input column holding the preferred response.", rich_help_panel="Input")
+    str,
+    typer.Option(
+        "--chosen-col",
+        help="Input column (or dotted path into a struct) holding the preferred response.",
+        rich_help_panel="Input",
+    ),
 ]
 RejectedColOption = Annotated[
-    str, typer.Option("--rejected-col", help="Input column holding the other response.", rich_help_panel="Input")
+    str,
+    typer.Option(
+        "--rejected-col",
+        help="Input column (or dotted path into a struct) holding the other response.",
+        rich_help_panel="Input",
+    ),
+]
+ChosenScoreColOption = Annotated[
+    str | None,
+    typer.Option(
+        "--chosen-score-col",
+        help="Column or dotted path (e.g. metadata.score_chosen) with the chosen response's true score; "
+        "becomes chosen_score. Give --rejected-score-col too.",
+        rich_help_panel="Input",
+    ),
+]
+RejectedScoreColOption = Annotated[
+    str | None,
+    typer.Option(
+        "--rejected-score-col",
+        help="Column or dotted path (e.g. metadata.score_rejected) with the rejected response's true score; "
+        "becomes rejected_score.",
+        rich_help_panel="Input",
+    ),
+]
+SplitOption = Annotated[
+    str | None,
+    typer.Option(
+        "--split",
+        help="Split of a hub dataset id, hub-layout directory or saved DatasetDict (needed when it has several).",
+        rich_help_panel="Input",
+    ),
+]
+ConfigOption = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="Config (subset) of a hub dataset id or hub-layout directory (needed when it has several).",
+        rich_help_panel="Input",
+    ),
 ]
 LayoutOption = Annotated[
     str,
@@ -361,10 +427,23 @@ def open_input(
     drop_invalid: bool = False,
     *,
     warn_history: bool = True,
+    chosen_score_col: str | None = None,
+    rejected_score_col: str | None = None,
+    split: str | None = None,
+    config: str | None = None,
 ) -> PreferenceSource:
-    """Open a preference table from the shared input options; warn (one line) when its provenance is unreadable."""
-    columns = ColumnMap(prompt=prompt_col, chosen=chosen_col, rejected=rejected_col)
-    src = open_source(source, columns=columns, layout=layout, drop_invalid=drop_invalid)
+    """Open a preference table from the shared input options (a file, directory, ``-`` or a cached
+    hub dataset id); warn (one line) when its provenance is unreadable."""
+    columns = ColumnMap(
+        prompt=prompt_col,
+        chosen=chosen_col,
+        rejected=rejected_col,
+        chosen_score=chosen_score_col,
+        rejected_score=rejected_score_col,
+    )
+    src = open_source(
+        source, columns=columns, layout=layout, drop_invalid=drop_invalid, split=split, config=config
+    )
     if warn_history and getattr(src, "history_error", None):
         typer.echo(
             one_line(f"Warning: {src.name}: provenance history unreadable ({src.history_error}); starting a new one"),

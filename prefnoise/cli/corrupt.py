@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-import time
+import functools
 from typing import Annotated
 
 import typer
@@ -13,40 +12,40 @@ from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
     ChosenColOption,
+    ChosenScoreColOption,
+    ConfigOption,
     DropInvalidOption,
     JsonOption,
     LayoutOption,
     OverwriteOption,
     PromptColOption,
     RejectedColOption,
+    RejectedScoreColOption,
     SeedOption,
+    SplitOption,
     cli_errors,
     console,
     emit_json,
-    open_input,
     progress,
+    reports_to_stderr,
     show_progress,
 )
-from prefnoise.data import new_history_entry, write_table
-from prefnoise.noise import (
-    NOISE_MODELS,
-    CorruptionStats,
-    NoiseSpec,
-    corrupt_batches,
-    corrupt_step,
-    exact_thresholds,
-)
-from prefnoise.outputs import check_output_file
-from prefnoise.pair_ids import PairIdCheck
+from prefnoise.noise import NOISE_MODELS
 
 
 @app.command("corrupt")
 @cli_errors
 def corrupt_command(
     source: Annotated[
-        str, typer.Argument(metavar="IN", help="Input table (Parquet, JSONL, CSV, saved dataset, or - for stdin).")
+        str,
+        typer.Argument(
+            metavar="IN",
+            help="Input table (Parquet, JSONL, CSV, saved or hub-layout dataset dir, cached hub id, or - for stdin).",
+        ),
     ],
-    dest: Annotated[str, typer.Argument(metavar="OUT", help="Output Parquet file, or - for stdout.")],
+    dest: Annotated[
+        str, typer.Argument(metavar="OUT", help="Output .parquet (or no extension), .jsonl or .csv; - for stdout.")
+    ],
     noise: Annotated[str, typer.Option("--noise", help=f"Noise model: {', '.join(NOISE_MODELS)}.")] = "symmetric",
     rate: Annotated[float | None, typer.Option("--rate", help="symmetric: flip probability of every pair.")] = None,
     rate_pos: Annotated[
@@ -74,49 +73,25 @@ def corrupt_command(
     rejected_col: RejectedColOption = C.REJECTED,
     layout: LayoutOption = "auto",
     drop_invalid: DropInvalidOption = False,
+    chosen_score_col: ChosenScoreColOption = None,
+    rejected_score_col: RejectedScoreColOption = None,
+    split: SplitOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Flip preference labels with a controlled noise model; record which rows in `flipped`."""
-    spec = NoiseSpec(
-        kind=noise,
-        rate=rate,
-        rate_pos=rate_pos,
-        rate_neg=rate_neg,
-        by=by,
-        temperature=temperature,
-        max_rate=max_rate,
-        exact=exact,
-        seed=seed,
-        force=force,
-        drop_invalid=drop_invalid,
-    )
-    spec.check()
-    check_output_file(dest, inputs=[source], overwrite=overwrite)
-    started = time.perf_counter()
-    src = open_input(source, prompt_col, chosen_col, rejected_col, layout, drop_invalid)
-    spec = dataclasses.replace(spec, step=corrupt_step(src.history))  # each corrupt step draws afresh
-    spec.check(src.schema)
-    entry = new_history_entry("corrupt", spec.parameters(), seed=seed, source=src)
-    stats = CorruptionStats()
-    with progress("corrupting", src.total_rows(), enabled=show_progress(json_output)) as advance:
-        thresholds = exact_thresholds(src.batches(), spec, name=src.name) if spec.exact else None
-        inputs = PairIdCheck(src.name, reread=src.batches).watch(src.batches())
-        batches = corrupt_batches(
-            inputs, spec, stats=stats, thresholds=thresholds, on_progress=advance, name=src.name
-        )
-        write_table(batches, dest, entry=entry, overwrite=overwrite)
-    elapsed = time.perf_counter() - started
-    summary = {
-        "input": src.name,
-        "output": "<stdout>" if dest == "-" else dest,
-        "noise": noise,
-        **stats.to_dict(),
-        "dropped": {**src.dropped, **stats.dropped},
-        "seconds": round(elapsed, 3),
-        "rows_per_second": round(stats.rows / elapsed) if elapsed > 0 else None,
-    }
+    from prefnoise import api
+
+    summary = api.corrupt(
+        source, dest, noise=noise, rate=rate, rate_pos=rate_pos, rate_neg=rate_neg, by=by, temperature=temperature,
+        max_rate=max_rate, exact=exact, force=force, overwrite=overwrite, seed=seed, prompt_col=prompt_col,
+        chosen_col=chosen_col, rejected_col=rejected_col, layout=layout, drop_invalid=drop_invalid,
+        chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col, split=split, config=config,
+        progress_bar=functools.partial(progress, enabled=show_progress(json_output)),
+    ).summary
     if json_output:
         emit_json(summary, to_stderr=dest == "-")
     else:
+        reports_to_stderr(dest == "-")
         _print_summary(summary)
 
 

@@ -8,29 +8,38 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
     ChosenColOption,
+    ChosenScoreColOption,
+    ConfigOption,
     DropInvalidOption,
     JsonOption,
     LayoutOption,
     OverwriteOption,
     PromptColOption,
     RejectedColOption,
+    RejectedScoreColOption,
     SeedOption,
+    SplitOption,
     cli_errors,
     console,
     emit_json,
-    open_input,
+    log_console,
     show_progress,
 )
-from prefnoise.data import new_history_entry
 from prefnoise.errors import PrefnoiseError
-from prefnoise.loss_names import MARGIN_LOSS_NAMES, MARGIN_RATE_PARAMS, missing_rate
-from prefnoise.outputs import check_output_dir
+from prefnoise.loss_names import MARGIN_LOSS_NAMES
 
 
 def backend_of(model: str | None, has_features: bool) -> tuple[str, str | None]:
@@ -44,6 +53,10 @@ def backend_of(model: str | None, has_features: bool) -> tuple[str, str | None]:
         return "mlp", None
     if model in ("mlp", "embed+mlp"):
         return model, None
+    from prefnoise.reward.external import looks_like_hub_id, resolve_model
+
+    if not Path(model).exists() and looks_like_hub_id(model):  # a hub id: its snapshot in the local cache
+        model = str(resolve_model(model, "--model"))
     if not Path(model).is_dir():
         raise PrefnoiseError(f"--model {model}: not 'mlp', 'embed+mlp' or a local model directory")
     return "transformer", model
@@ -51,22 +64,30 @@ def backend_of(model: str | None, has_features: bool) -> tuple[str, str | None]:
 
 @contextlib.contextmanager
 def training_progress(enabled: bool) -> Iterator[dict[str, Callable]]:
-    """Callbacks on_start/on_progress/on_epoch drawing a bar with loss and validation accuracy."""
+    """Callbacks drawing progress bars on stderr: embedding (embed+mlp's encoder, cache misses only)
+    and training (with loss and validation accuracy), each with its total, elapsed time and ETA."""
     if not enabled:
         yield {}
         return
     bar = Progress(
-        TextColumn("[bold]training"),
+        TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("pairs"),
+        TextColumn("{task.fields[unit]}"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
-        console=console,
+        console=log_console,
         transient=True,
     )
     with bar:
-        task = bar.add_task("training", total=None, status="")
+        tasks: dict[str, Any] = {}
+
+        def task(name: str, unit: str) -> Any:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=None, status="", unit=unit)
+            return tasks[name]
 
         def on_epoch(row: dict[str, Any]) -> None:
             status = f"epoch {row['epoch']}  loss {row['train_loss']:.4f}"
@@ -74,12 +95,18 @@ def training_progress(enabled: bool) -> Iterator[dict[str, Callable]]:
                 status += f"  val acc {row['val_accuracy']:.3f}"
             if "val_clean_accuracy" in row:
                 status += f"  clean {row['val_clean_accuracy']:.3f}"
-            bar.update(task, status=status)
+            bar.update(task("training", "pairs"), status=status)
+
+        def on_embed_start(total: int) -> None:
+            if total:
+                bar.update(task("embedding", "texts"), total=total)
 
         yield {
-            "on_start": lambda total: bar.update(task, total=total),
-            "on_progress": lambda n: bar.advance(task, n),
+            "on_start": lambda total: bar.update(task("training", "pairs"), total=total),
+            "on_progress": lambda n: bar.advance(task("training", "pairs"), n),
             "on_epoch": on_epoch,
+            "on_embed_start": on_embed_start,
+            "on_embed": lambda n: bar.advance(task("embedding", "texts"), n),
         }
 
 
@@ -101,6 +128,30 @@ def fit_reward_command(
         typer.Option("--model", help="mlp (default with feature columns), embed+mlp, or a local HF model directory."),
     ] = None,
     encoder: Annotated[str | None, typer.Option("--encoder", help="embed+mlp: local HF encoder directory.")] = None,
+    embed_features: Annotated[
+        str | None,
+        typer.Option(
+            "--embed-features",
+            help="embed+mlp: comma-separated parts the MLP reads: joint-mean (default), joint-cls, "
+            "response-mean, response-cls, length (joint = prompt and response together).",
+        ),
+    ] = None,
+    head: Annotated[
+        str | None,
+        typer.Option(
+            "--head",
+            help="transformer: sequence-classification (the model's own head on its first/last token) or "
+            "pooled (a linear head on mean-pooled states); default: by architecture.",
+        ),
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option("--schedule", help="Learning rate: constant or linear decay (default: transformer linear)."),
+    ] = None,
+    warmup: Annotated[
+        float | None,
+        typer.Option("--warmup", help="Share of the steps with linear lr warmup (default: transformer 0.1, else 0)."),
+    ] = None,
     margin_scale: Annotated[
         float, typer.Option("--margin-scale", help="β: the loss sees β·(r_chosen − r_rejected).")
     ] = 1.0,
@@ -154,55 +205,32 @@ def fit_reward_command(
     rejected_col: RejectedColOption = C.REJECTED,
     layout: LayoutOption = "auto",
     drop_invalid: DropInvalidOption = False,
+    chosen_score_col: ChosenScoreColOption = None,
+    rejected_score_col: RejectedScoreColOption = None,
+    split: SplitOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Train a reward model r(prompt, response) with a margin loss; print validation accuracy vs clean labels last."""
-    from prefnoise.reward import fit_reward_model, save_reward_model
+    from prefnoise import api
     from prefnoise.reward.models import describe_truncation
 
-    if loss not in MARGIN_LOSS_NAMES:
-        raise PrefnoiseError(f"unknown --loss {loss!r}; choose one of: {', '.join(MARGIN_LOSS_NAMES)}")
-    missing = missing_rate(loss, {"eps": eps}, MARGIN_RATE_PARAMS)
-    if missing:
-        raise PrefnoiseError(missing)
-    if encoder is not None and model != "embed+mlp":
-        raise PrefnoiseError("--encoder applies to --model embed+mlp only")
-    check_output_dir(out, command="fit-reward", inputs=[data, model, encoder, cache_dir], overwrite=overwrite)
-    src = open_input(data, prompt_col, chosen_col, rejected_col, layout, drop_invalid)
-    frame = src.collect()
-    backend, model_path = backend_of(model, C.chosen(C.FEATURES) in frame.columns)
-    loss_params = {"eps": eps, "tau": tau, "alpha": alpha}
-    options = {
-        "loss": loss,
-        "backend": backend,
-        "model_path": model_path,
-        "encoder_path": encoder,
-        "loss_params": loss_params,
-        "margin_scale": margin_scale,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "val_fraction": val_fraction,
-        "early_stopping": early_stopping,
-        "device": device,
-        "max_length": max_length,
-        "hidden": hidden,
-        "layers": layers,
-        "dropout": dropout,
-        "output_clip": output_clip if output_clip > 0 else None,
-        "cache_dir": cache_dir,
-    }
-    entry = new_history_entry(
-        "fit-reward", {k: v for k, v in options.items() if k != "cache_dir"}, seed=seed, source=src
-    )
     with training_progress(show_progress(json_output)) as callbacks:
-        result = fit_reward_model(frame, seed=seed, drop_invalid=drop_invalid, source=src.name, **options, **callbacks)
+        fitted = api.fit_reward(
+            data, out, loss=loss, model=model, encoder=encoder, margin_scale=margin_scale, eps=eps, tau=tau,
+            alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            val_fraction=val_fraction, early_stopping=early_stopping, device=device, max_length=max_length,
+            hidden=hidden, layers=layers, dropout=dropout, output_clip=output_clip, cache_dir=cache_dir,
+            embed_features=embed_features, head=head, schedule=schedule, warmup=warmup, overwrite=overwrite,
+            seed=seed, prompt_col=prompt_col, chosen_col=chosen_col, rejected_col=rejected_col, layout=layout,
+            drop_invalid=drop_invalid, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col,
+            split=split, config=config, **callbacks,
+        )
+    result, backend = fitted.fit, fitted.model.backend
     if not result.is_main:  # other data-parallel processes: the main one writes
         return
-    save_reward_model(result, out, history=[*src.history, entry.to_dict(rows_out=frame.height)])
     final = result.metrics["final"]
     if json_output:
-        emit_json({"out": str(out), "rows": frame.height, **{k: v for k, v in result.metrics.items() if k != "epochs"}})
+        emit_json(fitted.summary)
         return
     console.print(
         f"fit-reward: {backend} · loss {loss}"

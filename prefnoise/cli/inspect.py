@@ -13,10 +13,14 @@ from rich.table import Table
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
     ChosenColOption,
+    ChosenScoreColOption,
+    ConfigOption,
     JsonOption,
     LayoutOption,
     PromptColOption,
     RejectedColOption,
+    RejectedScoreColOption,
+    SplitOption,
     cli_errors,
     emit_json,
     one_line,
@@ -34,9 +38,16 @@ def inspect_command(
     chosen_col: ChosenColOption = "chosen",
     rejected_col: RejectedColOption = "rejected",
     layout: LayoutOption = "auto",
+    chosen_score_col: ChosenScoreColOption = None,
+    rejected_score_col: RejectedScoreColOption = None,
+    split: SplitOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Print a table's schema, row count, column statistics and provenance history."""
-    src = open_input(source, prompt_col, chosen_col, rejected_col, layout, drop_invalid=True, warn_history=False)
+    src = open_input(
+        source, prompt_col, chosen_col, rejected_col, layout, drop_invalid=True, warn_history=False,
+        chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col, split=split, config=config,
+    )
     if (
         src.format == "parquet"
         and layout == "auto"
@@ -93,6 +104,9 @@ def _print_report(report: dict) -> None:
     history = [step for step in report["history"] if isinstance(step, dict)]
     if report.get("history_error"):
         console.print(f"history: unreadable ({_fmt(report['history_error'])}); the file's provenance is ignored")
+        return
+    if not history and report["format"] in ("json", "csv"):
+        console.print("history: none (JSON lines and CSV files carry no provenance; prefnoise records it in Parquet)")
         return
     if not history:
         console.print("history: none (not written by prefnoise)")

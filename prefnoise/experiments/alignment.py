@@ -134,7 +134,7 @@ def run_alignment(
                     started = time.perf_counter()
                     cfg = AlignConfig(
                         model=str(model), out=str(root / "run"), beta=config.beta, lr=config.lr,
-                        batch_size=config.batch_size, epochs=config.epochs, seed=seed,
+                        batch_size=config.batch_size, batching="exact", epochs=config.epochs, seed=seed,
                         val_fraction=config.val_fraction, max_length=64, max_prompt_length=16,
                         log_every=10**9, device=device, precision="fp32",
                         ref_cache=str(root / f"ref-{seed}-{kind}-{rate}.parquet"),

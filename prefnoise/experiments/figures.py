@@ -69,12 +69,15 @@ def margin_histogram(margins, mixture, path: str | Path) -> Path:
     def normal(x, mu):
         return np.exp(-0.5 * ((x - mu) / mixture.std) ** 2) / (mixture.std * np.sqrt(2 * np.pi))
 
-    ax.plot(grid, (1 - mixture.rate) * normal(grid, mixture.mean), label="clean component", linewidth=2)
-    ax.plot(grid, mixture.rate * normal(grid, -mixture.mean), "--", label="flipped (mirrored) component", linewidth=2)
+    if mixture is not None:  # None: the flip rate is undetermined (prefnoise.audit), so no components are drawn
+        ax.plot(grid, (1 - mixture.rate) * normal(grid, mixture.mean), label="clean component", linewidth=2)
+        ax.plot(
+            grid, mixture.rate * normal(grid, -mixture.mean), "--", label="flipped (mirrored) component", linewidth=2
+        )
     ax.axvline(0, color="k", linewidth=0.8)
     ax.set_xlabel("margin r(chosen) − r(rejected), out of fold")
     ax.set_ylabel("density")
-    ax.set_title(f"estimated flip rate ε̂ = {mixture.rate:.3f}")
+    ax.set_title("flip rate undetermined" if mixture is None else f"estimated flip rate ε̂ = {mixture.rate:.3f}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)

@@ -99,7 +99,10 @@ def make_tiny_causal_lm(
     else:
         raise ValueError(f"arch must be 'gpt2' or 'llama', not {arch!r}")
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
+    from prefnoise.hf import quiet_transformers
+
+    with quiet_transformers():  # no "Writing model shards" bar
+        model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -6,14 +6,16 @@ out of it; the chosen and rejected sides of a batch go through the network as on
 - ``mlp``: an MLP on fixed-size feature vectors (the paper's synthetic setting).
 - ``transformer``: a local Hugging Face model with a scalar head (sequence classification with
   ``num_labels=1``, or the base model + a linear head on mean-pooled states).
-- ``embed+mlp``: a frozen local encoder embeds each (prompt, response) once (mean pooling,
-  cached on disk); an MLP is trained on the embeddings.
+- ``embed+mlp``: a frozen local encoder embeds each (prompt, response) once (mean or CLS pooling,
+  of the pair or the response alone, cached on disk); an MLP (or a linear head) is trained on the
+  embeddings, optionally with length features.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +172,26 @@ def _vanished(row: int, prompt: int, response: int, max_length: int, reserved: i
     )
 
 
+@contextlib.contextmanager
+def _untruncated(backend: Any) -> Iterator[None]:
+    """The fast tokenizer ``backend`` with its own truncation and padding switched off, restored after.
+
+    A tokenizer.json may carry both (all-MiniLM-L6-v2's: truncate to 128, pad to 128); the backend
+    then pads every prompt and response to 128 tokens before :func:`encode_pairs` cuts them, and cuts
+    the pair again in ``post_process``, so a short prompt became 128 pad tokens and the text was lost.
+    """
+    truncation, padding = backend.truncation, backend.padding
+    backend.no_truncation()
+    backend.no_padding()
+    try:
+        yield
+    finally:
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**padding)
+
+
 def encode_pairs(
     tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
 ) -> tuple[list[list[int]], dict[str, int]]:
@@ -204,20 +226,21 @@ def encode_pairs(
     encoder = getattr(tokenizer, "sep_token", None) is not None
     backend = getattr(tokenizer, "backend_tokenizer", None) if encoder else None
     if backend is not None:  # fast encoder: cut the Encodings, then let the tokenizer add its specials
-        reserved = backend.num_special_tokens_to_add(is_pair=True)
-        firsts = backend.encode_batch(prompts, add_special_tokens=False)
-        seconds = backend.encode_batch(responses, add_special_tokens=False)
-        for row, (first, second) in enumerate(zip(firsts, seconds)):
-            n_prompt, n_response = len(first.ids), len(second.ids)
-            keep_prompt, keep_response = _fit_lengths(n_prompt, n_response, max_length - reserved)
-            if n_response and not keep_response:
-                raise _vanished(row, n_prompt, n_response, max_length, reserved)
-            if keep_prompt < n_prompt:
-                first.truncate(keep_prompt, direction="left")
-            if keep_response < n_response:
-                second.truncate(keep_response, direction="right")
-            out.append(list(backend.post_process(first, second, add_special_tokens=True).ids))
-            count(row, keep_prompt < n_prompt, keep_response < n_response)
+        with _untruncated(backend):
+            reserved = backend.num_special_tokens_to_add(is_pair=True)
+            firsts = backend.encode_batch(prompts, add_special_tokens=False)
+            seconds = backend.encode_batch(responses, add_special_tokens=False)
+            for row, (first, second) in enumerate(zip(firsts, seconds)):
+                n_prompt, n_response = len(first.ids), len(second.ids)
+                keep_prompt, keep_response = _fit_lengths(n_prompt, n_response, max_length - reserved)
+                if n_response and not keep_response:
+                    raise _vanished(row, n_prompt, n_response, max_length, reserved)
+                if keep_prompt < n_prompt:
+                    first.truncate(keep_prompt, direction="left")
+                if keep_response < n_response:
+                    second.truncate(keep_response, direction="right")
+                out.append(list(backend.post_process(first, second, add_special_tokens=True).ids))
+                count(row, keep_prompt < n_prompt, keep_response < n_response)
         return out, stats
 
     def plain(texts: list[str]) -> list[list[int]]:
@@ -485,6 +508,8 @@ def new_transformer(
     architecture has one, else pooled). ``output_clip``: rewards are clamped to [−C, C] as the
     mlp backend's (None: unbounded).
     """
+    if head is not None and head not in HEADS:
+        raise PrefnoiseError(f"--head must be {' or '.join(HEADS)}, got {head!r}")
     path = _check_model_dir(model_path, "--model")
     tokenizer = _load_tokenizer(path, "--model")
     module, head = _hf_reward_module(path, head, "--model", output_clip)
@@ -500,8 +525,59 @@ def new_transformer(
     return TransformerRewardModel(module, config, tokenizer)
 
 
+EMBED_INPUTS = ("joint", "response")  # what the encoder reads: prompt and response as a text pair, or the response
+POOLINGS = ("mean", "cls")  # mean of the token states (how all-MiniLM-L6-v2 was trained) or the first token's
+LENGTH = "length"
+DEFAULT_EMBED_FEATURES = ("joint-mean",)
+FLUSH_EVERY = 2048  # cached vectors (all poolings) written to disk at least this often while embedding
+
+
+def parse_embed_features(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The ``embed+mlp`` feature parts named by ``spec`` ("joint-mean,response-mean,length" or a list).
+
+    Each part is INPUT-POOLING (INPUT: joint = prompt and response as one text pair, response = the
+    response alone; POOLING: mean or cls) or ``length`` (:func:`length_features`); the reward MLP
+    reads their concatenation in the given order. None: joint-mean alone.
+    """
+    if spec is None:
+        return DEFAULT_EMBED_FEATURES
+    parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p).strip() for p in spec]
+    known = [f"{i}-{p}" for i in EMBED_INPUTS for p in POOLINGS] + [LENGTH]
+    if not parts or any(p not in known for p in parts) or len(set(parts)) != len(parts):
+        raise PrefnoiseError(
+            f"--embed-features {','.join(parts) if parts else spec!r}: give distinct parts, comma-separated, "
+            f"from {', '.join(known)}"
+        )
+    return tuple(parts)
+
+
+def length_features(responses: Sequence[str]) -> np.ndarray:
+    """float32 (n, 2): ln(1 + characters) and ln(1 + whitespace-separated words) of each response.
+
+    Response length predicts preference labels on real data (longer answers win more often); the
+    logs keep the two numbers on the scale of the embedding entries.
+    """
+    return np.array(
+        [[np.log1p(len(r)), np.log1p(len(r.split()))] for r in responses], dtype=np.float32
+    ).reshape(len(responses), 2)
+
+
+def pool_states(states: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
+    """(n, hidden) pooled ``states``: ``mean`` over the attended positions or ``cls`` (position 0)."""
+    if pooling == "mean":
+        return mean_pool(states, attention_mask)
+    if pooling == "cls":
+        return states[:, 0]
+    raise PrefnoiseError(f"unknown pooling {pooling!r}; use {' or '.join(POOLINGS)}")
+
+
 class Encoder:
-    """A frozen HF encoder that embeds (prompt, response) by mean pooling, with an on-disk cache."""
+    """A frozen HF encoder that embeds (prompt, response) pairs or responses, with an on-disk cache.
+
+    Each forward pass stores every pooling (mean and cls) in the cache, keyed by the text and by
+    :meth:`part_fingerprint` (encoder files, max length, input and pooling), so an embedding is
+    computed once across folds, losses, feature sets and runs.
+    """
 
     def __init__(
         self,
@@ -522,6 +598,7 @@ class Encoder:
         self.batch_size = batch_size
         self.cache_dir = cache_dir
         self._fingerprint: str | None = None
+        self.forward_calls = 0  # encoder forward passes run by this object (the cache's tests count them)
 
     @property
     def dim(self) -> int:
@@ -530,13 +607,28 @@ class Encoder:
 
     @property
     def fingerprint(self) -> str:
-        """Content hash of the encoder's files plus the embedding settings (the cache key)."""
+        """Content hash of the encoder's files plus the embedding settings (the joint-mean cache key)."""
         if self._fingerprint is None:
             from prefnoise.data import file_fingerprint
 
-            # "keepend": prompts are cut from the left (encode_pairs); older caches cut them from the right
-            self._fingerprint = file_fingerprint(self.path) + f"-len{self.max_length}-mean-keepend"
+            # "untrunc": the tokenizer's own truncation/padding is off (see _untruncated); "keepend":
+            # prompts are cut from the left (encode_pairs). Caches without them hold damaged vectors.
+            self._fingerprint = file_fingerprint(self.path) + f"-len{self.max_length}-mean-keepend-untrunc"
         return self._fingerprint
+
+    def part_fingerprint(self, inputs: str, pooling: str) -> str:
+        """The cache key of one (input, pooling) part; joint-mean keeps :attr:`fingerprint` itself."""
+        if (inputs, pooling) == ("joint", "mean"):
+            return self.fingerprint
+        return f"{self.fingerprint}|{inputs}-{pooling}"
+
+    def missing(self, prompts: Sequence[str], responses: Sequence[str], inputs: str = "joint") -> int:
+        """How many distinct texts :meth:`embed` would have to run the encoder on (cache misses)."""
+        from prefnoise.reward.cache import EmbeddingCache
+
+        prompts = _inputs_prompts(prompts, inputs)
+        cache = EmbeddingCache.open(self.cache_dir, self.part_fingerprint(inputs, "mean"))
+        return len({key for key in cache.keys_for(prompts, responses) if key not in cache})
 
     @torch.no_grad()
     def embed(
@@ -546,31 +638,53 @@ class Encoder:
         *,
         device: torch.device,
         on_progress: Callable[[int], None] | None = None,
+        pooling: str = "mean",
+        inputs: str = "joint",
     ) -> np.ndarray:
-        """float32 array (n, dim) of mean-pooled embeddings, reusing and extending the cache."""
+        """float32 array (n, dim) of embeddings, reusing and extending the cache.
+
+        ``inputs``: joint (prompt and response as a text pair) or response (the response alone);
+        ``pooling``: mean or cls. ``on_progress(k)`` advances by the texts the encoder has just run
+        on (cached texts are not counted; :meth:`missing` gives the total beforehand).
+        """
         from prefnoise.reward.cache import EmbeddingCache
 
-        cache = EmbeddingCache.open(self.cache_dir, self.fingerprint)
+        if inputs not in EMBED_INPUTS:
+            raise PrefnoiseError(f"unknown encoder input {inputs!r}; use {' or '.join(EMBED_INPUTS)}")
+        pool_states(torch.zeros(1, 1, 1), torch.ones(1, 1), pooling)  # validates pooling
+        prompts = _inputs_prompts(prompts, inputs)
+        caches = {p: EmbeddingCache.open(self.cache_dir, self.part_fingerprint(inputs, p)) for p in POOLINGS}
+        cache = caches[pooling]
         keys = cache.keys_for(prompts, responses)
-        missing = [i for i, key in enumerate(keys) if key not in cache]
-        if on_progress is not None:
-            on_progress(len(keys) - len(missing))
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if key not in cache:
+                first.setdefault(key, i)
+        missing = list(first.values())
         if missing:
             self.model.to(device)
-            new = {}
+            new: dict[str, dict[str, np.ndarray]] = {p: {} for p in POOLINGS}
             for start in range(0, len(missing), self.batch_size):
                 rows = missing[start : start + self.batch_size]
                 ids = tokenize_pairs(
                     self.tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows], self.max_length
                 )
                 batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
-                states = self.model(**batch).last_hidden_state
-                pooled = mean_pool(states.float(), batch["attention_mask"]).cpu().numpy()
-                for i, vector in zip(rows, pooled):
-                    new[keys[i]] = vector
+                states = self.model(**batch).last_hidden_state.float()
+                self.forward_calls += 1
+                for name in POOLINGS:
+                    pooled = pool_states(states, batch["attention_mask"], name).cpu().numpy()
+                    for i, vector in zip(rows, pooled):
+                        new[name][keys[i]] = vector
                 if on_progress is not None:
                     on_progress(len(rows))
-            cache.add(new)
+                if sum(len(v) for v in new.values()) >= FLUSH_EVERY:  # an interrupted run keeps its work
+                    for name in POOLINGS:
+                        caches[name].add(new[name])
+                    new = {p: {} for p in POOLINGS}
+            for name in POOLINGS:
+                if new[name]:
+                    caches[name].add(new[name])
         return cache.lookup(keys, self.dim)
 
     def save(self, directory: Path) -> None:
@@ -581,8 +695,18 @@ class Encoder:
         self.tokenizer.save_pretrained(str(directory))
 
 
+def _inputs_prompts(prompts: Sequence[str], inputs: str) -> list[str]:
+    """The prompts the encoder reads for ``inputs``: as given (joint) or empty (response alone)."""
+    return list(prompts) if inputs == "joint" else [""] * len(prompts)
+
+
+def embed_feature_dim(parts: Sequence[str], encoder_dim: int) -> int:
+    """Width of the concatenated ``parts`` (each encoder part ``encoder_dim``, length 2)."""
+    return sum(2 if part == LENGTH else encoder_dim for part in parts)
+
+
 class EmbedMLPRewardModel(MLPRewardModel):
-    """The ``embed+mlp`` backend: an MLP on frozen-encoder embeddings."""
+    """The ``embed+mlp`` backend: an MLP (or, with 0 layers, a linear head) on frozen-encoder features."""
 
     backend = "embed+mlp"
 
@@ -590,8 +714,32 @@ class EmbedMLPRewardModel(MLPRewardModel):
         super().__init__(module, config)
         self.encoder = encoder
 
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The feature parts the MLP reads (see :func:`parse_embed_features`)."""
+        return parse_embed_features(self.config.get("embed_features"))
+
+    def _encoder_parts(self) -> list[tuple[str, str]]:
+        return [tuple(part.split("-")) for part in self.parts if part != LENGTH]  # type: ignore[misc]
+
+    def to_embed(self, prompts: Sequence[str], responses: Sequence[str]) -> int:
+        """How many encoder forward texts :meth:`prepare` of these rows will run (cache misses)."""
+        inputs = dict.fromkeys(i for i, _ in self._encoder_parts())
+        return sum(self.encoder.missing(prompts, responses, i) for i in inputs)
+
     def prepare(self, prompts, responses, features, *, device, on_progress=None):
-        return torch.as_tensor(self.encoder.embed(prompts, responses, device=device, on_progress=on_progress))
+        blocks = []
+        for part in self.parts:
+            if part == LENGTH:
+                blocks.append(length_features(responses))
+                continue
+            inputs, pooling = part.split("-")
+            blocks.append(
+                self.encoder.embed(
+                    prompts, responses, device=device, on_progress=on_progress, pooling=pooling, inputs=inputs
+                )
+            )
+        return torch.as_tensor(np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0])
 
     def save(self, directory: Path) -> None:
         self.encoder.save(directory / ENCODER_DIR)
@@ -608,16 +756,26 @@ def new_embed_mlp(
     output_clip: float | None,
     cache_dir: str | Path | None = None,
     embed_batch_size: int = 64,
+    embed_features: str | Sequence[str] | None = None,
 ) -> EmbedMLPRewardModel:
-    """An ``embed+mlp`` reward model on the frozen local encoder at ``encoder_path``."""
+    """An ``embed+mlp`` reward model on the frozen local encoder at ``encoder_path``.
+
+    ``embed_features``: the parts the MLP reads (:func:`parse_embed_features`; default joint-mean);
+    ``layers`` 0 makes the head linear (a Bradley–Terry logistic regression on the features under
+    the sigmoid loss).
+    """
+    parts = parse_embed_features(embed_features)
     encoder = Encoder(encoder_path, max_length=max_length, batch_size=embed_batch_size, cache_dir=cache_dir)
-    mlp = new_mlp(encoder.dim, hidden=hidden, layers=layers, dropout=dropout, output_clip=output_clip)
+    mlp = new_mlp(
+        embed_feature_dim(parts, encoder.dim), hidden=hidden, layers=layers, dropout=dropout, output_clip=output_clip
+    )
     config = {
         **mlp.config,
         "backend": "embed+mlp",
         "encoder": str(encoder.path),
         "encoder_fingerprint": encoder.fingerprint,
         "max_length": max_length,
+        "embed_features": list(parts),
     }
     return EmbedMLPRewardModel(mlp.module, config, encoder)
 
@@ -638,6 +796,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _valid_embed_features(value: Any) -> bool:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return False
+    try:
+        parse_embed_features(value)
+    except PrefnoiseError:
+        return False
+    return True
+
+
 # reward_config.json: per backend, each required key and a check of its value (with what it should be)
 _CONFIG_KEYS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "mlp": {
@@ -656,6 +824,9 @@ _CONFIG_KEYS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
 _OPTIONAL_KEYS: dict[str, dict[str, tuple[Callable[[Any], bool], str, Any]]] = {
     "transformer": {
         "output_clip": (lambda v: v is None or (_is_number(v) and v > 0), "a number > 0 or null", None),
+    },
+    "embed+mlp": {
+        "embed_features": (_valid_embed_features, "a list of distinct feature parts", list(DEFAULT_EMBED_FEATURES)),
     },
 }
 _CONFIG_KEYS["embed+mlp"] = {
@@ -727,8 +898,14 @@ def load_reward_model(directory: str | Path, *, cache_dir: str | Path | None = N
     """The reward model saved by ``fit-reward`` in ``directory`` (on CPU, eval mode).
 
     A missing, incomplete or damaged directory (reward_config.json, weights, encoder copy, tokenizer)
-    raises a one-line PrefnoiseError naming it; no code from the directory is ever run.
+    raises a one-line PrefnoiseError naming it; no code from the directory is ever run. A plain
+    sequence-classification checkpoint (num_labels=1, e.g. TRL's) or a cached hub id loads through
+    :mod:`prefnoise.reward.external`.
     """
+    from prefnoise.reward.external import is_external, load_external_reward_model
+
+    if is_external(directory):
+        return load_external_reward_model(directory)
     directory = Path(directory)
     config = read_reward_config(directory)
     backend = config["backend"]
@@ -749,10 +926,12 @@ def load_reward_model(directory: str | Path, *, cache_dir: str | Path | None = N
                 cache_dir=cache_dir,
                 what=f"{SAVED_AS} encoder",
             )
-            if encoder.dim != config["input_dim"]:
+            width = embed_feature_dim(config["embed_features"], encoder.dim)
+            if width != config["input_dim"]:
                 raise PrefnoiseError(
-                    f"{SAVED_AS} {directory}: the encoder copy embeds {encoder.dim} dims but {CONFIG_FILE} "
-                    f"says input_dim {config['input_dim']}; train the model again with `prefnoise fit-reward`"
+                    f"{SAVED_AS} {directory}: the encoder copy and embed_features {','.join(config['embed_features'])} "
+                    f"make {width} dims but {CONFIG_FILE} says input_dim {config['input_dim']}; "
+                    "train the model again with `prefnoise fit-reward`"
                 )
             # the copy has the original's weights, so it shares the original's cache entries
             encoder._fingerprint = config["encoder_fingerprint"]

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from prefnoise import columns as C
 from prefnoise.atomic import atomic_path
+from prefnoise.batching import group_order, longest_first
 from prefnoise.errors import PrefnoiseError
 from prefnoise.heldout import pair_splits, write_training_pairs
 from prefnoise.loss_names import MARGIN_RATE_PARAMS, missing_rate
@@ -56,6 +57,29 @@ BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
     "embed+mlp": {"epochs": 50, "batch_size": 512, "lr": 1e-3, "max_length": 256},
     "transformer": {"epochs": 1, "batch_size": 8, "lr": 2e-5, "max_length": 512},
 }
+# Learning-rate schedule per backend: (schedule, warmup share of the steps). Fine-tuning a pretrained
+# transformer takes the usual linear warmup and linear decay to 0; the MLPs keep a constant rate.
+SCHEDULE_DEFAULTS: dict[str, tuple[str, float]] = {
+    "mlp": ("constant", 0.0),
+    "embed+mlp": ("constant", 0.0),
+    "transformer": ("linear", 0.1),
+}
+SCHEDULES = ("constant", "linear")
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: float) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based) of ``total``.
+
+    Linear warmup from 1/(w+1) to 1 over the first w = round(warmup·total) steps, then constant
+    (``constant``) or linear decay towards 0 at step ``total`` (``linear``, as transformers'
+    get_linear_schedule_with_warmup, except that step 0 is not 0: every step moves the weights).
+    """
+    ramp = round(warmup * total)
+    if step < ramp:
+        return (step + 1) / (ramp + 1)
+    if schedule == "constant":
+        return 1.0
+    return max(0.0, (total - step) / max(1, total - ramp))
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"
 EVAL_BATCH = {"mlp": 8192, "embed+mlp": 8192, "transformer": 32}
@@ -142,8 +166,13 @@ def build_reward_model(
     dropout: float = 0.0,
     output_clip: float | None = 20.0,
     cache_dir: str | Path | None = None,
+    embed_features: str | Sequence[str] | None = None,
+    head: str | None = None,
 ) -> RewardModel:
-    """A freshly initialised reward model of ``backend`` sized for table ``df``."""
+    """A freshly initialised reward model of ``backend`` sized for table ``df``.
+
+    ``embed_features``: embed+mlp's feature parts; ``head``: the transformer's scalar head
+    (sequence-classification or pooled; None picks by architecture)."""
     if backend == "mlp":
         features = _features(df, C.chosen(C.FEATURES))
         if features is None:
@@ -163,11 +192,12 @@ def build_reward_model(
             dropout=dropout,
             output_clip=output_clip,
             cache_dir=cache_dir,
+            embed_features=embed_features,
         )
     if backend == "transformer":
         if model_path is None:
             raise PrefnoiseError("the transformer backend needs --model PATH (a local HF model directory)")
-        return new_transformer(model_path, max_length=max_length, output_clip=output_clip)
+        return new_transformer(model_path, max_length=max_length, output_clip=output_clip, head=head)
     raise PrefnoiseError(f"unknown backend {backend!r}; use mlp, embed+mlp or a model directory")
 
 
@@ -179,13 +209,21 @@ def _prompt_messages(model: RewardModel, df: pl.DataFrame) -> dict[str, Any]:
 
 
 def _prepare_sides(
-    model: RewardModel, df: pl.DataFrame, device: torch.device, on_progress: Progress | None
+    model: RewardModel,
+    df: pl.DataFrame,
+    device: torch.device,
+    on_progress: Progress | None,
+    on_embed_start: Callable[[int], None] | None = None,
 ) -> list[Any]:
     """Prepared inputs of the chosen and the rejected responses of every row.
 
     Text backends leave what they had to cut in ``model.truncation`` (a list, one entry per side).
+    embed+mlp first announces ``on_embed_start(total)``, the texts the encoder must run on (cache
+    misses of both sides), and then advances ``on_progress`` by the texts embedded.
     """
     prompts = df[C.PROMPT].to_list()
+    if on_embed_start is not None and hasattr(model, "to_embed"):
+        on_embed_start(model.to_embed(prompts + prompts, df[C.CHOSEN].to_list() + df[C.REJECTED].to_list()))
     wants_features = model.backend == "mlp"
     chat = _prompt_messages(model, df)
     sides, truncation = [], []
@@ -206,9 +244,37 @@ def _prepare_sides(
     return sides
 
 
-def _batches(index: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(index), size):
-        yield index[start : start + size]
+def _batches(index: np.ndarray, size: int, lengths: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+    """Batches of positions into ``index``: consecutive, or (given each row's ``lengths``) longest first,
+    so that a text backend pads little (``prefnoise.batching.longest_first``; callers put results back
+    by position)."""
+    if lengths is None:
+        for start in range(0, len(index), size):
+            yield np.arange(start, min(start + size, len(index)))
+        return
+    for batch in longest_first(range(len(index)), [lengths[i] for i in index], size):
+        yield np.asarray(batch, dtype=np.int64)
+
+
+def _side_lengths(model: RewardModel, sides: Sequence[Any]) -> list[int] | None:
+    """Per row, the padded width of its sides (the longest side's tokens) for a text backend, else None
+    (feature vectors have no padding)."""
+    if model.backend != "transformer" or not sides or not isinstance(sides[0], list):
+        return None
+    return [max(len(side[i]) for side in sides) for i in range(len(sides[0]))]
+
+
+def _train_batches(mine: np.ndarray, size: int, lengths: Sequence[int] | None, seed: int, epoch: int
+                   ) -> Iterator[np.ndarray]:
+    """One epoch's training batches of rows ``mine`` (already shuffled): consecutive, or for a text
+    backend grouped by length (``prefnoise.batching.group_order``: megabatches of 50 batches in the
+    shuffled order, sorted by length, cut, the batches shuffled by (seed, epoch)). Every row once."""
+    if lengths is None:
+        for start in range(0, len(mine), size):
+            yield mine[start : start + size]
+        return
+    for batch in group_order(mine.tolist(), lengths, size, seed, epoch):
+        yield np.asarray(batch, dtype=np.int64)
 
 
 @torch.no_grad()
@@ -224,19 +290,18 @@ def _pair_rewards(
     module = model.module
     was_training = module.training
     module.eval()
-    chosen, rejected = [], []
-    for rows in _batches(index, batch_size):
+    chosen, rejected = torch.zeros(len(index)), torch.zeros(len(index))
+    for positions in _batches(index, batch_size, _side_lengths(model, sides)):
+        rows = index[positions]
         with runtime.autocast():
             rewards = module(**model.batch(sides, rows, runtime.device)).float()
         rewards = rewards.reshape(len(sides), len(rows)).cpu()
-        chosen.append(rewards[0])
-        rejected.append(rewards[1] if len(sides) > 1 else rewards[0])
+        chosen[positions] = rewards[0]
+        rejected[positions] = rewards[1] if len(sides) > 1 else rewards[0]
         if on_progress is not None:
             on_progress(len(rows))
     module.train(was_training)
-    if not chosen:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(chosen), torch.cat(rejected)
+    return chosen, rejected
 
 
 def pairwise_accuracy(margin: Tensor, chosen_better: Tensor) -> float:
@@ -273,19 +338,33 @@ def fit_reward_model(
     cache_dir: str | Path | None = None,
     drop_invalid: bool = False,
     source: str = "data",
+    model: RewardModel | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Progress | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    embed_features: str | Sequence[str] | None = None,
+    head: str | None = None,
+    schedule: str | None = None,
+    warmup: float | None = None,
+    on_embed_start: Callable[[int], None] | None = None,
+    on_embed: Progress | None = None,
 ) -> FitResult:
     """Train a reward model on ``df`` (canonical table) with margin loss ``loss``; return it and metrics.
 
     ``on_start(total)`` announces the number of training pairs to come, ``on_progress(n)``
-    advances by pairs trained, ``on_epoch(row)`` receives each epoch's metrics row.
+    advances by pairs trained, ``on_epoch(row)`` receives each epoch's metrics row;
+    ``on_embed_start(total)`` / ``on_embed(n)`` do the same for the texts embed+mlp's encoder runs
+    on (cache misses only). ``schedule`` (constant, or linear decay) and ``warmup`` (share of the
+    steps with a linear warmup) shape the learning rate (:func:`lr_factor`); None takes the
+    backend's default (transformer: linear, 0.1; the MLPs: constant, 0). ``embed_features`` and
+    ``head``: see :func:`build_reward_model`.
 
     Feature vectors (mlp) must be finite: a null, NaN or ±inf entry raises PrefnoiseError naming
     ``source`` (the file), the column and the row, or with ``drop_invalid`` drops the row
     (counted in ``metrics["dropped"]``). Training stops with PrefnoiseError as soon as the loss,
     a parameter or the validation rewards become non-finite (nothing is returned to save).
+    ``model``: a freshly built reward model of ``backend`` to train instead of the default one
+    (``reproduce synthetic --source mnist`` passes the paper's CNN, a feature-vector model).
     """
     entry = get_margin_loss(loss)
     loss_params = {k: v for k, v in (loss_params or {}).items() if v is not None}
@@ -302,6 +381,11 @@ def fit_reward_model(
     batch_size = defaults["batch_size"] if batch_size is None else batch_size
     lr = defaults["lr"] if lr is None else lr
     max_length = defaults["max_length"] if max_length is None else max_length
+    schedule = SCHEDULE_DEFAULTS[backend][0] if schedule is None else schedule
+    warmup = SCHEDULE_DEFAULTS[backend][1] if warmup is None else warmup
+    if schedule not in SCHEDULES:
+        raise PrefnoiseError(f"--schedule must be {' or '.join(SCHEDULES)}, got {schedule!r}")
+    check_finite_number("--warmup", warmup, low=0, high=1)
     _check_options(
         epochs=epochs,
         batch_size=batch_size,
@@ -326,18 +410,21 @@ def fit_reward_model(
 
     runtime = _runtime(device, distributed=True)
     torch.manual_seed(seed)
-    model = build_reward_model(
-        df,
-        backend=backend,
-        model_path=model_path,
-        encoder_path=encoder_path,
-        max_length=max_length,
-        hidden=hidden,
-        layers=layers,
-        dropout=dropout,
-        output_clip=output_clip,
-        cache_dir=cache_dir,
-    )
+    if model is None:
+        model = build_reward_model(
+            df,
+            backend=backend,
+            model_path=model_path,
+            encoder_path=encoder_path,
+            max_length=max_length,
+            hidden=hidden,
+            layers=layers,
+            dropout=dropout,
+            output_clip=output_clip,
+            cache_dir=cache_dir,
+            embed_features=embed_features,
+            head=head,
+        )
     model.module.to(runtime.device)
     val_mask = split_by_pair_id(df[C.PAIR_ID], val_fraction, seed)
     train_index = np.flatnonzero(~val_mask)
@@ -346,7 +433,8 @@ def fit_reward_model(
         raise PrefnoiseError(f"no training pairs: {df.height} rows, --val-fraction {val_fraction}")
     if early_stopping is not None and len(val_index) == 0:
         raise PrefnoiseError("--early-stopping needs validation pairs; raise --val-fraction")
-    sides = _prepare_sides(model, df, runtime.device, None)
+    sides = _prepare_sides(model, df, runtime.device, on_embed, on_embed_start)
+    lengths = _side_lengths(model, sides)  # text backends train on length-grouped batches
     clean = ~torch.as_tensor(df[C.FLIPPED].fill_null(False).to_numpy()) if C.FLIPPED in df.columns else None
 
     def loss_of(margin: Tensor) -> Tensor:
@@ -364,6 +452,8 @@ def fit_reward_model(
         raise PrefnoiseError(f"{len(train_index)} training pairs cannot be shared by {runtime.world} processes")
     if on_start is not None:
         on_start(epochs * per_rank)
+    total_steps = epochs * math.ceil(per_rank / batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, total_steps, schedule, warmup))
 
     history: list[dict[str, Any]] = []
     best_loss, best_epoch, best_state, patience = math.inf, 0, None, 0
@@ -372,7 +462,7 @@ def fit_reward_model(
         order = train_index[torch.randperm(len(train_index), generator=generator).numpy()]
         mine = order[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
         total, count, step = 0.0, 0, 0
-        for step, rows in enumerate(_batches(mine, batch_size), start=1):
+        for step, rows in enumerate(_train_batches(mine, batch_size, lengths, seed, epoch), start=1):
             with runtime.autocast():
                 rewards = net(**model.batch(sides, rows, runtime.device)).float()
             chosen, rejected = rewards.reshape(2, len(rows))
@@ -380,6 +470,7 @@ def fit_reward_model(
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
             optimizer.step()
+            scheduler.step()
             step_loss = float(batch_loss.detach())  # the one sync per step, as before
             if not _finite_on_every_rank(math.isfinite(step_loss), runtime):
                 raise _diverged("the loss", step_loss, epoch, step)
@@ -443,6 +534,8 @@ def fit_reward_model(
             "seed": seed,
             "early_stopping": early_stopping,
             "max_length": max_length if backend != "mlp" else None,
+            "schedule": schedule,
+            "warmup": warmup,
         },
     }
     splits = pair_splits(df[C.PAIR_ID], train_index, val_index)
