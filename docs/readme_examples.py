@@ -13,6 +13,7 @@ to within one unit in the last printed place, for CPU-to-CPU rounding).
 A comment line just before a block controls it:
 ``<!-- example: setup-output -->`` the block shows the main job's output from its second command on;
 ``<!-- example: slow -->`` the block is not run (it names a long job; its figures name their command);
+``<!-- example: long -->`` the block runs here but not in the test suite (kept under its time budget);
 ``<!-- example: needs-shared -->`` the block reads ../shared/data/real and is skipped without it.
 """
 
@@ -170,8 +171,11 @@ def scratch_environment(base: Path) -> tuple[Path, dict[str, str]]:
     return work, env
 
 
-def check(write: bool = False, verbose: bool = True) -> list[str]:
-    """Run every example; return the drifted ones as diffs (and rewrite the README when ``write``)."""
+def check(write: bool = False, verbose: bool = True, long: bool = True) -> list[str]:
+    """Run every example (``long`` ones too unless told not to); return the drifted ones as diffs.
+
+    With ``write`` the README's outputs are rewritten from the rerun instead.
+    """
     readme = README.read_text()
     lines = readme.split("\n")
     blocks = parse_blocks(lines)
@@ -182,6 +186,8 @@ def check(write: bool = False, verbose: bool = True) -> list[str]:
         setup_outputs = run_commands(setup, work, env)
         for block in blocks:
             if block.flag == "slow" or (block.flag == "needs-shared" and not SHARED.is_dir()):
+                continue
+            if block.flag == "long" and not long:
                 continue
             if block.flag == "setup-output":
                 produced = ["\n".join(setup_outputs[1:])]

@@ -107,7 +107,7 @@ class AlignConfig:
     max_steps: int | None = None
     seed: int = C.DEFAULT_SEED
     max_length: int = 512
-    max_prompt_length: int = 256
+    max_prompt_length: int | None = None  # None: min(256, max_length // 2)
     lora_r: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -121,6 +121,15 @@ class AlignConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length is None and isinstance(self.max_length, int):
+            self.max_prompt_length = default_max_prompt_length(self.max_length)
+
+
+def default_max_prompt_length(max_length: int) -> int:
+    """Prompt tokens kept when ``--max-prompt-length`` is not given: 256, or half of a shorter --max-length."""
+    return min(256, max_length // 2)
 
 
 # Options check_config requires to be finite numbers (clip and tau may also be None), and integers.

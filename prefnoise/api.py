@@ -832,6 +832,7 @@ def audit(
     loss: str = "sigmoid",
     model: str | None = None,
     encoder: str | None = None,
+    embed_features: str | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
@@ -891,7 +892,8 @@ def audit(
         frame, _ = check_finite_features(src.collect(), src.name, drop_invalid)
         backend, model_path = backend_of(model, C.chosen(C.FEATURES) in frame.columns)
         fit_options = {
-            "loss": loss, "backend": backend, "model_path": model_path, "encoder_path": encoder, "epochs": epochs,
+            "loss": loss, "backend": backend, "model_path": model_path, "encoder_path": encoder,
+            "embed_features": embed_features, "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "hidden": hidden, "max_length": max_length, "val_fraction": 0.0,
         }
         with (progress_bar or _no_bar)("cross-fitting folds", folds * refits) as advance:

@@ -195,3 +195,14 @@ def test_lora_reference_is_the_base_model_and_saves_merged_or_adapter(lm_path, t
     train(config(lm_path, tmp_path / "adapter", max_steps=1, lora_r=4, save_adapter=True), frame)
     assert (tmp_path / "adapter" / "model" / "adapter_config.json").is_file()
     assert not (tmp_path / "adapter" / "model" / "model.safetensors").exists()
+
+
+def test_max_prompt_length_defaults_to_half_of_a_short_max_length():
+    from prefnoise.align import AlignConfig, check_config
+
+    where = {"model": "m", "out": "o"}
+    assert AlignConfig(**where).max_prompt_length == 256  # the default for the default --max-length 512
+    short = AlignConfig(**where, max_length=256)
+    assert short.max_prompt_length == 128
+    check_config(short)  # a shorter --max-length alone is a valid configuration
+    assert AlignConfig(**where, max_length=256, max_prompt_length=200).max_prompt_length == 200

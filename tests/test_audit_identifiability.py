@@ -260,3 +260,22 @@ def test_cli_refits_and_margin_options_are_checked(tmp_path, sample_path):
     assert both.exit_code == 2 and "only one of --reward-col and --margin-col" in both.stderr
     zero = runner.invoke(app, ["audit", str(sample_path), "--refits", "0"])
     assert zero.exit_code == 2 and "--refits must be >= 1" in zero.stderr
+
+
+def test_embed_features_reach_the_fold_models(monkeypatch, tmp_path):
+    import polars as pl
+
+    from prefnoise import api
+    from prefnoise import audit as A
+
+    seen = {}
+
+    def fake_cross_fit(frame, *, fit_options, **kwargs):
+        seen.update(fit_options)
+        raise RuntimeError("stop after the options were seen")
+
+    monkeypatch.setattr(A, "cross_fitted_margins", fake_cross_fit)
+    table = pl.DataFrame({"prompt": ["p"] * 20, "chosen": [f"a{i}" for i in range(20)], "rejected": ["b"] * 20})
+    with pytest.raises(RuntimeError, match="options were seen"):
+        api.audit(table, model="embed+mlp", encoder=str(tmp_path), embed_features="joint-mean,response-mean")
+    assert seen["embed_features"] == "joint-mean,response-mean" and seen["backend"] == "embed+mlp"

@@ -51,5 +51,6 @@ def test_status_of_a_failed_command_reaches_echo(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_readme_examples_match_a_fresh_run() -> None:
-    problems = examples.check(write=False, verbose=False)
+    # the align example (a tiny LM trained twice) is left to `docs/readme_examples.py` to keep the suite short
+    problems = examples.check(write=False, verbose=False, long=False)
     assert not problems, "\n\n".join(problems) + "\n\nrerun: .venv/bin/python docs/readme_examples.py --write"

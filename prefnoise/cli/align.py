@@ -106,9 +106,10 @@ def align_command(
         int, typer.Option("--max-length", help="Prompt + response tokens at most.", rich_help_panel=TRAIN)
     ] = 512,
     max_prompt_length: Annotated[
-        int, typer.Option("--max-prompt-length", help="Prompt tokens kept (from the right) when a pair is too long.",
-                          rich_help_panel=TRAIN)
-    ] = 256,
+        int | None,
+        typer.Option("--max-prompt-length", help="Prompt tokens kept (from the right) when a pair is too long "
+                     "(default 256, or half of a shorter --max-length).", rich_help_panel=TRAIN),
+    ] = None,
     lora_r: Annotated[
         int, typer.Option("--lora-r", help="LoRA rank (peft); 0 trains all weights.", rich_help_panel=TRAIN)
     ] = 0,
