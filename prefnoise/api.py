@@ -875,8 +875,6 @@ def audit(
         raise PrefnoiseError(f"--fix must be 'drop' or 'swap', got {fix!r}")
     if reward_col is not None and margin_col is not None:
         raise PrefnoiseError("give only one of --reward-col and --margin-col")
-    if refits < 1:
-        raise PrefnoiseError(f"--refits must be >= 1, got {refits}")
     started = time.time()  # the history entry's duration covers the folds, not only the writing
     check_output_file(out, inputs=[_path_of(data)], overwrite=overwrite)
     check_output_file(plot, inputs=[_path_of(data)], overwrite=overwrite, flag="--plot", suffix=".png")

@@ -24,22 +24,15 @@ from prefnoise.cli.common import EXIT_BAD_INPUT, fail, flush_stdout
 from prefnoise.cli.config_file import config_defaults, hoist_global_options, is_options_file
 
 
-def _take_debug_flag(args: list[str]) -> list[str]:
-    """Remove ``--debug`` wherever it stands before a ``--`` (so it may follow the subcommand too)."""
-    end = args.index("--") if "--" in args else len(args)
-    if "--debug" in args[:end]:
-        os.environ[DEBUG_ENV] = "1"
-        return [a for i, a in enumerate(args) if not (i < end and a == "--debug")]
-    return args
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `prefnoise` console script: every failure is one line and a documented exit code."""
     from prefnoise.errors import PrefnoiseError
 
-    args = hoist_global_options(_take_debug_flag(list(sys.argv[1:] if argv is None else argv)))
+    args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     command = typer.main.get_command(app)
     end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:end]:
+        os.environ[DEBUG_ENV] = "1"  # before anything can fail, not only once the root callback runs
     if "-q" in args[:end] or "--quiet" in args[:end]:
         os.environ[QUIET_ENV] = "1"  # read by every command before it prints
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 from prefnoise.errors import PrefnoiseError
 
-GLOBAL_FLAGS = ("-q", "--quiet", "--debug")
+GLOBAL_FLAGS = ("-q", "--quiet", "--debug")  # the root's flags that may also follow the subcommand
 
 
 def is_options_file(value: str) -> bool:
@@ -24,14 +24,14 @@ def is_options_file(value: str) -> bool:
 
 
 def hoist_global_options(args: list[str]) -> list[str]:
-    """``args`` with ``-q/--quiet`` and ``--config FILE`` moved before the subcommand, wherever they stood."""
+    """``args`` with ``-q/--quiet``, ``--debug`` and ``--config FILE`` moved before the subcommand."""
     end = args.index("--") if "--" in args else len(args)
     hoisted: list[str] = []
     rest: list[str] = []
     index = 0
     while index < end:
         arg = args[index]
-        if arg in ("-q", "--quiet"):
+        if arg in GLOBAL_FLAGS:
             hoisted.append(arg)
         elif arg == "--config" and index + 1 < end and is_options_file(args[index + 1]):
             hoisted += [arg, args[index + 1]]
