@@ -34,6 +34,7 @@ from prefnoise.data import read_table
 from prefnoise.noise import NoiseSpec, corrupt_frame
 from prefnoise.rank import pairwise_agreement
 from prefnoise.reward import fit_reward_model, score_table
+from prefnoise.reward.train import build_reward_model, save_reward_model
 
 REAL = Path("/work/shared/data/real")
 TRAIN_FILES = ("ultrafeedback-binarized-trl-train1000.jsonl.gz", "ultrafeedback-binarized-cleaned-1k.jsonl.gz")
@@ -155,11 +156,23 @@ def run_cross_encoder(train, eval_df, rows, args) -> None:
             print(f"    cross-encoder {ticks['n']}/{ce_train.height * args.ce_epochs} pairs, "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
 
+    torch.manual_seed(0)  # as fit_reward_model seeds before building its own model
+    model = build_reward_model(ce_train, backend="transformer", model_path=args.encoder,
+                               max_length=args.ce_max_length, head=args.ce_head)
+
+    def epoch_done(row: dict) -> None:  # agreement with GPT-4 after every epoch, not only the last
+        print(f"    epoch {row['epoch']}: train loss {row['train_loss']:.4f}, "
+              f"eval200 agreement {fmt(agreement(model, eval_df))}", flush=True)
+
     fit = fit_reward_model(
         ce_train, loss="logistic", backend="transformer", model_path=args.encoder, head=args.ce_head,
         max_length=args.ce_max_length, epochs=args.ce_epochs, batch_size=args.ce_batch_size, lr=args.ce_lr,
         schedule="linear", warmup=0.1, val_fraction=0.0, seed=0, device="cpu", on_progress=step,
+        model=model, on_epoch=epoch_done,
     )
+    if args.ce_save:
+        save_reward_model(fit, args.ce_save, history=[])
+        print(f"    saved to {args.ce_save}", flush=True)
     trained = time.perf_counter() - t0
     steps = args.ce_epochs * math.ceil(ce_train.height / args.ce_batch_size)
     agree = agreement(fit.model, eval_df)
@@ -168,6 +181,32 @@ def run_cross_encoder(train, eval_df, rows, args) -> None:
     rows.append((name, agree, args.ce_epochs, time.perf_counter() - t0))
     print(f"{name}: {fmt(agree)} (train {trained:.0f} s = {trained / steps:.1f} s/step of "
           f"{args.ce_batch_size} pairs, total {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def ce_grid(train, eval_df, args) -> None:
+    """The loss × symmetric-noise grid on the cross-encoder (one seed: each cell is a full fine-tune)."""
+    print(f"\n### Cross-encoder grid: agreement with GPT-4 on eval200 (seed 0, {args.ce_epochs} epoch(s), "
+          f"lr {args.ce_lr:g}, len {args.ce_max_length}, batch {args.ce_batch_size})\n", flush=True)
+    cells = [(rate, loss) for rate in (0.4, 0.0, 0.2) for loss in ("sigmoid", "logistic")]
+    cells += [(rate, "ramp") for rate in (0.4, 0.0, 0.2)]
+    grid = {}
+    for rate, loss in cells:
+        noisy = train
+        if rate > 0:
+            noisy, _ = corrupt_frame(train, NoiseSpec(kind="symmetric", rate=rate, seed=0))
+        t0 = time.perf_counter()
+        fit = fit_reward_model(
+            noisy, loss=loss, backend="transformer", model_path=args.encoder, head=args.ce_head,
+            max_length=args.ce_max_length, epochs=args.ce_epochs, batch_size=args.ce_batch_size, lr=args.ce_lr,
+            schedule="linear", warmup=0.1, val_fraction=0.0, seed=0, device="cpu",
+        )
+        grid[(rate, loss)] = agreement(fit.model, eval_df)
+        print(f"  noise {rate:.0%} {loss}: {fmt(grid[(rate, loss)])} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print("\n| noise | sigmoid | ramp | logistic |\n|---|---|---|---|")
+    for rate in RATES:
+        print(f"| {rate:.0%} | " + " | ".join(fmt(grid[(rate, loss)]) if (rate, loss) in grid else "–"
+                                            for loss in ("sigmoid", "ramp", "logistic")) + " |")
+    print(flush=True)
 
 
 def diagnose(train: pl.DataFrame, eval_df: pl.DataFrame, args) -> None:
@@ -204,8 +243,11 @@ def main() -> None:
     parser.add_argument("--ce-lr", type=float, default=3e-5)
     parser.add_argument("--ce-pairs", type=int, default=0, help="cross-encoder training pairs (0: all)")
     parser.add_argument("--ce-head", default="pooled")
+    parser.add_argument("--ce-save", default="", help="save the fine-tuned cross-encoder here (a new directory)")
     parser.add_argument("--skip-ce", action="store_true")
     parser.add_argument("--ce-only", action="store_true", help="run only the cross-encoder")
+    parser.add_argument("--ce-grid", action="store_true",
+                        help="the sigmoid/ramp/logistic × 0/20/40%% noise grid on the cross-encoder (seed 0)")
     parser.add_argument("--diagnose", action="store_true", help="length shares and in-distribution accuracy only")
     parser.add_argument("--skip-late", action="store_true", help="skip the response-alone feature backends")
     parser.add_argument("--grid-backend", default="", help="run the grid on this backend (default: best frozen)")
@@ -251,6 +293,9 @@ def main() -> None:
 
     if args.diagnose:
         diagnose(train, eval_df, args)
+        return
+    if args.ce_grid:
+        ce_grid(train, eval_df, args)
         return
     if args.ce_only:
         run_cross_encoder(train, eval_df, rows, args)

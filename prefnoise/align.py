@@ -26,7 +26,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +66,29 @@ from prefnoise.loss_names import POLICY_RATE_OPTIONS, missing_rate
 from prefnoise.losses import MARGIN_LOSSES, POLICY_LOSSES, implicit_rewards, policy_objective, preference_loss
 from prefnoise.outputs import check_output_dir, read_marker, write_marker
 from prefnoise.reward.split import split_by_pair_id
-from prefnoise.reward.validate import first_nonfinite_parameter, nonfinite_name
+from prefnoise.reward.validate import nonfinite_name
+from prefnoise.training import (
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    PRECISIONS,
+    SCHEDULES,
+    MetricsLog,
+    Trainer,
+    changed_options,
+    check_report_to,
+    latest_checkpoint,
+    make_accelerator,
+    read_trainer_state,
+    reshard,
+    start_trackers,
+    truncate_metrics,
+)
+from prefnoise.training import learning_rate as scheduled_lr
+from prefnoise.training import resolve_precision as resolve_precision_of
+from prefnoise.training import save_checkpoint as save_training_state
 
-SCHEDULES = ("linear", "cosine", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-METRICS_FILE = "metrics.jsonl"
 REF_CACHE_FILE = "ref_logps.parquet"
-CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 SUMMARY_FILE = "summary.json"
 ALIGN_COMMAND = "align"  # the marker in --out (prefnoise.outputs)
@@ -121,6 +136,7 @@ class AlignConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     device: str = "auto"
+    report_to: str = "none"  # prefnoise.training.REPORT_TO: trackers logging under out/runs
 
     def __post_init__(self) -> None:
         if self.max_prompt_length is None and isinstance(self.max_length, int):
@@ -140,7 +156,7 @@ INT_OPTIONS = ("warmup_steps", "batch_size", "grad_accum", "epochs", "max_steps"
                "max_prompt_length", "lora_r", "save_every", "eval_every", "log_every", "max_tokens_per_batch")
 
 # Options that may change between an interrupted run and its --resume without changing the result.
-RESUME_FREE = ("out", "resume", "save_every", "log_every", "eval_every", "ref_cache", "device")
+RESUME_FREE = ("out", "resume", "save_every", "log_every", "eval_every", "ref_cache", "device", "report_to")
 # What a checkpoint written before an option existed ran with.
 LEGACY_OPTIONS = {"batching": "exact", "max_tokens_per_batch": None}
 
@@ -223,6 +239,7 @@ def check_config(cfg: AlignConfig) -> None:
         bad("--warmup-steps, --save-every, --eval-every and --lora-r must be >= 0")
     if cfg.save_adapter and cfg.lora_r == 0:
         bad("--save-adapter needs a LoRA run (--lora-r > 0)")
+    check_report_to(cfg.report_to, cfg.out)
 
 
 # --- model loading ---------------------------------------------------------------------------------
@@ -285,15 +302,9 @@ def load_policy(cfg: AlignConfig, config) -> torch.nn.Module:
 # --- schedule, split, metrics ------------------------------------------------------------------------
 
 def learning_rate(step: int, total_steps: int, cfg: AlignConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the decay schedule."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    if cfg.schedule == "linear":
-        return cfg.lr * (1.0 - progress)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the decay schedule
+    (:func:`prefnoise.training.learning_rate` with the run's options)."""
+    return scheduled_lr(step, total_steps, cfg.lr, cfg.schedule, cfg.warmup_steps)
 
 
 def reward_accuracy(margins: torch.Tensor, correct_sign: torch.Tensor | None = None) -> float:
@@ -414,9 +425,7 @@ def cuda_available() -> bool:
 
 def resolve_precision(cfg: AlignConfig, on_cuda: bool) -> str:
     """"bf16" or "fp32": auto picks bf16 autocast on a GPU that supports it."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return resolve_precision_of(cfg.precision, on_cuda)
 
 
 # --- preparation shared by plan and train ------------------------------------------------------
@@ -502,14 +511,10 @@ def train(
     ``on_progress(n)`` advances by n optimizer steps; ``on_log(record)`` sees each metrics record
     (an exception it raises stops training, as an interruption would).
     """
-    from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    accelerator = Accelerator(
-        cpu=cfg.device == "cpu",
-        mixed_precision="bf16" if resolve_precision(cfg, cfg.device != "cpu" and cuda_available())
-        == "bf16" else "no",
-    )
+    check_config(cfg)  # before the accelerator: --report-to must name an installed tracker
+    accelerator = make_accelerator(cfg.device, cfg.precision, report_to=cfg.report_to, run_dir=cfg.out)
     rank, processes, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     out = Path(cfg.out)
     checkpoints = out / CHECKPOINTS_DIR
@@ -563,13 +568,12 @@ def train(
     ref_chosen = torch.tensor(ref[REF_CHOSEN].to_numpy(), dtype=torch.float32)
     ref_rejected = torch.tensor(ref[REF_REJECTED].to_numpy(), dtype=torch.float32)
 
-    # Optimizer; the learning rate is a pure function of the step (set before each update).
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # The shared trainer: AdamW, the learning rate as a pure function of the step, clipping.
+    trainer = Trainer(accelerator, model, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+                      warmup_steps=cfg.warmup_steps, total_steps=plan.steps, max_grad_norm=cfg.max_grad_norm,
+                      fail=lambda what, value, step, after=False: diverged(what, value, step, plan, cfg,
+                                                                           after=after))
+    model = trainer.model
     model.train()
 
     train_idx = np.flatnonzero(~run.val_mask).tolist()
@@ -582,12 +586,8 @@ def train(
         if main:
             truncate_metrics(out / METRICS_FILE, start_step)
 
-    def log(record: dict[str, Any]) -> None:
-        if main:
-            with open(out / METRICS_FILE, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-        if on_log:
-            on_log(record)
+    log = MetricsLog(accelerator, out / METRICS_FILE, report_to=cfg.report_to, on_log=on_log)
+    start_trackers(accelerator, cfg.report_to, "align", asdict(cfg))
 
     def evaluate(step: int) -> dict[str, Any] | None:
         if not val_idx:
@@ -599,41 +599,32 @@ def train(
         log(record)
         return record
 
-    watch = DivergenceWatch(accelerator, plan, cfg)
+    watch = trainer.watch
     pad_id = pad_token_id(run.tokenizer)
     if start_step == 0:
         evaluate(0)
     last_train: dict[str, Any] = {}
     window_tokens, window_start = 0, time.perf_counter()
+    def compute(rows: list[int]):
+        nonlocal window_tokens
+        cpu_batch = collate_pairs(pairs, rows, pad_id)
+        window_tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU: no device sync
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in cpu_batch.items()}
+        with accelerator.autocast():
+            chosen_logps, rejected_logps = pair_logps(model, batch)
+        losses, chosen_rewards, rejected_rewards = loss_of(
+            cfg, chosen_logps, rejected_logps,
+            ref_chosen[rows].to(accelerator.device), ref_rejected[rows].to(accelerator.device),
+            response_tokens(batch))
+        objective = policy_objective(cfg.loss, losses, beta_prime=cfg.beta_prime)
+        return objective, losses, (objective.detach(), chosen_rewards, rejected_rewards)
+
     for step in range(start_step, plan.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, plan.steps, cfg)
-        step_losses, step_chosen, step_rejected, step_objectives = [], [], [], []
         micro_rows, divisors = step_rows(run.schedule, step, cfg, train_idx, rank)
-        for micro, (rows, divisor) in enumerate(zip(micro_rows, divisors, strict=True)):
-            cpu_batch = collate_pairs(pairs, rows, pad_id)
-            window_tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU: no device sync
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in cpu_batch.items()}
-            sync = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    chosen_logps, rejected_logps = pair_logps(model, batch)
-                losses, chosen_rewards, rejected_rewards = loss_of(
-                    cfg, chosen_logps, rejected_logps,
-                    ref_chosen[rows].to(accelerator.device), ref_rejected[rows].to(accelerator.device),
-                    response_tokens(batch))
-                objective = policy_objective(cfg.loss, losses, beta_prime=cfg.beta_prime)
-                accelerator.backward(objective / divisor)
-            step_losses.append(losses.detach())
-            step_objectives.append(objective.detach())
-            step_chosen.append(chosen_rewards)
-            step_rejected.append(rejected_rewards)
-        grad_norm = None
-        if cfg.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        watch.note(step, step_losses, grad_norm)  # on the device: no sync here
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_losses, extras = trainer.step(step, micro_rows, compute, divisors)
+        step_objectives = [e[0] for e in extras]
+        step_chosen = [e[1] for e in extras]
+        step_rejected = [e[2] for e in extras]
         done = step + 1
         logs = done % cfg.log_every == 0 or done == plan.steps
         evaluates = cfg.eval_every and done % cfg.eval_every == 0 and done != plan.steps
@@ -694,51 +685,6 @@ def diverged(what: str, value: float | None, step: int, plan: Plan, cfg: AlignCo
     where = f"{'after' if after else 'at'} epoch {epoch}, step {step}"
     return PrefnoiseError(f"training diverged: {what} became non-finite{shown} {where}; "
                           "lower --lr or check the data; no model was saved")
-
-
-class DivergenceWatch:
-    """Stops a run whose loss, gradient norm or weights become NaN or inf, without a sync per step.
-
-    ``note`` keeps each optimizer step's mean loss and gradient norm on the device; ``check``
-    (called before anything is logged, evaluated or saved) reads them all at once, gathered over
-    processes so that every process raises the same PrefnoiseError at the first bad step.
-    """
-
-    def __init__(self, accelerator, plan: Plan, cfg: AlignConfig) -> None:
-        self.accelerator, self.plan, self.cfg = accelerator, plan, cfg
-        self.steps: list[int] = []
-        self.values: list[torch.Tensor] = []
-        self.last_step = 0
-
-    def note(self, step: int, losses: list[torch.Tensor], grad_norm: torch.Tensor | None) -> None:
-        """Remember optimizer step ``step`` (0-based): its micro-batch losses and gradient norm."""
-        loss = torch.cat(losses).float().mean()
-        norm = loss.new_zeros(()) if grad_norm is None else torch.as_tensor(grad_norm).float().to(loss.device)
-        self.steps.append(step + 1)
-        self.last_step = step + 1
-        self.values.append(torch.stack([loss, norm]))
-
-    def check(self, model=None) -> None:
-        """PrefnoiseError at the first noted step with a non-finite loss or gradient norm, or (with
-        ``model``) when a weight is non-finite; forget the noted steps."""
-        steps, values = self.steps, self.values
-        self.steps, self.values = [], []
-        if values:
-            stacked = torch.stack(values)  # (steps, 2)
-            if self.accelerator.num_processes > 1:
-                stacked = self.accelerator.gather(stacked)  # process after process
-            stacked = stacked.reshape(-1, len(steps), 2).cpu()  # (processes, steps, 2)
-            bad = ~torch.isfinite(stacked)
-            if bool(bad.any()):
-                i = int(bad.any(dim=2).any(dim=0).nonzero()[0, 0])
-                column = 0 if bool(bad[:, i, 0].any()) else 1
-                value = float(stacked[bad[:, i, column], i, column][0])
-                what = "the loss" if column == 0 else "the gradient norm"
-                raise diverged(what, value, steps[i], self.plan, self.cfg)
-        if model is not None:
-            broken = first_nonfinite_parameter(self.accelerator.unwrap_model(model))
-            if broken is not None:  # weights are the same on every process
-                raise diverged(f"weight {broken!r}", None, self.last_step, self.plan, self.cfg, after=True)
 
 
 def loss_of(cfg: AlignConfig, chosen_logps, rejected_logps, ref_chosen, ref_rejected, tokens=None):
@@ -815,16 +761,26 @@ def evaluate_rows(model, pairs, rows, ref_chosen, ref_rejected, run, cfg, accele
     model.eval()
     pad_id = pad_token_id(run.tokenizer)
     margins, indices = [], []
-    for start in range(0, len(rows), 2 * cfg.batch_size):
-        chunk = rows[start:start + 2 * cfg.batch_size]
+    size = 2 * cfg.batch_size
+    chunks = math.ceil(len(rows) / size)
+    if accelerator.num_processes > 1:  # as many forwards on every process: FSDP's are collective
+        chunks = int(accelerator.gather(torch.tensor([chunks], device=accelerator.device)).max())
+    for start in range(0, chunks * size, size):
+        chunk = rows[start:start + size]
+        filler = not chunk  # this process has no rows left: a forward whose result is dropped
+        if filler:
+            chunk = rows[:1] or [0]
         batch = {k: v.to(accelerator.device) for k, v in collate_pairs(pairs, chunk, pad_id).items()}
         with accelerator.autocast():
             chosen, rejected = pair_logps(model, batch)
+        if filler:
+            continue
         z = (implicit_rewards(chosen.float().cpu(), ref_chosen[chunk], cfg.beta)
              - implicit_rewards(rejected.float().cpu(), ref_rejected[chunk], cfg.beta))
         margins += z.tolist()
         indices += chunk
     model.train()
+    reshard(model)
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -844,19 +800,13 @@ def weights_digest(model: torch.nn.Module) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for name, param in model.named_parameters():
         if param.requires_grad:
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP: gathered
             digest.update(name.encode())
-            digest.update(param.detach().float().cpu().numpy().tobytes())
+            digest.update(full.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
 # --- checkpoints and saving --------------------------------------------------------------------
-
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete ``step-N`` directory under ``checkpoints``, or None."""
-    done = [p for p in checkpoints.glob("step-*") if (p / "trainer.json").is_file()] \
-        if checkpoints.is_dir() else []
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
 
 def save_checkpoint(accelerator, checkpoints: Path, step: int, cfg: AlignConfig,
                     run_state: dict[str, Any] | None = None) -> Path:
@@ -864,22 +814,7 @@ def save_checkpoint(accelerator, checkpoints: Path, step: int, cfg: AlignConfig,
 
     ``run_state`` (chat date, data and model fingerprints) goes into trainer.json beside the options.
     """
-    final = checkpoints / f"step-{step:08d}"
-    staging = checkpoints / f".staging-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging), safe_serialization=False)
-    if accelerator.is_main_process:
-        state = {"step": step, "config": asdict(cfg), **(run_state or {})}
-        (staging / "trainer.json").write_text(json.dumps(state, indent=2))
-        staging.rename(final)  # a checkpoint is complete once it has its final name
-        for old in checkpoints.glob("step-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+    return save_training_state(accelerator, checkpoints, step, {"config": asdict(cfg), **(run_state or {})})
 
 
 def check_resumable(cfg: AlignConfig, saved: dict[str, Any], where: Path, *,
@@ -889,11 +824,9 @@ def check_resumable(cfg: AlignConfig, saved: dict[str, Any], where: Path, *,
 
     A checkpoint written before data and model fingerprints were recorded is checked on options only.
     """
-    changed = [f.name for f in fields(cfg) if f.name not in RESUME_FREE
-               and saved.get(f.name, LEGACY_OPTIONS.get(f.name)) != getattr(cfg, f.name)]
+    changed = changed_options(saved, asdict(cfg), RESUME_FREE, LEGACY_OPTIONS)
     if changed:
-        raise PrefnoiseError(f"--resume: {where} was written with different "
-                             f"{', '.join('--' + n.replace('_', '-') for n in changed)}; "
+        raise PrefnoiseError(f"--resume: {where} was written with different {', '.join(changed)}; "
                              "use the same options or drop --resume to start over")
     if saved_run is None or run is None:
         return
@@ -905,19 +838,6 @@ def check_resumable(cfg: AlignConfig, saved: dict[str, Any], where: Path, *,
         raise PrefnoiseError(f"--resume: the data differs from the checkpoint's "
                              f"({describe_data_change(saved_run['data'], run['data'])}); "
                              "use the same data or start over with --overwrite")
-
-
-def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """The trainer.json of ``checkpoint``; PrefnoiseError if it is unreadable."""
-    path = checkpoint / "trainer.json"
-    try:
-        state = json.loads(path.read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("config"), dict) \
-                or not isinstance(state.get("step"), int):
-            raise ValueError("no step or config")
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise PrefnoiseError(f"--resume: {path} is damaged ({exc}); start over with --overwrite") from exc
-    return state
 
 
 def data_fingerprint(pairs: TokenizedPairs) -> dict[str, Any]:
@@ -990,15 +910,6 @@ def assemble_reference(indexed_rows, n: int, schema) -> pl.DataFrame:
         raise PrefnoiseError(f"the reference pass returned no log-probs for rows {missing[:5]}; "
                              "this is a bug, please report it")
     return pl.DataFrame([by_row[i] for i in range(n)], schema=schema, orient="row")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics records logged after ``step`` (they will be logged again)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def save_final_model(accelerator, model, tokenizer, dest: Path, cfg: AlignConfig, config) -> None:

@@ -495,6 +495,16 @@ def fit_reward(
     head: str | None = None,
     schedule: str | None = None,
     warmup: float | None = None,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = None,
+    precision: str = "auto",
+    lora_r: int = 0,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    log_every: int = 10,
+    save_every: int = 0,
+    resume: bool = False,
+    report_to: str = "none",
     overwrite: bool = False,
     seed: int = C.DEFAULT_SEED,
     prompt_col: str = C.PROMPT,
@@ -513,6 +523,8 @@ def fit_reward(
     directory or hub id. With ``out`` the model directory is written as the CLI writes it. Further keyword
     options are input options (see :func:`input_option_names`) or go to
     :func:`prefnoise.reward.fit_reward_model`. ``on_start``/``on_progress``/``on_epoch`` follow training.
+    With ``save_every``, ``resume`` or ``report_to`` the run writes into ``out`` as it trains (checkpoints,
+    metrics.jsonl, tracker logs under runs/), as align does.
     """
     from prefnoise.cli.fit_reward import backend_of
     from prefnoise.data import new_history_entry
@@ -534,7 +546,8 @@ def fit_reward(
         raise PrefnoiseError(f"--head must be sequence-classification or pooled, got {head!r}")
     if out is not None:
         check_output_dir(
-            out, command="fit-reward", inputs=[_path_of(data), model, encoder, cache_dir], overwrite=overwrite
+            out, command="fit-reward", inputs=[_path_of(data), model, encoder, cache_dir], overwrite=overwrite,
+            resume=resume,
         )
     input_options, fit_options = _split_options(options, others="fit_reward_model")
     src = _input(data, _input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options))
@@ -564,13 +577,26 @@ def fit_reward(
         "head": head,
         "schedule": schedule,
         "warmup": warmup,
+        "grad_accum": grad_accum,
+        "max_grad_norm": max_grad_norm,
+        "precision": precision,
+        "lora_r": lora_r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "log_every": log_every,
+        "save_every": save_every,
+        "resume": resume,
+        "report_to": report_to,
         **fit_options,
     }
     entry = new_history_entry(
         "fit-reward", {k: v for k, v in options.items() if k != "cache_dir"}, seed=seed, source=src.source
     )
     callbacks = {k: v for k, v in (("on_start", on_start), ("on_progress", on_progress), ("on_epoch", on_epoch)) if v}
-    fit = fit_reward_model(frame, seed=seed, drop_invalid=drop_invalid, source=src.name, **options, **callbacks)
+    writes_as_it_trains = bool(save_every or resume or report_to != "none")
+    run_dir = out if out is not None and writes_as_it_trains else None
+    fit = fit_reward_model(frame, seed=seed, drop_invalid=drop_invalid, source=src.name, run_dir=run_dir,
+                           **options, **callbacks)
     summary = {
         "out": None if out is None else str(out),
         "rows": frame.height,
@@ -665,9 +691,12 @@ def score(
         history = src.history
         entry = new_history_entry("score", parameters, source=src.source)
         run = score_table
-    with (progress_bar or _no_bar)("scoring", frame.height) as advance:
-        scored = run(reward_model, frame, batch_size, device=device, on_progress=advance, drop_invalid=drop_invalid,
-                     source=table_label(data), model_name=model_name)
+    # embed+mlp spends its time in the encoder (texts not in the embedding cache): the bar follows that
+    misses = _texts_to_embed(reward_model, frame, responses)
+    with (progress_bar or _no_bar)(*(("embedding", misses) if misses else ("scoring", frame.height))) as advance:
+        progress = {"on_embed": advance} if misses else {"on_progress": advance}
+        scored = run(reward_model, frame, batch_size, device=device, drop_invalid=drop_invalid,
+                     source=table_label(data), model_name=model_name, **progress)
     if splits is not None and not responses:
         scored = mark_seen(scored, splits)  # in_training / in_validation travel on to rank-check --group-by
     rows = write_table(scored, out, entry=entry, history=history, overwrite=overwrite) if out else scored.height
@@ -687,6 +716,18 @@ def score(
     summary["truncated_sequences"] = sum(s["truncated"] for s in truncation)
     cut = describe_truncation(truncation, reward_model.config.get("max_length") or 0)
     return ScoreResult(scored, reward_model, summary, cut)
+
+
+def _texts_to_embed(reward_model: Any, frame: pl.DataFrame, responses: bool) -> int:
+    """How many texts scoring ``frame`` makes an embed+mlp model's encoder run (0 for other backends)."""
+    if not hasattr(reward_model, "to_embed") or C.PROMPT not in frame.columns:
+        return 0
+    prompts = frame[C.PROMPT].to_list()
+    if responses:
+        return reward_model.to_embed(prompts, frame["response"].to_list()) if "response" in frame.columns else 0
+    if C.CHOSEN not in frame.columns or C.REJECTED not in frame.columns:
+        return 0
+    return reward_model.to_embed(prompts + prompts, frame[C.CHOSEN].to_list() + frame[C.REJECTED].to_list())
 
 
 # --------------------------------------------------------------------------- rank-check
@@ -838,6 +879,7 @@ def audit(
     lr: float | None = None,
     hidden: int = 256,
     max_length: int | None = None,
+    head: str | None = None,
     device: str = "auto",
     bootstrap: int = 200,
     show_suspects: int = 10,
@@ -893,6 +935,7 @@ def audit(
             "loss": loss, "backend": backend, "model_path": model_path, "encoder_path": encoder,
             "embed_features": embed_features, "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "hidden": hidden, "max_length": max_length, "val_fraction": 0.0,
+            "head": head,
         }
         with (progress_bar or _no_bar)("cross-fitting folds", folds * refits) as advance:
             scored, margins = A.cross_fitted_margins(

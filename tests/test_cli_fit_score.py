@@ -46,6 +46,7 @@ def test_fit_reward_writes_model_dir_and_prints_clean_accuracy_last(noisy_path, 
         "model.safetensors",
         "reward_config.json",
         "metrics.json",
+        "metrics.jsonl",
         "history.json",
         ".prefnoise-output.json",  # the marker that lets a later --overwrite replace this directory
         "training_pairs.parquet",  # the pairs it trained and validated on: score keeps them apart

@@ -105,7 +105,8 @@ def test_fit_metrics_and_round_trip(noisy_features, tmp_path):
     save_reward_model(result, tmp_path / "rm", history=[{"command": "test"}])
     names = {p.name for p in (tmp_path / "rm").iterdir()}
     assert names == {
-        "model.safetensors", "reward_config.json", "metrics.json", "history.json", ".prefnoise-output.json",
+        "model.safetensors", "reward_config.json", "metrics.json", "metrics.jsonl", "history.json",
+        ".prefnoise-output.json",
         "training_pairs.parquet",
     }
     loaded = load_reward_model(tmp_path / "rm")

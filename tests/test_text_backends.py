@@ -200,7 +200,7 @@ def test_bad_head_schedule_and_warmup_are_refused(pattern_bert):
     with pytest.raises(PrefnoiseError, match="--head"):
         new_transformer(pattern_bert, max_length=16, head="cls")
     with pytest.raises(PrefnoiseError, match="--schedule"):
-        fit_reward_model(frame, backend="transformer", model_path=pattern_bert, schedule="cosine", device="cpu")
+        fit_reward_model(frame, backend="transformer", model_path=pattern_bert, schedule="step", device="cpu")
     with pytest.raises(PrefnoiseError, match="--warmup"):
         fit_reward_model(frame, backend="transformer", model_path=pattern_bert, warmup=1.5, device="cpu")
 
@@ -225,3 +225,29 @@ def test_fit_reward_cli_embed_features_and_errors(pattern_bert, tmp_path):
                  "joint-max", "--cache-dir", tmp_path / "c", "--out", tmp_path / "y")
     assert_one_line_error(bad, "--embed-features", "joint-mean")
     assert_nothing_written(tmp_path / "y")
+
+
+def test_score_shows_an_embedding_bar_for_texts_the_cache_lacks(pattern_bert, tmp_path):
+    """pn.score on embed+mlp: the bar counts the encoder's texts (its slow part) while the cache lacks them,
+    and the scoring rows once every text is cached."""
+    import contextlib
+
+    import prefnoise as pn
+
+    frame = pattern_pairs(16, seed=6)
+    fit = fit_reward_model(frame, backend="embed+mlp", encoder_path=pattern_bert, cache_dir=tmp_path / "fit",
+                           epochs=1, device="cpu")
+    bars = []
+
+    @contextlib.contextmanager
+    def recording_bar(description, total):
+        bar = {"description": description, "total": total, "advanced": 0}
+        bars.append(bar)
+        yield lambda n: bar.__setitem__("advanced", bar["advanced"] + n)
+
+    other = pattern_pairs(8, seed=7)  # texts the fit never saw, scored with a fresh cache
+    fit.model.encoder.cache_dir = tmp_path / "score"
+    pn.score(fit, other, device="cpu", progress_bar=recording_bar)
+    pn.score(fit, other, device="cpu", progress_bar=recording_bar)
+    assert bars[0]["description"] == "embedding" and bars[0]["total"] == bars[0]["advanced"] > 0
+    assert bars[1] == {"description": "scoring", "total": 8, "advanced": 8}  # all cached now

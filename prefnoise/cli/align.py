@@ -140,6 +140,10 @@ def align_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.", rich_help_panel=OUTPUT)
     ] = False,
+    report_to: Annotated[
+        str, typer.Option("--report-to", help="Trackers for the metrics: none, tensorboard, trackio or wandb "
+                          "(logs in OUT/runs).", rich_help_panel=OUTPUT)
+    ] = "none",
     overwrite: OverwriteOption = False,
     save_adapter: Annotated[
         bool, typer.Option("--save-adapter", help="Save only the LoRA adapter, not merged weights.",
@@ -178,7 +182,8 @@ def align_command(
         batching=batching, max_tokens_per_batch=max_tokens_per_batch, grad_accum=grad_accum, epochs=epochs,
         max_steps=max_steps, seed=seed, max_length=max_length, max_prompt_length=max_prompt_length, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, save_adapter=save_adapter, save_every=save_every,
-        resume=resume, ref_cache=ref_cache, val_fraction=val_fraction, eval_every=eval_every, log_every=log_every,
+        resume=resume, report_to=report_to,
+        ref_cache=ref_cache, val_fraction=val_fraction, eval_every=eval_every, log_every=log_every,
         precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
     )
     summary = result.summary

@@ -75,6 +75,10 @@ def audit_command(
         typer.Option("--model", help="mlp (default with feature columns), embed+mlp, or a local HF model directory."),
     ] = None,
     encoder: Annotated[str | None, typer.Option("--encoder", help="embed+mlp: local HF encoder directory.")] = None,
+    head: Annotated[
+        str | None,
+        typer.Option("--head", help="transformer --model: sequence-classification or pooled (as fit-reward)."),
+    ] = None,
     embed_features: Annotated[
         str | None,
         typer.Option("--embed-features", help="embed+mlp: what the MLP reads (as fit-reward's --embed-features)."),
@@ -133,7 +137,8 @@ def audit_command(
     quiet = estimate_only or json_output
     result = api.audit(
         data, out, folds=folds, refits=refits, reward_col=reward_col, margin_col=margin_col, loss=loss,
-        model=model, encoder=encoder, embed_features=embed_features, epochs=epochs, batch_size=batch_size, lr=lr,
+        model=model, encoder=encoder, head=head, embed_features=embed_features, epochs=epochs,
+        batch_size=batch_size, lr=lr,
         hidden=hidden,
         max_length=max_length, device=device, bootstrap=bootstrap, show_suspects=show_suspects,
         show_text=show_text, plot=plot, fix=fix, threshold=threshold, overwrite=overwrite, seed=seed,

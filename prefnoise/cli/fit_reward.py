@@ -146,7 +146,8 @@ def fit_reward_command(
     ] = None,
     schedule: Annotated[
         str | None,
-        typer.Option("--schedule", help="Learning rate: constant or linear decay (default: transformer linear)."),
+        typer.Option("--schedule", help="Learning rate after warmup: constant, linear or cosine decay "
+                     "(default: transformer linear, else constant)."),
     ] = None,
     warmup: Annotated[
         float | None,
@@ -197,6 +198,34 @@ def fit_reward_command(
             "--cache-dir", help="embed+mlp embedding cache (default $PREFNOISE_CACHE_DIR or ~/.cache/prefnoise)."
         ),
     ] = None,
+    grad_accum: Annotated[
+        int, typer.Option("--grad-accum", help="Micro-batches of --batch-size per optimizer step.")
+    ] = 1,
+    max_grad_norm: Annotated[
+        float | None,
+        typer.Option("--max-grad-norm", help="Clip gradients to this norm; 0: off (default: transformer 1.0, else 0)."),
+    ] = None,
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto (bf16 autocast on a GPU that has it), fp32 or bf16.")
+    ] = "auto",
+    lora_r: Annotated[
+        int, typer.Option("--lora-r", help="transformer: train LoRA adapters of this rank (0: every weight).")
+    ] = 0,
+    lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA α.")] = 16.0,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout.")] = 0.0,
+    log_every: Annotated[
+        int, typer.Option("--log-every", help="Write a train record to OUT/metrics.jsonl every N steps.")
+    ] = 10,
+    save_every: Annotated[
+        int, typer.Option("--save-every", help="Checkpoint into OUT/checkpoints every N optimizer steps (0: never).")
+    ] = 0,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out (same options and data).")
+    ] = False,
+    report_to: Annotated[
+        str,
+        typer.Option("--report-to", help="Trackers for the metrics: none, tensorboard, trackio or wandb (OUT/runs)."),
+    ] = "none",
     overwrite: OverwriteOption = False,
     seed: SeedOption = C.DEFAULT_SEED,
     json_output: JsonOption = False,
@@ -220,7 +249,10 @@ def fit_reward_command(
             alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             val_fraction=val_fraction, early_stopping=early_stopping, device=device, max_length=max_length,
             hidden=hidden, layers=layers, dropout=dropout, output_clip=output_clip, cache_dir=cache_dir,
-            embed_features=embed_features, head=head, schedule=schedule, warmup=warmup, overwrite=overwrite,
+            embed_features=embed_features, head=head, schedule=schedule, warmup=warmup, grad_accum=grad_accum,
+            max_grad_norm=max_grad_norm, precision=precision, lora_r=lora_r, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, log_every=log_every, save_every=save_every, resume=resume,
+            report_to=report_to, overwrite=overwrite,
             seed=seed, prompt_col=prompt_col, chosen_col=chosen_col, rejected_col=rejected_col, layout=layout,
             drop_invalid=drop_invalid, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col,
             split=split, config=config, **callbacks,

@@ -525,6 +525,29 @@ def new_transformer(
     return TransformerRewardModel(module, config, tokenizer)
 
 
+def add_lora(model: RewardModel, *, r: int, alpha: float, dropout: float) -> None:
+    """Train ``model`` (transformer backend) through LoRA adapters of rank ``r`` on its backbone's linear
+    layers; the reward head (``score``/``classifier``, or the pooled head) stays fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    module = model.module
+    heads = ["score", "classifier"]  # a sequence-classification head: trained whole, never adapted
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                        exclude_modules=heads)
+    module.model = get_peft_model(module.model, config)
+    for name, param in module.model.named_parameters():
+        if any(f".{head}." in f".{name}" for head in heads):
+            param.requires_grad_(True)
+    model.config = {**model.config, "lora": {"r": r, "alpha": alpha, "dropout": dropout, "merged": True}}
+
+
+def merge_lora(model: RewardModel) -> None:
+    """Fold ``model``'s LoRA adapters into its weights (what is saved is a plain transformers model)."""
+    inner = model.module.model
+    if hasattr(inner, "merge_and_unload"):
+        model.module.model = inner.merge_and_unload()
+
+
 EMBED_INPUTS = ("joint", "response")  # what the encoder reads: prompt and response as a text pair, or the response
 POOLINGS = ("mean", "cls")  # mean of the token states (how all-MiniLM-L6-v2 was trained) or the first token's
 LENGTH = "length"

@@ -14,9 +14,13 @@ margins turn non-finite, and scoring refuses a model whose rewards are NaN or in
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import math
 import os
+import pickle
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +49,27 @@ from prefnoise.reward.validate import (
     DROP_REASON,
     check_finite_features,
     check_finite_number,
-    first_nonfinite_parameter,
     nonfinite_name,
 )
+from prefnoise.training import (
+    CHECKPOINTS_DIR,
+    PRECISIONS,
+    SCHEDULES,
+    TRACKER_DIR,
+    MetricsLog,
+    Trainer,
+    changed_options,
+    check_report_to,
+    latest_checkpoint,
+    learning_rate,
+    make_accelerator,
+    read_trainer_state,
+    reshard,
+    save_checkpoint,
+    start_trackers,
+    truncate_metrics,
+)
+from prefnoise.training import METRICS_FILE as RECORDS_FILE
 
 Progress = Callable[[int], None]
 
@@ -64,23 +86,21 @@ SCHEDULE_DEFAULTS: dict[str, tuple[str, float]] = {
     "embed+mlp": ("constant", 0.0),
     "transformer": ("linear", 0.1),
 }
-SCHEDULES = ("constant", "linear")
+# Gradient clipping per backend: the paper's MLP runs do not clip; fine-tuning clips at 1.0 as TRL does.
+MAX_GRAD_NORM_DEFAULTS = {"mlp": 0.0, "embed+mlp": 0.0, "transformer": 1.0}
+# Options that may change between an interrupted run and its --resume without changing the result.
+RESUME_FREE = ("device", "save_every", "log_every", "report_to", "cache_dir", "resume", "run_dir")
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup: float) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based) of ``total``.
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based) of ``total``, with a
+    linear warmup over the first round(warmup·total) steps (:func:`prefnoise.training.learning_rate`)."""
+    return learning_rate(step, total, 1.0, schedule, round(warmup * total))
 
-    Linear warmup from 1/(w+1) to 1 over the first w = round(warmup·total) steps, then constant
-    (``constant``) or linear decay towards 0 at step ``total`` (``linear``, as transformers'
-    get_linear_schedule_with_warmup, except that step 0 is not 0: every step moves the weights).
-    """
-    ramp = round(warmup * total)
-    if step < ramp:
-        return (step + 1) / (ramp + 1)
-    if schedule == "constant":
-        return 1.0
-    return max(0.0, (total - step) / max(1, total - ramp))
+
 METRICS_FILE = "metrics.json"
+BEST_STATE = "best_state.pt"  # a checkpoint's early-stopping snapshot (torch.save of a state dict)
+FIT_REWARD = "fit-reward"  # the marker of fit-reward's output directory
 HISTORY_FILE = "history.json"
 EVAL_BATCH = {"mlp": 8192, "embed+mlp": 8192, "transformer": 32}
 
@@ -93,6 +113,7 @@ class FitResult:
     metrics: dict[str, Any]
     is_main: bool = True
     pair_splits: pl.DataFrame | None = None  # (pair_id, split): the pairs that trained and validated it
+    records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl: train steps and evaluations
 
 
 @dataclass
@@ -348,6 +369,17 @@ def fit_reward_model(
     warmup: float | None = None,
     on_embed_start: Callable[[int], None] | None = None,
     on_embed: Progress | None = None,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = None,
+    precision: str = "auto",
+    lora_r: int = 0,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    log_every: int = 10,
+    save_every: int = 0,
+    resume: bool = False,
+    report_to: str = "none",
+    run_dir: str | Path | None = None,
 ) -> FitResult:
     """Train a reward model on ``df`` (canonical table) with margin loss ``loss``; return it and metrics.
 
@@ -365,6 +397,15 @@ def fit_reward_model(
     a parameter or the validation rewards become non-finite (nothing is returned to save).
     ``model``: a freshly built reward model of ``backend`` to train instead of the default one
     (``reproduce synthetic --source mnist`` passes the paper's CNN, a feature-vector model).
+
+    The loop is :class:`prefnoise.training.Trainer`, as align's: ``grad_accum`` micro-batches per
+    optimizer step, gradients clipped to ``max_grad_norm`` (None: the backend's default, 1.0 for
+    transformers as TRL, off for the MLPs as the paper; 0: off), ``precision`` (auto: bf16 autocast on
+    a GPU that has it), LoRA adapters on a transformer's linear layers (``lora_r`` > 0; merged into the
+    saved weights), data-parallel or FSDP under ``accelerate launch``. ``run_dir`` (the output
+    directory) receives ``metrics.jsonl`` as training goes, a checkpoint every ``save_every`` optimizer
+    steps (``checkpoints/step-N``; ``resume`` continues from the newest one exactly) and the
+    ``report_to`` trackers' logs (``runs/``). A train record is logged every ``log_every`` steps.
     """
     entry = get_margin_loss(loss)
     loss_params = {k: v for k, v in (loss_params or {}).items() if v is not None}
@@ -383,9 +424,24 @@ def fit_reward_model(
     max_length = defaults["max_length"] if max_length is None else max_length
     schedule = SCHEDULE_DEFAULTS[backend][0] if schedule is None else schedule
     warmup = SCHEDULE_DEFAULTS[backend][1] if warmup is None else warmup
+    max_grad_norm = MAX_GRAD_NORM_DEFAULTS[backend] if max_grad_norm is None else max_grad_norm
     if schedule not in SCHEDULES:
-        raise PrefnoiseError(f"--schedule must be {' or '.join(SCHEDULES)}, got {schedule!r}")
+        raise PrefnoiseError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     check_finite_number("--warmup", warmup, low=0, high=1)
+    check_finite_number("--max-grad-norm", max_grad_norm, low=0)
+    check_finite_number("--lora-alpha", lora_alpha, low=0, low_open=True)
+    check_finite_number("--lora-dropout", lora_dropout, low=0, high=1)
+    if precision not in PRECISIONS:
+        raise PrefnoiseError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    for flag, value, least in (("--grad-accum", grad_accum, 1), ("--lora-r", lora_r, 0),
+                               ("--log-every", log_every, 1), ("--save-every", save_every, 0)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            raise PrefnoiseError(f"{flag} must be an integer >= {least}, got {value}")
+    if lora_r and backend != "transformer":
+        raise PrefnoiseError("--lora-r applies to a transformer --model only (the MLP backends train every weight)")
+    check_report_to(report_to, run_dir)
+    if (save_every or resume) and run_dir is None:
+        raise PrefnoiseError("--save-every and --resume need an output directory (--out) for the checkpoints")
     _check_options(
         epochs=epochs,
         batch_size=batch_size,
@@ -408,7 +464,32 @@ def fit_reward_model(
             df, source, drop_invalid, columns=(C.chosen(C.FEATURES), C.rejected(C.FEATURES))
         )
 
-    runtime = _runtime(device, distributed=True)
+    settings = {
+        "loss": loss, "backend": backend, "model_path": None if model_path is None else str(model_path),
+        "encoder_path": None if encoder_path is None else str(encoder_path), "loss_params": loss_params,
+        "margin_scale": margin_scale, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "weight_decay": weight_decay, "val_fraction": val_fraction, "seed": seed, "early_stopping": early_stopping,
+        "max_length": max_length if backend != "mlp" else None, "hidden": hidden, "layers": layers,
+        "dropout": dropout, "output_clip": output_clip, "embed_features": embed_features, "head": head,
+        "schedule": schedule, "warmup": warmup, "grad_accum": grad_accum, "max_grad_norm": max_grad_norm,
+        "precision": precision, "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+        "drop_invalid": drop_invalid,
+    }
+    accelerator = make_accelerator(device, precision, report_to=report_to, run_dir=run_dir)
+    runtime = _Runtime(accelerator.device, accelerator.process_index, accelerator.num_processes,
+                       accelerator.autocast)
+    run = Path(run_dir) if run_dir is not None else None
+    resume_from = latest_checkpoint(run / CHECKPOINTS_DIR) if resume and run is not None else None
+    saved = read_trainer_state(resume_from) if resume_from is not None else None
+    data_digest = _data_digest(df) if save_every or resume else None
+    if saved is not None:
+        changed = changed_options(saved["config"], settings, RESUME_FREE)
+        if changed:
+            raise PrefnoiseError(f"--resume: {resume_from} was written with different {', '.join(changed)}; "
+                                 "use the same options or drop --resume to start over")
+        if saved.get("data") != data_digest:
+            raise PrefnoiseError("--resume: the data differs from the checkpoint's (other pairs, text or labels); "
+                                 "use the same data or start over with --overwrite")
     torch.manual_seed(seed)
     if model is None:
         model = build_reward_model(
@@ -425,6 +506,10 @@ def fit_reward_model(
             embed_features=embed_features,
             head=head,
         )
+    if lora_r:
+        from prefnoise.reward.models import add_lora
+
+        add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
     model.module.to(runtime.device)
     val_mask = split_by_pair_id(df[C.PAIR_ID], val_fraction, seed)
     train_index = np.flatnonzero(~val_mask)
@@ -440,60 +525,136 @@ def fit_reward_model(
     def loss_of(margin: Tensor) -> Tensor:
         return entry.fn(margin_scale * margin, **_only(loss_params, entry.params, loss))
 
-    net = model.module
-    if runtime.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    per_rank = len(train_index) // runtime.world  # equal step counts keep DDP ranks in lockstep
+    per_rank = len(train_index) // runtime.world  # equal step counts keep data-parallel ranks in lockstep
     if per_rank == 0:
         raise PrefnoiseError(f"{len(train_index)} training pairs cannot be shared by {runtime.world} processes")
+    steps_per_epoch = math.ceil(math.ceil(per_rank / batch_size) / grad_accum)
+    total_steps = epochs * steps_per_epoch
+
+    def where(step: int) -> tuple[int, int]:  # (epoch, step within it), 1-based, of global step ``step``
+        return (step - 1) // steps_per_epoch + 1, (step - 1) % steps_per_epoch + 1
+
+    def fail(what: str, value: float | None, step: int, after: bool = False) -> PrefnoiseError:
+        return _diverged(what, value, *where(step), after=after)
+
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded and lora_r:
+        raise PrefnoiseError("--lora-r under FSDP is not supported for fit-reward; use data-parallel (DDP) or no LoRA")
+    # FSDP shards the module in place: an unsharded copy receives the gathered weights at the end
+    unsharded = copy.deepcopy(model.module) if sharded else None
+    trainer = Trainer(accelerator, model.module, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                      warmup_steps=round(warmup * total_steps), total_steps=total_steps,
+                      max_grad_norm=max_grad_norm, fail=fail)
+    net = trainer.model
+
+    # Where a resumed run stands: optimizer step, the epoch's running loss, history, early stopping.
+    start_step, history = 0, []
+    best_loss, best_epoch, best_state, patience = math.inf, 0, None, 0
+    epoch_total, epoch_count = 0.0, 0
+    kept: list[dict[str, Any]] = []
+    if run is not None and accelerator.is_main_process:
+        _start_run_dir(run, resumed=resume_from is not None)
+    accelerator.wait_for_everyone()
+    if resume_from is not None and saved is not None:
+        accelerator.load_state(str(resume_from))
+        start_step, history = saved["step"], saved["history"]
+        best_loss, best_epoch, patience = saved["best_loss"], saved["best_epoch"], saved["patience"]
+        epoch_total, epoch_count = saved["epoch_total"], saved["epoch_count"]
+        if (resume_from / BEST_STATE).is_file():
+            best_state = torch.load(resume_from / BEST_STATE, map_location="cpu", weights_only=True)
+        if accelerator.is_main_process:
+            kept = truncate_metrics(run / RECORDS_FILE, start_step)
+    log = MetricsLog(accelerator, run / RECORDS_FILE if run is not None else None, report_to=report_to)
+    log.records = kept
+    start_trackers(accelerator, report_to, "fit-reward", settings)
     if on_start is not None:
         on_start(epochs * per_rank)
-    total_steps = epochs * math.ceil(per_rank / batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, total_steps, schedule, warmup))
+        if start_step and on_progress is not None:
+            on_progress(min(start_step * batch_size * grad_accum, epochs * per_rank))
 
-    history: list[dict[str, Any]] = []
-    best_loss, best_epoch, best_state, patience = math.inf, 0, None, 0
+    def compute(rows: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        with runtime.autocast():
+            rewards = net(**model.batch(sides, rows, runtime.device)).float()
+        chosen, rejected = rewards.reshape(2, len(rows))
+        losses = loss_of(chosen - rejected)
+        return losses.mean(), losses, (chosen - rejected).detach()
+
+    def checkpoint(step: int, epoch_sums: tuple[float, int]) -> None:
+        trainer.watch.check(net)  # never a checkpoint of diverged weights
+        state = {"config": settings, "data": data_digest, "history": history, "best_loss": best_loss,
+                 "best_epoch": best_epoch, "patience": patience, "epoch_total": epoch_sums[0],
+                 "epoch_count": epoch_sums[1]}
+
+        def write_best(directory: Path) -> None:
+            if best_state is not None:
+                torch.save(best_state, directory / BEST_STATE)
+
+        save_checkpoint(accelerator, run / CHECKPOINTS_DIR, step, state, write_best)
+
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    stopped = False
     for epoch in range(1, epochs + 1):
-        net.train()
         order = train_index[torch.randperm(len(train_index), generator=generator).numpy()]
-        mine = order[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
-        total, count, step = 0.0, 0, 0
-        for step, rows in enumerate(_train_batches(mine, batch_size, lengths, seed, epoch), start=1):
-            with runtime.autocast():
-                rewards = net(**model.batch(sides, rows, runtime.device)).float()
-            chosen, rejected = rewards.reshape(2, len(rows))
-            batch_loss = loss_of(chosen - rejected).mean()
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step_loss = float(batch_loss.detach())  # the one sync per step, as before
-            if not _finite_on_every_rank(math.isfinite(step_loss), runtime):
-                raise _diverged("the loss", step_loss, epoch, step)
-            total += step_loss * len(rows)
-            count += len(rows)
+        step = (epoch - 1) * steps_per_epoch
+        if len(history) >= epoch:  # done and validated before the checkpoint: only replay the shuffle
+            step = epoch * steps_per_epoch
+            continue
+        net.train()
+        mine = _rows_of_rank(order, per_rank, batch_size, runtime) if lengths is None else \
+            order[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
+        batches = list(_train_batches(mine, batch_size, lengths, seed, epoch))
+        if math.ceil(len(batches) / grad_accum) != steps_per_epoch:
+            raise RuntimeError(f"epoch {epoch} has {len(batches)} batches, not {steps_per_epoch} steps' worth")
+        if step < start_step:  # resumed inside this epoch: its running loss comes from the checkpoint
+            total, count = epoch_total, epoch_count
+        else:
+            total, count = 0.0, 0
+        for first in range(0, len(batches), grad_accum):
+            group = batches[first : first + grad_accum]
+            if step < start_step:
+                step += 1
+                continue
+            pairs = sum(len(rows) for rows in group)
+            losses, margins = trainer.step(step, group, compute, [pairs / len(rows) for rows in group])
+            step += 1
+            step_loss = torch.cat(losses).float()
+            total += float(step_loss.sum())  # the one sync per step, as before the shared trainer
+            count += pairs
             if on_progress is not None:
-                on_progress(len(rows))
-        broken = first_nonfinite_parameter(model.module)  # the last steps' updates, or a non-finite gradient
-        if broken is not None:
-            raise _diverged(f"parameter {broken!r}", None, epoch, step, after=True)
+                on_progress(pairs)
+            if step % log_every == 0 or step == epoch * steps_per_epoch:
+                trainer.watch.check()  # a non-finite loss or gradient is never logged
+                margin = torch.cat(margins).float()
+                log({"split": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
+                     "lr": trainer.learning_rate(step - 1),
+                     "loss": _mean_over_ranks(float(step_loss.sum()), len(step_loss), runtime),
+                     "reward_accuracy": pairwise_accuracy(margin, torch.ones(len(margin), dtype=torch.bool)),
+                     "margin": float(margin.mean()),
+                     **({"grad_norm": float(trainer.last_grad_norm)} if trainer.last_grad_norm is not None else {})})
+            if save_every and step % save_every == 0 and step not in (total_steps, epoch * steps_per_epoch):
+                checkpoint(step, (total, count))  # inside the epoch (at its end: after validation, below)
+        trainer.watch.check(net)  # the epoch's last updates, or a non-finite gradient, before validation
         row: dict[str, Any] = {"epoch": epoch, "train_loss": _mean_over_ranks(total, count, runtime)}
         if len(val_index):
             chosen, rejected = _pair_rewards(model, sides, val_index, runtime, EVAL_BATCH[backend])
+            reshard(model.module)
             margin = chosen - rejected
-            _check_margins(margin, "the validation margins", epoch, step)
+            _check_margins(margin, "the validation margins", epoch, steps_per_epoch)
             row["val_loss"] = float(loss_of(margin).mean())
             row["val_accuracy"] = pairwise_accuracy(margin, torch.ones(len(margin), dtype=torch.bool))
             if clean is not None:
                 row["val_clean_accuracy"] = pairwise_accuracy(margin, clean[val_index])
+            log({"split": "val", "step": step, "epoch": epoch, "loss": row["val_loss"],
+                 "reward_accuracy": row["val_accuracy"],
+                 **({"clean_reward_accuracy": row["val_clean_accuracy"]} if clean is not None else {})})
         else:  # no validation pass: a batch of training rows shows whether the weights still give finite rewards
             probe = train_index[: EVAL_BATCH[backend]]
             chosen, rejected = _pair_rewards(model, sides, probe, runtime, EVAL_BATCH[backend])
-            _check_margins(chosen - rejected, "the margins", epoch, step)
+            reshard(model.module)
+            _check_margins(chosen - rejected, "the margins", epoch, steps_per_epoch)
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
@@ -503,10 +664,24 @@ def fit_reward_model(
                 best_state = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
             else:
                 patience += 1
-                if patience >= early_stopping:
-                    break
+                stopped = patience >= early_stopping
+        if stopped:
+            break
+        if save_every and step % save_every == 0 and step != total_steps:
+            checkpoint(step, (total, count))
+    accelerator.wait_for_everyone()
     if best_state is not None:
         model.module.load_state_dict(best_state)
+    if unsharded is not None:  # every process gathers; the main one (which saves) gets the weights
+        full = accelerator.get_state_dict(net)
+        if accelerator.is_main_process:
+            unsharded.load_state_dict(full)
+        model.module = unsharded.to(runtime.device)
+    accelerator.end_training()  # closes the trackers (and, launched, the process group): after the gather
+    if lora_r:
+        from prefnoise.reward.models import merge_lora
+
+        merge_lora(model)
     model.module.eval()
     final = dict(history[best_epoch - 1] if best_state is not None else history[-1])
     model.config = {**model.config, "loss": loss, "loss_params": loss_params, "margin_scale": margin_scale}
@@ -525,6 +700,8 @@ def fit_reward_model(
         "truncated_sequences": sum(s["truncated"] for s in getattr(model, "truncation", [])),
         "device": str(runtime.device),
         "processes": runtime.world,
+        "optimizer_steps": step,
+        "resumed_from_step": start_step if resume_from is not None else None,
         "settings": {
             "epochs": epochs,
             "batch_size": batch_size,
@@ -536,10 +713,29 @@ def fit_reward_model(
             "max_length": max_length if backend != "mlp" else None,
             "schedule": schedule,
             "warmup": warmup,
+            "grad_accum": grad_accum,
+            "max_grad_norm": max_grad_norm,
+            "precision": precision,
+            "lora_r": lora_r,
         },
     }
     splits = pair_splits(df[C.PAIR_ID], train_index, val_index)
-    return FitResult(model=model, metrics=metrics, is_main=runtime.rank == 0, pair_splits=splits)
+    return FitResult(model=model, metrics=metrics, is_main=accelerator.is_main_process, pair_splits=splits,
+                     records=log.records)
+
+
+def _rows_of_rank(order: np.ndarray, per_rank: int, batch_size: int, runtime: _Runtime) -> np.ndarray:
+    """This process's training rows of the epoch's ``order``: process r of P takes rows [r·k, (r+1)·k) of
+    each global batch of P·``batch_size`` rows (k = its size / P), so P processes at batch B take the
+    same steps as one process at batch P·B."""
+    usable = order[: per_rank * runtime.world]
+    width = runtime.world * batch_size
+    parts = []
+    for start in range(0, len(usable), width):
+        block = usable[start : start + width]
+        share = len(block) // runtime.world
+        parts.append(block[runtime.rank * share : (runtime.rank + 1) * share])
+    return np.concatenate(parts) if parts else usable[:0]
 
 
 def _only(params: dict[str, float], accepted: tuple[str, ...], loss: str) -> dict[str, float]:
@@ -656,16 +852,49 @@ def _mean_over_ranks(total: float, count: int, runtime: _Runtime) -> float:
     return total / max(count, 1)
 
 
+def _data_digest(df: pl.DataFrame) -> str:
+    """Hex digest of what a run trains on, in order: every column's values (pair_ids, texts, features,
+    labels), so that a resumed run refuses other data."""
+    digest = hashlib.blake2b(digest_size=16)
+    for column in sorted(df.columns):
+        digest.update(column.encode() + b"\0")
+        digest.update(pickle.dumps(df[column].to_list(), protocol=4))
+    return digest.hexdigest()
+
+
+def _start_run_dir(run: Path, *, resumed: bool) -> None:
+    """Create the output directory a run writes into as it trains (marked as fit-reward's); when not
+    resuming, clear what an earlier run left there (its checkpoints and metrics)."""
+    from prefnoise.outputs import check_output_dir, read_marker, write_marker
+
+    check_output_dir(run, command=FIT_REWARD, overwrite=True, resume=True)  # never a foreign directory
+    run.mkdir(parents=True, exist_ok=True)
+    if read_marker(run) is None:
+        write_marker(run, FIT_REWARD)
+    if not resumed:
+        shutil.rmtree(run / CHECKPOINTS_DIR, ignore_errors=True)
+        (run / RECORDS_FILE).unlink(missing_ok=True)
+
+
 def save_reward_model(result: FitResult, directory: str | Path, *, history: list[dict[str, Any]]) -> Path:
-    """Write model, config, metrics.json, history.json and the trained/validated pair_ids
-    (training_pairs.parquet) into ``directory`` atomically; return it."""
+    """Write model, config, metrics.json, metrics.jsonl, history.json and the trained/validated pair_ids
+    (training_pairs.parquet) into ``directory`` atomically; return it.
+
+    An earlier fit-reward output there is replaced, except its tracker logs (``runs/``), which move over.
+    """
+    from prefnoise.outputs import output_dir_state
+
     directory = Path(directory)
-    with atomic_path(directory, directory=True, command="fit-reward") as tmp:
+    with atomic_path(directory, directory=True, command=FIT_REWARD) as tmp:
         result.model.save(tmp)
         (tmp / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / RECORDS_FILE).write_text("".join(json.dumps(r) + "\n" for r in result.records), encoding="utf-8")
         (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2, default=str) + "\n", encoding="utf-8")
         if result.pair_splits is not None:
             write_training_pairs(result.pair_splits, tmp)
+        logs = directory / TRACKER_DIR
+        if logs.is_dir() and output_dir_state(directory, FIT_REWARD) == "ours":
+            shutil.move(logs, tmp / TRACKER_DIR)
     return directory
 
 
@@ -679,8 +908,11 @@ def score_table(
     drop_invalid: bool = False,
     source: str = "data",
     model_name: str | None = None,
+    on_embed: Progress | None = None,
 ) -> pl.DataFrame:
     """``df`` with float32 ``chosen_reward`` and ``rejected_reward`` from ``model``.
+
+    ``on_progress(n)`` advances by rows scored; ``on_embed(n)`` by texts embed+mlp's encoder ran on.
 
     Feature vectors (mlp) must be finite: a bad row raises PrefnoiseError naming ``source``, or with
     ``drop_invalid`` is left out of the result. Non-finite rewards (a damaged model, e.g. NaN
@@ -689,7 +921,7 @@ def score_table(
     df, rows = _checked_features(model, df, (C.chosen(C.FEATURES), C.rejected(C.FEATURES)), source, drop_invalid)
     runtime = _runtime(device)
     model.module.to(runtime.device)
-    sides = _prepare_sides(model, df, runtime.device, None)
+    sides = _prepare_sides(model, df, runtime.device, on_embed)
     chosen, rejected = _pair_rewards(
         model, sides, np.arange(df.height), runtime, batch_size or EVAL_BATCH[model.backend], on_progress
     )
@@ -713,6 +945,7 @@ def score_responses(
     drop_invalid: bool = False,
     source: str = "data",
     model_name: str | None = None,
+    on_embed: Progress | None = None,
 ) -> pl.DataFrame:
     """``df`` (one row per prompt, response) with a float32 ``reward`` column from ``model``.
 
@@ -730,7 +963,8 @@ def score_responses(
     prompts = df[C.PROMPT].to_list() if C.PROMPT in df.columns else [""] * n
     responses = df[RESPONSE].to_list() if RESPONSE in df.columns else [""] * n
     side = model.prepare(
-        prompts, responses, _features(df, C.FEATURES), device=runtime.device, **_prompt_messages(model, df)
+        prompts, responses, _features(df, C.FEATURES), device=runtime.device, on_progress=on_embed,
+        **_prompt_messages(model, df)
     )
     rewards, _ = _pair_rewards(
         model, [side], np.arange(n), runtime, batch_size or EVAL_BATCH[model.backend], on_progress

@@ -142,7 +142,9 @@ def first_nonfinite_parameter(module: torch.nn.Module) -> str | None:
     named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     if not named:
         return None
-    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).cpu()
+    # under FSDP a parameter is a DTensor: this process checks its own shard
+    local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]
+    finite = torch.stack([torch.isfinite(p.detach()).all() for p in local]).cpu()
     if bool(finite.all()):
         return None
     return named[int((~finite).nonzero()[0, 0])][0]
