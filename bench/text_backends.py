@@ -189,6 +189,8 @@ def ce_grid(train, eval_df, args) -> None:
           f"lr {args.ce_lr:g}, len {args.ce_max_length}, batch {args.ce_batch_size})\n", flush=True)
     cells = [(rate, loss) for rate in (0.4, 0.0, 0.2) for loss in ("sigmoid", "logistic")]
     cells += [(rate, "ramp") for rate in (0.4, 0.0, 0.2)]
+    if args.ce_cells:  # a share of the grid (several processes on one machine): "0.2:ramp,0:sigmoid"
+        cells = [(float(rate), loss) for rate, loss in (cell.split(":") for cell in args.ce_cells.split(","))]
     grid = {}
     for rate, loss in cells:
         noisy = train
@@ -248,6 +250,7 @@ def main() -> None:
     parser.add_argument("--ce-only", action="store_true", help="run only the cross-encoder")
     parser.add_argument("--ce-grid", action="store_true",
                         help="the sigmoid/ramp/logistic × 0/20/40%% noise grid on the cross-encoder (seed 0)")
+    parser.add_argument("--ce-cells", default="", help="--ce-grid: only these rate:loss cells, in this order")
     parser.add_argument("--diagnose", action="store_true", help="length shares and in-distribution accuracy only")
     parser.add_argument("--skip-late", action="store_true", help="skip the response-alone feature backends")
     parser.add_argument("--grid-backend", default="", help="run the grid on this backend (default: best frozen)")

@@ -221,7 +221,7 @@ def check_output_dir(
     if state == "ours" and not (overwrite or resume):
         raise PrefnoiseError(
             f"{flag} {dest}: holds an earlier `prefnoise {command}` output; pass --overwrite to replace it"
-            + (" or --resume to continue it" if command == "align" else "")
+            + (" or --resume to continue it" if command in ("align", "fit-reward") else "")
         )
     _check_parent(path, flag)
     return state

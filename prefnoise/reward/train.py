@@ -651,7 +651,7 @@ def fit_reward_model(
                  "reward_accuracy": row["val_accuracy"],
                  **({"clean_reward_accuracy": row["val_clean_accuracy"]} if clean is not None else {})})
         else:  # no validation pass: a batch of training rows shows whether the weights still give finite rewards
-            probe = train_index[: EVAL_BATCH[backend]]
+            probe = train_index[: min(EVAL_BATCH[backend], batch_size)]  # one training batch's worth
             chosen, rejected = _pair_rewards(model, sides, probe, runtime, EVAL_BATCH[backend])
             reshard(model.module)
             _check_margins(chosen - rejected, "the margins", epoch, steps_per_epoch)
