@@ -193,7 +193,7 @@ def _files_format(paths: tuple[Path, ...], label: str) -> str:
 def resolve_hub_id(repo_id: str, *, split: str | None, config: str | None) -> HubFiles | HubCached:
     """A hub dataset from the local caches only: a hub-cache snapshot, else the ``datasets`` cache;
     a one-line PrefnoiseError when it is in neither."""
-    snapshot = _cached_snapshot(repo_id)
+    snapshot = cached_snapshot(repo_id, "dataset")
     if snapshot is not None:
         # snapshot files link to the repository cache's blobs/, which the check must allow
         return resolve_hub_dir(snapshot, split=split, config=config, label=repo_id, within=snapshot.parents[1])
@@ -231,14 +231,25 @@ def resolve_hub_id(repo_id: str, *, split: str | None, config: str | None) -> Hu
     return HubCached(root=cached[config], load=load, split=name, config=config)
 
 
-def _cached_snapshot(repo_id: str) -> Path | None:
-    """The hub-cache snapshot directory of dataset ``repo_id`` (revision main), or None."""
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (as huggingface_hub does at import):
+    ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub`` or ``~/.cache/...``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def cached_snapshot(repo_id: str, repo_type: str = "model") -> Path | None:
+    """The hub-cache snapshot directory of ``repo_id`` (a model or dataset repo, the revision ``main``
+    names) in :func:`hub_cache_dir`, or None when it is not cached. Never downloads."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         with offline():
-            return Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
+            return Path(snapshot_download(repo_id, repo_type=repo_type, cache_dir=str(hub_cache_dir()),
+                                          local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
         return None
     except Exception:  # a malformed cache entry is treated as absent

@@ -17,7 +17,6 @@ finds it (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,6 @@ WHAT = "reward model"
 SEQUENCE_CLASSIFICATION = "ForSequenceClassification"
 DEFAULT_MAX_LENGTH = 1024  # when neither the tokenizer nor the config states a usable limit
 _NO_LIMIT = 10**6  # transformers' "no model_max_length" sentinel is ~1e30
-
-
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment now (as huggingface_hub does at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    return Path(home).expanduser() / "hub"
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -61,17 +52,15 @@ def resolve_model(name: str | Path, what: str = WHAT) -> Path:
     text = str(name)
     if not looks_like_hub_id(text):
         raise PrefnoiseError(f"{what} {text}: does not exist; give a model directory or a hub id (org/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from prefnoise.hub import cached_snapshot, hub_cache_dir
 
-    cache = hub_cache_dir()
-    try:
-        return Path(snapshot_download(text, cache_dir=str(cache), local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+    snapshot = cached_snapshot(text, "model")
+    if snapshot is None:
         raise PrefnoiseError(
-            f"{what} {text}: not found locally or in the Hugging Face cache ({cache}); offline: prefnoise never "
-            f"downloads, so fetch it first (huggingface-cli download {text}) or pass a local directory"
-        ) from None
+            f"{what} {text}: not found locally or in the Hugging Face cache ({hub_cache_dir()}); offline: prefnoise "
+            f"never downloads, so fetch it first (huggingface-cli download {text}) or pass a local directory"
+        )
+    return snapshot
 
 
 def is_external(directory: str | Path) -> bool:
