@@ -192,3 +192,17 @@ def test_report_to_tensorboard_through_the_cli(tmp_path):
 
     missing = invoke("fit-reward", data, "--out", tmp_path / "rm2", "--report-to", "mlflow", "--device", "cpu")
     assert missing.exit_code == 2 and "--report-to must be one of" in missing.stderr
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "trackio"])
+def test_a_tracker_without_its_package_fails_in_one_line(tracker, tmp_path):
+    import importlib.util
+
+    from prefnoise.training import check_report_to
+
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed here")
+    with pytest.raises(PrefnoiseError, match=f"--report-to {tracker} needs the {tracker} package: pip install"):
+        check_report_to(tracker, tmp_path)
+    with pytest.raises(PrefnoiseError, match="needs an output directory"):
+        check_report_to("tensorboard", None)
