@@ -61,6 +61,19 @@ def learning_rate(step: int, total_steps: int, lr: float, schedule: str, warmup_
     return lr
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device for ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:N]``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PrefnoiseError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+        return torch.device(device)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise PrefnoiseError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
 def resolve_precision(precision: str, on_cuda: bool) -> str:
     """"bf16" or "fp32": ``auto`` picks bf16 autocast on a GPU that supports it, fp32 elsewhere."""
     if precision != "auto":
@@ -92,11 +105,7 @@ def make_accelerator(device: str = "auto", precision: str = "auto", *, report_to
     """
     from accelerate import Accelerator
 
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise PrefnoiseError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PrefnoiseError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
-    on_cuda = device != "cpu" and torch.cuda.is_available()
+    on_cuda = resolve_device(device).type == "cuda"
     mixed = "bf16" if resolve_precision(precision, on_cuda) == "bf16" else "no"
     trackers: dict[str, Any] = {}
     if report_to != "none":

@@ -18,7 +18,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import pickle
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -65,6 +64,7 @@ from prefnoise.training import (
     make_accelerator,
     read_trainer_state,
     reshard,
+    resolve_device,
     save_checkpoint,
     start_trackers,
     truncate_metrics,
@@ -126,36 +126,13 @@ class _Runtime:
     autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """The torch device for ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:N]``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise PrefnoiseError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
-        return torch.device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise PrefnoiseError(f"--device must be auto, cpu or cuda, got {device!r}")
-
-
-def _runtime(device: str, *, distributed: bool = False) -> _Runtime:
-    """This process's device (bf16 autocast on CUDA) and, when launched with WORLD_SIZE > 1, its rank."""
+def _runtime(device: str) -> _Runtime:
+    """This (single) process's device for scoring, with bf16 autocast on CUDA (training takes its
+    layout from :func:`prefnoise.training.make_accelerator`)."""
     dev = resolve_device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
-    rank = 0
-    if world > 1:
-        import torch.distributed as dist
-
-        if dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        rank = dist.get_rank()
     if dev.type == "cuda":
-        return _Runtime(dev, rank, world, lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-    return _Runtime(dev, rank, world)
+        return _Runtime(dev, autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+    return _Runtime(dev)
 
 
 def _features(df: pl.DataFrame, column: str) -> np.ndarray | None:
@@ -785,17 +762,6 @@ def _check_options(
     check_finite_number("--val-fraction", val_fraction, low=0, high=1)
     check_finite_number("--dropout", dropout, low=0, high=1)
     check_finite_number("--output-clip", output_clip, low=0, low_open=True, allow_none=True)
-
-
-def _finite_on_every_rank(finite: bool, runtime: _Runtime) -> bool:
-    """Whether every data-parallel process saw a finite value (all of them then stop together)."""
-    if runtime.world == 1:
-        return finite
-    import torch.distributed as dist
-
-    flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=runtime.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def _diverged(what: str, value: float | None, epoch: int, step: int, *, after: bool = False) -> PrefnoiseError:
