@@ -256,7 +256,7 @@ def _no_bar(description: str, total: int | None) -> Iterator[Callable[[int], Non
 
 def _check_options(values: dict[str, Any]) -> None:
     """The CLI's range checks of numeric options (seed, rate, ...), for calls that do not come through it."""
-    from prefnoise.cli.common import check_options
+    from prefnoise.options import check_options
 
     check_options({k: v for k, v in values.items() if not k.startswith("_")})
 

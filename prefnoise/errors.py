@@ -5,11 +5,11 @@ from __future__ import annotations
 USAGE_OR_DATA_ERROR = 2
 
 
-class PrefnoiseError(Exception):
+class PrefnoiseError(ValueError):
     """A problem with the user's input, data or options.
 
     The CLI prints ``message`` on one line and exits with ``exit_code`` (2 by default);
-    library callers catch it like any exception.
+    library callers catch it as a ``ValueError`` (it is one) or by its own name.
     """
 
     def __init__(self, message: str, exit_code: int = USAGE_OR_DATA_ERROR) -> None:

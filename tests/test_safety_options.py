@@ -10,8 +10,8 @@ import typer
 from typer.testing import CliRunner
 
 from prefnoise.cli import app
-from prefnoise.cli.common import OPTION_RANGES, check_options
 from prefnoise.errors import PrefnoiseError
+from prefnoise.options import OPTION_RANGES, OptionError, check_options
 
 runner = CliRunner()
 
@@ -140,7 +140,9 @@ def test_seed_has_one_rule_in_every_command(name, seed):
 def test_check_options_accepts_edges_and_skips_none_and_flags():
     check_options({"seed": 0, "dropout": 0.0, "threshold": 1.0, "min_kendall": -1.0, "tau": None, "json_output": True})
     check_options({"seed": 2**32 - 1, "label_smoothing": 0.4999})
-    with pytest.raises(PrefnoiseError, match=r"--label-smoothing must be in \[0, 0.5\), got 0.5"):
-        check_options({"label_smoothing": 0.5})
+    with pytest.raises(OptionError, match=r"^label_smoothing= must be in \[0, 0.5\), got 0.5$") as raised:
+        check_options({"label_smoothing": 0.5})  # the library names the keyword ...
+    assert raised.value.as_flag() == "--label-smoothing must be in [0, 0.5), got 0.5"  # ... the CLI the flag
+    assert isinstance(raised.value, ValueError)  # Python users catch it as the builtin it is
     with pytest.raises(PrefnoiseError, match="finite"):
         check_options({"unlisted_float": math.nan})  # finiteness applies to every float option

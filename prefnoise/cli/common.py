@@ -32,6 +32,7 @@ from prefnoise.atomic import remove_temporary_files, user_umask
 from prefnoise.cli.app import DEBUG_ENV
 from prefnoise.data import ColumnMap, PreferenceSource, open_source
 from prefnoise.errors import PrefnoiseError
+from prefnoise.options import OPTION_RANGES, SEED_MAX, OptionError, check_options  # noqa: F401  (re-exported for the CLI modules)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -163,6 +164,8 @@ def cli_errors(command: F) -> F:
                 return result
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
+        except OptionError as error:
+            raise fail(error.as_flag(), error.exit_code) from None
         except PrefnoiseError as error:
             raise fail(error.message, error.exit_code) from None
         except BrokenPipeError:
@@ -192,95 +195,6 @@ NOTHING_WRITTEN = "no output was written."
 
 
 # --------------------------------------------------------------------------- option validation
-
-# One rule per option name, for every command that has the option: (low, low inclusive, high, high inclusive).
-# None bounds are open. Every float option must also be finite.
-SEED_MAX = 2**32 - 1
-OPTION_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
-    "seed": (0, True, SEED_MAX, True),
-    "rate": (0, True, 1, True),
-    "rate_pos": (0, True, 1, True),
-    "rate_neg": (0, True, 1, True),
-    "max_rate": (0, True, 1, True),
-    "temperature": (0, False, None, False),
-    "beta": (0, False, None, False),
-    "clip": (0, True, None, False),
-    "label_smoothing": (0, True, 0.5, False),
-    "noise_rate": (0, True, 0.5, False),
-    "eps": (0, True, 0.5, False),
-    "tau": (0, False, None, False),
-    "alpha": (0, False, None, False),
-    "beta_prime": (0, False, None, False),
-    "lr": (0, False, None, False),
-    "weight_decay": (0, True, None, False),
-    "margin_scale": (0, False, None, False),
-    "warmup_steps": (0, True, None, False),
-    "max_grad_norm": (0, True, None, False),
-    "batch_size": (1, True, None, False),
-    "grad_accum": (1, True, None, False),
-    "max_tokens_per_batch": (1, True, None, False),
-    "epochs": (1, True, None, False),
-    "max_steps": (1, True, None, False),
-    "max_length": (1, True, None, False),
-    "max_prompt_length": (1, True, None, False),
-    "lora_r": (0, True, None, False),
-    "lora_alpha": (0, False, None, False),
-    "lora_dropout": (0, True, 1, False),
-    "dropout": (0, True, 1, False),
-    "val_fraction": (0, True, 1, False),
-    "eval_every": (0, True, None, False),
-    "save_every": (0, True, None, False),
-    "log_every": (1, True, None, False),
-    "folds": (2, True, None, False),
-    "refits": (1, True, None, False),
-    "hidden": (1, True, None, False),
-    "layers": (0, True, None, False),
-    "output_clip": (0, True, None, False),
-    "bootstrap": (0, True, None, False),
-    "show_suspects": (0, True, None, False),
-    "show_worst": (0, True, None, False),
-    "threshold": (0, True, 1, True),
-    "test_fraction": (0, False, 1, False),
-    "min_agreement": (0, True, 1, True),
-    "min_kendall": (-1, True, 1, True),
-    "min_preservation": (0, True, 1, True),
-    "memory_responses": (1, True, None, False),
-    "early_stopping": (1, True, None, False),
-    "seeds": (1, True, None, False),
-    "train_pairs": (10, True, None, False),
-    "test_pairs": (10, True, None, False),
-    "warmup": (0, True, 1, False),  # fit-reward: a share of the steps
-    "pairs": (40, True, None, False),
-}
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def _interval(low: float, low_in: bool, high: float | None, high_in: bool) -> str:
-    if high is None:
-        return f">= {_number(low)}" if low_in else f"> {_number(low)}"
-    return f"in {'[' if low_in else '('}{_number(low)}, {_number(high)}{']' if high_in else ')'}"
-
-
-def check_options(values: dict[str, Any]) -> None:
-    """PrefnoiseError for the first option that is not finite or is outside its range (OPTION_RANGES)."""
-    for name, value in values.items():
-        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        flag = "--" + name.replace("_", "-")  # every numeric option is spelled after its parameter
-        if isinstance(value, float) and not math.isfinite(value):
-            raise PrefnoiseError(f"{flag} must be a finite number, got {value}")
-        rule = OPTION_RANGES.get(name)
-        if rule is None:
-            continue
-        low, low_in, high, high_in = rule
-        below = low is not None and (value < low if low_in else value <= low)
-        above = high is not None and (value > high if high_in else value >= high)
-        if below or above:
-            raise PrefnoiseError(f"{flag} must be {_interval(*rule)}, got {_number(value)}")
-
 
 def show_progress(json_output: bool) -> bool:
     """Whether to draw a progress bar: only for a person at a terminal, never with --json."""
