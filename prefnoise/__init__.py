@@ -32,6 +32,7 @@ _EXPORTS = {
         "corrupt",
         "split",
         "fit_reward",
+        "align",
         "score",
         "rank_check",
         "CorruptResult",
@@ -62,7 +63,7 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 # prefnoise.align, which Python binds on this package whenever they are imported. So those two modules
 # are made callable: calling one runs prefnoise.api.audit / prefnoise.api.align, while its other
 # attributes (``pn.audit.estimate_noise_rate``, ...) stay the module's.
-_CALLABLE_MODULES = ("audit", "align")
+_CALLABLE_MODULES = ("audit",)
 
 
 class _CallableModule(types.ModuleType):

@@ -13,16 +13,13 @@ import torch
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
 from prefnoise.reward import fit_reward_model, fold_of_pair_id, load_reward_model, save_reward_model, score_table
-from prefnoise.reward.models import (
-    Encoder,
-    _load_tokenizer,
-    encode_pairs,
-    length_features,
-    new_transformer,
-    parse_embed_features,
-    pool_states,
-)
-from prefnoise.reward.train import lr_factor
+from prefnoise.reward.embed import Encoder, length_features, pool_states
+from prefnoise.reward.fitting import lr_factor
+from prefnoise.reward.models import parse_embed_features
+from prefnoise.reward.tokens import encode_pairs
+from prefnoise.reward.tokens import load_tokenizer as _load_tokenizer
+from prefnoise.reward.transformer import new_transformer
+from tests.option_helpers import option_error
 from tests.tiny_models import make_tiny_encoder, pattern_pairs, pattern_texts, single_torch_thread
 
 # --- pure functions, hand-computed ---------------------------------------------------------------
@@ -199,9 +196,9 @@ def test_bad_head_schedule_and_warmup_are_refused(pattern_bert):
     frame = pattern_pairs(8, seed=4)
     with pytest.raises(PrefnoiseError, match="--head"):
         new_transformer(pattern_bert, max_length=16, head="cls")
-    with pytest.raises(PrefnoiseError, match="--schedule"):
+    with option_error("^--schedule must be one of", "^schedule= must be one of"):
         fit_reward_model(frame, backend="transformer", model_path=pattern_bert, schedule="step", device="cpu")
-    with pytest.raises(PrefnoiseError, match="--warmup"):
+    with option_error(r"^--warmup must be in \[0, 1\)", r"^warmup= must be in \[0, 1\)"):
         fit_reward_model(frame, backend="transformer", model_path=pattern_bert, warmup=1.5, device="cpu")
 
 

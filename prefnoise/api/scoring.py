@@ -87,7 +87,7 @@ def score(
     from prefnoise.heldout import agreement_summary, mark_seen
     from prefnoise.outputs import check_output_file
     from prefnoise.reward import score_responses, score_table
-    from prefnoise.reward.models import describe_truncation
+    from prefnoise.reward.tokens import describe_truncation
 
     check_api_options(locals())
     model_input = str(model) if isinstance(model, str | Path) else None

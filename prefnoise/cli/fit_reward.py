@@ -39,6 +39,7 @@ from prefnoise.cli.common import (
     show_progress,
 )
 from prefnoise.loss_names import MARGIN_LOSS_NAMES
+from prefnoise.options.fit_reward import FitRewardConfig
 
 
 @contextlib.contextmanager
@@ -220,21 +221,23 @@ def fit_reward_command(
 ) -> None:
     """Train a reward model r(prompt, response) with a margin loss; print validation accuracy vs clean labels last."""
     from prefnoise import api
-    from prefnoise.reward.models import describe_truncation
+    from prefnoise.reward.tokens import describe_truncation
 
+    options = FitRewardConfig(
+        loss=loss, model=model, encoder=encoder, embed_features=embed_features, head=head, margin_scale=margin_scale,
+        eps=eps, tau=tau, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        val_fraction=val_fraction, early_stopping=early_stopping, device=device, max_length=max_length,
+        hidden=hidden, layers=layers, dropout=dropout, output_clip=output_clip,
+        cache_dir=None if cache_dir is None else str(cache_dir), schedule=schedule, warmup=warmup,
+        grad_accum=grad_accum, max_grad_norm=max_grad_norm, precision=precision, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, log_every=log_every, save_every=save_every,
+        resume=resume, report_to=report_to, seed=seed, drop_invalid=drop_invalid,
+    )
     with training_progress(show_progress(json_output)) as callbacks:
         fitted = api.fit_reward(
-            data, out, loss=loss, model=model, encoder=encoder, margin_scale=margin_scale, eps=eps, tau=tau,
-            alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            val_fraction=val_fraction, early_stopping=early_stopping, device=device, max_length=max_length,
-            hidden=hidden, layers=layers, dropout=dropout, output_clip=output_clip, cache_dir=cache_dir,
-            embed_features=embed_features, head=head, schedule=schedule, warmup=warmup, grad_accum=grad_accum,
-            max_grad_norm=max_grad_norm, precision=precision, lora_r=lora_r, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, log_every=log_every, save_every=save_every, resume=resume,
-            report_to=report_to, overwrite=overwrite,
-            seed=seed, prompt_col=prompt_col, chosen_col=chosen_col, rejected_col=rejected_col, layout=layout,
-            drop_invalid=drop_invalid, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col,
-            split=split, config=config, **callbacks,
+            data, out, options=options, overwrite=overwrite, prompt_col=prompt_col, chosen_col=chosen_col,
+            rejected_col=rejected_col, layout=layout, drop_invalid=drop_invalid, chosen_score_col=chosen_score_col,
+            rejected_score_col=rejected_score_col, split=split, config=config, **callbacks,
         )
     result, backend = fitted.fit, fitted.model.backend
     if not result.is_main:  # other data-parallel processes: the main one writes
