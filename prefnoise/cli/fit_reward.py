@@ -220,8 +220,8 @@ def fit_reward_command(
     config: ConfigOption = None,
 ) -> None:
     """Train a reward model r(prompt, response) with a margin loss; print validation accuracy vs clean labels last."""
-    from prefnoise import api
-    from prefnoise.reward.tokens import describe_truncation
+    from prefnoise import api  # the API imports polars and more: not for --help
+    from prefnoise.reward.tokens import describe_truncation  # heavy: torch
 
     options = FitRewardConfig(
         loss=loss, model=model, encoder=encoder, embed_features=embed_features, head=head, margin_scale=margin_scale,

@@ -21,8 +21,8 @@ def check_causal_lm(model_path: str | Path):
     Also checks the weights (present, readable, shaped as the config says) so that a damaged
     directory fails here, before ``train`` writes anything. No code from the directory runs.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # heavy: transformers
 
     path = check_model_dir(model_path, "--model")
     config = from_pretrained(AutoConfig, path, what="--model")
@@ -40,15 +40,15 @@ def check_causal_lm(model_path: str | Path):
 
 def load_tokenizer(model_path: str | Path):
     """The tokenizer saved beside the model; PrefnoiseError if there is none or it is damaged."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers
 
     return from_pretrained(AutoTokenizer, model_path, what="--model")
 
 
 def load_policy(cfg: AlignConfig, config) -> torch.nn.Module:
     """The causal LM to train, dropout off (as TRL does) and, with --lora-r, wrapped by peft."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForCausalLM  # heavy: transformers
+    from transformers.utils import logging as hf_logging  # heavy: transformers
 
     # Dropout would make the policy differ from the reference at step 0 and add noise to z.
     for key, value in config.to_dict().items():
@@ -62,7 +62,7 @@ def load_policy(cfg: AlignConfig, config) -> torch.nn.Module:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # optional: LoRA runs only
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")
@@ -72,14 +72,14 @@ def load_policy(cfg: AlignConfig, config) -> torch.nn.Module:
 
 def count_parameters(config, lora_r: int) -> tuple[int, int]:
     """(all parameters, trainable parameters) of the model, built on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
     if not lora_r:
         return total, total
-    from transformers.pytorch_utils import Conv1D
+    from transformers.pytorch_utils import Conv1D  # heavy: transformers
 
     adapter = 0
     for name, module in model.named_modules():
@@ -118,7 +118,7 @@ def save_final_model(accelerator, model, tokenizer, dest: Path, cfg: AlignConfig
 
 def restore_dropout(model, model_path: str) -> None:
     """Put the original dropout settings back in the config that gets saved."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: transformers
 
     original = from_pretrained(AutoConfig, model_path, what="--model").to_dict()
     config = getattr(model, "config", None)

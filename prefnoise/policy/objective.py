@@ -142,7 +142,7 @@ def evaluate_rows(model, pairs, rows, ref_chosen, ref_rejected, run, cfg, accele
     model.train()
     reshard(model)
     if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
+        from accelerate.utils import gather_object  # heavy: accelerate, launched runs only
 
         gathered = gather_object(list(zip(indices, margins, strict=True)))
         indices, margins = [i for i, _ in gathered], [m for _, m in gathered]

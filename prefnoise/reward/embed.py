@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from prefnoise.data import file_fingerprint
 from prefnoise.errors import PrefnoiseError
 from prefnoise.hf import from_pretrained, quiet_transformers
 from prefnoise.reward.cache import EmbeddingCache
@@ -25,7 +26,7 @@ from prefnoise.reward.models import (
     parse_embed_features,
 )
 from prefnoise.reward.networks import mean_pool
-from prefnoise.reward.tokens import check_reward_model_dir, load_tokenizer, pad_batch, tokenize_pairs
+from prefnoise.reward.tokens import check_reward_model_dir, encode_pairs, load_tokenizer, pad_batch, tokenize_pairs
 
 
 def length_features(responses: Sequence[str]) -> np.ndarray:
@@ -86,8 +87,6 @@ class Encoder:
     def fingerprint(self) -> str:
         """Content hash of the encoder's files plus the embedding settings (the joint-mean cache key)."""
         if self._fingerprint is None:
-            from prefnoise.data import file_fingerprint
-
             # "untrunc": the tokenizer's own truncation/padding is off (see _untruncated); "keepend":
             # prompts are cut from the left (encode_pairs). Caches without them hold damaged vectors.
             self._fingerprint = file_fingerprint(self.path) + f"-len{self.max_length}-mean-keepend-untrunc"
@@ -188,6 +187,8 @@ class EmbedMLPRewardModel(MLPRewardModel):
     def __init__(self, module: nn.Module, config: dict[str, Any], encoder: Encoder) -> None:
         super().__init__(module, config)
         self.encoder = encoder
+        # counts of the latest prepare call: what the encoder's --max-length cut (see encode_pairs)
+        self.last_truncation: dict[str, int] | None = None
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -203,6 +204,10 @@ class EmbedMLPRewardModel(MLPRewardModel):
         return sum(self.encoder.missing(prompts, responses, i) for i in inputs)
 
     def prepare(self, prompts, responses, features, *, device, on_progress=None):
+        inputs = [i for i, _ in self._encoder_parts()]
+        self.last_truncation = None if not inputs else encode_pairs(  # every row, cached ones too
+            self.encoder.tokenizer, _inputs_prompts(prompts, "joint" if "joint" in inputs else "response"),
+            responses, self.encoder.max_length)[1]
         blocks = []
         for part in self.parts:
             if part == LENGTH:

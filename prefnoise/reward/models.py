@@ -81,9 +81,7 @@ class MLPRewardModel(RewardModel):
         dim = self.config["input_dim"]
         if features.ndim != 2 or features.shape[1] != dim:
             raise PrefnoiseError(f"feature vectors have shape {features.shape}; this model expects {dim} dims")
-        if on_progress is not None:
-            on_progress(len(features))
-        return torch.from_numpy(np.array(features, dtype=np.float32))  # a writable copy
+        return torch.from_numpy(np.array(features, dtype=np.float32))  # a writable copy: nothing to embed
 
     def batch(self, sides, index, device):
         rows = torch.as_tensor(index, dtype=torch.long)

@@ -222,10 +222,11 @@ def tokenize_pairs(
     return encode_pairs(tokenizer, prompts, responses, max_length)[0]
 
 
-def describe_truncation(stats: Sequence[dict[str, int]], max_length: int) -> str | None:
+def describe_truncation(stats: Sequence[dict[str, int]], max_length: int, *, saved: bool = False) -> str | None:
     """One line for the CLI about the rows ``encode_pairs`` had to cut (None when nothing was cut).
 
-    ``stats``: the ``last_truncation`` of each ``prepare`` call (e.g. the chosen and rejected sides).
+    ``stats``: the ``last_truncation`` of each ``prepare`` call (e.g. the chosen and rejected sides);
+    ``saved``: the limit is a saved model's (``score``, which has no ``--max-length``), not an option.
     """
     rows = sum(s["rows"] for s in stats)
     cut = sum(s["truncated"] for s in stats)
@@ -234,7 +235,8 @@ def describe_truncation(stats: Sequence[dict[str, int]], max_length: int) -> str
     prompt = sum(s["prompt_truncated"] for s in stats)
     response = sum(s["response_truncated"] for s in stats)
     return (
-        f"truncated {cut} of {rows} prompt+response sequences to --max-length {max_length} "
+        f"truncated {cut} of {rows} prompt+response sequences to "
+        f"{'the max_length the model was trained with,' if saved else '--max-length'} {max_length} "
         f"({prompt} prompts cut from the left, {response} responses cut from the right)"
     )
 

@@ -86,7 +86,7 @@ def _hf_reward_module(
 ) -> tuple[nn.Module, str]:
     """The scalar-reward module for HF model dir ``path`` and which head it uses."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification  # heavy
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES  # heavy
 
     hf_config = from_pretrained(AutoConfig, path, what=what)
     if head is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,6 @@ def check_report_to(report_to: str, run_dir: str | Path | None) -> None:
         raise PrefnoiseError(f"--report-to must be one of {', '.join(REPORT_TO)}, not {report_to!r}")
     if report_to == "none":
         return
-    import importlib.util
-
     package = TRACKER_PACKAGES[report_to]
     if importlib.util.find_spec(package) is None:
         raise PrefnoiseError(f"--report-to {report_to} needs the {package} package: pip install {package}")
@@ -58,7 +57,7 @@ def make_accelerator(device: str = "auto", precision: str = "auto", *, report_to
 
     Under ``accelerate launch`` the process group, DDP or FSDP come from the launcher's config.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # heavy: accelerate loads torch.distributed
 
     on_cuda = resolve_device(device).type == "cuda"
     mixed = "bf16" if resolve_precision(precision, on_cuda) == "bf16" else "no"
@@ -83,9 +82,9 @@ def _fsdp_on_cpu(**options: Any):
     state accelerate keeps is switched to FSDP here, with the plugin built from the launcher's FSDP_*
     variables. Measured against one process at the same global batch in tests/test_fsdp.py.
     """
-    from accelerate import Accelerator, FullyShardedDataParallelPlugin
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin  # heavy: accelerate
+    from accelerate.state import AcceleratorState, PartialState  # heavy: accelerate
+    from accelerate.utils import DistributedType  # heavy: accelerate
 
     if os.environ.get("FSDP_VERSION", "1") != "2":
         raise PrefnoiseError("FSDP on CPU needs fsdp_version: 2 in the accelerate config (FSDP1 needs a GPU); "

@@ -86,7 +86,7 @@ class DivergenceWatch:
         if model is not None:
             broken = first_nonfinite_parameter(self.accelerator.unwrap_model(model))
             if self.accelerator.num_processes > 1:  # FSDP: each process holds (and checked) its own shard
-                from accelerate.utils import gather_object
+                from accelerate.utils import gather_object  # heavy: accelerate, launched runs only
 
                 broken = next((name for name in gather_object([broken]) if name is not None), None)
             if broken is not None:
@@ -151,7 +151,7 @@ class Trainer:
 def reshard(model: torch.nn.Module) -> None:
     """Under FSDP2, free the gathered weights an evaluation forward (no backward) leaves behind, so that
     a later ``state_dict`` or checkpoint sees sharded parameters; nothing otherwise."""
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # heavy: torch.distributed, FSDP runs only
 
     for module in model.modules():
         if isinstance(module, FSDPModule):
