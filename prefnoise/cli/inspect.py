@@ -24,8 +24,8 @@ from prefnoise.cli.common import (
     cli_errors,
     emit_json,
     one_line,
-    open_input,
 )
+from prefnoise.data import open_input
 from prefnoise.describe import column_stats
 
 

@@ -1,0 +1,193 @@
+"""Which input columns become the canonical ones: the :class:`ColumnMap`, dotted paths into struct
+columns, and the true-score columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from prefnoise import columns as C
+from prefnoise.errors import PrefnoiseError
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which input columns hold the prompt, the two responses and (optionally) their true scores.
+
+    Each entry is a column name or a dotted path into struct columns (``metadata.score_chosen``);
+    a column whose own name contains the dot wins over a path. A mapped column moves to its
+    canonical name (``prompt``, ``chosen``, ``rejected``, ``chosen_score``, ``rejected_score``): a
+    top-level column is renamed, a struct field is taken out of its struct, so no stale copy is left
+    behind to disagree with the canonical column after a flip.
+    """
+
+    prompt: str = C.PROMPT
+    chosen: str = C.CHOSEN
+    rejected: str = C.REJECTED
+    chosen_score: str | None = None
+    rejected_score: str | None = None
+
+
+def check_column_map(columns: ColumnMap) -> None:
+    """The true-score options go together."""
+    if (columns.chosen_score is None) != (columns.rejected_score is None):
+        given = "--chosen-score-col" if columns.chosen_score is not None else "--rejected-score-col"
+        raise PrefnoiseError(
+            f"{given} needs its partner: give both --chosen-score-col and --rejected-score-col (one score per response)"
+        )
+
+
+def column_mapping(columns: ColumnMap) -> list[tuple[str, str, str]]:
+    """(canonical column, given column or path, option) for every mapped column."""
+    pairs = [
+        (C.PROMPT, columns.prompt, "--prompt-col"),
+        (C.CHOSEN, columns.chosen, "--chosen-col"),
+        (C.REJECTED, columns.rejected, "--rejected-col"),
+    ]
+    if columns.chosen_score is not None and columns.rejected_score is not None:
+        pairs.append((C.chosen(C.SCORE), columns.chosen_score, "--chosen-score-col"))
+        pairs.append((C.rejected(C.SCORE), columns.rejected_score, "--rejected-score-col"))
+    return pairs
+
+
+def resolve_path(schema: pl.Schema | dict[str, pl.DataType], path: str, *, what: str) -> list[str]:
+    """The parts of column or dotted ``path`` (``metadata.score_chosen``): a top-level column, then
+    struct fields. A column whose own name contains dots wins; a name is matched longest first.
+    PrefnoiseError, in one line naming ``what`` asked for it, when a part is missing or its parent
+    is not a struct."""
+    if path in schema:
+        return [path]
+    if not path or "." not in path:
+        raise PrefnoiseError(f"no column {path!r} ({what}); columns are: {', '.join(_visible(schema))}")
+    names: dict[str, pl.DataType] = dict(schema)
+    parts: list[str] = []
+    rest = path
+    where = "columns"
+    while rest:
+        match = next((n for n in sorted(names, key=len, reverse=True) if rest == n or rest.startswith(n + ".")), None)
+        if match is None:
+            field_name = rest.split(".", 1)[0]
+            inside = f"struct {'.'.join(parts)!r} has no field" if parts else "no column"
+            raise PrefnoiseError(
+                f"{inside} {field_name!r} (path {path!r}, {what}); {where} are: {', '.join(_visible(names))}"
+            )
+        parts.append(match)
+        rest = rest[len(match) + 1 :]
+        dtype = names[match]
+        if not rest:
+            break
+        if not isinstance(dtype, pl.Struct):
+            kind = "a list" if isinstance(dtype, pl.List | pl.Array) else f"of type {dtype}"
+            raise PrefnoiseError(
+                f"{'.'.join(parts)!r} is {kind}, not a struct, so it has no field {rest.split('.', 1)[0]!r} "
+                f"(path {path!r}, {what})"
+            )
+        names = {f.name: f.dtype for f in dtype.fields}
+        where = f"fields of {'.'.join(parts)!r}"
+    return parts
+
+
+def _visible(names: Any) -> list[str]:
+    return [n for n in names if not str(n).startswith("__")]
+
+
+def path_expr(parts: list[str]) -> pl.Expr:
+    """The polars expression reading the column or nested struct field ``parts``."""
+    expr = pl.col(parts[0])
+    for part in parts[1:]:
+        expr = expr.struct.field(part)
+    return expr
+
+
+def path_dtype(schema: pl.Schema | dict[str, pl.DataType], parts: list[str]) -> pl.DataType:
+    """The type of the column or nested struct field ``parts``."""
+    dtype = schema[parts[0]]
+    for part in parts[1:]:
+        dtype = {f.name: f.dtype for f in dtype.fields}[part]  # type: ignore[attr-defined]
+    return dtype
+
+
+def _without_field(expr: pl.Expr, dtype: pl.DataType, parts: list[str]) -> pl.Expr | None:
+    """Struct ``expr`` without its nested field ``parts`` (None when nothing would be left); a null
+    struct stays null."""
+    fields = []
+    for field_ in dtype.fields:  # type: ignore[attr-defined]
+        value = expr.struct.field(field_.name)
+        if field_.name == parts[0]:
+            if len(parts) == 1:
+                continue
+            value = _without_field(value, field_.dtype, parts[1:])
+            if value is None:
+                continue
+        fields.append(value.alias(field_.name))
+    if not fields:
+        return None
+    return pl.when(expr.is_null()).then(None).otherwise(pl.struct(fields))
+
+
+def map_score_columns(lazy: pl.LazyFrame, columns: ColumnMap, name: str) -> pl.LazyFrame:
+    """``lazy`` with the true-score columns of ``columns`` (columns or dotted paths) added as
+    ``chosen_score``/``rejected_score``, for readers of the raw table (``rank-check``); the
+    sources stay in place."""
+    mapping = [m for m in column_mapping(columns)[3:] if m[1] != m[0]]
+    if not mapping:
+        return lazy
+    schema = lazy.collect_schema()
+    given_names = {given for _, given, _ in mapping}
+    exprs = []
+    for canonical, given, flag in mapping:
+        try:
+            parts = resolve_path(schema, given, what=f"asked for by {flag}")
+        except PrefnoiseError as error:
+            raise PrefnoiseError(f"{name}: {error.message}") from None
+        _check_score_source(schema, parts, canonical, given, flag, given_names, name)
+        exprs.append(path_expr(parts).alias(canonical))
+    return lazy.with_columns(exprs)
+
+
+def _check_score_source(
+    schema: Any, parts: list[str], canonical: str, given: str, flag: str, given_names: set[str], name: str
+) -> None:
+    """A true-score source must be numeric and must not silently replace an existing score column."""
+    dtype = path_dtype(schema, parts)
+    if not (dtype.is_numeric() or dtype == pl.Null):
+        raise PrefnoiseError(f"{name}: {flag} {given}: has type {dtype}; true scores must be numbers (int or float)")
+    if canonical in schema and canonical not in given_names:
+        raise PrefnoiseError(
+            f"{name}: column {canonical!r} exists already and {flag} {given} would replace it; "
+            f"drop {flag} to use the existing column, or rename that column"
+        )
+
+
+def apply_column_map(frame: pl.DataFrame, columns: ColumnMap, name: str) -> pl.DataFrame:
+    """Move every mapped column (a top-level column or a dotted path into structs) to its canonical name."""
+    mapping = [(canonical, given, flag) for canonical, given, flag in column_mapping(columns) if given != canonical]
+    if not mapping:
+        return frame
+    given_names = {given for _, given, _ in column_mapping(columns)}
+    resolved: list[tuple[str, list[str]]] = []
+    for canonical, given, flag in mapping:
+        try:
+            parts = resolve_path(frame.schema, given, what=f"asked for by {flag}")
+        except PrefnoiseError as error:
+            raise PrefnoiseError(f"{name}: {error.message}") from None
+        if canonical in (C.chosen(C.SCORE), C.rejected(C.SCORE)):
+            _check_score_source(frame.schema, parts, canonical, given, flag, given_names, name)
+        resolved.append((canonical, parts))
+    # read every value before anything is renamed or taken apart
+    nested = [(canonical, parts) for canonical, parts in resolved if len(parts) > 1]
+    values = frame.select([path_expr(parts).alias(canonical) for canonical, parts in nested]) if nested else None
+    for column in dict.fromkeys(parts[0] for _, parts in nested):
+        for _, parts in nested:
+            if parts[0] != column or column not in frame.columns:
+                continue
+            remaining = _without_field(pl.col(column), frame.schema[column], parts[1:])
+            frame = frame.drop(column) if remaining is None else frame.with_columns(remaining.alias(column))
+    renames = {parts[0]: canonical for canonical, parts in resolved if len(parts) == 1}
+    for canonical, _ in resolved:
+        if canonical in frame.columns and canonical not in renames:
+            frame = frame.rename({canonical: f"original_{canonical}"})
+    frame = frame.rename(renames) if renames else frame
+    return frame.with_columns(values) if values is not None else frame
