@@ -18,7 +18,17 @@ from __future__ import annotations
 
 from prefnoise.data.canonical import HH_ASSISTANT, LAYOUTS, canonicalize, content_pair_ids, hh_prompt_length
 from prefnoise.data.inputs import open_input
-from prefnoise.data.mapping import ColumnMap, map_score_columns, path_dtype, path_expr, resolve_path
+from prefnoise.data.mapping import (
+    TRL_SCORE_COLUMNS,
+    ColumnMap,
+    map_score_columns,
+    path_dtype,
+    path_expr,
+    recognise_scores,
+    resolve_path,
+    score_candidates,
+    score_hint,
+)
 from prefnoise.data.provenance import (
     METADATA_KEY,
     HistoryEntry,
@@ -37,6 +47,7 @@ __all__ = [
     "LAYOUTS",
     "METADATA_KEY",
     "OUTPUT_FORMATS",
+    "TRL_SCORE_COLUMNS",
     "ColumnMap",
     "HistoryEntry",
     "PreferenceSource",
@@ -56,7 +67,10 @@ __all__ = [
     "read_history",
     "read_provenance",
     "read_table",
+    "recognise_scores",
     "resolve_path",
+    "score_candidates",
+    "score_hint",
     "to_polars",
     "write_table",
 ]

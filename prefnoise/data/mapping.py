@@ -21,6 +21,11 @@ class ColumnMap:
     canonical name (``prompt``, ``chosen``, ``rejected``, ``chosen_score``, ``rejected_score``): a
     top-level column is renamed, a struct field is taken out of its struct, so no stale copy is left
     behind to disagree with the canonical column after a flip.
+
+    True scores whose names pair them with their response (``score_chosen``/``score_rejected``,
+    ``chosen_rating``/``rejected_rating``, at the top level or side by side in one struct) are the
+    exception: they swap with their response on a flip, so they stay where they are, under the
+    user's names, and ``chosen_score``/``rejected_score`` are added as copies.
     """
 
     prompt: str = C.PROMPT
@@ -127,14 +132,92 @@ def _without_field(expr: pl.Expr, dtype: pl.DataType, parts: list[str]) -> pl.Ex
     return pl.when(expr.is_null()).then(None).otherwise(pl.struct(fields))
 
 
+#: TRL's names for the true scores of the two responses (trl-lib/ultrafeedback_binarized has them).
+TRL_SCORE_COLUMNS = ("score_chosen", "score_rejected")
+_SCORE_WORDS = ("score", "rating")
+
+
+def _is_number(dtype: pl.DataType) -> bool:
+    return dtype.is_numeric() or dtype == pl.Null
+
+
+def recognise_scores(columns: ColumnMap, schema: pl.Schema | dict[str, pl.DataType]) -> ColumnMap:
+    """``columns`` with TRL's top-level ``score_chosen``/``score_rejected`` as the true scores when no
+    true scores are mapped and the table has neither ``chosen_score`` nor ``rejected_score``."""
+    if columns.chosen_score is not None or columns.rejected_score is not None:
+        return columns
+    if C.chosen(C.SCORE) in schema or C.rejected(C.SCORE) in schema:
+        return columns
+    if all(name in schema and _is_number(schema[name]) for name in TRL_SCORE_COLUMNS):
+        chosen, rejected = TRL_SCORE_COLUMNS
+        return ColumnMap(columns.prompt, columns.chosen, columns.rejected, chosen, rejected)
+    return columns
+
+
+def score_candidates(schema: pl.Schema | dict[str, pl.DataType]) -> list[tuple[str, str]]:
+    """Numeric per-response pairs named like true scores (``score``/``rating`` in the name, e.g.
+    ``metadata.score_chosen``/``metadata.score_rejected``), top-level or inside structs at any depth,
+    as (chosen path, rejected path); ``chosen_score``/``rejected_score`` themselves excluded."""
+    found: list[tuple[str, str]] = []
+
+    def walk(fields: dict[str, pl.DataType], prefix: str) -> None:
+        names = list(fields)
+        for field_name, dtype in fields.items():
+            if isinstance(dtype, pl.Struct):
+                walk({f.name: f.dtype for f in dtype.fields}, f"{prefix}{field_name}.")
+                continue
+            partner = C.struct_partner(field_name, names)
+            if partner is None or _responds(field_name) != C.CHOSEN or not _is_number(dtype):
+                continue
+            if not _is_number(fields[partner]) or not any(w in field_name.lower() for w in _SCORE_WORDS):
+                continue
+            if prefix or field_name != C.chosen(C.SCORE):
+                found.append((prefix + field_name, prefix + partner))
+
+    walk(dict(schema), "")
+    return found
+
+
+def score_hint(schema: pl.Schema | dict[str, pl.DataType]) -> str:
+    """``; true scores may be in A/B: pass --chosen-score-col A --rejected-score-col B`` naming the
+    first :func:`score_candidates` pair, or "" when there is none."""
+    candidates = score_candidates(schema)
+    if not candidates:
+        return ""
+    chosen, rejected = candidates[0]
+    return (
+        f"; true scores may be in {chosen}/{rejected}: pass --chosen-score-col {chosen} "
+        f"--rejected-score-col {rejected}"
+    )
+
+
+def _responds(name: str) -> str | None:
+    """Which response a per-response field name describes (``chosen``/``rejected``), or None."""
+    for side in (C.CHOSEN, C.REJECTED):
+        if name.startswith(side + "_") or name.endswith("_" + side):
+            return side
+    return None
+
+
+def _paired_paths(chosen: list[str], rejected: list[str]) -> bool:
+    """Whether two resolved paths are one field pair that swaps with the responses on a flip:
+    same parent, leaf names partners (``score_chosen``/``score_rejected``, ``chosen_x``/``rejected_x``)."""
+    if len(chosen) != len(rejected) or chosen[:-1] != rejected[:-1]:
+        return False
+    leaf = chosen[-1]
+    return _responds(leaf) == C.CHOSEN and C.struct_partner(leaf, [rejected[-1]]) == rejected[-1]
+
+
 def map_score_columns(lazy: pl.LazyFrame, columns: ColumnMap, name: str) -> pl.LazyFrame:
-    """``lazy`` with the true-score columns of ``columns`` (columns or dotted paths) added as
+    """``lazy`` with the true-score columns of ``columns`` (columns or dotted paths; TRL's
+    ``score_chosen``/``score_rejected`` when none are given, :func:`recognise_scores`) added as
     ``chosen_score``/``rejected_score``, for readers of the raw table (``rank-check``); the
     sources stay in place."""
+    schema = lazy.collect_schema()
+    columns = recognise_scores(columns, schema)
     mapping = [m for m in column_mapping(columns)[3:] if m[1] != m[0]]
     if not mapping:
         return lazy
-    schema = lazy.collect_schema()
     given_names = {given for _, given, _ in mapping}
     exprs = []
     for canonical, given, flag in mapping:
@@ -162,7 +245,9 @@ def _check_score_source(
 
 
 def apply_column_map(frame: pl.DataFrame, columns: ColumnMap, name: str) -> pl.DataFrame:
-    """Move every mapped column (a top-level column or a dotted path into structs) to its canonical name."""
+    """Move every mapped column (a top-level column or a dotted path into structs) to its canonical
+    name; true scores named as a pair stay in place and are copied (see :class:`ColumnMap`)."""
+    columns = recognise_scores(columns, frame.schema)
     mapping = [(canonical, given, flag) for canonical, given, flag in column_mapping(columns) if given != canonical]
     if not mapping:
         return frame
@@ -170,15 +255,23 @@ def apply_column_map(frame: pl.DataFrame, columns: ColumnMap, name: str) -> pl.D
     resolved: list[tuple[str, list[str]]] = []
     for canonical, given, flag in mapping:
         try:
-            parts = resolve_path(frame.schema, given, what=f"asked for by {flag}")
+            resolved.append((canonical, resolve_path(frame.schema, given, what=f"asked for by {flag}")))
         except PrefnoiseError as error:
             raise PrefnoiseError(f"{name}: {error.message}") from None
-        if canonical in (C.chosen(C.SCORE), C.rejected(C.SCORE)):
-            _check_score_source(frame.schema, parts, canonical, given, flag, given_names, name)
-        resolved.append((canonical, parts))
+    score_names = (C.chosen(C.SCORE), C.rejected(C.SCORE))
+    scores = {canonical: parts for canonical, parts in resolved if canonical in score_names}
+    kept = set(scores) if scores and _paired_paths(*scores.values()) else set()
+    for canonical, given, flag in mapping:
+        if canonical in scores:
+            if canonical in kept and canonical in frame.columns and _same_values(frame, scores[canonical], canonical):
+                frame = frame.drop(canonical)  # prefnoise's own copy from an earlier run: made again below
+            _check_score_source(frame.schema, scores[canonical], canonical, given, flag, given_names, name)
+    copies = [path_expr(scores[canonical]).alias(canonical) for canonical in score_names if canonical in kept]
+    resolved = [(canonical, parts) for canonical, parts in resolved if canonical not in kept]
     # read every value before anything is renamed or taken apart
     nested = [(canonical, parts) for canonical, parts in resolved if len(parts) > 1]
-    values = frame.select([path_expr(parts).alias(canonical) for canonical, parts in nested]) if nested else None
+    read = copies + [path_expr(parts).alias(canonical) for canonical, parts in nested]
+    values = frame.select(read) if read else None
     for column in dict.fromkeys(parts[0] for _, parts in nested):
         for _, parts in nested:
             if parts[0] != column or column not in frame.columns:
@@ -191,3 +284,10 @@ def apply_column_map(frame: pl.DataFrame, columns: ColumnMap, name: str) -> pl.D
             frame = frame.rename({canonical: f"original_{canonical}"})
     frame = frame.rename(renames) if renames else frame
     return frame.with_columns(values) if values is not None else frame
+
+
+def _same_values(frame: pl.DataFrame, parts: list[str], column: str) -> bool:
+    """Whether column ``column`` holds the same values as the field at ``parts`` (nulls alike)."""
+    source, copy = path_expr(parts), pl.col(column)
+    same = (source == copy) | (source.is_null() & copy.is_null())
+    return bool(frame.select(same.fill_null(False).all()).item())
