@@ -47,6 +47,7 @@ import numpy as np
 import polars as pl
 
 from prefnoise import columns as C
+from prefnoise.data import score_hint
 from prefnoise.errors import PrefnoiseError
 from prefnoise.global_ranks import GlobalRanks, cut_points, value_bucket
 from prefnoise.rankstats import Orders, grouped_stats, orders, rank_stats, tau_b
@@ -273,7 +274,7 @@ def rank_report(
             )
         reference_true = true if has_true else None
         if not has_true:
-            note = f"no {C.chosen(true)}/{C.rejected(true)} columns: the labels are the reference"
+            note = f"no {C.chosen(true)}/{C.rejected(true)} columns: the labels are the reference{score_hint(schema)}"
         projected = _pair_frame(lazy, names, pred, reference_true, splits, pair_ids=worst > 0)
     else:
         if true not in names:
