@@ -735,7 +735,7 @@ def _texts_to_embed(reward_model: Any, frame: pl.DataFrame, responses: bool) -> 
 
 @dataclass
 class RankCheckResult:
-    """``pn.rank_check``'s result: the :class:`prefnoise.rank.RankReport`, the summary (``rank-check
+    """``pn.rank_check``'s result: the :class:`prefnoise.metrics.RankReport`, the summary (``rank-check
     --json``'s object, with ``gate_failures``), and whether every gate passed."""
 
     report: Any
@@ -803,8 +803,8 @@ def rank_check(
     (optional): score ``data`` with this reward model first (see :func:`score`; the other input options,
     e.g. ``prompt_col``, then apply). The ``min_*`` gates fail into ``result.failures``; ``plot`` writes a PNG.
     """
+    from prefnoise.metrics import DEFAULT_MEMORY_RESPONSES, rank_report
     from prefnoise.outputs import check_output_file
-    from prefnoise.rank import DEFAULT_MEMORY_RESPONSES, rank_report
 
     _check_options(locals())
     check_output_file(plot, inputs=[_path_of(data)], overwrite=overwrite, flag="--plot", suffix=".png")
@@ -837,8 +837,8 @@ def rank_check(
 
 
 def _rank_plot(lazy: pl.LazyFrame, report: Any, out: Path, seed: int) -> None:
+    from prefnoise.metrics import figure_frames
     from prefnoise.plots import rank_check_figure
-    from prefnoise.rank import figure_frames
 
     points, pairs = figure_frames(lazy, pred=report.pred, true=report.true or C.SCORE, layout=report.layout)
     x, y = ("true", "pred") if "true" in points.columns else ("rejected", "chosen")
