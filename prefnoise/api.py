@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
+from prefnoise.metrics.gates import failed_gate_lines, gate_results
 
 # A progress-bar factory: (description, total or None) -> context manager yielding advance(n).
 ProgressBar = Callable[[str, "int | None"], AbstractContextManager[Callable[[int], None]]]
@@ -598,7 +599,8 @@ def fit_reward(
     fit = fit_reward_model(frame, seed=seed, drop_invalid=drop_invalid, source=src.name, run_dir=run_dir,
                            **options, **callbacks)
     summary = {
-        "out": None if out is None else str(out),
+        "input": src.name,
+        "output": None if out is None else str(out),
         "rows": frame.height,
         **{k: v for k, v in fit.metrics.items() if k != "epochs"},
     }
@@ -703,6 +705,7 @@ def score(
     elapsed = time.perf_counter() - started
     seen = ("in_training", "in_validation")
     summary: dict[str, Any] = {
+        "input": table_label(data),
         "model": model_name,
         "backend": reward_model.backend,
         "rows": rows,
@@ -736,36 +739,21 @@ def _texts_to_embed(reward_model: Any, frame: pl.DataFrame, responses: bool) -> 
 @dataclass
 class RankCheckResult:
     """``pn.rank_check``'s result: the :class:`prefnoise.metrics.RankReport`, the summary (``rank-check
-    --json``'s object, with ``gate_failures``), and whether every gate passed."""
+    --json``'s object, with ``gates``: one ``{metric, op, threshold, value, passed}`` per gate set), and
+    whether every gate passed."""
 
     report: Any
     summary: dict[str, Any]
 
     @property
     def failures(self) -> list[str]:
-        """One line per failed gate."""
-        return self.summary["gate_failures"]
+        """One line per failed gate, for a person (``summary["gates"]`` holds them as data)."""
+        return failed_gate_lines(self.summary["gates"])
 
     @property
     def passed(self) -> bool:
         """True when no gate failed (the CLI exits 1 otherwise)."""
         return not self.failures
-
-
-def gate_failures(
-    metrics: Any, min_agreement: float | None, min_kendall: float | None, min_preservation: float | None
-) -> list[str]:
-    """One line per failed gate (a metric that cannot be computed fails its gate)."""
-    gates = [
-        ("agreement", metrics.agreement.value, min_agreement),
-        ("kendall_tau_b", metrics.kendall_tau_b, min_kendall),
-        ("preservation", metrics.preservation.value, min_preservation),
-    ]
-    return [
-        f"{name} {'n/a' if value is None else f'{value:.4f}'} < {threshold}"
-        for name, value, threshold in gates
-        if threshold is not None and (value is None or value < threshold)
-    ]
 
 
 def rank_check(
@@ -830,10 +818,10 @@ def rank_check(
             memory_responses=DEFAULT_MEMORY_RESPONSES if memory_responses is None else memory_responses,
             temp_dir=temp_dir, on_progress=advance,
         )
-    failures = gate_failures(report.overall, min_agreement, min_kendall, min_preservation)
+    gates = gate_results(report.overall, min_agreement, min_kendall, min_preservation)
     if plot is not None:
         _rank_plot(lazy, report, Path(plot), seed)
-    return RankCheckResult(report, {"source": label, **report.to_dict(), "gate_failures": failures})
+    return RankCheckResult(report, {"input": label, **report.to_dict(), "gates": gates})
 
 
 def _rank_plot(lazy: pl.LazyFrame, report: Any, out: Path, seed: int) -> None:
@@ -968,6 +956,7 @@ def audit(
     suspects = None if estimate.mixture is None else int((scored[A.SUSPICION] > threshold).sum()) if fix is None else 0
     summary: dict[str, Any] = {
         "input": src.name,
+        "output": _output_name(out),
         "pairs": frame.height,
         "folds": None if given else folds,
         "refits": None if given else refits,
@@ -1073,7 +1062,8 @@ def align(
     frame = src.collect()
     name = source if source is not None else src.name
     if dry_run:
-        return AlignResult({"dry_run": True, **dataclasses.asdict(prepare(cfg, frame, source=name).plan)}, True)
+        plan = dataclasses.asdict(prepare(cfg, frame, source=name).plan)
+        return AlignResult({"dry_run": True, "input": name, **plan}, True)
     before = _listing(Path(out))
     try:
         with (progress_bar or _no_bar)("aligning", None) as advance:

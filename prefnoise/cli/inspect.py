@@ -60,7 +60,7 @@ def inspect_command(
     stats = column_stats(lazy)
     rows = stats and _rows(lazy)
     report = {
-        "file": src.name,
+        "input": src.name,
         "format": src.format,
         "rows": rows,
         "columns": stats,
@@ -91,7 +91,7 @@ def _fmt(value: object) -> str:
 def _print_report(report: dict) -> None:
     # markup=False: column names and metadata are data, never rich markup or terminal control
     console = Console(highlight=False, markup=False, emoji=False)
-    console.print(f"{_fmt(report['file'])}  ({report['format']}, {_fmt(report['rows'])} rows)")
+    console.print(f"{_fmt(report['input'])}  ({report['format']}, {_fmt(report['rows'])} rows)")
     table = Table(title="columns", title_justify="left")
     for header in ("column", "dtype", "nulls", "summary"):
         table.add_column(header, justify="right" if header == "nulls" else "left")
