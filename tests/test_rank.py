@@ -301,3 +301,19 @@ def test_progress_adds_up_to_100_and_errors_leave_no_files(tmp_path):
     with pytest.raises(PrefnoiseError, match="no rows"):
         metrics.rank_report(nan_only, memory_responses=50, temp_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gates_are_objects_and_a_metric_that_cannot_be_computed_fails():
+    from prefnoise.metrics.gates import failed_gate_lines, gate_results
+    from prefnoise.metrics.results import Agreement, Preservation, RankMetrics
+
+    overall = RankMetrics(rows=4, agreement=Agreement(0.75, None, None, 4, 0, 0),
+                          preservation=Preservation(None, 0, 0, 2), kendall_tau_b=0.5)
+    gates = gate_results(overall, min_agreement=0.75, min_kendall=0.6, min_preservation=0.1)
+    assert gates == [
+        {"metric": "agreement", "op": ">=", "threshold": 0.75, "value": 0.75, "passed": True},  # equal passes
+        {"metric": "kendall_tau_b", "op": ">=", "threshold": 0.6, "value": 0.5, "passed": False},
+        {"metric": "preservation", "op": ">=", "threshold": 0.1, "value": None, "passed": False},
+    ]
+    assert failed_gate_lines(gates) == ["kendall_tau_b 0.5000 < 0.6", "preservation n/a < 0.1"]
+    assert gate_results(overall, None, None, None) == []
