@@ -57,7 +57,8 @@ def align(data: Table, *, model: str, out: str | Path | None = None, options: Al
     src = input_table(data, input_options)
     frame, name = src.collect(), source if source is not None else src.name
     if dry_run:
-        return AlignResult({"dry_run": True, **dataclasses.asdict(prepare(cfg, frame, source=name).plan)}, True)
+        plan = dataclasses.asdict(prepare(cfg, frame, source=name).plan)
+        return AlignResult({"dry_run": True, "input": name, **plan}, True)
     with cleaned_up_on_failure(Path(out), state), (progress_bar or no_bar)("aligning", None) as advance:
         summary = train(cfg, frame, source=name, on_progress=advance)
     return AlignResult(summary)

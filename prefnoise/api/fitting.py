@@ -61,7 +61,7 @@ def fit_reward(data: Table, out: str | Path | None = None, *, options: FitReward
     writes_as_it_trains = bool(config.save_every or config.resume or config.report_to != "none")
     fit = fit_reward_model(frame, config, source=src.name, run_dir=out if writes_as_it_trains else None,
                            on_start=on_start, on_progress=on_progress, **callbacks)
-    summary = {"out": None if out is None else str(out), "rows": frame.height,
+    summary = {"input": src.name, "output": None if out is None else str(out), "rows": frame.height,
                **{k: v for k, v in fit.metrics.items() if k != "epochs"}}
     if out is not None and fit.is_main:  # other data-parallel processes: the main one writes
         save_reward_model(fit, out, history=[*src.history, entry.to_dict(rows_out=frame.height)])

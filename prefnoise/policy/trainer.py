@@ -85,7 +85,7 @@ def train(cfg: AlignConfig, frame: pl.DataFrame, *, source: str = "data",
     run.check_same("data", run_state["data"], "data", describe_data_change,
                    "use the same data or start over with --overwrite")
     run.start(on_log=on_log)  # from here on files are written: all checks have passed
-    task = PolicyTask(cfg, prepared, run, run_state)
+    task = PolicyTask(cfg, prepared, run, run_state, source)
     task.run_steps(on_progress)
     summary = task.finish(started)
     run.end()
@@ -95,8 +95,9 @@ def train(cfg: AlignConfig, frame: pl.DataFrame, *, source: str = "data",
 class PolicyTask:
     """The policy, its reference log-probs and the shared trainer: what an align run trains."""
 
-    def __init__(self, cfg: AlignConfig, prepared: Prepared, run: Run, run_state: dict[str, Any]) -> None:
-        self.cfg, self.prepared, self.run, self.run_state = cfg, prepared, run, run_state
+    def __init__(self, cfg: AlignConfig, prepared: Prepared, run: Run, run_state: dict[str, Any],
+                 source: str = "data") -> None:
+        self.cfg, self.prepared, self.run, self.run_state, self.source = cfg, prepared, run, run_state, source
         self.plan, self.pairs, accelerator = prepared.plan, prepared.pairs, run.accelerator
         self.accelerator, self.rank, self.processes = accelerator, accelerator.process_index, accelerator.num_processes
         torch.manual_seed(cfg.seed)
@@ -198,7 +199,7 @@ class PolicyTask:
         save_final_model(self.accelerator, self.model, self.prepared.tokenizer, out / MODEL_DIR, cfg,
                          self.prepared.config)
         summary = {
-            "out": str(out), "model": str(out / MODEL_DIR), "loss": cfg.loss, **eps_of(cfg),
+            "input": self.source, "output": str(out), "model": str(out / MODEL_DIR), "loss": cfg.loss, **eps_of(cfg),
             "loss_params": loss_params_of(cfg), "loss_level": loss_level(cfg),
             **{k: v for k, v in asdict(plan).items() if k != "memory_estimate_bytes"},
             "memory_estimate_bytes": plan.memory_estimate_bytes,

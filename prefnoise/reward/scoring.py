@@ -19,7 +19,7 @@ from torch import Tensor
 from prefnoise import columns as C
 from prefnoise.batching import longest_first
 from prefnoise.errors import PrefnoiseError
-from prefnoise.rank import tie_half_accuracy
+from prefnoise.metrics import tie_half_accuracy
 from prefnoise.reward.models import RewardModel
 from prefnoise.reward.validate import check_finite_features
 from prefnoise.training import resolve_device
@@ -157,7 +157,7 @@ def pair_rewards(
 
 def pairwise_accuracy(margin: Tensor, chosen_better: Tensor) -> float:
     """Agreement of the margins' signs with the label, by the project's one rule
-    (:func:`prefnoise.rank.tie_half_accuracy`: a predicted tie counts 1/2)."""
+    (:func:`prefnoise.metrics.tie_half_accuracy`: a predicted tie counts 1/2)."""
     sign = np.where(chosen_better.detach().cpu().numpy(), 1.0, -1.0)
     return tie_half_accuracy(margin.detach().float().cpu().numpy(), sign)
 
