@@ -69,3 +69,36 @@ def test_the_python_api_shows_every_option_in_its_signature():
         shown = inspect.signature(call).parameters
         assert {f.name for f in dataclasses.fields(options)} <= set(shown)
         assert shown["lr"].default == {f.name: f.default for f in dataclasses.fields(options)}["lr"]
+
+
+def imported_modules(package: str) -> dict[str, set[str]]:
+    """Per module of ``package`` (a directory under prefnoise/), every prefnoise module it imports, anywhere."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "prefnoise" / package
+    found = {}
+    for path in sorted(root.glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+        found[path.name] = names
+    return found
+
+
+def test_the_training_layer_imports_no_command_and_options_no_torch():
+    for module, names in imported_modules("training").items():
+        above = {n for n in names if n.startswith(("prefnoise.reward", "prefnoise.policy", "prefnoise.cli",
+                                                   "prefnoise.api"))}
+        assert not above, (module, above)
+    for module, names in imported_modules("options").items():
+        heavy = {n for n in names if n.split(".")[0] in ("torch", "transformers", "accelerate", "polars")}
+        assert not heavy and not {n for n in names if n.startswith(("prefnoise.cli", "prefnoise.training"))}, module
+    for package in ("reward", "policy"):
+        for module, names in imported_modules(package).items():
+            assert not {n for n in names if n.startswith(("prefnoise.cli", "prefnoise.api"))}, (package, module)
+    assert "prefnoise.reward.models" not in imported_modules("reward")["transformer.py"] or \
+        "prefnoise.reward.transformer" not in imported_modules("reward")["models.py"]  # no models <-> external circle
