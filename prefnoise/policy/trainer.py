@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from prefnoise.policy.objective import (
 from prefnoise.policy.plan import Prepared, check_environment, prepare, step_rows
 from prefnoise.policy.reference import reference_of
 from prefnoise.training import CHECKPOINTS_DIR, METRICS_FILE, Trainer
+from prefnoise.training.loop import Cadence, Step, fit
 from prefnoise.training.run import Run, RunSpec
 
 MODEL_DIR = "model"
@@ -86,7 +87,10 @@ def train(cfg: AlignConfig, frame: pl.DataFrame, *, source: str = "data",
                    "use the same data or start over with --overwrite")
     run.start(on_log=on_log)  # from here on files are written: all checks have passed
     task = PolicyTask(cfg, prepared, run, run_state, source)
-    task.run_steps(on_progress)
+    task.on_progress = on_progress
+    if task.start_step == 0:
+        task.evaluate(0)
+    fit(task, run, Cadence(cfg.log_every, cfg.eval_every, cfg.save_every), task.start_step)
     summary = task.finish(started)
     run.end()
     return summary
@@ -117,6 +121,8 @@ class PolicyTask:
         self.pad_id = pad_token_id(prepared.tokenizer)
         self.window_tokens, self.window_start = 0, time.perf_counter()
         self.last_train: dict[str, Any] = {}
+        self.total_steps = self.plan.steps
+        self.on_progress: Callable[[int], None] | None = None
 
     def fail(self, what: str, value: float | None, step: int, after: bool = False):
         """The error of a run that diverged at optimizer step ``step``."""
@@ -147,41 +153,43 @@ class PolicyTask:
         objective = policy_objective(cfg.loss, losses, beta_prime=cfg.beta_prime)
         return objective, losses, (objective.detach(), chosen_rewards, rejected_rewards)
 
-    def run_steps(self, on_progress: Callable[[int], None] | None) -> None:
-        """The optimizer steps from the start (or the checkpoint) to the plan's last, with their records,
-        evaluations and checkpoints."""
-        cfg, steps = self.cfg, self.plan.steps
-        if self.start_step == 0:
-            self.evaluate(0)
-        for step in range(self.start_step, steps):
-            micro_rows, divisors = step_rows(self.prepared.schedule, step, cfg, self.train_idx, self.rank)
-            losses, extras = self.trainer.step(step, micro_rows, self.compute, divisors)
-            done = step + 1
-            logs = done % cfg.log_every == 0 or done == steps
-            evaluates = cfg.eval_every and done % cfg.eval_every == 0 and done != steps
-            saves = cfg.save_every and done % cfg.save_every == 0 and done != steps
-            if logs or evaluates or saves:
-                self.trainer.watch.check(self.model if saves else None)  # before anything is logged or saved
-            if logs:
-                self.log_train(done, step, losses, extras)
-            if evaluates:
-                self.evaluate(done)
-            if saves:
-                self.run.save(done, self.run_state)
-            if on_progress and self.run.main:
-                on_progress(1)
+    def steps(self, start: int) -> Iterator[Step]:
+        """The optimizer steps from ``start``: this process's rows of each micro-batch, and their divisors."""
+        for index in range(start, self.total_steps):
+            rows, divisors = step_rows(self.prepared.schedule, index, self.cfg, self.train_idx, self.rank)
+            yield Step(index, rows, divisors)
 
-    def log_train(self, done: int, step: int, losses: list[torch.Tensor], extras: list[Any]) -> None:
-        """Log the train record of optimizer step ``done`` (1-based), with the tokens per second since the last."""
+    def after_step(self, step: Step, losses: list[torch.Tensor], extras: list[Any]) -> None:
+        """Advance the progress by one step (main process)."""
+        if self.on_progress and self.run.main:
+            self.on_progress(1)
+
+    def train_record(self, done: int, losses: list[torch.Tensor], extras: list[Any]) -> dict[str, Any]:
+        """The train record of optimizer step ``done`` (1-based), with the tokens per second since the last."""
         elapsed = time.perf_counter() - self.window_start
         tokens = int(self.accelerator.reduce(torch.tensor(self.window_tokens, device=self.accelerator.device),
                                              reduction="sum"))
         self.last_train = train_record(
-            done, step, self.plan, self.cfg, self.accelerator, losses, [e[1] for e in extras], [e[2] for e in extras],
-            tokens / max(elapsed, 1e-9), [e[0] for e in extras],
+            done, done - 1, self.plan, self.cfg, self.accelerator, losses, [e[1] for e in extras],
+            [e[2] for e in extras], tokens / max(elapsed, 1e-9), [e[0] for e in extras],
             epoch=self.prepared.schedule.epoch_of(done * self.cfg.grad_accum))
-        self.run.log(self.last_train)
         self.window_tokens, self.window_start = 0, time.perf_counter()
+        return self.last_train
+
+    def epoch_end(self, done: int) -> bool:
+        """align evaluates by ``eval_every``, not at epoch ends."""
+        return False
+
+    def end_epoch(self, done: int) -> bool:
+        """Never called (no epoch ends); nothing stops a run early."""
+        return False
+
+    def state(self) -> dict[str, Any]:
+        """A checkpoint keeps the chat date and the fingerprints of the data and the model."""
+        return self.run_state
+
+    def write_extra(self, directory: Path) -> None:
+        """align's checkpoints need nothing beyond accelerate's state."""
 
     def finish(self, started: float) -> dict[str, Any]:
         """Check the final weights, evaluate, save the model and the summary; return the summary."""

@@ -13,9 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
-import torch
 
 from prefnoise import columns as C
 from prefnoise.atomic import atomic_path
@@ -24,10 +22,11 @@ from prefnoise.heldout import pair_splits, write_training_pairs
 from prefnoise.options.fit_reward import RESUME_FREE, FitRewardConfig, fit_reward_config
 from prefnoise.outputs import output_dir_state
 from prefnoise.reward.models import RewardModel
-from prefnoise.reward.task import Callbacks, EpochState, RewardTask, data_digest, mean_over_ranks
+from prefnoise.reward.task import Callbacks, EpochState, RewardTask, data_digest
 from prefnoise.reward.validate import DROP_REASON, check_finite_features
 from prefnoise.training import CHECKPOINTS_DIR, TRACKER_DIR, learning_rate
 from prefnoise.training import METRICS_FILE as RECORDS_FILE
+from prefnoise.training.loop import Cadence, fit
 from prefnoise.training.run import Run, RunSpec
 
 METRICS_FILE = "metrics.json"
@@ -87,93 +86,32 @@ def fit_reward_model(df: pl.DataFrame, config: FitRewardConfig | None = None, *,
                    "use the same data or start over with --overwrite")
     task = RewardTask(config, df, run, network, callbacks)
     task.make_trainer()
-    state = train_epochs(task, digest)
-    task.finish(state)
-    return FitResult(model=task.model, metrics=fit_metrics(task, state, dropped), is_main=run.main,
+    steps = train_epochs(task, digest)
+    task.finish()
+    return FitResult(model=task.model, metrics=fit_metrics(task, steps, dropped), is_main=run.main,
                      pair_splits=pair_splits(df[C.PAIR_ID], task.train_index, task.val_index),
                      records=run.log.records)
 
 
-def train_epochs(task: RewardTask, digest: str | None) -> EpochState:
-    """Run the epochs of ``task`` (from its checkpoint when resuming); return where training ended."""
+def train_epochs(task: RewardTask, digest: str | None) -> int:
+    """Run ``task``'s epochs in the one training loop (from its checkpoint when resuming); return the
+    optimizer steps done."""
     config, run, callbacks = task.config, task.run, task.callbacks
     run.start()
-    start_step = run.restore()
-    state = EpochState.from_checkpoint(run.saved, run.resume_from)
+    task.start_step = start = run.restore()
+    task.epochs, task.digest = EpochState.from_checkpoint(run.saved, run.resume_from), digest
     run.open_trackers()
     if callbacks.on_start is not None:
         callbacks.on_start(config.epochs * task.per_rank)
-        if start_step and callbacks.on_progress is not None:
-            callbacks.on_progress(min(start_step * config.batch_size * config.grad_accum,
-                                      config.epochs * task.per_rank))
-    task.start_step, task.step = start_step, 0
-    generator = torch.Generator().manual_seed(config.seed)
-    for epoch in range(1, config.epochs + 1):
-        order = task.train_index[torch.randperm(len(task.train_index), generator=generator).numpy()]
-        task.step = (epoch - 1) * task.steps_per_epoch
-        if len(state.history) >= epoch:  # done and validated before the checkpoint: only replay the shuffle
-            task.step = epoch * task.steps_per_epoch
-            continue
-        total, count = train_epoch(task, epoch, order, state, digest)
-        task.trainer.watch.check(task.net)  # the epoch's last updates, or a non-finite gradient, before validation
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": mean_over_ranks(total, count, task.runtime)}
-        task.evaluate(epoch, task.step, row)
-        state.history.append(row)
-        if callbacks.on_epoch is not None:
-            callbacks.on_epoch(row)
-        if early_stop(task, state, row):
-            break
-        if config.save_every and task.step % config.save_every == 0 and task.step != task.total_steps:
-            task.checkpoint(task.step, state, total, count, digest)
-    return state
+        if start and callbacks.on_progress is not None:
+            callbacks.on_progress(min(start * config.batch_size * config.grad_accum, config.epochs * task.per_rank))
+    return fit(task, run, Cadence(config.log_every, save_every=config.save_every), start)
 
 
-def train_epoch(task: RewardTask, epoch: int, order: np.ndarray, state: EpochState, digest: str | None
-                ) -> tuple[float, int]:
-    """The optimizer steps of epoch ``epoch``; return its summed loss and pair count (this process's)."""
-    config, callbacks = task.config, task.callbacks
-    task.net.train()
-    batches = task.epoch_batches(order, epoch)
-    resumed_inside = task.step < task.start_step  # its running loss comes from the checkpoint
-    total, count = (state.epoch_total, state.epoch_count) if resumed_inside else (0.0, 0)
-    epoch_end = epoch * task.steps_per_epoch
-    for first in range(0, len(batches), config.grad_accum):
-        group = batches[first : first + config.grad_accum]
-        if task.step < task.start_step:
-            task.step += 1
-            continue
-        pairs = sum(len(rows) for rows in group)
-        losses, margins = task.trainer.step(task.step, group, task.compute, [pairs / len(rows) for rows in group])
-        task.step += 1
-        step_loss = torch.cat(losses).float()
-        total += float(step_loss.sum())  # the one sync per step
-        count += pairs
-        if callbacks.on_progress is not None:
-            callbacks.on_progress(pairs)
-        if task.step % config.log_every == 0 or task.step == epoch_end:
-            task.trainer.watch.check()  # a non-finite loss or gradient is never logged
-            task.run.log(task.train_record(task.step, step_loss, margins))
-        if config.save_every and task.step % config.save_every == 0 and task.step not in (task.total_steps,
-                                                                                             epoch_end):
-            task.checkpoint(task.step, state, total, count, digest)  # inside the epoch (its end: after validation)
-    return total, count
-
-
-def early_stop(task: RewardTask, state: EpochState, row: dict[str, Any]) -> bool:
-    """Keep the best weights by validation loss; True once ``early_stopping`` epochs brought no better one."""
-    if task.config.early_stopping is None:
-        return False
-    if row["val_loss"] < state.best_loss:
-        state.best_loss, state.best_epoch, state.patience = row["val_loss"], row["epoch"], 0
-        state.best_state = {k: v.detach().clone() for k, v in task.model.module.state_dict().items()}
-        return False
-    state.patience += 1
-    return state.patience >= task.config.early_stopping
-
-
-def fit_metrics(task: RewardTask, state: EpochState, dropped: int) -> dict[str, Any]:
-    """metrics.json of a finished run (also what ``fit-reward --json`` reports)."""
-    config, history, model = task.config, state.history, task.model
+def fit_metrics(task: RewardTask, steps: int, dropped: int) -> dict[str, Any]:
+    """metrics.json of a finished run of ``steps`` optimizer steps (also what ``fit-reward --json`` reports)."""
+    config, state, model = task.config, task.epochs, task.model
+    history = state.history
     final = dict(history[state.best_epoch - 1] if state.best_state is not None else history[-1])
     model.config = {**model.config, "loss": config.loss, "loss_params": config.loss_params,
                     "margin_scale": config.margin_scale}
@@ -188,7 +126,7 @@ def fit_metrics(task: RewardTask, state: EpochState, dropped: int) -> dict[str, 
         "train_pairs": int(len(task.train_index)), "val_pairs": int(len(task.val_index)),
         "dropped": {DROP_REASON: dropped} if dropped else {},
         "truncated_sequences": sum(s["truncated"] for s in getattr(model, "truncation", [])),
-        "device": str(task.runtime.device), "processes": task.runtime.world, "optimizer_steps": task.step,
+        "device": str(task.runtime.device), "processes": task.runtime.world, "optimizer_steps": steps,
         "resumed_from_step": task.start_step if task.run.resume_from is not None else None,
         "settings": settings,
     }

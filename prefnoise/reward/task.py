@@ -41,6 +41,7 @@ from prefnoise.reward.scoring import (
 )
 from prefnoise.reward.transformer import add_lora, merge_lora, new_transformer
 from prefnoise.training import Trainer, nonfinite_name, reshard, split_by_pair_id
+from prefnoise.training.loop import Step
 from prefnoise.training.run import Run
 
 BEST_STATE = "best_state.pt"  # a checkpoint's early-stopping snapshot (torch.save of a state dict)
@@ -233,6 +234,8 @@ class RewardTask:
                                  f"{self.runtime.world} processes")
         self.steps_per_epoch = math.ceil(math.ceil(self.per_rank / config.batch_size) / config.grad_accum)
         self.total_steps = config.epochs * self.steps_per_epoch
+        self.epochs, self.digest = EpochState(history=[]), None
+        self.total, self.count, self.step_loss = 0.0, 0, torch.zeros(0)
 
     def loss_of(self, margin: Tensor) -> Tensor:
         """Per-pair losses at reward margins ``margin`` (scaled by β)."""
@@ -277,17 +280,77 @@ class RewardTask:
             raise RuntimeError(f"epoch {epoch} has {len(batches)} batches, not {self.steps_per_epoch} steps' worth")
         return batches
 
-    def train_record(self, step: int, step_loss: Tensor, margins: list[Tensor]) -> dict[str, Any]:
-        """The metrics record of optimizer step ``step`` (1-based)."""
-        margin = torch.cat(margins).float()
+    def steps(self, start: int) -> Iterator[Step]:
+        """The optimizer steps from ``start``: each epoch's shuffle is drawn (also for epochs done before
+        the checkpoint, to replay the generator), its batches cut and shared between processes."""
+        config, spe = self.config, self.steps_per_epoch
+        generator = torch.Generator().manual_seed(config.seed)
+        for epoch in range(1, config.epochs + 1):
+            order = self.train_index[torch.randperm(len(self.train_index), generator=generator).numpy()]
+            if len(self.epochs.history) >= epoch:  # done and validated before the checkpoint
+                continue
+            self.net.train()
+            batches = self.epoch_batches(order, epoch)
+            first_step = (epoch - 1) * spe
+            resumed_inside = first_step < start  # the epoch's running loss comes from the checkpoint
+            self.total, self.count = (self.epochs.epoch_total, self.epochs.epoch_count) if resumed_inside \
+                else (0.0, 0)
+            for k, first in enumerate(range(0, len(batches), config.grad_accum)):
+                if first_step + k < start:
+                    continue
+                group = batches[first : first + config.grad_accum]
+                pairs = sum(len(rows) for rows in group)
+                yield Step(first_step + k, group, [pairs / len(rows) for rows in group])
+
+    def after_step(self, step: Step, losses: list[Tensor], extras: list[Any]) -> None:
+        """Add the step's losses to the epoch's running loss; advance the progress by its pairs."""
+        self.step_loss = torch.cat(losses).float()
+        pairs = sum(len(rows) for rows in step.micro_batches)
+        self.total += float(self.step_loss.sum())  # the one sync per step
+        self.count += pairs
+        if self.callbacks.on_progress is not None:
+            self.callbacks.on_progress(pairs)
+
+    def train_record(self, done: int, losses: list[Tensor], extras: list[Any]) -> dict[str, Any]:
+        """The metrics record of optimizer step ``done`` (1-based)."""
+        margin = torch.cat(extras).float()
         grad_norm = self.trainer.last_grad_norm
-        return {"split": "train", "step": step, "epoch": round(step / self.steps_per_epoch, 4),
-                "lr": self.trainer.learning_rate(step - 1),
-                "loss": mean_over_ranks(float(step_loss.sum()), len(step_loss), self.runtime),
+        return {"split": "train", "step": done, "epoch": round(done / self.steps_per_epoch, 4),
+                "lr": self.trainer.learning_rate(done - 1),
+                "loss": mean_over_ranks(float(self.step_loss.sum()), len(self.step_loss), self.runtime),
                 "reward_accuracy": pairwise_accuracy(margin, torch.ones(len(margin), dtype=torch.bool)),
                 "margin": float(margin.mean()), **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})}
 
-    def evaluate(self, epoch: int, step: int, row: dict[str, Any]) -> None:
+    def evaluate(self, done: int) -> None:
+        """fit-reward validates at the end of each epoch only (:meth:`end_epoch`)."""
+
+    def epoch_end(self, done: int) -> bool:
+        """Whether step ``done`` is the last of an epoch."""
+        return done % self.steps_per_epoch == 0
+
+    def end_epoch(self, done: int) -> bool:
+        """The epoch's row (train loss, validation), kept in the history; True when early stopping stops."""
+        epoch = done // self.steps_per_epoch
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": mean_over_ranks(self.total, self.count, self.runtime)}
+        self.validate(epoch, done, row)
+        self.epochs.history.append(row)
+        if self.callbacks.on_epoch is not None:
+            self.callbacks.on_epoch(row)
+        return self.early_stop(row)
+
+    def early_stop(self, row: dict[str, Any]) -> bool:
+        """Keep the best weights by validation loss; True once ``early_stopping`` epochs brought no better one."""
+        state = self.epochs
+        if self.config.early_stopping is None:
+            return False
+        if row["val_loss"] < state.best_loss:
+            state.best_loss, state.best_epoch, state.patience = row["val_loss"], row["epoch"], 0
+            state.best_state = {k: v.detach().clone() for k, v in self.model.module.state_dict().items()}
+            return False
+        state.patience += 1
+        return state.patience >= self.config.early_stopping
+
+    def validate(self, epoch: int, step: int, row: dict[str, Any]) -> None:
         """Validate after epoch ``epoch`` into ``row`` (and the log); without validation pairs, check that a
         batch of training rows still gets finite rewards."""
         model, batch = self.model, EVAL_BATCH[self.model.backend]
@@ -309,21 +372,20 @@ class RewardTask:
                       "reward_accuracy": row["val_accuracy"],
                       **({"clean_reward_accuracy": row["val_clean_accuracy"]} if self.clean is not None else {})})
 
-    def checkpoint(self, step: int, state: EpochState, total: float, count: int, digest: str | None) -> None:
-        """A checkpoint at ``step`` (never of diverged weights)."""
-        self.trainer.watch.check(self.net)
+    def state(self) -> dict[str, Any]:
+        """A checkpoint's loop state: the data digest, the history, early stopping, the running loss."""
+        return {"data": self.digest, **self.epochs.to_checkpoint(self.total, self.count)}
 
-        def write_best(directory: Path) -> None:
-            if state.best_state is not None:
-                torch.save(state.best_state, directory / BEST_STATE)
+    def write_extra(self, directory: Path) -> None:
+        """The early-stopping snapshot beside the checkpoint (main process)."""
+        if self.epochs.best_state is not None:
+            torch.save(self.epochs.best_state, directory / BEST_STATE)
 
-        self.run.save(step, {"data": digest, **state.to_checkpoint(total, count)}, write_best)
-
-    def finish(self, state: EpochState) -> None:
+    def finish(self) -> None:
         """The best weights back (early stopping), gathered under FSDP, LoRA merged, eval mode."""
         self.run.accelerator.wait_for_everyone()
-        if state.best_state is not None:
-            self.model.module.load_state_dict(state.best_state)
+        if self.epochs.best_state is not None:
+            self.model.module.load_state_dict(self.epochs.best_state)
         gathered = self.run.gather(self.net, self.unsharded)
         if gathered is not None:
             self.model.module = gathered
