@@ -29,11 +29,13 @@ from prefnoise.errors import PrefnoiseError  # noqa: E402
 _EXPORTS = {
     "prefnoise.api": (
         "as_polars",
+        "compare_losses",
         "corrupt",
         "split",
         "fit_reward",
         "score",
         "rank_check",
+        "ComparisonResult",
         "CorruptResult",
         "SplitResult",
         "FitRewardResult",

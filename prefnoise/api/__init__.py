@@ -19,6 +19,7 @@ file prefnoise did not write); without one nothing is written. Bad input raises
 
 from prefnoise.api.aligning import AlignResult, align
 from prefnoise.api.auditing import AuditResult, audit
+from prefnoise.api.comparing import ComparisonResult, compare_losses
 from prefnoise.api.corrupting import CorruptResult, corrupt
 from prefnoise.api.fitting import FitRewardResult, fit_reward
 from prefnoise.api.rank_checking import RankCheckResult, rank_check
@@ -29,6 +30,7 @@ from prefnoise.api.tables import InputTable, as_polars, table_label
 __all__ = [
     "AlignResult",
     "AuditResult",
+    "ComparisonResult",
     "CorruptResult",
     "FitRewardResult",
     "InputTable",
@@ -38,6 +40,7 @@ __all__ = [
     "align",
     "as_polars",
     "audit",
+    "compare_losses",
     "corrupt",
     "fit_reward",
     "rank_check",

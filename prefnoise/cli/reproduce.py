@@ -22,6 +22,8 @@ from prefnoise.cli.common import (
     progress,
     show_progress,
 )
+from prefnoise.cli.reproduce_data import DataDefaultGroup
+from prefnoise.cli.reproduce_data import register as register_data_command
 from prefnoise.errors import PrefnoiseError
 from prefnoise.experiments import with_overrides
 from prefnoise.outputs import check_output_dir
@@ -29,9 +31,13 @@ from prefnoise.outputs import check_output_dir
 REPRODUCE = "reproduce"
 
 reproduce_app = typer.Typer(
-    help="Re-run the paper's robustness experiments through prefnoise's own pipeline.", no_args_is_help=True
+    help="Which loss survives label noise: on your DATA (`reproduce DATA --out DIR`), or the paper's "
+    "experiments (synthetic, alignment) through prefnoise's own pipeline.",
+    no_args_is_help=True,
+    cls=DataDefaultGroup,
 )
 app.add_typer(reproduce_app, name="reproduce")
+register_data_command(reproduce_app)
 
 OutOption = Annotated[Path, typer.Option("--out", help="Directory for results.parquet, results.md and the figure.")]
 QuickOption = Annotated[
