@@ -16,7 +16,8 @@ from prefnoise.cli import app
 from prefnoise.errors import PrefnoiseError
 from prefnoise.experiments.features import linear_feature_pairs
 from prefnoise.experiments.loss_comparison import CellCache, ComparisonOptions, run_grid, summarize
-from prefnoise.experiments.paired import Estimate, cluster_codes, tie_half_outcomes, two_stage_mean, verdict
+from prefnoise.metrics import tie_half_outcomes
+from prefnoise.metrics.paired import Estimate, cluster_codes, two_stage_mean, verdict
 from prefnoise.options import OptionError
 
 runner = CliRunner()

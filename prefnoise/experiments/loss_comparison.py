@@ -23,13 +23,13 @@ import polars as pl
 from prefnoise import columns as C
 from prefnoise.atomic import atomic_path
 from prefnoise.errors import PrefnoiseError
-from prefnoise.experiments.paired import Estimate, cluster_codes, tie_half_outcomes, two_stage_mean, verdict
 from prefnoise.experiments.synthetic import t_interval_halfwidth
 from prefnoise.heldout import SPLIT_BY, split_table
 from prefnoise.loss_names import MARGIN_LOSS_NAMES, MARGIN_RATE_PARAMS, SYMMETRIC_LOSS_NAMES
+from prefnoise.metrics import kendall_tau_b, spearman_rho, tie_half_outcomes
+from prefnoise.metrics.paired import Estimate, cluster_codes, two_stage_mean, verdict
 from prefnoise.noise import NoiseSpec, corrupt_frame
 from prefnoise.options import OptionError, Options
-from prefnoise.rank import kendall_tau_b, spearman_rho
 
 COMPARISON_NOISE = ("symmetric", "asymmetric", "uniform")
 # fit_cell(noisy train, test, loss, seed) -> the model's rewards on the test rows: shape (n, 2), chosen then rejected

@@ -14,15 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def tie_half_outcomes(margin: np.ndarray, correct_sign: np.ndarray | None = None) -> np.ndarray:
-    """Each pair's outcome by the project's one tie rule: 1 for the right sign, 1/2 for a predicted tie,
-    0 for a reversed pair, NaN where the reference itself ties (``correct_sign`` 0; default +1, the labels)."""
-    margin = np.asarray(margin, dtype=np.float64)
-    sign = np.ones(len(margin)) if correct_sign is None else np.sign(np.asarray(correct_sign, dtype=np.float64))
-    outcome = np.where(np.sign(margin) == sign, 1.0, np.where(margin == 0, 0.5, 0.0))
-    return np.where(sign == 0, np.nan, outcome)
-
-
 @dataclass(frozen=True)
 class Estimate:
     """A mean with its interval; ``pairs`` test pairs per seed (their mean), over ``seeds`` seeds."""
