@@ -255,9 +255,15 @@ def strict_json_value(value: Any) -> Any:
     return value
 
 
+# The version of every --json object's shape (docs/schemas/<command>.json); raise it on a breaking change.
+JSON_SCHEMA_VERSION = 1
+
+
 def emit_json(payload: dict[str, Any], *, to_stderr: bool = False) -> None:
-    """Print ``payload`` as one strict JSON object (NaN/inf as null) on stdout, or stderr when stdout carries data."""
-    text = json.dumps(strict_json_value(payload), default=str, allow_nan=False)
+    """Print ``payload`` as one strict JSON object (NaN/inf as null) with its ``schema_version``, on stdout,
+    or stderr when stdout carries data."""
+    versioned = {"schema_version": JSON_SCHEMA_VERSION, **payload}
+    text = json.dumps(strict_json_value(versioned), default=str, allow_nan=False)
     stream = sys.stderr if to_stderr else sys.stdout
     stream.write(text + "\n")
     stream.flush()

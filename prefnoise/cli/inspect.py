@@ -59,7 +59,7 @@ def inspect_command(
     stats = column_stats(lazy)
     rows = stats and (_rows(lazy) if as_stored else src.rows_read)
     report = {
-        "file": src.name,
+        "input": src.name,
         "format": src.format,
         "rows": rows,
         "invalid_rows": None if as_stored else dict(src.dropped),
@@ -93,7 +93,7 @@ def _print_report(report: dict) -> None:
     console = Console(highlight=False, markup=False, emoji=False)
     invalid = sum((report["invalid_rows"] or {}).values())
     left_out = f"; {_fmt(invalid)} invalid, left out of the statistics" if invalid else ""
-    console.print(f"{_fmt(report['file'])}  ({report['format']}, {_fmt(report['rows'])} rows{left_out})")
+    console.print(f"{_fmt(report['input'])}  ({report['format']}, {_fmt(report['rows'])} rows{left_out})")
     table = Table(title="columns", title_justify="left")
     for header in ("column", "dtype", "nulls", "summary"):
         table.add_column(header, justify="right" if header == "nulls" else "left")
