@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
+from prefnoise.outputs import releases_outputs
 
 # A progress-bar factory: (description, total or None) -> context manager yielding advance(n).
 ProgressBar = Callable[[str, "int | None"], AbstractContextManager[Callable[[int], None]]]
@@ -305,6 +306,7 @@ class CorruptResult:
     summary: dict[str, Any]
 
 
+@releases_outputs
 def corrupt(
     data: Table,
     out: str | Path | None = None,
@@ -394,6 +396,7 @@ class SplitResult:
         return iter((self.train, self.test))
 
 
+@releases_outputs
 def split(
     data: Table,
     train_out: str | Path | None = None,
@@ -467,6 +470,7 @@ class FitRewardResult:
     summary: dict[str, Any]
 
 
+@releases_outputs
 def fit_reward(
     data: Table,
     out: str | Path | None = None,
@@ -640,6 +644,7 @@ def _reward_model(model: Any, cache_dir: str | Path | None) -> tuple[Any, Any, s
     )
 
 
+@releases_outputs
 def score(
     model: Any,
     data: Table,
@@ -768,6 +773,7 @@ def gate_failures(
     ]
 
 
+@releases_outputs
 def rank_check(
     data: Table,
     *,
@@ -862,6 +868,7 @@ class AuditResult:
     summary: dict[str, Any]
 
 
+@releases_outputs
 def audit(
     data: Table,
     out: str | Path | None = None,
@@ -1024,6 +1031,7 @@ class AlignResult:
     dry_run: bool = False
 
 
+@releases_outputs
 def align(
     data: Table,
     *,

@@ -33,6 +33,7 @@ from prefnoise.cli.app import DEBUG_ENV
 from prefnoise.data import ColumnMap, PreferenceSource, open_source
 from prefnoise.errors import PrefnoiseError
 from prefnoise.options import OPTION_RANGES, SEED_MAX, OptionError, check_options  # noqa: F401  (re-exported for the CLI modules)
+from prefnoise.outputs import release_claims
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -187,6 +188,7 @@ def cli_errors(command: F) -> F:
             raise typer.Exit(EXIT_INTERNAL) from None
         finally:
             remove_temporary_files()
+            release_claims()
 
     return wrapper  # type: ignore[return-value]
 
