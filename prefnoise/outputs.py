@@ -334,7 +334,7 @@ def manifest_problems(directory: str | Path, marker: dict[str, Any] | None = Non
     marker = read_marker(directory) if marker is None else marker
     listed = marker.get("files") if marker is not None else None
     if not isinstance(listed, dict):
-        return [f"{MARKER} lists no files (made by hand, or by a prefnoise older than 0.5)"]
+        return [f"{MARKER} lists no files (made by hand, or by an earlier prefnoise version)"]
     live = marker.get("live") is True
     problems = []
     for rel, path in _walk(directory):

@@ -262,7 +262,7 @@ def test_a_hand_made_marker_does_not_get_a_users_files_deleted(tmp_path, sample_
     assert result.returncode == 2
     assert one_line(result.stderr) == (
         f"Error: --out {out}: holds files prefnoise did not write or that changed since: {MARKER} lists no files "
-        "(made by hand, or by a prefnoise older than 0.5); prefnoise will not replace it, give a new directory"
+        "(made by hand, or by an earlier prefnoise version); prefnoise will not replace it, give a new directory"
     )
     assert (out / "data.csv").read_text() == "a,b\n"
 

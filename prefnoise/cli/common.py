@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
@@ -30,10 +31,12 @@ from rich.progress import (
 
 from prefnoise.atomic import remove_temporary_files, user_umask
 from prefnoise.cli.app import DEBUG_ENV
+from prefnoise.cli.streams import check_utf8_names, printable_name
 from prefnoise.data import ColumnMap, PreferenceSource, open_source
 from prefnoise.errors import PrefnoiseError
 from prefnoise.options import OPTION_RANGES, SEED_MAX, OptionError, check_options  # noqa: F401  (re-exported for the CLI modules)
 from prefnoise.outputs import release_claims
+from prefnoise.resources import resource_limit_message
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,7 +77,7 @@ def debug_enabled() -> bool:
 
 def one_line(text: str) -> str:
     """``text`` as a single printable line: newlines and control characters (terminal escapes) shown escaped."""
-    text = " | ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+    text = " | ".join(part.strip() for part in printable_name(str(text)).strip().splitlines() if part.strip())
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
@@ -91,6 +94,9 @@ def fail(message: str, code: int) -> typer.Exit:
 
 def os_error_message(error: OSError) -> str:
     """A one-line description of an OS-level failure (disk full, permission denied, ...) naming the path."""
+    limit = resource_limit_message(error)
+    if limit is not None:
+        return limit
     reason = error.strerror or str(error) or type(error).__name__
     where = error.filename if error.filename is not None else None
     if where is None:
@@ -124,7 +130,7 @@ def signals_as_exceptions() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush cannot fail again (EPIPE, ENOSPC)."""
     with contextlib.suppress(Exception):
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -139,7 +145,7 @@ def flush_stdout() -> None:
     except BrokenPipeError:
         raise
     except OSError as error:
-        _silence_stdout()
+        silence_stdout()
         raise PrefnoiseError(f"cannot write to standard output: {error.strerror or error}") from None
 
 
@@ -158,8 +164,12 @@ def cli_errors(command: F) -> F:
         console.stderr = False  # reports to stdout unless the command's data goes there
         console.quiet = log_console.quiet = quiet_requested()
         try:
-            with signals_as_exceptions():
+            with signals_as_exceptions(), warnings.catch_warnings():
+                if not debug_enabled():  # libraries' warnings (torch, transformers) would break the one-line rule
+                    warnings.filterwarnings("ignore")
+                    warnings.filterwarnings("default", module=r"prefnoise(\.|$)")
                 check_options(kwargs)
+                check_utf8_names(kwargs)
                 result = command(*args, **kwargs)
                 flush_stdout()
                 return result
@@ -170,8 +180,13 @@ def cli_errors(command: F) -> F:
         except PrefnoiseError as error:
             raise fail(error.message, error.exit_code) from None
         except BrokenPipeError:
-            _silence_stdout()
+            silence_stdout()
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        except SystemExit as error:
+            if isinstance(error.__context__, BrokenPipeError):  # rich's consoles exit 1 on a broken pipe
+                silence_stdout()
+                raise typer.Exit(EXIT_BROKEN_PIPE) from None
+            raise
         except OSError as error:
             raise fail(os_error_message(error), EXIT_BAD_INPUT) from None
         except KeyboardInterrupt as error:
@@ -181,6 +196,9 @@ def cli_errors(command: F) -> F:
             typer.echo(f"Terminated ({error}); {getattr(error, 'prefnoise_note', NOTHING_WRITTEN)}", err=True)
             raise typer.Exit(128 + error.signum) from None
         except Exception as error:
+            limit = resource_limit_message(error)  # out of memory, a thread limit, the file-size limit
+            if limit is not None:
+                raise fail(limit, EXIT_BAD_INPUT) from None
             if debug_enabled():
                 traceback.print_exc()
             reason = one_line(f"{type(error).__name__}: {error}")
