@@ -164,6 +164,41 @@ def test_kill_9_mid_write_then_a_rerun_removes_the_dead_runs_temporary_file(tmp_
     assert sorted(p.name for p in out_dir.iterdir()) == ["noisy.parquet"]
 
 
+def test_align_runs_on_one_out_with_and_without_resume_exit_2_while_one_runs(tmp_path, lm_path, sample_path):
+    out = tmp_path / "run"
+    common = ["--model", lm_path, "--out", out, "--max-steps", "1", "--device", "cpu", "-q"]
+    first = start(["align", "-", *common, "--resume"], tmp_path)
+    wait_for(lambda: holds(out), first)
+    env = _env(tmp_path)
+    argv = [sys.executable, "-m", "prefnoise", "align", str(sample_path), *map(str, common)]
+    others = [subprocess.Popen(argv + extra, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for extra in ([], ["--resume"])]
+    for other in others:
+        _, err = other.communicate(timeout=300)
+        assert other.returncode == 2
+        assert one_line(err) == f"Error: --out {out}: in use by another prefnoise run (pid {first.pid})"
+    code, err = stop(first)
+    assert code == 143, err
+    assert not lock_file_of(out).exists()
+
+
+def test_stale_temporaries_of_dead_runs_are_removed_and_unknown_ones_named(tmp_path, capsys):
+    from prefnoise.locks import clean_stale_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / f".out.parquet.tmp-{pid}-abcd1234").write_text("half")
+    (tmp_path / f".out.parquet.tmp-{os.getpid()}-abcd1234").write_text("ours, still running")
+    (tmp_path / ".out.parquet.tmp-k3j4h5g6").write_text("an older run's")
+    (tmp_path / ".other.parquet.tmp-1-abcd1234").write_text("another output's")
+    clean_stale_temporaries(tmp_path / "out.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        ".other.parquet.tmp-1-abcd1234", ".out.parquet.tmp-k3j4h5g6", f".out.parquet.tmp-{os.getpid()}-abcd1234"])
+    err = capsys.readouterr().err
+    assert f"removed 1 temporary file(s) that a killed prefnoise run left beside {tmp_path / 'out.parquet'}" in err
+    assert "lie temporary files of an earlier prefnoise run: .out.parquet.tmp-k3j4h5g6" in err
+
+
 # --------------------------------------------------------------------------- no replacing after the check
 
 def test_a_file_created_at_out_mid_run_is_kept_and_the_result_left_beside_it(tmp_path, big_pairs):

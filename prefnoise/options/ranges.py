@@ -32,7 +32,7 @@ OPTION_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "tau": (0, False, 1e6, True),  # a loss scale; larger overflows float32
     "alpha": (0, False, 1e6, True),  # a loss scale; larger overflows float32
     "beta_prime": (0, False, 1e6, True),  # a loss scale; larger overflows float32
-    "lr": (0, False, 100, True),  # no optimiser converges above 100; 1e300 overflowed
+    "lr": (0, False, 1e30, True),  # float32 ends at 3.4e38: 1e300 overflowed before training (1e30 diverges, reported)
     "weight_decay": (0, True, 1e3, True),  # AdamW decays by lr*wd per step; 1e3 is far past useful
     "margin_scale": (0, False, 1e6, True),  # multiplies margins; larger overflows float32
     "warmup_steps": (0, True, 10**9, True),  # as max_steps
@@ -73,6 +73,49 @@ OPTION_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "warmup": (0, True, 1, False),  # fit-reward: a share of the steps
     "pairs": (40, True, 10**8, True),  # generated pairs held in memory
 }
+
+
+# Options whose upper bound above is a cap on absurd values, not part of their meaning: an error names
+# only the side that was crossed ("--epochs must be >= 1", "--epochs must be <= 1000000").
+CAPPED = frozenset({
+    "temperature",
+    "beta",
+    "clip",
+    "tau",
+    "alpha",
+    "beta_prime",
+    "lr",
+    "weight_decay",
+    "margin_scale",
+    "warmup_steps",
+    "max_grad_norm",
+    "batch_size",
+    "grad_accum",
+    "max_tokens_per_batch",
+    "epochs",
+    "max_steps",
+    "max_length",
+    "max_prompt_length",
+    "lora_r",
+    "lora_alpha",
+    "eval_every",
+    "save_every",
+    "log_every",
+    "folds",
+    "refits",
+    "hidden",
+    "layers",
+    "output_clip",
+    "bootstrap",
+    "show_suspects",
+    "show_worst",
+    "memory_responses",
+    "early_stopping",
+    "seeds",
+    "train_pairs",
+    "test_pairs",
+    "pairs",
+})
 
 
 def flag_of(option: str) -> str:
@@ -121,6 +164,9 @@ def check_option(name: str, value: Any) -> None:
     low, low_in, high, high_in = rule
     below = low is not None and (value < low if low_in else value <= low)
     above = high is not None and (value > high if high_in else value >= high)
+    if (below or above) and name in CAPPED:
+        side = describe_range(low, low_in, None, False) if below else f"{'<=' if high_in else '<'} {_number(high)}"
+        raise OptionError(name, f"must be {side}, got {_number(value)}")
     if below or above:
         raise OptionError(name, f"must be {describe_range(*rule)}, got {_number(value)}")
 
