@@ -170,6 +170,7 @@ def align_command(
 ) -> None:
     """Fine-tune a causal LM on preference pairs with SymPO (default) or a DPO-family loss."""
     from prefnoise import api
+    from prefnoise.api.aligning import is_main_process
 
     result = api.align(
         source, model=model, out=out, dry_run=dry_run, overwrite=overwrite, prompt_col=prompt_col,
@@ -191,9 +192,9 @@ def align_command(
         if json_output:
             emit_json(summary)
         else:
-            _print_plan({k: v for k, v in summary.items() if k != "dry_run"})
+            _print_plan({k: v for k, v in summary.items() if k not in ("dry_run", "input")})
         return
-    if not api.is_main_process():
+    if not is_main_process():
         return
     if json_output:
         emit_json(summary)

@@ -1,0 +1,47 @@
+"""The Python API: one call per subcommand, with the CLI's option names; the CLI is a thin layer over it.
+
+    import prefnoise as pn
+
+    noisy = pn.corrupt(df, rate=0.2, seed=0).table          # df: polars, pandas, pyarrow, datasets.Dataset or a path
+    train, test = pn.split(noisy, test_fraction=0.2)
+    fit = pn.fit_reward(train, loss="ramp")                  # .model, .summary
+    scored = pn.score(fit, test).table
+    report = pn.rank_check(scored)                            # .report, .summary (= `rank-check --json`), .passed
+
+Every function takes a table in any of the accepted forms (see :func:`as_polars`) and the input options
+``prompt_col``, ``chosen_col``, ``rejected_col``, ``layout`` and ``drop_invalid`` (plus any further input
+option of the CLI, such as ``--chosen-score-col``, by its parameter name). Each returns a small result
+object whose ``summary`` is the object the subcommand prints with ``--json``. Passing an output path
+(``out``, ``train_out``/``test_out``) writes it as the CLI does (atomically, with provenance, never over a
+file prefnoise did not write); without one nothing is written. Bad input raises
+:class:`prefnoise.errors.PrefnoiseError` with the one-line message the CLI prints.
+"""
+
+from prefnoise.api.aligning import AlignResult, align
+from prefnoise.api.auditing import AuditResult, audit
+from prefnoise.api.corrupting import CorruptResult, corrupt
+from prefnoise.api.fitting import FitRewardResult, fit_reward
+from prefnoise.api.rank_checking import RankCheckResult, rank_check
+from prefnoise.api.scoring import ScoreResult, score
+from prefnoise.api.splitting import SplitResult, split
+from prefnoise.api.tables import InputTable, as_polars, table_label
+
+__all__ = [
+    "AlignResult",
+    "AuditResult",
+    "CorruptResult",
+    "FitRewardResult",
+    "InputTable",
+    "RankCheckResult",
+    "ScoreResult",
+    "SplitResult",
+    "align",
+    "as_polars",
+    "audit",
+    "corrupt",
+    "fit_reward",
+    "rank_check",
+    "score",
+    "split",
+    "table_label",
+]

@@ -1,0 +1,139 @@
+"""pn.align: preference-optimise a causal LM (the `align` command)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefnoise import columns as C
+from prefnoise.api.tables import (
+    NOTHING_WRITTEN,
+    ProgressBar,
+    Table,
+    check_api_options,
+    gather_input_options,
+    input_table,
+    no_bar,
+    path_of,
+    split_options,
+)
+from prefnoise.errors import PrefnoiseError
+from prefnoise.outputs import releases_outputs
+
+
+@dataclass
+class AlignResult:
+    """``pn.align``'s result: the summary (``align --json``'s object; the plan with ``dry_run``)."""
+
+    summary: dict[str, Any]
+    dry_run: bool = False
+
+
+@releases_outputs
+def align(
+    data: Table,
+    *,
+    model: str,
+    out: str | Path | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    prompt_col: str = C.PROMPT,
+    chosen_col: str = C.CHOSEN,
+    rejected_col: str = C.REJECTED,
+    layout: str = "auto",
+    drop_invalid: bool = False,
+    progress_bar: ProgressBar | None = None,
+    **options: Any,
+) -> AlignResult:
+    """``prefnoise align``: fine-tune the local causal LM ``model`` with SymPO (default) or a DPO-family loss.
+
+    Every training option of the CLI is a keyword with its parameter name (``loss``, ``beta``, ``clip``
+    (0 turns it off), ``lr``, ``epochs``, ``max_steps``, ``lora_r``, ``seed`` ...: the fields of
+    :class:`prefnoise.align.AlignConfig`). ``out`` is required unless ``dry_run`` (which returns the plan).
+    A run that fails or is interrupted removes what it wrote into a new ``out`` unless it left checkpoints.
+    """
+    from prefnoise.align import AlignConfig, check_config, prepare, train
+    from prefnoise.outputs import check_output_dir, check_output_file
+
+    input_options, options = split_options(options, others="AlignConfig")
+    check_api_options(options)
+    known = {f.name for f in dataclasses.fields(AlignConfig)} - {"model", "out"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise PrefnoiseError(f"align: unknown option {unknown[0]!r}; options are: {', '.join(sorted(known))}")
+    if "clip" in options:
+        options["clip"] = options["clip"] or None  # the CLI's 0 turns the clip off
+    cfg = AlignConfig(model=str(model), out=str(out or ""), **options)
+    check_config(cfg)  # a missing cdpo/rdpo rate or a bad option fails before anything is read
+    if not out and not dry_run:
+        raise PrefnoiseError("--out DIR is required (or use --dry-run to only print the plan)")
+    if cfg.resume and overwrite:
+        raise PrefnoiseError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    source = path_of(data)
+    if cfg.ref_cache is not None:
+        check_output_file(cfg.ref_cache, inputs=[source, model], overwrite=True, flag="--ref-cache")
+    state = None
+    if out and not dry_run:
+        state = check_output_dir(out, command="align", inputs=[source, model], overwrite=overwrite, resume=cfg.resume)
+    src = input_table(
+        data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
+    )
+    frame = src.collect()
+    name = source if source is not None else src.name
+    if dry_run:
+        plan = dataclasses.asdict(prepare(cfg, frame, source=name).plan)
+        return AlignResult({"dry_run": True, "input": name, **plan}, True)
+    before = _listing(Path(out))
+    try:
+        with (progress_bar or no_bar)("aligning", None) as advance:
+            summary = train(cfg, frame, source=name, on_progress=advance)
+    except BaseException as error:
+        if is_main_process():
+            interrupted = isinstance(error, KeyboardInterrupt) or type(error).__name__ == "Terminated"
+            untouched = state is None or _listing(Path(out)) == before
+            note = NOTHING_WRITTEN if untouched else clean_up_failed_run(Path(out), state=state, resumable=interrupted)
+            if interrupted:
+                error.prefnoise_note = note  # type: ignore[union-attr]
+            elif isinstance(error, PrefnoiseError) and not untouched:
+                error.message = f"{error.message}; {note}"
+        raise
+    return AlignResult(summary)
+
+
+def _listing(out: Path) -> dict[str, int] | None:
+    """Every entry below ``out`` with its modification time (ns): to tell whether a run touched ``out``."""
+    if not out.exists():
+        return None
+    return {str(p.relative_to(out)): p.lstat().st_mtime_ns for p in out.rglob("*")}
+
+
+def clean_up_failed_run(out: Path, *, state: str | None, resumable: bool = True) -> str:
+    """After an interrupted or failed run: if this run created ``out`` (``state`` 'missing' or 'empty'
+    before it started) and left no checkpoint, remove what it wrote; say what became of ``out``.
+    ``resumable``: the run stopped from outside (a signal), so continuing it makes sense."""
+    from prefnoise.align import CHECKPOINTS_DIR, latest_checkpoint
+
+    if latest_checkpoint(out / CHECKPOINTS_DIR) is not None:
+        hint = "continue with --resume" if resumable else "start over with --overwrite and other options"
+        return f"checkpoints in {out} were kept; {hint}"
+    if state in ("missing", "empty"):
+        if out.is_dir():
+            for entry in out.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            if state == "missing":
+                out.rmdir()
+        return NOTHING_WRITTEN
+    return f"{out} holds only what earlier runs wrote and this run's partial metrics"
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process of a data-parallel run (always True for a single process)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

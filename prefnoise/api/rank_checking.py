@@ -1,0 +1,127 @@
+"""pn.rank_check: does a learned reward rank responses like the true one (the `rank-check` command)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from prefnoise import columns as C
+from prefnoise.api.scoring import score
+from prefnoise.api.tables import (
+    ProgressBar,
+    Table,
+    _is_path,
+    check_api_options,
+    no_bar,
+    path_of,
+    raw_lazy,
+    split_options,
+    table_label,
+)
+from prefnoise.errors import PrefnoiseError
+from prefnoise.metrics.gates import failed_gate_lines, gate_results
+from prefnoise.outputs import releases_outputs
+
+
+@dataclass
+class RankCheckResult:
+    """``pn.rank_check``'s result: the :class:`prefnoise.metrics.RankReport`, the summary (``rank-check
+    --json``'s object, with ``gates``: one ``{metric, op, threshold, value, passed}`` per gate set), and
+    whether every gate passed."""
+
+    report: Any
+    summary: dict[str, Any]
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per failed gate, for a person (``summary["gates"]`` holds them as data)."""
+        return failed_gate_lines(self.summary["gates"])
+
+    @property
+    def passed(self) -> bool:
+        """True when no gate failed (the CLI exits 1 otherwise)."""
+        return not self.failures
+
+
+@releases_outputs
+def rank_check(
+    data: Table,
+    *,
+    pred: str = C.REWARD,
+    true: str | None = None,
+    long: bool = False,
+    group_by: list[str] | tuple[str, ...] | str | None = None,
+    bootstrap: int = 1000,
+    show_worst: int = 0,
+    plot: str | Path | None = None,
+    min_agreement: float | None = None,
+    min_kendall: float | None = None,
+    min_preservation: float | None = None,
+    memory_responses: int | None = None,
+    temp_dir: str | Path | None = None,
+    overwrite: bool = False,
+    seed: int = C.DEFAULT_SEED,
+    model: Any = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    chosen_score_col: str | None = None,
+    rejected_score_col: str | None = None,
+    split: str | None = None,
+    config: str | None = None,
+    progress_bar: ProgressBar | None = None,
+    **input_options: Any,
+) -> RankCheckResult:
+    """``prefnoise rank-check``: pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho
+    of a predicted reward against the true one (or the labels), overall and per ``flipped``/``group_by``.
+
+    ``data``: a scored pair table (``chosen_<pred>``/``rejected_<pred>``) or, with ``long``, a long table.
+    ``chosen_score_col``/``rejected_score_col`` map the true reward (columns or dotted paths). ``model``
+    (optional): score ``data`` with this reward model first (see :func:`score`; the other input options,
+    e.g. ``prompt_col``, then apply). The ``min_*`` gates fail into ``result.failures``; ``plot`` writes a PNG.
+    """
+    from prefnoise.metrics import DEFAULT_MEMORY_RESPONSES, rank_report
+    from prefnoise.outputs import check_output_file
+
+    check_api_options(locals())
+    check_output_file(plot, inputs=[path_of(data)], overwrite=overwrite, flag="--plot", suffix=".png")
+    label = str(data) if _is_path(data) else table_label(data)  # as given (the CLI's JSON keeps '-')
+    if model is not None:
+        if long:
+            raise PrefnoiseError("--model scores a pair table; it does not apply with --long")
+        scored = score(model, data, device=device, batch_size=batch_size, chosen_score_col=chosen_score_col,
+                       rejected_score_col=rejected_score_col, split=split, config=config, **input_options)
+        lazy = scored.table.lazy()
+    else:
+        split_options(input_options)  # only input options are accepted
+        if any(v not in (None, False, C.PROMPT, C.CHOSEN, C.REJECTED, "auto") for v in input_options.values()):
+            raise PrefnoiseError("the column and layout options apply with --model only (rank-check reads DATA as is)")
+        # a file: resolves "-" (spooled stdin), existence, format and hub ids; adds the mapped true scores
+        lazy = raw_lazy(data, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col,
+                         split=split, config=config)
+    splits = [group_by] if isinstance(group_by, str) else list(group_by or [])
+    with (progress_bar or no_bar)("rank-check %", 100) as advance:
+        report = rank_report(
+            lazy, pred=pred, true=true, group_by=splits, n_boot=bootstrap, seed=seed, worst=show_worst,
+            layout="long" if long else "auto",
+            memory_responses=DEFAULT_MEMORY_RESPONSES if memory_responses is None else memory_responses,
+            temp_dir=temp_dir, on_progress=advance,
+        )
+    gates = gate_results(report.overall, min_agreement, min_kendall, min_preservation)
+    if plot is not None:
+        _rank_plot(lazy, report, Path(plot), seed)
+    return RankCheckResult(report, {"input": label, **report.to_dict(), "gates": gates})
+
+
+def _rank_plot(lazy: pl.LazyFrame, report: Any, out: Path, seed: int) -> None:
+    from prefnoise.metrics import figure_frames
+    from prefnoise.plots import rank_check_figure
+
+    points, pairs = figure_frames(lazy, pred=report.pred, true=report.true or C.SCORE, layout=report.layout)
+    x, y = ("true", "pred") if "true" in points.columns else ("rejected", "chosen")
+    rank_check_figure(
+        points[x].to_numpy(), points[y].to_numpy(), pairs["true_margin"].to_numpy(), pairs["outcome"].to_numpy(),
+        agreement=report.overall.agreement.value, out=out, seed=seed, labels=(f"{x} reward", f"{y} reward"),
+    )
