@@ -21,6 +21,7 @@ from prefnoise.api.tables import (
     path_of,
 )
 from prefnoise.errors import PrefnoiseError
+from prefnoise.outputs import releases_outputs
 
 
 @dataclass
@@ -34,6 +35,7 @@ class AuditResult:
     summary: dict[str, Any]
 
 
+@releases_outputs
 def audit(
     data: Table,
     out: str | Path | None = None,

@@ -22,6 +22,7 @@ from prefnoise.api.tables import (
     path_of,
 )
 from prefnoise.errors import PrefnoiseError
+from prefnoise.outputs import releases_outputs
 
 
 @dataclass
@@ -32,6 +33,7 @@ class CorruptResult:
     summary: dict[str, Any]
 
 
+@releases_outputs
 def corrupt(
     data: Table,
     out: str | Path | None = None,

@@ -23,6 +23,7 @@ from prefnoise.api.tables import (
 )
 from prefnoise.errors import PrefnoiseError
 from prefnoise.metrics.gates import failed_gate_lines, gate_results
+from prefnoise.outputs import releases_outputs
 
 
 @dataclass
@@ -45,6 +46,7 @@ class RankCheckResult:
         return not self.failures
 
 
+@releases_outputs
 def rank_check(
     data: Table,
     *,

@@ -26,6 +26,7 @@ from prefnoise.api.tables import (
     table_label,
 )
 from prefnoise.errors import PrefnoiseError
+from prefnoise.outputs import releases_outputs
 
 
 @dataclass
@@ -58,6 +59,7 @@ def _reward_model(model: Any, cache_dir: str | Path | None) -> tuple[Any, Any, s
     )
 
 
+@releases_outputs
 def score(
     model: Any,
     data: Table,

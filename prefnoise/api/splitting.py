@@ -20,6 +20,7 @@ from prefnoise.api.tables import (
     path_of,
 )
 from prefnoise.errors import PrefnoiseError
+from prefnoise.outputs import releases_outputs
 
 
 @dataclass
@@ -34,6 +35,7 @@ class SplitResult:
         return iter((self.train, self.test))
 
 
+@releases_outputs
 def split(
     data: Table,
     train_out: str | Path | None = None,

@@ -31,8 +31,11 @@ from rich.progress import (
 
 from prefnoise.atomic import remove_temporary_files, user_umask
 from prefnoise.cli.app import DEBUG_ENV
+from prefnoise.cli.streams import check_utf8_names, printable_name
 from prefnoise.errors import PrefnoiseError, PrefnoiseWarning
 from prefnoise.options import OPTION_RANGES, SEED_MAX, OptionError, check_options  # noqa: F401  (re-exported for the CLI modules)
+from prefnoise.outputs import release_claims
+from prefnoise.resources import resource_limit_message
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,7 +76,7 @@ def debug_enabled() -> bool:
 
 def one_line(text: str) -> str:
     """``text`` as a single printable line: newlines and control characters (terminal escapes) shown escaped."""
-    text = " | ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+    text = " | ".join(part.strip() for part in printable_name(str(text)).strip().splitlines() if part.strip())
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
@@ -90,6 +93,9 @@ def fail(message: str, code: int) -> typer.Exit:
 
 def os_error_message(error: OSError) -> str:
     """A one-line description of an OS-level failure (disk full, permission denied, ...) naming the path."""
+    limit = resource_limit_message(error)
+    if limit is not None:
+        return limit
     reason = error.strerror or str(error) or type(error).__name__
     where = error.filename if error.filename is not None else None
     if where is None:
@@ -123,7 +129,7 @@ def signals_as_exceptions() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush cannot fail again (EPIPE, ENOSPC)."""
     with contextlib.suppress(Exception):
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -138,7 +144,7 @@ def flush_stdout() -> None:
     except BrokenPipeError:
         raise
     except OSError as error:
-        _silence_stdout()
+        silence_stdout()
         raise PrefnoiseError(f"cannot write to standard output: {error.strerror or error}") from None
 
 
@@ -159,6 +165,7 @@ def cli_errors(command: F) -> F:
         try:
             with signals_as_exceptions(), prefnoise_warnings_on_stderr():
                 check_options(kwargs)
+                check_utf8_names(kwargs)
                 result = command(*args, **kwargs)
                 flush_stdout()
                 return result
@@ -169,8 +176,13 @@ def cli_errors(command: F) -> F:
         except PrefnoiseError as error:
             raise fail(error.message, error.exit_code) from None
         except BrokenPipeError:
-            _silence_stdout()
+            silence_stdout()
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        except SystemExit as error:
+            if isinstance(error.__context__, BrokenPipeError):  # rich's consoles exit 1 on a broken pipe
+                silence_stdout()
+                raise typer.Exit(EXIT_BROKEN_PIPE) from None
+            raise
         except OSError as error:
             raise fail(os_error_message(error), EXIT_BAD_INPUT) from None
         except KeyboardInterrupt as error:
@@ -180,6 +192,9 @@ def cli_errors(command: F) -> F:
             typer.echo(f"Terminated ({error}); {getattr(error, 'prefnoise_note', NOTHING_WRITTEN)}", err=True)
             raise typer.Exit(128 + error.signum) from None
         except Exception as error:
+            limit = resource_limit_message(error)  # out of memory, a thread limit, the file-size limit
+            if limit is not None:
+                raise fail(limit, EXIT_BAD_INPUT) from None
             if debug_enabled():
                 traceback.print_exc()
             reason = one_line(f"{type(error).__name__}: {error}")
@@ -187,6 +202,7 @@ def cli_errors(command: F) -> F:
             raise typer.Exit(EXIT_INTERNAL) from None
         finally:
             remove_temporary_files()
+            release_claims()
 
     return wrapper  # type: ignore[return-value]
 
@@ -197,8 +213,11 @@ NOTHING_WRITTEN = "no output was written."
 @contextlib.contextmanager
 def prefnoise_warnings_on_stderr() -> Iterator[None]:
     """Print every :class:`PrefnoiseWarning` raised in the block as one ``Warning: ...`` line on stderr
-    (each time it is raised); other warnings are shown as Python shows them."""
+    (each time it is raised); other warnings (torch, transformers) only under ``--debug``, as Python
+    shows them: they would break the one-line rule of errors."""
     with warnings.catch_warnings():
+        if not debug_enabled():
+            warnings.simplefilter("ignore")
         warnings.simplefilter("always", PrefnoiseWarning)
         show = warnings.showwarning
 
