@@ -25,6 +25,7 @@ from prefnoise.cli.common import (
     emit_json,
     one_line,
     open_input,
+    quiet_requested,
 )
 from prefnoise.describe import column_stats
 
@@ -90,7 +91,7 @@ def _fmt(value: object) -> str:
 
 def _print_report(report: dict) -> None:
     # markup=False: column names and metadata are data, never rich markup or terminal control
-    console = Console(highlight=False, markup=False, emoji=False)
+    console = Console(highlight=False, markup=False, emoji=False, quiet=quiet_requested())
     console.print(f"{_fmt(report['file'])}  ({report['format']}, {_fmt(report['rows'])} rows)")
     table = Table(title="columns", title_justify="left")
     for header in ("column", "dtype", "nulls", "summary"):
