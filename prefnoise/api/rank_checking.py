@@ -61,30 +61,24 @@ def gate_failures(
 
 
 def rank_check(
-    data: Table,
-    options: RankCheckOptions | None = None,
-    *,
+    data: Table, options: RankCheckOptions | None = None, *,
     pred: str = C.REWARD, true: str | None = None, long: bool = False,
     group_by: list[str] | tuple[str, ...] | str | None = None, bootstrap: int = 1000, show_worst: int = 0,
     min_agreement: float | None = None, min_kendall: float | None = None, min_preservation: float | None = None,
     memory_responses: int | None = None, temp_dir: str | Path | None = None, seed: int = C.DEFAULT_SEED,
     model: Any = None, device: str = "auto", batch_size: int | None = None,
-    plot: str | Path | None = None,
-    overwrite: bool = False,
-    drop_invalid: bool = False,
-    chosen_score_col: str | None = None, rejected_score_col: str | None = None,
-    split: str | None = None, config: str | None = None,
+    plot: str | Path | None = None, overwrite: bool = False, drop_invalid: bool = False,
+    chosen_score_col: str | None = None, rejected_score_col: str | None = None, split: str | None = None,
+    config: str | None = None,
     progress_bar: ProgressBar | None = None,
     **input_options: Any,
 ) -> RankCheckResult:
-    """``prefnoise rank-check``: pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho
-    of a predicted reward against the true one (or the labels), overall and per ``flipped``/``group_by``.
-
+    """``prefnoise rank-check``: pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho of a
+    predicted reward against the true one (or the labels), overall and per ``flipped``/``group_by``.
     ``data``: a scored pair table (``chosen_<pred>``/``rejected_<pred>``) or, with ``long``, a long table.
-    The options are :class:`prefnoise.options.RankCheckOptions`'s. ``chosen_score_col``/``rejected_score_col``
-    map the true reward (columns or dotted paths). With ``model``, ``data`` is scored first (see
-    :func:`score`; the other input options, e.g. ``prompt_col`` or ``drop_invalid``, then apply). The
-    ``min_*`` gates fail into ``result.failures``; ``plot`` writes a PNG.
+    Options: :class:`prefnoise.options.RankCheckOptions`. ``chosen_score_col``/``rejected_score_col`` map the
+    true reward. With ``model``, ``data`` is scored first (:func:`score`; input options such as ``prompt_col``
+    or ``drop_invalid`` then apply). Failed ``min_*`` gates go to ``result.failures``; ``plot`` writes a PNG.
     """
     from prefnoise.outputs import check_output_file
     from prefnoise.rank import DEFAULT_MEMORY_RESPONSES, rank_report
@@ -92,9 +86,9 @@ def rank_check(
     options = build_options(RankCheckOptions, options, locals())
     check_output_file(plot, inputs=[path_of(data)], overwrite=overwrite, flag="--plot", suffix=".png")
     label = str(data) if _is_path(data) else table_label(data)  # as given (the CLI's JSON keeps '-')
-    true_scores = {"chosen_score_col": chosen_score_col, "rejected_score_col": rejected_score_col}
-    inputs = {**input_options, "drop_invalid": drop_invalid} if drop_invalid else input_options
-    lazy = _rewards(data, options, {**true_scores, "split": split, "config": config}, inputs)
+    sources = {"chosen_score_col": chosen_score_col, "rejected_score_col": rejected_score_col, "split": split,
+               "config": config}
+    lazy = _rewards(data, options, sources, {**input_options, **({"drop_invalid": True} if drop_invalid else {})})
     memory = DEFAULT_MEMORY_RESPONSES if options.memory_responses is None else options.memory_responses
     with (progress_bar or no_bar)("rank-check %", 100) as advance:
         report = rank_report(

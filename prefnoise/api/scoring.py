@@ -75,11 +75,10 @@ def score(
 ) -> ScoreResult:
     """``prefnoise score``: add ``chosen_reward``/``rejected_reward`` (``reward`` with ``responses``).
 
-    ``model``: a directory written by ``fit-reward``, a plain sequence-classification model directory or
-    hub id (num_labels=1, as TRL's RewardTrainer saves it), or what :func:`fit_reward` returned. The options
-    are :class:`prefnoise.options.ScoreOptions`'s. Rows the model trained or validated on are marked
-    (``in_training``/``in_validation``). ``summary`` is ``score --json``'s object (agreement with the
-    labels, held out where known).
+    ``model``: a directory written by ``fit-reward``, a sequence-classification model directory or hub id
+    (num_labels=1, as TRL's RewardTrainer saves it), or what :func:`fit_reward` returned. Options:
+    :class:`prefnoise.options.ScoreOptions`. Rows the model trained or validated on are marked
+    (``in_training``/``in_validation``); ``summary`` is ``score --json``'s (agreement, held out where known).
     """
     from prefnoise.data import write_table
     from prefnoise.heldout import agreement_summary, mark_seen
@@ -98,8 +97,7 @@ def score(
         scored = mark_seen(scored, splits)  # in_training / in_validation travel on to rank-check --group-by
     rows = write_table(scored, out, entry=entry, history=history, overwrite=overwrite) if out else scored.height
     summary = _summary(reward_model, scored, model_name, rows, out, options.responses, time.perf_counter() - started)
-    if not options.responses:
-        summary.update(agreement_summary(scored))
+    summary.update({} if options.responses else agreement_summary(scored))
     return _with_truncation(ScoreResult(scored, reward_model, summary))
 
 

@@ -41,9 +41,8 @@ def split(
 ) -> SplitResult:
     """``prefnoise split``: a deterministic held-out split, prompt-disjoint (``by="prompt"``) or by pair.
 
-    The options are :class:`prefnoise.options.SplitOptions`'s (``options`` or its fields as keywords).
-    With ``train_out`` and ``test_out`` both sides are written with provenance; ``summary`` is ``split
-    --json``'s object. Input options (``prompt_col``, ..., ``split``, ``config``) as the CLI's.
+    Options: :class:`prefnoise.options.SplitOptions` (``options`` or its fields as keywords). With
+    ``train_out`` and ``test_out`` both sides are written with provenance; ``summary`` is ``split --json``'s.
     """
     from prefnoise.heldout import split_table
 

@@ -234,6 +234,16 @@ def progress(description: str, total: int | None, *, enabled: bool) -> Iterator[
 
 OptionsT = TypeVar("OptionsT", bound=Options)
 
+# Command path ("corrupt", "reproduce synthetic") -> the options class its flags build. Every field of the
+# class is a flag of the same name and every flag a field, but for the CLI's own (tests/test_options_front.py).
+COMMAND_OPTIONS: dict[str, type[Options]] = {}
+
+
+def register_options(command: str, cls: type[OptionsT]) -> type[OptionsT]:
+    """Record that ``command``'s flags build ``cls`` (checked by the flag/field parity test); return ``cls``."""
+    COMMAND_OPTIONS[command] = cls
+    return cls
+
 
 def options_from(cls: type[OptionsT], values: dict[str, Any]) -> OptionsT:
     """``cls`` built from a command's parameters (``locals()``): every field has a flag of the same name."""

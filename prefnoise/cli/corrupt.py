@@ -31,6 +31,7 @@ from prefnoise.cli.common import (
     input_options,
     options_from,
     progress,
+    register_options,
     reports_to_stderr,
     show_progress,
 )
@@ -54,6 +55,9 @@ ExactOption = Annotated[
     bool, typer.Option("--exact", help="Flip exactly round(rate·n) pairs (per group) instead of independent draws.")
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="Allow rates that leave the labels without signal.")]
+
+
+register_options("corrupt", CorruptOptions)
 
 
 @app.command("corrupt")

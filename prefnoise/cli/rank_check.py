@@ -28,6 +28,7 @@ from prefnoise.cli.common import (
     options_from,
     progress,
     quiet_requested,
+    register_options,
     safe,
     show_progress,
 )
@@ -88,6 +89,9 @@ ScoringDropInvalidOption = Annotated[
         rich_help_panel="Scoring",
     ),
 ]
+
+
+register_options("rank-check", RankCheckOptions)
 
 
 @app.command("rank-check")

@@ -21,6 +21,7 @@ from prefnoise.cli.common import (
     emit_json,
     options_from,
     progress,
+    register_options,
     show_progress,
 )
 from prefnoise.options import ReproduceAlignmentOptions, ReproduceSyntheticOptions
@@ -31,6 +32,8 @@ reproduce_app = typer.Typer(
     context_settings=CONTEXT_SETTINGS,
 )
 app.add_typer(reproduce_app, name="reproduce")
+register_options("reproduce synthetic", ReproduceSyntheticOptions)
+register_options("reproduce alignment", ReproduceAlignmentOptions)
 
 OutOption = Annotated[Path, typer.Option("--out", help="Directory for results.parquet, results.md and the figure.")]
 QuickOption = Annotated[

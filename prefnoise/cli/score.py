@@ -32,6 +32,7 @@ from prefnoise.cli.common import (
     input_options,
     options_from,
     progress,
+    register_options,
     reports_to_stderr,
     show_progress,
 )
@@ -50,6 +51,9 @@ def read_long_table(source: str) -> pl.DataFrame:
 ResponsesOption = Annotated[
     bool, typer.Option("--responses", help="DATA is a long table of (prompt, response) rows; add `reward`.")
 ]
+
+
+register_options("score", ScoreOptions)
 
 
 @app.command("score")

@@ -27,11 +27,15 @@ from prefnoise.cli.common import (
     emit_json,
     input_options,
     options_from,
+    register_options,
     reports_to_stderr,
 )
 from prefnoise.options import SplitOptions
 
 TestFractionOption = Annotated[float, typer.Option("--test-fraction", help="Share of prompts (or pairs) held out.")]
+
+
+register_options("split", SplitOptions)
 
 
 @app.command("split")

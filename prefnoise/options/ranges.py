@@ -101,7 +101,7 @@ class OptionError(PrefnoiseError):
                 return match.group(0)
             if not keyword:
                 return flag_of(option)
-            return f"{option}{value}" if value else f"{option}="
+            return f"{option}{value or ''}"
 
         text = _PLACEHOLDER.sub(name, self.problem)
         if "{" + self.option + "}" in self.problem:
