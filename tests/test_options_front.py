@@ -35,6 +35,32 @@ CLI_ONLY = {
 }
 
 
+# Commands without an options object yet, each with its reason (register_options covers the rest).
+NO_OPTIONS_OBJECT = {
+    "inspect": "no options but the shared input options and --json",
+    "fit-reward": "FitRewardConfig lands from the fit-reward/align helper (branch r-run): register it, drop this",
+    "align": "AlignConfig lands from the fit-reward/align helper (branch r-run): register it, drop this",
+    "audit": "AuditOptions lands from the audit helper: register it, drop this",
+}
+
+
+def _command_paths(command=None, prefix: str = "") -> list[str]:
+    """Every leaf command of the app as a path: "corrupt", "reproduce synthetic", ..."""
+    command = command or typer.main.get_command(app)
+    paths = []
+    for name, sub in getattr(command, "commands", {}).items():
+        path = f"{prefix}{name}"
+        paths += _command_paths(sub, path + " ") if hasattr(sub, "commands") else [path]
+    return paths
+
+
+def test_every_command_builds_a_registered_options_object_or_says_why_not():
+    paths = set(_command_paths())
+    assert "reproduce alignment" in paths and "corrupt" in paths
+    assert paths - set(COMMAND_OPTIONS) - set(NO_OPTIONS_OBJECT) == set()
+    assert set(COMMAND_OPTIONS) & set(NO_OPTIONS_OBJECT) == set()
+
+
 def _command(path: str):
     """The click command of ``prefnoise PATH`` (typer vendors its own click, so no isinstance checks)."""
     command = typer.main.get_command(app)
