@@ -4,6 +4,7 @@ the flag through the CLI; every options field is a flag of the same name (and th
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import polars as pl
 import pytest
@@ -82,6 +83,28 @@ def test_every_options_field_is_a_flag_of_the_same_name_and_the_reverse():
         for param in command.params:  # the flag is the field's name spelled the CLI's way
             if param.param_type_name == "option" and param.name in fields:
                 assert "--" + param.name.replace("_", "-") in param.opts, (path, param.opts)
+
+
+# Where a command's flag or API keyword default differs from its field's, on purpose.
+DEFAULT_EXCEPTIONS = {
+    ("rank-check", "group_by"): "repeatable flag: None (none given) becomes the field's ()",
+    ("rank-check", "memory_responses"): "the flag shows the library's default; the field's None means that default",
+}
+API_OF = {"corrupt": pn.corrupt, "split": pn.split, "score": pn.score, "rank-check": pn.rank_check}
+
+
+def test_flags_and_api_keywords_default_to_their_fields_defaults():
+    for path, cls in COMMAND_OPTIONS.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        flags = {p.name: p.default for p in _command(path).params if p.name in defaults}
+        api = inspect.signature(API_OF[path]).parameters if path in API_OF else {}
+        for name, default in defaults.items():
+            if (path, name) in DEFAULT_EXCEPTIONS:
+                continue
+            assert flags[name] == default, (path, name, flags[name], default)
+            if name in api:
+                assert api[name].default == default, (path, name, api[name].default, default)
+        assert path not in API_OF or set(defaults) <= set(api), (path, "fields that are no API keyword")
 
 
 @pytest.mark.parametrize("path", ["", "corrupt", "rank-check", "reproduce", "reproduce synthetic"])

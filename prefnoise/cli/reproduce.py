@@ -77,6 +77,7 @@ TrainBatchOption = Annotated[
     int | None,
     typer.Option("--batch-size", help="Training batch in pairs (default 256, mnist 32; the paper: 512)."),
 ]
+RunEpochsOption = Annotated[int | None, typer.Option("--epochs", help="Training epochs per run.")]
 PairsOption = Annotated[int | None, typer.Option("--pairs", help="Generated pairs per seed (train + held out).")]
 AsymmetricOption = Annotated[
     bool, typer.Option("--asymmetric/--no-asymmetric", help="Add the 30%/10% class-conditional noise column.")
@@ -91,18 +92,18 @@ def _command_line() -> str:
 @cli_errors
 def synthetic_command(
     out: OutOption,
-    quick: QuickOption = False,
-    seeds: SeedsOption = None,
-    epochs: EpochsOption = None,
-    train_pairs: TrainPairsOption = None,
-    mnist: MnistOption = None,
-    source: SourceOption = "digits",
-    noise: NoiseKindsOption = None,
-    rates: RatesOption = None,
-    losses: LossesOption = None,
-    test_pairs: TestPairsOption = None,
-    batch_size: TrainBatchOption = None,
-    device: DeviceOption = "auto",
+    quick: QuickOption = ReproduceSyntheticOptions.quick,
+    seeds: SeedsOption = ReproduceSyntheticOptions.seeds,
+    epochs: EpochsOption = ReproduceSyntheticOptions.epochs,
+    train_pairs: TrainPairsOption = ReproduceSyntheticOptions.train_pairs,
+    mnist: MnistOption = ReproduceSyntheticOptions.mnist,
+    source: SourceOption = ReproduceSyntheticOptions.source,
+    noise: NoiseKindsOption = ReproduceSyntheticOptions.noise,
+    rates: RatesOption = ReproduceSyntheticOptions.rates,
+    losses: LossesOption = ReproduceSyntheticOptions.losses,
+    test_pairs: TestPairsOption = ReproduceSyntheticOptions.test_pairs,
+    batch_size: TrainBatchOption = ReproduceSyntheticOptions.batch_size,
+    device: DeviceOption = ReproduceSyntheticOptions.device,
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -142,12 +143,12 @@ def _print_summary(table, rates, title: str = "held-out agreement with the true 
 @cli_errors
 def alignment_command(
     out: OutOption,
-    quick: QuickOption = False,
-    seeds: SeedsOption = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs per run.")] = None,
-    pairs: PairsOption = None,
-    asymmetric: AsymmetricOption = True,
-    device: DeviceOption = "cpu",
+    quick: QuickOption = ReproduceAlignmentOptions.quick,
+    seeds: SeedsOption = ReproduceAlignmentOptions.seeds,
+    epochs: RunEpochsOption = ReproduceAlignmentOptions.epochs,
+    pairs: PairsOption = ReproduceAlignmentOptions.pairs,
+    asymmetric: AsymmetricOption = ReproduceAlignmentOptions.asymmetric,
+    device: DeviceOption = ReproduceAlignmentOptions.device,
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
 ) -> None:

@@ -52,6 +52,7 @@ ResponsesOption = Annotated[
     bool, typer.Option("--responses", help="DATA is a long table of (prompt, response) rows; add `reward`.")
 ]
 
+CacheDirOption = Annotated[Path | None, typer.Option("--cache-dir", help="embed+mlp embedding cache.")]
 
 register_options("score", ScoreOptions)
 
@@ -69,10 +70,10 @@ def score_command(
     ],
     data: Annotated[str, typer.Argument(metavar="DATA", help="Preference table, or - for stdin.")],
     dest: OutArgument,
-    responses: ResponsesOption = False,
-    batch_size: BatchSizeOption = None,
-    device: DeviceOption = "auto",
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="embed+mlp embedding cache.")] = None,
+    responses: ResponsesOption = ScoreOptions.responses,
+    batch_size: BatchSizeOption = ScoreOptions.batch_size,
+    device: DeviceOption = ScoreOptions.device,
+    cache_dir: CacheDirOption = ScoreOptions.cache_dir,
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
     prompt_col: PromptColOption = C.PROMPT,

@@ -32,6 +32,7 @@ from prefnoise.cli.common import (
 )
 from prefnoise.options import SplitOptions
 
+SplitByOption = Annotated[str, typer.Option("--by", help="prompt (default: no prompt on both sides) or pair.")]
 TestFractionOption = Annotated[float, typer.Option("--test-fraction", help="Share of prompts (or pairs) held out.")]
 
 
@@ -44,9 +45,9 @@ def split_command(
     source: InputArgument,
     train_dest: Annotated[str, typer.Argument(metavar="TRAIN", help="Output Parquet file for the training side.")],
     test_dest: Annotated[str, typer.Argument(metavar="TEST", help="Output Parquet file for the held-out side.")],
-    test_fraction: TestFractionOption = 0.2,
-    by: Annotated[str, typer.Option("--by", help="prompt (default: no prompt on both sides) or pair.")] = "prompt",
-    seed: SeedOption = C.DEFAULT_SEED,
+    test_fraction: TestFractionOption = SplitOptions.test_fraction,
+    by: SplitByOption = SplitOptions.by,
+    seed: SeedOption = SplitOptions.seed,
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
     prompt_col: PromptColOption = C.PROMPT,
