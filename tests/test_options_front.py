@@ -105,6 +105,9 @@ def test_flags_and_api_keywords_default_to_their_fields_defaults():
             if name in api:
                 assert api[name].default == default, (path, name, api[name].default, default)
         assert path not in API_OF or set(defaults) <= set(api), (path, "fields that are no API keyword")
+    reproduce = inspect.signature(pn.reproduce).parameters  # None: the experiment's own default
+    for cls in (ReproduceSyntheticOptions, ReproduceAlignmentOptions):
+        assert all(reproduce[f.name].default is None for f in dataclasses.fields(cls)), cls
 
 
 @pytest.mark.parametrize("path", ["", "corrupt", "rank-check", "reproduce", "reproduce synthetic"])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from prefnoise.options import Options, ReproduceAlignmentOptions, ReproduceSynth
 from prefnoise.options.reproduce import REPRODUCE_OPTIONS
 
 REPRODUCE = "reproduce"
+_OPTION_KEYWORDS = {f.name for cls in REPRODUCE_OPTIONS.values() for f in dataclasses.fields(cls)}
 
 
 @dataclass
@@ -34,35 +36,39 @@ def reproduce(
     out: str | Path | None = None,
     options: Options | None = None,
     *,
+    quick: bool | None = None, seeds: int | None = None, epochs: int | None = None, device: str | None = None,
+    source: str | None = None, noise: str | Sequence[str] | None = None, rates: str | Sequence[float] | None = None,
+    losses: str | Sequence[str] | None = None, train_pairs: int | None = None, test_pairs: int | None = None,
+    batch_size: int | None = None, mnist: str | Path | None = None,
+    pairs: int | None = None, asymmetric: bool | None = None,
     overwrite: bool = False,
     progress_bar: ProgressBar | None = None,
     command_line: str | None = None,
-    **option_values: Any,
 ) -> ReproduceResult:
     """``prefnoise reproduce synthetic|alignment``: rerun one of the paper's robustness grids.
 
-    ``experiment``: "synthetic" (reward models on digit images, paper Sec. 5.1; ``source="mnist"`` for
-    MNIST and the paper's CNN) or "alignment" (SymPO against DPO and friends on a tiny LM, Sec. 5.2). The
-    options are :class:`prefnoise.options.ReproduceSyntheticOptions`'s or
-    :class:`prefnoise.options.ReproduceAlignmentOptions`'s (``options`` or keywords, e.g. ``quick=True``).
-    With ``out`` results.parquet, results.md and robustness.png are written into that directory
-    (``command_line`` is the command results.md records).
+    ``experiment``: "synthetic" (reward models on digit images, paper Sec. 5.1; ``source="mnist"`` for MNIST
+    and the paper's CNN) or "alignment" (SymPO against DPO and friends on a tiny LM, Sec. 5.2). Options:
+    :class:`prefnoise.options.ReproduceSyntheticOptions` (quick ... mnist) or
+    :class:`prefnoise.options.ReproduceAlignmentOptions` (quick, seeds, epochs, pairs, asymmetric, device); a
+    keyword left None keeps the experiment's default, one the experiment lacks is a TypeError. With ``out``,
+    results.parquet, results.md (recording ``command_line``) and robustness.png are written there.
     """
     from prefnoise.outputs import check_output_dir
 
     cls = REPRODUCE_OPTIONS.get(experiment)
     if cls is None:
         raise PrefnoiseError(f"unknown experiment {experiment!r}; choose one of: {', '.join(REPRODUCE_OPTIONS)}")
-    if options is not None and option_values:
+    values = {k: v for k, v in locals().items() if k in _OPTION_KEYWORDS and v is not None}
+    if options is not None and values:
         raise TypeError("give options= or option keywords, not both")
-    options = options if options is not None else cls(**option_values)
+    options = options if options is not None else cls(**values)
     if not isinstance(options, cls):
         raise TypeError(f"options= for {experiment} takes a {cls.__name__}, got {type(options).__name__}")
     grid, run = _EXPERIMENTS[experiment]
     config = grid(options)
     if out is not None:
-        mnist = getattr(options, "mnist", None)
-        check_output_dir(out, command=REPRODUCE, inputs=[mnist], overwrite=overwrite)
+        check_output_dir(out, command=REPRODUCE, inputs=[getattr(options, "mnist", None)], overwrite=overwrite)
     with (progress_bar or no_bar)("grid", config.cells()) as advance:
         return run(options, config, out, advance, command_line or _call_text(experiment, options))
 
