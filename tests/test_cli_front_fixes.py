@@ -111,7 +111,8 @@ def test_reproduce_in_python_equals_the_cli_json(tmp_path):
     result = pn.reproduce("synthetic", seeds=1, epochs=1, train_pairs=50, test_pairs=20, losses="logistic,ramp",
                           rates=(0.0, 0.4), noise=["symmetric"], device="cpu")
     got = json.loads(json.dumps(result.summary))
-    assert got.pop("out") is None and expected.pop("out") == str(tmp_path / "grid")
+    assert got.pop("output") is None and expected.pop("output") == str(tmp_path / "grid")
+    assert expected.pop("schema_version") == 1  # the CLI adds it to every --json object
     assert got == expected and got["cells"] == result.results.height == 4  # 1 kind x 2 rates x 2 losses x 1 seed
     written = sorted(p.name for p in (tmp_path / "grid").iterdir() if not p.name.startswith("."))
     assert written == ["results.md", "results.parquet", "robustness.png"]

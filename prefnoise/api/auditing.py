@@ -17,6 +17,7 @@ from prefnoise.api.tables import (
     gather_input_options,
     input_table,
     no_bar,
+    output_name,
     path_of,
 )
 from prefnoise.errors import PrefnoiseError
@@ -141,6 +142,7 @@ def audit(
     suspects = None if estimate.mixture is None else int((scored[A.SUSPICION] > threshold).sum()) if fix is None else 0
     summary: dict[str, Any] = {
         "input": src.name,
+        "output": output_name(out),
         "pairs": frame.height,
         "folds": None if given else folds,
         "refits": None if given else refits,

@@ -128,7 +128,7 @@ def _synthetic(
     top = max(config.rates)
     symmetric = [x for x in config.losses if x in S.SYMMETRIC_LOSSES]
     summary = {
-        "out": None if out is None else str(out), "source": config.source, "cells": results.height,
+        "output": None if out is None else str(out), "source": config.source, "cells": results.height,
         "fits": config.fits(), "highest_rate": top,
         "mean_agreement_at_highest_rate": {
             "symmetric": S.mean_agreement_at(results, top, symmetric) if symmetric else None,
@@ -171,7 +171,7 @@ def _alignment(
     if "dpo" in config.losses:
         gain = A.mean_accuracy_at(results, top, symmetric) - A.mean_accuracy_at(results, top, ["dpo"])
     summary = {
-        "out": None if out is None else str(out), "cells": results.height, "highest_rate": top,
+        "output": None if out is None else str(out), "cells": results.height, "highest_rate": top,
         "mean_clean_accuracy_at_highest_rate": {
             name: A.mean_accuracy_at(results, top, [name]) for name in config.losses
         },

@@ -96,7 +96,8 @@ def score(
     if splits is not None and not options.responses:
         scored = mark_seen(scored, splits)  # in_training / in_validation travel on to rank-check --group-by
     rows = write_table(scored, out, entry=entry, history=history, overwrite=overwrite) if out else scored.height
-    summary = _summary(reward_model, scored, model_name, rows, out, options.responses, time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    summary = _summary(table_label(data), reward_model, scored, model_name, rows, out, options.responses, elapsed)
     summary.update({} if options.responses else agreement_summary(scored))
     return _with_truncation(ScoreResult(scored, reward_model, summary))
 
@@ -132,10 +133,13 @@ def _scored(
 
 
 def _summary(
-    reward_model: Any, scored: pl.DataFrame, model_name: str, rows: int, out: Any, responses: bool, elapsed: float
+    source: str, reward_model: Any, scored: pl.DataFrame, model_name: str, rows: int, out: Any, responses: bool,
+    elapsed: float,
 ) -> dict[str, Any]:
+    """``score --json``'s object less the agreement and truncation entries."""
     seen = ("in_training", "in_validation")
     return {
+        "input": source,
         "model": model_name,
         "backend": reward_model.backend,
         "rows": rows,

@@ -32,8 +32,8 @@ from prefnoise.cli.common import (
     safe,
     show_progress,
 )
+from prefnoise.metrics import DEFAULT_MEMORY_RESPONSES, RankMetrics, RankReport
 from prefnoise.options import RankCheckOptions
-from prefnoise.rank import DEFAULT_MEMORY_RESPONSES, RankMetrics, RankReport
 
 GATE_FAILED = 1
 
