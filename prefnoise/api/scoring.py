@@ -96,8 +96,7 @@ def score(
     if splits is not None and not options.responses:
         scored = mark_seen(scored, splits)  # in_training / in_validation travel on to rank-check --group-by
     rows = write_table(scored, out, entry=entry, history=history, overwrite=overwrite) if out else scored.height
-    elapsed = time.perf_counter() - started
-    summary = _summary(table_label(data), reward_model, scored, model_name, rows, out, options.responses, elapsed)
+    summary = _summary(table_label(data), reward_model, scored, model_name, rows, out, options.responses, started)
     summary.update({} if options.responses else agreement_summary(scored))
     return _with_truncation(ScoreResult(scored, reward_model, summary))
 
@@ -134,9 +133,9 @@ def _scored(
 
 def _summary(
     source: str, reward_model: Any, scored: pl.DataFrame, model_name: str, rows: int, out: Any, responses: bool,
-    elapsed: float,
+    started: float,
 ) -> dict[str, Any]:
-    """``score --json``'s object less the agreement and truncation entries."""
+    """``score --json``'s object less the agreement and truncation entries (``started``: perf_counter at start)."""
     seen = ("in_training", "in_validation")
     return {
         "input": source,
@@ -145,7 +144,7 @@ def _summary(
         "rows": rows,
         "output": output_name(out),
         "columns": [C.REWARD] if responses else [c for c in scored.columns if c.endswith(C.REWARD) or c in seen],
-        "seconds": round(elapsed, 3),
+        "seconds": round(time.perf_counter() - started, 3),
     }
 
 
