@@ -423,3 +423,28 @@ def test_pandalm_two_humans_find_the_judges_rate_and_mistakes(position):
     assert rate["low"] <= judge_wrong[decided].mean() <= rate["high"]  # 0.158 (49 of 310)
     suspicion = result.table["suspicion"].to_numpy()
     assert roc_auc_score(judge_wrong[decided], suspicion[decided]) >= 0.95
+
+
+# ---- reusing an earlier audit's margins -------------------------------------------------------------------
+
+
+def test_an_audit_output_feeds_margin_col_oof_margin(tmp_path):
+    """`--margin-col oof_margin` on an audit's --out reads the same margins: with one refit the estimate
+    is identical, and no fold model is fitted again."""
+    from prefnoise.data import canonicalize
+    from prefnoise.noise import NoiseSpec, corrupt_frame
+    from tests.conftest import make_feature_pairs
+
+    clean = canonicalize(make_feature_pairs(1500, seed=4))[0]
+    noisy, _ = corrupt_frame(clean, NoiseSpec(kind="symmetric", rate=0.2, seed=1))
+    data, audited = tmp_path / "noisy.parquet", tmp_path / "audited.parquet"
+    noisy.write_parquet(data)
+    options = ["--bootstrap", "20", "--json"]
+    fold_models = ["--folds", "3", "--epochs", "10", "--hidden", "32", "--refits", "1", "--lr", "0.003"]
+    first = invoke("audit", data, *fold_models, "--out", audited, *options)
+    assert first.exit_code == 0, first.output
+    again = invoke("audit", audited, "--margin-col", "oof_margin", *options)
+    assert again.exit_code == 0, again.output
+    before, after = json.loads(first.stdout)["noise_rate"], json.loads(again.stdout)["noise_rate"]
+    assert before["rate"] is not None
+    assert (after["rate"], after["low"], after["high"]) == (before["rate"], before["low"], before["high"])
