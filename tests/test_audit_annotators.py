@@ -21,9 +21,12 @@ from prefnoise.options import OptionError
 from prefnoise.options.audit import AuditOptions
 from tests.cli_helpers import assert_nothing_written, assert_one_line_error, invoke
 
-PANDALM = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real" / "pandalm-dev.jsonl.gz"
-if not PANDALM.exists():
-    PANDALM = Path("/work/shared/data/real/pandalm-dev.jsonl.gz")
+ROOT = Path(__file__).resolve().parents[1]
+# ../shared beside the checkout (a worktree one level deeper finds it one level up)
+PANDALM = next(
+    (p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if (p / "data" / "real").is_dir()),
+    ROOT.parent / "shared",
+) / "data" / "real" / "pandalm-dev.jsonl.gz"
 
 # Confusions in the position frame: rows = the first / second shown response is better; columns = votes
 # first, second, tie.
@@ -249,13 +252,15 @@ def test_breakdown_by_column_and_by_longer_recover_the_group_rates():
         humans[name] = np.where(right != wrong, "chosen", "rejected")
     frame = frame.with_columns(**{k: pl.Series(v) for k, v in humans.items()})
     groups = {rule: B.rule_sides(frame, rule) for rule in ("column:marked", "longer")}
-    audit = audit_with_annotators(codes_of(frame, list(humans)), list(humans), groups=groups, bootstrap=100)
-    by = {b["rule"]: b for b in audit.breakdowns}
-    assert abs(by["column:marked"]["positive"]["rate"] - wrong[marked].mean()) < 0.02
-    assert abs(by["column:marked"]["negative"]["rate"] - wrong[~marked].mean()) < 0.02
-    assert by["column:marked"]["difference"]["low"] > 0.1
-    assert abs(by["longer"]["positive"]["rate"] - wrong[better_longer].mean()) < 0.02
-    assert abs(by["longer"]["negative"]["rate"] - wrong[~better_longer].mean()) < 0.02
+    codes = codes_of(frame, list(humans))
+    for chosen_first in (None, rng.random(n) < 0.5):  # both frames (the position here says nothing)
+        audit = audit_with_annotators(codes, list(humans), groups=groups, chosen_first=chosen_first, bootstrap=100)
+        by = {b["rule"]: b for b in audit.breakdowns}
+        assert abs(by["column:marked"]["positive"]["rate"] - wrong[marked].mean()) < 0.02
+        assert abs(by["column:marked"]["negative"]["rate"] - wrong[~marked].mean()) < 0.02
+        assert by["column:marked"]["difference"]["low"] > 0.1
+        assert abs(by["longer"]["positive"]["rate"] - wrong[better_longer].mean()) < 0.02
+        assert abs(by["longer"]["negative"]["rate"] - wrong[~better_longer].mean()) < 0.02
 
 
 # ---- options, the CLI and the API -------------------------------------------------------------------------

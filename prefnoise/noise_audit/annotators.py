@@ -138,9 +138,11 @@ def _stratified_rates(
 ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...] | None]:
     """One breakdown's group rates (point, bootstrap draws) from an EM whose prior is fitted per stratum
     (the table's label × the rule's sides): with one prior for all pairs, every posterior would be pulled
-    toward the overall rate and the groups' rates toward each other."""
+    toward the overall rate and the groups' rates toward each other. The stratum holds the table's label,
+    so its vote leaves the EM (counted twice, it would drive every stratum to agree with the table)."""
     strata = 4 * table_class.astype(np.int64) + 2 * a.astype(np.int64) + b.astype(np.int64)
     strata = np.unique(strata, return_inverse=True)[1].reshape(-1)
+    votes = votes[:, 1:] if position else votes
     fit = D.fit_dawid_skene(votes, counts, symmetric=not position, strata=strata, pseudo_count=pseudo_count)
     point = B.group_rates(D.wrong_label_probability(fit.posterior, table_class)[0], counts, a, b)
     if bootstrap <= 0:
