@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import norm
 from typer.testing import CliRunner
 
-from prefnoise import audit as A
+from prefnoise import noise_audit as A
 from prefnoise.cli import app
 from prefnoise.data import canonicalize, read_history
 from prefnoise.errors import PrefnoiseError
@@ -266,7 +266,7 @@ def test_embed_features_reach_the_fold_models(monkeypatch, tmp_path):
     import polars as pl
 
     from prefnoise import api
-    from prefnoise import audit as A
+    from prefnoise import noise_audit as A
 
     seen = {}
 

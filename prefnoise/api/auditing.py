@@ -71,11 +71,11 @@ def audit(
     """``prefnoise audit``: cross-fit reward models (``folds`` × ``refits``), estimate the flip rate ε̂ and
     score each pair's suspicion; or take out-of-sample margins as given (``reward_col``/``margin_col``).
 
-    Wraps :mod:`prefnoise.audit` as the CLI does. When ε̂ is undetermined (``result.estimate.identifiable``
+    Wraps :mod:`prefnoise.noise_audit` as the CLI does. When ε̂ is undetermined (``result.estimate.identifiable``
     False) the summary's rate is None with a reason, and ``fix`` ("drop" or "swap", with ``out``) refuses
     with a PrefnoiseError of exit code 4.
     """
-    from prefnoise import audit as A
+    from prefnoise import noise_audit as A
     from prefnoise.data import new_history_entry, write_table
     from prefnoise.outputs import check_distinct_outputs, check_output_file
     from prefnoise.reward import check_finite_features

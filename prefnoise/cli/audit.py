@@ -132,7 +132,7 @@ def audit_command(
     import functools
 
     from prefnoise import api
-    from prefnoise import audit as A
+    from prefnoise import noise_audit as A
 
     quiet = estimate_only or json_output
     result = api.audit(
