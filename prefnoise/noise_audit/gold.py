@@ -4,7 +4,7 @@ How the audit command calls it (``audit --gold COL``, ``pn.audit(..., gold="COL"
 margins exist (cross-fitted, or given by ``--margin-col``/``--reward-col``),
 
     wrong = gold_wrong(frame[gold_col], gold_col)      # 1 label wrong, 0 right, NaN no gold vote / a tie
-    estimate = gold_noise_rate(label_wrong_score(frame["oof_margin"]), wrong)
+    estimate = gold_noise_rate(label_wrong_score(frame[MARGIN].to_numpy()), wrong)
     summary["noise_rate"] = estimate.to_dict()          # {rate, low, high, method: "gold", ...}
 
 ``gold_wrong`` raises a PrefnoiseError naming the column and the first bad row (exit 2) for votes outside the
@@ -40,6 +40,7 @@ import polars as pl
 from scipy.stats import binomtest, norm
 
 from prefnoise.errors import PrefnoiseError
+from prefnoise.noise_audit.names import MARGIN
 
 Z95 = float(norm.ppf(0.975))
 MIN_GOLD_PAIRS = 10  # fewer trusted votes than this say too little for any interval
@@ -163,7 +164,7 @@ def gold_noise_rate(score: np.ndarray, wrong: np.ndarray) -> GoldEstimate:
     return GoldEstimate(rate=min(max(rate, 0.0), 1.0), low=low, high=high, model_weight=weight, **common)
 
 
-def gold_estimate_of(frame: pl.DataFrame, gold_col: str, margin_col: str = "oof_margin") -> GoldEstimate:
+def gold_estimate_of(frame: pl.DataFrame, gold_col: str, margin_col: str = MARGIN) -> GoldEstimate:
     """``gold_noise_rate`` of a scored table: the gold votes in ``gold_col``, the out-of-fold margins in
     ``margin_col``."""
     if gold_col not in frame.columns:
