@@ -42,6 +42,7 @@ def test_difficulty_profile_by_hand():
     # half 1.96·sqrt(0.029297 + 0.015006)/1.4802 = 0.27871
     assert profile.disagreement_high == pytest.approx(0.69426, abs=1e-4)
     assert (profile.close_low, profile.close_high) == pytest.approx(wilson_interval(2, 4))
+    assert (profile.close_pairs, profile.confident_pairs) == (4, 4)
 
 
 def test_profile_of_refits_counts_every_refit_and_ties_half():
@@ -53,7 +54,8 @@ def test_profile_of_refits_counts_every_refit_and_ties_half():
 def profile(close, confident, disagreement_high, pairs=1000):
     return D.DifficultyProfile(
         *D.share_with_interval(close * pairs, pairs), *D.share_with_interval(confident * pairs, pairs),
-        disagreement=(close + confident) / 2, disagreement_high=disagreement_high,
+        disagreement=(close + confident) / 2, disagreement_high=disagreement_high, close_pairs=pairs,
+        confident_pairs=pairs,
     )
 
 
@@ -62,7 +64,13 @@ def test_close_pair_note():
     note = D.close_pair_note(profile(0.30, 0.05, 0.20), low=0.02, high=0.08)
     assert "6.0 times as often" in note and "at least 0.020" in note and "at most 0.200" in note
     assert D.close_pair_note(profile(0.30, 0.05, 0.12), low=0.02, high=0.08) is None  # within MAX_HIDDEN
-    assert D.close_pair_note(profile(0.30, 0.05, 0.20, pairs=20), low=0.02, high=0.08) is None  # not significant
+    assert D.close_pair_note(profile(0.30, 0.05, 0.20, pairs=12), low=0.02, high=0.08) is None  # not significant
+    assert D.close_pair_note(profile(0.05, 0.30, 0.40), low=0.02, high=0.08) is None  # confident pairs disagree more
+
+
+def test_two_proportion_p_value_by_hand():
+    # 0.30 vs 0.20 of 100 each: pooled 0.25, se = sqrt(0.25·0.75·0.02) = 0.06124, z = 1.633, p = 0.1025
+    assert profile(0.30, 0.20, 0.3, pairs=100).p_value == pytest.approx(0.1025, abs=1e-3)
 
 
 # ---- the verdict ----------------------------------------------------------------------------------

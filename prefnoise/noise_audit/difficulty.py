@@ -15,19 +15,22 @@ What stays valid without the mirror assumption:
   at their most plausible; hidden flips (learnt bias) only add to the truth, and where the close pairs disagree
   more (the measured structure) the rate over all pairs is at least the confident pairs' rate.
 
-The check: the disagreement share below vs above the median |m| (Wilson intervals), and how far D's upper bound
-lies above the mirror interval. When it lies more than ``MAX_HIDDEN`` above and the close pairs disagree
-significantly more, flips on close pairs could make up the difference: the interval's high end becomes D's upper
-bound (with a note saying why), and where that interval is too wide to act on the rate is undetermined with the
-two bounds and the reason. Never the mirror interval alone, which the measured structure does not support.
+The check: the disagreement share below vs above the median |m| (Wilson intervals, a two-proportion test), and
+how far D's upper bound lies above the mirror interval. When it lies more than ``MAX_HIDDEN`` above and the close
+pairs disagree significantly more, flips on close pairs could make up the difference: the interval's high end
+becomes D's upper bound (with a note saying why), and where that interval is too wide to act on, the rate is
+undetermined with the two bounds and the reason. Never the mirror interval alone, which the measured structure
+does not support.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from scipy.stats import norm
 
 from prefnoise.noise import wilson_interval
 
@@ -46,6 +49,18 @@ class DifficultyProfile:
     confident_high: float
     disagreement: float  # every pair, every refit (a zero margin counts 1/2)
     disagreement_high: float  # upper end of its 95% Wilson interval: the "at most" bound
+    close_pairs: int
+    confident_pairs: int
+
+    @property
+    def p_value(self) -> float:
+        """Two-sided two-proportion z-test (pooled) of "close and confident pairs disagree equally often"."""
+        n1, n2 = self.close_pairs, self.confident_pairs
+        pooled = (self.close_share * n1 + self.confident_share * n2) / (n1 + n2)
+        spread = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+        if spread == 0:
+            return 1.0
+        return float(2 * norm.sf(abs(self.close_share - self.confident_share) / spread))
 
     @property
     def ratio(self) -> float:
@@ -55,7 +70,7 @@ class DifficultyProfile:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values, the ratio included."""
         ratio = self.ratio
-        return {**asdict(self), "ratio": ratio if np.isfinite(ratio) else None}
+        return {**asdict(self), "ratio": ratio if np.isfinite(ratio) else None, "p_value": self.p_value}
 
 
 def share_with_interval(negatives: float, pairs: int) -> tuple[float, float, float]:
@@ -76,20 +91,24 @@ def difficulty_profile(margins: np.ndarray) -> DifficultyProfile:
     close_share = share_with_interval(float(wrong[close].sum()), int(close.sum()))
     confident_share = share_with_interval(float(wrong[~close].sum()), int((~close).sum()))
     _, _, every_high = share_with_interval(every * combined.size, combined.size)
-    return DifficultyProfile(*close_share, *confident_share, disagreement=every, disagreement_high=every_high)
+    return DifficultyProfile(
+        *close_share, *confident_share, disagreement=every, disagreement_high=every_high,
+        close_pairs=int(close.sum()), confident_pairs=int((~close).sum()),
+    )
 
 
 def close_pair_note(profile: DifficultyProfile, low: float, high: float) -> str | None:
     """Why the mirror interval [low, high] must reach up to the "at most" bound (None when it need not): the close
-    pairs disagree with the labels significantly more than the confident ones (their Wilson intervals do not
-    overlap, a test at level below 5%) and the disagreement lies more than ``MAX_HIDDEN`` above ``high``, so flips
-    on close pairs may hide among what the estimate calls the fold models' own mistakes."""
-    significant = profile.close_low > profile.confident_high
+    pairs disagree with the labels more than the confident ones (two-proportion test, p < 0.05) and the
+    disagreement lies more than ``MAX_HIDDEN`` above ``high``, so flips on close pairs may hide among what the
+    estimate calls the fold models' own mistakes."""
+    significant = profile.close_share > profile.confident_share and profile.p_value < 0.05
     if not significant or profile.disagreement_high - high <= MAX_HIDDEN:
         return None
     return (
         f"close pairs disagree with the labels {profile.ratio:.1f} times as often as confident ones "
-        f"({profile.close_share:.1%} below the median |margin|, {profile.confident_share:.1%} above), and flips on "
+        f"({profile.close_share:.1%} below the median |margin|, {profile.confident_share:.1%} above, "
+        f"p = {profile.p_value:.2g}), and flips on "
         f"close pairs cannot be told from the fold models' own mistakes there: the rate is at least {low:.3f} "
         f"(flips seen among confident pairs) and at most {profile.disagreement_high:.3f} (the models' disagreement "
         "with the labels, valid unless they learnt the labeller's bias); annotators or a small gold set would "
