@@ -70,11 +70,11 @@ def test_gold_votes_as_booleans():
 
 
 def test_bad_gold_votes_name_the_column_and_row():
-    with pytest.raises(PrefnoiseError, match=r"--gold g, row 2: 'maybe' is not a vote"):
+    with pytest.raises(PrefnoiseError, match=r"--gold: column 'g', row 3: vote 'maybe' is not an accepted vote"):
         G.gold_wrong(pl.Series("g", ["chosen", None, "maybe"]), "g")
-    with pytest.raises(PrefnoiseError, match=r"--gold g, row 1: 2 is not a vote"):
+    with pytest.raises(PrefnoiseError, match=r"--gold: column 'g', row 2: vote 2 is not an accepted vote"):
         G.gold_wrong(pl.Series("g", [1, 2]), "g")
-    with pytest.raises(PrefnoiseError, match="--gold g: no row has a gold vote"):
+    with pytest.raises(PrefnoiseError, match="--gold: column 'g' has no gold vote for chosen or rejected"):
         G.gold_wrong(pl.Series("g", [None, "tie"]), "g")
     with pytest.raises(PrefnoiseError, match="column 'h' not found"):
         G.gold_estimate_of(pl.DataFrame({"g": ["chosen"], "oof_margin": [1.0]}), "h")

@@ -3,12 +3,12 @@
 How the audit command calls it (``audit --gold COL``, ``pn.audit(..., gold="COL")``): after the out-of-fold
 margins exist (cross-fitted, or given by ``--margin-col``/``--reward-col``),
 
-    wrong = gold_wrong(frame[gold_col], gold_col)      # 1 label wrong, 0 right, NaN no gold vote / a tie
-    estimate = gold_noise_rate(label_wrong_score(frame[MARGIN].to_numpy()), wrong)
-    summary["noise_rate"] = estimate.to_dict()          # {rate, low, high, method: "gold", ...}
+    scored, estimate, extra = gold_evidence(scored, options.gold)   # scored has oof_margin
+    summary.update(extra)       # "method": "gold", "noise_rate": {rate, low, high, gold_low, gold_high, ...}
 
-``gold_wrong`` raises a PrefnoiseError naming the column and the first bad row (exit 2) for votes outside the
-encodings and for a column with no gold vote at all. The gold pairs must be a random sample of the table.
+(``gold_estimate_of`` is the estimate alone.) Bad votes raise a PrefnoiseError naming the column and the first
+bad row (exit 2), as do a missing column and a column with no gold vote at all. The gold pairs must be a random
+sample of the table. Suspicion is the mirror mixture's posterior at the gold-backed rate.
 
 The estimator (Angelopoulos et al., Science 2023, with the power tuning of their PPI++ paper, 2023): N pairs
 without gold carry the model's score f_i of "the label is wrong"; n gold pairs carry the truth w_j and f_j.
@@ -40,14 +40,14 @@ import polars as pl
 from scipy.stats import binomtest, norm
 
 from prefnoise.errors import PrefnoiseError
+from prefnoise.noise_audit import votes as V
+from prefnoise.noise_audit.estimate import fit_mirror_mixture
+from prefnoise.noise_audit.fix import add_suspicion
 from prefnoise.noise_audit.names import MARGIN
 
 Z95 = float(norm.ppf(0.975))
 MIN_GOLD_PAIRS = 10  # fewer trusted votes than this say too little for any interval
 MIN_EACH_SIDE = 10  # wrong and right gold labels each, for the normal (prediction-powered) interval
-_CHOSEN = ("chosen", "1", "true", "1.0")
-_REJECTED = ("rejected", "-1", "false", "-1.0")
-_TIE = ("tie", "0", "0.0")
 
 
 @dataclass(frozen=True)
@@ -76,28 +76,14 @@ class GoldEstimate:
 
 def gold_wrong(values: pl.Series, column: str) -> np.ndarray:
     """Per pair: 1.0 where the gold vote prefers ``rejected`` (the table's label is wrong), 0.0 where it prefers
-    ``chosen``, 0.5 for a tie, NaN where there is no vote (null). Accepts "chosen"/"rejected"/"tie", 1/−1/0 and
-    booleans (true = prefers chosen)."""
-    if values.dtype == pl.Boolean:
-        text = values.cast(pl.Utf8).str.to_lowercase()
-    elif values.dtype.is_numeric():
-        text = values.cast(pl.Float64).cast(pl.Utf8)
-    else:
-        text = values.cast(pl.Utf8).str.strip_chars().str.to_lowercase()
-    known = text.is_null() | text.is_in([*_CHOSEN, *_REJECTED, *_TIE])
-    bad = (~known).arg_true()
-    if bad.len():
-        row = int(bad[0])
+    ``chosen``, 0.5 for a tie, NaN where there is no vote (null); the encodings of :mod:`.votes`. A PrefnoiseError
+    names the column and the first bad row, or says that no row has a gold preference."""
+    codes = V.vote_codes(values, column, where="--gold: ")
+    wrong = np.select([codes == V.CHOSEN, codes == V.REJECTED, codes == V.TIE], [0.0, 1.0, 0.5], np.nan)
+    if not np.isin(codes, (V.CHOSEN, V.REJECTED)).any():
         raise PrefnoiseError(
-            f"--gold {column}, row {row}: {values[row]!r} is not a vote; use chosen/rejected/tie, 1/-1/0 or "
-            "true/false (true = prefers chosen), null where there is no gold vote"
+            f"--gold: column {column!r} has no gold vote for chosen or rejected on any row (all null or tie)"
         )
-    wrong = np.full(values.len(), np.nan)
-    wrong[text.is_in(_REJECTED).fill_null(False).to_numpy()] = 1.0
-    wrong[text.is_in(_CHOSEN).fill_null(False).to_numpy()] = 0.0
-    wrong[text.is_in(_TIE).fill_null(False).to_numpy()] = 0.5
-    if not np.isin(wrong, (0.0, 1.0)).any():
-        raise PrefnoiseError(f"--gold {column}: no row has a gold vote for chosen or rejected (all null or tie)")
     return wrong
 
 
@@ -170,3 +156,12 @@ def gold_estimate_of(frame: pl.DataFrame, gold_col: str, margin_col: str = MARGI
     if gold_col not in frame.columns:
         raise PrefnoiseError(f"--gold: column {gold_col!r} not found; the table has {', '.join(frame.columns)}")
     return gold_noise_rate(label_wrong_score(frame[margin_col].to_numpy()), gold_wrong(frame[gold_col], gold_col))
+
+
+def gold_evidence(scored: pl.DataFrame, gold_col: str) -> tuple[pl.DataFrame, GoldEstimate, dict[str, Any]]:
+    """The scored table (with ``oof_margin``) plus ``suspicion`` at the gold-backed rate (null when undetermined),
+    the gold estimate, and the summary entries it sets (``method``, ``identifiable``, ``noise_rate``)."""
+    estimate = gold_estimate_of(scored, gold_col)
+    mixture = fit_mirror_mixture(scored[MARGIN].to_numpy(), rate=estimate.rate) if estimate.identifiable else None
+    extra = {"method": "gold", "identifiable": estimate.identifiable, "noise_rate": estimate.to_dict()}
+    return add_suspicion(scored, mixture), estimate, extra
