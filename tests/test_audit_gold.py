@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from typer.testing import CliRunner
 
+from prefnoise.cli import app
+from prefnoise.data import read_history
 from prefnoise.errors import PrefnoiseError
 from prefnoise.noise_audit import gold as G
+
+runner = CliRunner()
 
 # ---- the formulas, by hand -------------------------------------------------------------------------
 
@@ -133,3 +140,78 @@ def test_coverage_over_200_simulated_datasets(strength, least, most):
         ratios.append((estimate.high - estimate.low) / (estimate.gold_high - estimate.gold_low))
     assert covered >= 186, covered
     assert least <= np.mean(ratios) <= most and max(ratios) <= 1.0
+
+
+# ---- the CLI and the PandaLM dev slice ---------------------------------------------------------------
+
+PANDALM = Path("/work/shared/data/real/pandalm-dev.jsonl.gz")
+CACHE = Path(__file__).parents[1] / "bench" / "data" / "pandalm-dev-oof.csv"
+needs_pandalm = pytest.mark.skipif(not PANDALM.exists(), reason="the shared PandaLM dev slice is not here")
+
+
+def pandalm_table(tmp_path: Path, seed: int = 0) -> tuple[Path, float]:
+    """The judge-labelled PandaLM dev pairs with 100 gold pairs (seed) and the cached out-of-fold margins
+    (embed+mlp on MiniLM, mean of 3 refits; bench/audit_gold.py) as column ``m``; and the judge's true rate."""
+    from bench.audit_gold import pandalm_pairs
+
+    frame = pandalm_pairs(PANDALM, gold=100, seed=seed)
+    cached = pl.read_csv(CACHE).select("idx", pl.mean_horizontal(pl.exclude("idx")).alias("m"))
+    path = tmp_path / "pandalm.parquet"
+    frame.join(cached, on="idx").write_parquet(path)
+    return path, float(frame["label_wrong"].mean())
+
+
+@needs_pandalm
+def test_pandalm_gold_mode_end_to_end(tmp_path):
+    """100 gold pairs (the 2-of-3 human majority) + the fold models' margins: the interval covers the judge's
+    rate on the slice (49/315 = 0.156) and is narrower than the gold-only interval."""
+    path, truth = pandalm_table(tmp_path)
+    assert truth == pytest.approx(49 / 315)
+    out = tmp_path / "audited.parquet"
+    args = ["audit", str(path), "--margin-col", "m", "--gold", "gold"]
+    result = runner.invoke(app, [*args, "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rate = report["noise_rate"]
+    assert report["method"] == "gold" and rate["method"] == "gold" and rate["gold_pairs"] == 100
+    assert rate["low"] <= truth <= rate["high"] and rate["gold_low"] <= truth <= rate["gold_high"]
+    assert rate["high"] - rate["low"] < rate["gold_high"] - rate["gold_low"] and rate["model_weight"] > 0
+    assert report["model_only"]["pairs"] == 315  # the single-label verdict, beside it
+    history = read_history(out)[-1]
+    assert history["noise_estimate"]["method"] == "gold" and history["parameters"]["gold"] == "gold"
+    text = runner.invoke(app, args)
+    assert "gold pairs alone: 0.190 (exact 95% interval 0.118–0.281)" in text.output
+
+
+@needs_pandalm
+def test_pandalm_judge_alone_is_covered_or_declined(tmp_path):
+    """The judge alone: close pairs disagree about twice as often as confident ones, so the interval reaches up
+    to the models' disagreement (or the rate is declined); either way no interval that misses 0.156."""
+    path, truth = pandalm_table(tmp_path)
+    result = runner.invoke(app, ["audit", str(path), "--margin-col", "m", "--json"])
+    rate = json.loads(result.stdout)["noise_rate"]
+    assert rate["difficulty"]["ratio"] > 1.5 and rate["difficulty"]["p_value"] < 0.05
+    if rate["rate"] is None:
+        assert "close pairs disagree" in rate["reason"] and rate["at_least"] <= truth <= rate["at_most"]
+    else:
+        assert rate["low"] <= truth <= rate["high"] == rate["at_most"] and rate["close_pairs_note"]
+
+
+def test_gold_bad_input_exits_2_and_writes_nothing(tmp_path):
+    table = pl.DataFrame({
+        "prompt": ["p"] * 4, "chosen": ["a", "b", "c", "d"], "rejected": ["w", "x", "y", "z"],
+        "m": [1.0, -1.0, 2.0, 0.5], "g": ["chosen", None, "maybe", None], "empty": [None, None, None, "tie"],
+    })
+    path = tmp_path / "t.parquet"
+    table.write_parquet(path)
+    out = tmp_path / "o.parquet"
+    for gold, message in [
+        ("g", "--gold: column 'g', row 3: vote 'maybe' is not an accepted vote"),
+        ("empty", "--gold: column 'empty' has no gold vote for chosen or rejected"),
+        ("nope", "--gold: column 'nope' not found"),
+    ]:
+        result = runner.invoke(app, ["audit", str(path), "--margin-col", "m", "--gold", gold, "--out", str(out)])
+        assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.output
+        assert not out.exists()
+    both = runner.invoke(app, ["audit", str(path), "--annotators", "g", "--gold", "g"])
+    assert both.exit_code == 2 and "--gold" in both.stderr
