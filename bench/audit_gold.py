@@ -9,8 +9,8 @@ cached in bench/data/pandalm-dev-oof.csv so tests and reruns need no model.
     nice -n 10 .venv/bin/python bench/audit_gold.py --refit        # refit the fold models and rewrite the cache
 
 Reported: (1) the single-label verdict of the cross-fitted audit (judge alone); (2) the gold estimate with
-100 random gold pairs (seed 0), beside the gold-only exact interval; (3) over 500 random draws of 100 gold pairs,
-how often each interval covers the judge's rate on the slice and their mean widths.
+100 random gold pairs (seed 0), beside the gold-only exact interval; (3) over 500 random draws of 100 and of 120
+gold pairs, how often each interval covers the judge's rate on the slice and their mean widths.
 """
 
 from __future__ import annotations
@@ -117,18 +117,19 @@ def main() -> None:
     print("\n(2) 100 gold pairs (seed 0) + fold models:")
     print(json.dumps(gold.to_dict(), indent=1))
 
-    rows = []
-    for seed in range(args.draws):
-        draw = pandalm_pairs(gold=100, seed=seed).join(frame.select("idx", "oof_margin"), on="idx")
-        estimate = gold_estimate_of(draw, "gold")
-        rows.append({"covered": estimate.low <= truth <= estimate.high, "width": estimate.high - estimate.low,
-                     "gold_covered": estimate.gold_low <= truth <= estimate.gold_high,
-                     "gold_width": estimate.gold_high - estimate.gold_low, "weight": estimate.model_weight})
-    draws = pl.DataFrame(rows)
-    print(f"\n(3) {args.draws} draws of 100 gold pairs: combined covers {draws['covered'].mean():.3f}, mean width "
-          f"{draws['width'].mean():.3f}; gold-only covers {draws['gold_covered'].mean():.3f}, mean width "
-          f"{draws['gold_width'].mean():.3f}; model used (λ > 0) in {(draws['weight'] > 0).mean():.3f}")
-
+    for size in (100, 120):
+        rows = []
+        for seed in range(args.draws):
+            draw = pandalm_pairs(gold=size, seed=seed).join(frame.select("idx", "oof_margin"), on="idx")
+            estimate = gold_estimate_of(draw, "gold")
+            rows.append({"covered": estimate.low <= truth <= estimate.high, "width": estimate.high - estimate.low,
+                         "gold_covered": estimate.gold_low <= truth <= estimate.gold_high,
+                         "gold_width": estimate.gold_high - estimate.gold_low,
+                         "narrower": estimate.high - estimate.low < estimate.gold_high - estimate.gold_low})
+        draws = pl.DataFrame(rows)
+        print(f"\n(3) {args.draws} draws of {size} gold pairs: combined covers {draws['covered'].mean():.3f}, mean "
+              f"width {draws['width'].mean():.3f}; gold-only covers {draws['gold_covered'].mean():.3f}, mean width "
+              f"{draws['gold_width'].mean():.3f}; combined narrower in {draws['narrower'].mean():.3f}")
 
 if __name__ == "__main__":
     main()

@@ -287,7 +287,13 @@ def _print_margins(report: dict) -> None:
         console.print(f"estimated flip rate ε̂: undetermined — {safe(rate['reason'])}")
     else:
         interval = f" (95% interval {rate['low']:.3f}–{rate['high']:.3f})" if rate["low"] is not None else ""
-        console.print(f"estimated flip rate ε̂ = {rate['rate']:.3f}{interval}")
+        if rate.get("close_pairs_note"):  # ε̂ counts only the flips the models can see; the interval is wider
+            console.print(
+                f"flip rate within {rate['low']:.3f}–{rate['high']:.3f} (95%); the flips the fold models can see "
+                f"on confident pairs: ε̂ = {rate['rate']:.3f}"
+            )
+        else:
+            console.print(f"estimated flip rate ε̂ = {rate['rate']:.3f}{interval}")
         per_refit = ", ".join(f"{r['rate']:.3f}" for r in rate["refits"])
         console.print(
             f"  corrected for the models' own confident mistakes: {rate['own_error_bias']:.3f} of "
