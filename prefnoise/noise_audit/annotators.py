@@ -125,6 +125,35 @@ def annotator_rows(
     return rows
 
 
+def _stratified_rates(
+    votes: np.ndarray,
+    counts: np.ndarray,
+    table_class: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    position: bool,
+    bootstrap: int,
+    seed: int,
+    pseudo_count: float,
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...] | None]:
+    """One breakdown's group rates (point, bootstrap draws) from an EM whose prior is fitted per stratum
+    (the table's label × the rule's sides): with one prior for all pairs, every posterior would be pulled
+    toward the overall rate and the groups' rates toward each other. The stratum holds the table's label,
+    so its vote leaves the EM (counted twice, it would drive every stratum to agree with the table)."""
+    strata = 4 * table_class.astype(np.int64) + 2 * a.astype(np.int64) + b.astype(np.int64)
+    strata = np.unique(strata, return_inverse=True)[1].reshape(-1)
+    votes = votes[:, 1:] if position else votes
+    fit = D.fit_dawid_skene(votes, counts, symmetric=not position, strata=strata, pseudo_count=pseudo_count)
+    point = B.group_rates(D.wrong_label_probability(fit.posterior, table_class)[0], counts, a, b)
+    if bootstrap <= 0:
+        return point, None
+    weights, fits = D.bootstrap_fits(
+        votes, counts, bootstrap, seed, symmetric=not position, pseudo_count=pseudo_count, strata=strata
+    )
+    wrong = D.wrong_label_probability(_concatenate(fits)[0], table_class)
+    return point, B.group_rates(wrong, weights, a, b)
+
+
 def audit_with_annotators(
     codes: np.ndarray,
     names: list[str],
@@ -174,8 +203,12 @@ def audit_with_annotators(
     breakdowns = []
     for j, (rule, _) in enumerate(named_sides):
         a, b = patterns[:, votes.shape[1] + 2 * j], patterns[:, votes.shape[1] + 2 * j + 1]
-        point = B.group_rates(wrong, counts, a, b)
-        draws = None if weights is None else B.group_rates(draw_wrong, weights, a, b)
+        if rule == B.POSITION:  # the position frame's classes are the groups: the main fit serves
+            point = B.group_rates(wrong, counts, a, b)
+            draws = None if weights is None else B.group_rates(draw_wrong, weights, a, b)
+        else:
+            point, draws = _stratified_rates(pattern_votes, counts, table_class, a, b, position, bootstrap, seed,
+                                             pseudo_count)
         breakdowns.append(B.summarize(rule, point, draws))
     consensus = np.where(wrong < 0.5, "chosen", np.where(wrong > 0.5, "rejected", "tie"))
     return AnnotatorAudit(noise_rate, rows, breakdowns, wrong[inverse], consensus[inverse])

@@ -37,7 +37,7 @@ _CELLS_PER_CHUNK = 4_000_000  # bootstrap draws × patterns × annotators fitted
 
 @dataclass
 class DawidSkeneFit:
-    """One EM fit per row of weights: prior (B, 2), confusion (B, K, 2, 3), posterior (B, P, 2) and the
+    """One EM fit per row of weights: prior (B, S, 2) per stratum, confusion (B, K, 2, 3), posterior (B, P, 2) and the
     posterior-weighted vote counts (B, K, 2, 3) without pseudo-counts."""
 
     prior: np.ndarray
@@ -78,9 +78,15 @@ def one_hot(votes: np.ndarray) -> np.ndarray:
 
 
 def m_step(
-    posterior: np.ndarray, weights: np.ndarray, hot: np.ndarray, pseudo_count: float, symmetric: bool
+    posterior: np.ndarray,
+    weights: np.ndarray,
+    hot: np.ndarray,
+    pseudo_count: float,
+    symmetric: bool,
+    strata: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(prior (B, 2), confusion (B, K, 2, 3), raw counts (B, K, 2, 3)) from posteriors (B, P, 2) and weights (B, P)."""
+    """(prior (B, S, 2), confusion (B, K, 2, 3), raw counts (B, K, 2, 3)) from posteriors (B, P, 2) and
+    weights (B, P); one prior per stratum (``strata``: each pattern's, 0..S−1; one stratum when None)."""
     weighted = posterior * weights[:, :, None]
     draws, annotators = weights.shape[0], hot.shape[1] // 3
     counts = (weighted.transpose(0, 2, 1) @ hot).reshape(draws, 2, annotators, 3).transpose(0, 2, 1, 3)
@@ -93,15 +99,24 @@ def m_step(
             [np.stack([right, wrong, tie], axis=-1), np.stack([wrong, right, tie], axis=-1)], axis=2
         )
     confusion = smoothed / smoothed.sum(axis=3, keepdims=True)
-    prior = weighted.sum(axis=1) + pseudo_count
-    return prior / prior.sum(axis=1, keepdims=True), confusion, counts
+    membership = _membership(strata, weights.shape[1])
+    prior = np.einsum("bpy,ps->bsy", weighted, membership) + pseudo_count
+    return prior / prior.sum(axis=2, keepdims=True), confusion, counts
 
 
-def e_step(prior: np.ndarray, confusion: np.ndarray, hot: np.ndarray) -> np.ndarray:
-    """(B, P, 2) posteriors P(y | a pattern's votes)."""
+def _membership(strata: np.ndarray | None, patterns: int) -> np.ndarray:
+    """(P, S) indicators of each pattern's stratum."""
+    if strata is None:
+        return np.ones((patterns, 1))
+    return (np.asarray(strata)[:, None] == np.arange(int(np.max(strata)) + 1)[None, :]).astype(np.float64)
+
+
+def e_step(prior: np.ndarray, confusion: np.ndarray, hot: np.ndarray, strata: np.ndarray | None = None) -> np.ndarray:
+    """(B, P, 2) posteriors P(y | a pattern's votes), with the prior (B, S, 2) of each pattern's stratum."""
     draws, annotators = confusion.shape[:2]
     log_confusion = np.log(np.maximum(confusion, _TINY)).transpose(0, 2, 1, 3).reshape(draws, 2, annotators * 3)
-    log_joint = (log_confusion @ hot.T).transpose(0, 2, 1) + np.log(np.maximum(prior, _TINY))[:, None, :]
+    log_prior = np.log(np.maximum(prior, _TINY))[:, 0 if strata is None else np.asarray(strata), :]
+    log_joint = (log_confusion @ hot.T).transpose(0, 2, 1) + (log_prior if strata is not None else log_prior[:, None])
     log_joint -= log_joint.max(axis=2, keepdims=True)
     joint = np.exp(log_joint)
     return joint / joint.sum(axis=2, keepdims=True)
@@ -112,31 +127,39 @@ def fit_dawid_skene(
     weights: np.ndarray,
     *,
     symmetric: bool = False,
+    strata: np.ndarray | None = None,
     pseudo_count: float = PSEUDO_COUNT,
     max_iterations: int = MAX_ITERATIONS,
     tolerance: float = TOLERANCE,
 ) -> DawidSkeneFit:
     """EM on vote patterns ``votes`` (P × K frame classes) with pattern weights (P,) or (B, P), one fit per
-    row; every fit starts from the majority vote."""
+    row; every fit starts from the majority vote. ``strata`` (P,) gives each stratum its own prior."""
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
     hot = one_hot(votes)
     posterior = np.broadcast_to(majority_start(votes), (weights.shape[0], *votes.shape[:1], 2)).copy()
     converged = False
     iteration = 0
     for iteration in range(1, max_iterations + 1):  # noqa: B007
-        prior, confusion, counts = m_step(posterior, weights, hot, pseudo_count, symmetric)
-        updated = e_step(prior, confusion, hot)
+        prior, confusion, counts = m_step(posterior, weights, hot, pseudo_count, symmetric, strata)
+        updated = e_step(prior, confusion, hot, strata)
         change = float(np.abs(updated - posterior).max()) if updated.size else 0.0
         posterior = updated
         if change < tolerance:
             converged = True
             break
-    prior, confusion, counts = m_step(posterior, weights, hot, pseudo_count, symmetric)
+    prior, confusion, counts = m_step(posterior, weights, hot, pseudo_count, symmetric, strata)
     return DawidSkeneFit(prior, confusion, posterior, counts, iteration, converged)
 
 
 def bootstrap_fits(
-    votes: np.ndarray, counts: np.ndarray, draws: int, seed: int, *, symmetric: bool, pseudo_count: float
+    votes: np.ndarray,
+    counts: np.ndarray,
+    draws: int,
+    seed: int,
+    *,
+    symmetric: bool,
+    pseudo_count: float,
+    strata: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[DawidSkeneFit]]:
     """``draws`` bootstrap resamples of the pairs as multinomial pattern weights (draws × P), and the EM
     refitted on each (in batches that bound memory)."""
@@ -145,7 +168,9 @@ def bootstrap_fits(
     weights = rng.multinomial(total, counts / total, size=draws).astype(np.float64)
     per_batch = max(1, _CELLS_PER_CHUNK // max(1, votes.shape[0] * votes.shape[1]))
     fits = [
-        fit_dawid_skene(votes, weights[start : start + per_batch], symmetric=symmetric, pseudo_count=pseudo_count)
+        fit_dawid_skene(
+            votes, weights[start : start + per_batch], symmetric=symmetric, strata=strata, pseudo_count=pseudo_count
+        )
         for start in range(0, draws, per_batch)
     ]
     return weights, fits

@@ -145,9 +145,11 @@ def _annotator_evidence(
     audit = audit_with_annotators(
         codes, names, chosen_first=chosen_first, groups=groups, bootstrap=options.bootstrap, seed=options.seed
     )
-    scored = frame.with_columns(
-        pl.Series(SUSPICION, audit.suspicion, dtype=pl.Float64),
-        pl.Series(CONSENSUS, audit.consensus, dtype=pl.String),
+    scored = frame.with_columns(  # null while the rate is undetermined
+        pl.Series(SUSPICION, audit.suspicion, dtype=pl.Float64) if audit.suspicion is not None
+        else pl.lit(None, dtype=pl.Float64).alias(SUSPICION),
+        pl.Series(CONSENSUS, audit.consensus, dtype=pl.String) if audit.consensus is not None
+        else pl.lit(None, dtype=pl.String).alias(CONSENSUS),
     )
     extra = {
         "input": None, "pairs": frame.height, "method": "annotators", "folds": None, "refits": None, "loss": None,
