@@ -18,6 +18,7 @@ from prefnoise.api.tables import (
     gather_input_options,
     input_table,
     no_bar,
+    output_name,
     path_of,
     raw_lazy,
 )
@@ -119,6 +120,7 @@ def audit(
 
         margin_histogram(outcome.table["oof_margin"].to_numpy(), getattr(outcome.estimate, "mixture", None), plot)
     outcome.summary["input"] = src.name
+    outcome.summary["output"] = output_name(out)
     return AuditResult(outcome.table, outcome.estimate, outcome.summary)
 
 
