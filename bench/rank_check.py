@@ -7,7 +7,7 @@
     .venv/bin/python bench/rank_check.py --anchor-only                       # per-prompt Spearman vs polars
 
 Generates N pairs (2 responses each, N/2 prompts, 20% flipped) with a true score and a noisy learned
-reward, writes Parquet, then times in the same run: (1) `prefnoise.rank.rank_report` on a lazy scan
+reward, writes Parquet, then times in the same run: (1) `prefnoise.metrics.rank_report` on a lazy scan
 (overall + split by `flipped`, 1000 bootstrap resamples); (2) a baseline: pandas for agreement and
 ties, scipy.stats.kendalltau / spearmanr over all responses (overall and per flipped value), a pandas
 groupby for per-prompt preservation, and a naive bootstrap (numpy resampling, 200 replicates, timed
@@ -71,7 +71,7 @@ def make_pairs(n: int, seed: int = 0) -> pl.DataFrame:
 
 
 def prefnoise_report(path: Path, memory_responses: int) -> dict:
-    from prefnoise.rank import rank_report
+    from prefnoise.metrics import rank_report
 
     report = rank_report(pl.scan_parquet(path), n_boot=1000, memory_responses=memory_responses)
     m = report.overall
@@ -146,7 +146,7 @@ def polars_spearman(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
 
 def anchor_report(path: Path) -> dict:
     """Per-prompt Spearman: prefnoise's kernels against polars on the same in-memory responses."""
-    from prefnoise.rankstats import grouped_stats, orders, rank_stats
+    from prefnoise.metrics.rankstats import grouped_stats, orders, rank_stats
 
     long = long_responses(path)
     prompt, x, y = long["prompt"].to_numpy(), long["x"].to_numpy(), long["y"].to_numpy()
@@ -226,7 +226,7 @@ def run_child(which: str, path: Path, memory_responses: int) -> dict:
 
 
 def main() -> None:
-    from prefnoise.rank import DEFAULT_MEMORY_RESPONSES
+    from prefnoise.metrics import DEFAULT_MEMORY_RESPONSES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)

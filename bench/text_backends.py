@@ -4,7 +4,7 @@ Train on UltraFeedback (the 1000 TRL train rows plus the cleaned-1k file, rows w
 identical response dropped), test on the disjoint eval200 file: agreement = share of eval pairs
 whose learned margin r(chosen) − r(rejected) has the sign of GPT-4's score_chosen − score_rejected
 (pairs GPT-4 scores equal are left out; a predicted tie counts 1/2), with the project's bootstrap
-95% interval (`prefnoise.rank.pairwise_agreement`; every eval prompt is distinct, so it resamples
+95% interval (`prefnoise.metrics.pairwise_agreement`; every eval prompt is distinct, so it resamples
 pairs). Then the grid: sigmoid / ramp / logistic × symmetric noise 0/20/40% on the training labels
 (`prefnoise.noise`), on the best frozen-feature backend, several seeds.
 
@@ -31,8 +31,8 @@ import torch
 
 from prefnoise import columns as C
 from prefnoise.data import read_table
+from prefnoise.metrics import pairwise_agreement
 from prefnoise.noise import NoiseSpec, corrupt_frame
-from prefnoise.rank import pairwise_agreement
 from prefnoise.reward import fit_reward_model, score_table
 from prefnoise.reward.train import build_reward_model, save_reward_model
 

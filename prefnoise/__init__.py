@@ -53,7 +53,7 @@ _EXPORTS = {
         "score_table",
         "score_responses",
     ),
-    "prefnoise.rank": ("rank_report", "pairwise_agreement", "kendall_tau_b", "spearman_rho"),
+    "prefnoise.metrics": ("rank_report", "pairwise_agreement", "kendall_tau_b", "spearman_rho"),
     "prefnoise.noise_audit": ("estimate_noise_rate", "out_of_fold_margins"),
     "prefnoise.heldout": ("split_table", "mark_seen", "read_training_pairs"),
 }

@@ -657,7 +657,7 @@ def train(
     digests = gather_object([weights_digest(accelerator.unwrap_model(model))])
     save_final_model(accelerator, model, run.tokenizer, out / MODEL_DIR, cfg, run.config)
     summary = {
-        "out": str(out), "model": str(out / MODEL_DIR), "loss": cfg.loss, **eps_of(cfg),
+        "input": source, "output": str(out), "model": str(out / MODEL_DIR), "loss": cfg.loss, **eps_of(cfg),
         "loss_params": loss_params_of(cfg), "loss_level": loss_level(cfg),
         **{k: v for k, v in asdict(plan).items() if k != "memory_estimate_bytes"},
         "memory_estimate_bytes": plan.memory_estimate_bytes,

@@ -1,7 +1,8 @@
 """Canonical column names of the preference table: the one place they are spelled.
 
-A row is one preference pair. ``chosen_<name>`` / ``rejected_<name>`` columns describe one
-response each and travel with it when a label is flipped; every other column describes the pair.
+A row is one preference pair. ``chosen_<name>`` / ``rejected_<name>`` columns (and
+``<name>_chosen`` / ``<name>_rejected``, as TRL's ``score_chosen``) describe one response each and
+travel with it when a label is flipped; every other column describes the pair.
 Inside struct columns (at any depth) the fields ``chosen_<name>``/``rejected_<name>`` and
 ``<name>_chosen``/``<name>_rejected`` are per-response too and swap with their response (e.g.
 UltraFeedback's ``metadata.score_chosen``/``score_rejected``, ``chosen_model``/``rejected_model``).
@@ -47,6 +48,19 @@ def response_fields(column_names: list[str] | tuple[str, ...]) -> list[str]:
         for name in column_names
         if name.startswith(CHOSEN_PREFIX) and rejected(name[len(CHOSEN_PREFIX) :]) in names
     ]
+
+
+def response_column_pairs(column_names: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """(chosen column, rejected column) of every top-level per-response pair, swapped together on a
+    flip: ``chosen_<f>``/``rejected_<f>`` and ``<f>_chosen``/``<f>_rejected`` (TRL's
+    ``score_chosen``/``score_rejected``)."""
+    names = list(column_names)
+    pairs = [(chosen(field), rejected(field)) for field in response_fields(names)]
+    for name in names:
+        partner = name[: -len(CHOSEN)] + REJECTED if name.endswith("_" + CHOSEN) else None
+        if partner is not None and len(name) > len(CHOSEN) + 1 and partner in names and (name, partner) not in pairs:
+            pairs.append((name, partner))
+    return pairs
 
 
 def struct_partner(name: str, names: list[str] | tuple[str, ...]) -> str | None:

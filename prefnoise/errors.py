@@ -16,3 +16,8 @@ class PrefnoiseError(ValueError):
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
+
+
+class PrefnoiseWarning(UserWarning):
+    """Something a person must know that does not stop the command (e.g. an unreadable provenance
+    history that restarts); the CLI prints it as one ``Warning:`` line on stderr."""

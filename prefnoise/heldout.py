@@ -75,7 +75,7 @@ def unseen_mask(frame: pl.DataFrame) -> np.ndarray:
 def agreement_summary(scored: pl.DataFrame) -> dict[str, object]:
     """Agreement of the learned margins with the given (and, with ``flipped``, the clean) labels, on all
     rows and on the rows the model never saw, by the one tie rule (a predicted tie counts 1/2)."""
-    from prefnoise.rank import tie_half_accuracy
+    from prefnoise.metrics import tie_half_accuracy
 
     margin = (scored[C.chosen(C.REWARD)] - scored[C.rejected(C.REWARD)]).to_numpy()
     clean_sign = (

@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 
 from prefnoise import columns as C
-from prefnoise.data import path_dtype, path_expr, resolve_path
+from prefnoise.data import path_dtype, path_expr, resolve_path, score_hint
 from prefnoise.errors import PrefnoiseError
 
 NOISE_MODELS = ("symmetric", "asymmetric", "bt", "uniform")
@@ -133,6 +133,7 @@ def _check_columns(spec: NoiseSpec, schema: pl.Schema) -> None:
         if missing:
             raise PrefnoiseError(
                 f"--noise bt needs true scores in {' and '.join(needed)}; missing {', '.join(missing)}"
+                f"{score_hint(schema)}"
             )
         for column in needed:
             if not schema[column].is_numeric():
@@ -376,7 +377,8 @@ def exact_thresholds(batches: Iterable[pl.DataFrame], spec: NoiseSpec, *, name: 
 
 
 def swap_responses(frame: pl.DataFrame, mask: np.ndarray | pl.Series) -> pl.DataFrame:
-    """Swap chosen/rejected and every chosen_<f>/rejected_<f> where ``mask``; XOR it into ``flipped``.
+    """Swap chosen/rejected and every chosen_<f>/rejected_<f> (and <f>_chosen/<f>_rejected) where
+    ``mask``; XOR it into ``flipped``.
 
     Struct columns (e.g. UltraFeedback's ``metadata``) have their per-response fields swapped too,
     at any nesting depth: ``chosen_X``/``rejected_X`` and ``X_chosen``/``X_rejected`` (the rule of
@@ -385,13 +387,11 @@ def swap_responses(frame: pl.DataFrame, mask: np.ndarray | pl.Series) -> pl.Data
     flip = pl.Series("__flip", mask, dtype=pl.Boolean)
     frame = frame.with_columns(flip)
     swaps = []
-    for field_name in [None, *C.response_fields(frame.columns)]:
-        chosen_col = C.CHOSEN if field_name is None else C.chosen(field_name)
-        rejected_col = C.REJECTED if field_name is None else C.rejected(field_name)
+    pairs = C.response_column_pairs(frame.columns)
+    for chosen_col, rejected_col in [(C.CHOSEN, C.REJECTED), *pairs]:
         swaps.append(pl.when("__flip").then(pl.col(rejected_col)).otherwise(pl.col(chosen_col)).alias(chosen_col))
         swaps.append(pl.when("__flip").then(pl.col(chosen_col)).otherwise(pl.col(rejected_col)).alias(rejected_col))
-    fields = C.response_fields(frame.columns)
-    paired = {C.chosen(f) for f in fields} | {C.rejected(f) for f in fields}
+    paired = {name for pair in pairs for name in pair}
     for column, dtype in frame.schema.items():
         if isinstance(dtype, pl.Struct) and column not in paired:
             swapped = _swap_struct_fields(pl.col(column), dtype, pl.col("__flip"))
@@ -542,3 +542,15 @@ def corrupt_frame(frame: pl.DataFrame, spec: NoiseSpec) -> tuple[pl.DataFrame, C
     thresholds = exact_thresholds([frame], spec) if spec.exact else None
     out = next(corrupt_batches([frame], spec, stats=stats, thresholds=thresholds))
     return out, stats
+
+
+def judge_flip_probability(
+    true_margin: np.ndarray, temperature: float, shorter_is_better: np.ndarray | None = None, length_bias: float = 0.0
+) -> np.ndarray:
+    """A judge's chance of preferring the worse response: σ(−|Δ|/T) (1/2 on a tie, falling as the true margin Δ
+    grows: instance-dependent noise), plus ``length_bias`` on the pairs where the better response is the shorter
+    one (a judge that prefers the longer answer); capped at 1."""
+    close = bradley_terry_flip_probability(np.abs(np.asarray(true_margin, dtype=np.float64)), 0.0, temperature)
+    if shorter_is_better is None:
+        return close
+    return np.minimum(close + length_bias * np.asarray(shorter_is_better, dtype=bool), 1.0)

@@ -39,10 +39,13 @@ def as_kind(frame: pl.DataFrame, kind: str):
 
 
 def cli_json(*args, code: int = 0) -> dict:
-    """Run ``prefnoise ARGS... --json`` in-process (expecting exit ``code``); its JSON object."""
+    """Run ``prefnoise ARGS... --json`` in-process (expecting exit ``code``); its JSON object without
+    ``schema_version`` (the one key the CLI adds to the API's summary)."""
     result = invoke(*args, "--json")
     assert result.exit_code == code, result.output
-    return json.loads(result.stdout)
+    payload = json.loads(result.stdout)
+    assert payload.pop("schema_version") == 1
+    return payload
 
 
 def without(summary: dict, *keys: str) -> dict:
@@ -177,22 +180,29 @@ def test_score_and_rank_check_equal_the_cli(feature_pairs, reward_dir, tmp_path,
     if kind == "pandas":  # pandas has no fixed-size arrays: the feature vectors come back as lists
         cli_table = cli_table.with_columns(pl.col("^.*_features$").cast(pl.List(pl.Float32)))
     assert_frame_equal(scored.table, cli_table)
-    assert without(scored.summary, "output", "rows", *TIMING) == without(expected, "output", "rows", *TIMING)
+    assert without(scored.summary, "input", "output", "rows", *TIMING) == without(
+        expected, "input", "output", "rows", *TIMING)
+    assert expected["input"] == str(path) and scored.summary["input"].startswith("<")  # a path; an in-memory table
     assert scored.summary["seen"] == expected["seen"] and expected["seen"]["train"] > 0
 
     rank_cli = cli_json("rank-check", scored_path, "--bootstrap", "100", "--min-agreement", "0.99", code=1)
     report = pn.rank_check(as_kind(scored.table, kind), bootstrap=100, min_agreement=0.99)
-    assert without(report.summary, "source") == without(rank_cli, "source")
-    assert not report.passed and report.failures == rank_cli["gate_failures"] != []
+    assert without(report.summary, "input") == without(rank_cli, "input")
+    assert rank_cli["gates"] == [
+        {"metric": "agreement", "op": ">=", "threshold": 0.99, "value": rank_cli["overall"]["agreement"]["value"],
+         "passed": False}
+    ]
+    value = rank_cli["overall"]["agreement"]["value"]
+    assert not report.passed and report.failures == [f"agreement {value:.4f} < 0.99"]
 
 
 def test_rank_check_with_a_model_scores_first(feature_pairs, reward_dir, tmp_path):
     frame, path = feature_pairs
     direct = pn.rank_check(pn.score(reward_dir, frame).table, bootstrap=50, group_by="in_training")
     via_model = pn.rank_check(frame, model=reward_dir, bootstrap=50, group_by="in_training")
-    assert without(via_model.summary, "source") == without(direct.summary, "source")
+    assert without(via_model.summary, "input") == without(direct.summary, "input")
     cli = cli_json("rank-check", path, "--model", reward_dir, "--bootstrap", "50", "--group-by", "in_training")
-    assert without(cli, "source") == without(direct.summary, "source")
+    assert without(cli, "input") == without(direct.summary, "input")
 
 
 def test_fit_reward_on_every_table_type_matches_the_cli(feature_pairs, reward_dir, tmp_path):
@@ -203,7 +213,7 @@ def test_fit_reward_on_every_table_type_matches_the_cli(feature_pairs, reward_di
         assert fit.summary["final"] == cli["final"], kind
         assert fit.model.backend == "mlp"
     saved = pn.fit_reward(frame, tmp_path / "rm", epochs=3, seed=1)
-    assert (tmp_path / "rm" / "reward_config.json").is_file() and saved.summary["out"] == str(tmp_path / "rm")
+    assert (tmp_path / "rm" / "reward_config.json").is_file() and saved.summary["output"] == str(tmp_path / "rm")
     scores = [pn.score(m, frame).table["chosen_reward"] for m in (saved, tmp_path / "rm", saved.model)]
     assert scores[0].to_list() == scores[1].to_list() == scores[2].to_list()
 
@@ -229,7 +239,8 @@ def test_align_dry_run_equals_the_cli(lm_path, text_pairs):
     for kind in ("polars", "dataset"):
         plan = pn.align(as_kind(frame, kind), model=lm_path, dry_run=True, max_length=64, max_prompt_length=32,
                         batch_size=4)
-        assert plan.dry_run and plan.summary == cli
+        assert plan.dry_run and without(plan.summary, "input") == without(cli, "input")
+    assert cli["input"] == str(path)
     with pytest.raises(PrefnoiseError, match="unknown option 'betta'"):
         pn.align(frame, model=lm_path, dry_run=True, betta=0.1)
     with pytest.raises(PrefnoiseError, match="--out DIR is required"):

@@ -40,7 +40,8 @@ def test_json_report_and_passing_gate(tmp_path):
     report = json.loads(result.stdout)
     assert 0.6 < report["overall"]["agreement"]["value"] < 1.0
     assert set(report["splits"]["flipped"]) == {"false", "true"}
-    assert report["gate_failures"] == []
+    value = report["overall"]["agreement"]["value"]
+    assert report["gates"] == [{"metric": "agreement", "op": ">=", "threshold": 0.6, "value": value, "passed": True}]
 
 
 def test_failing_gates_exit_1_after_printing(tmp_path):

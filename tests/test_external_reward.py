@@ -105,7 +105,7 @@ def test_rank_check_with_a_model_scores_first(built, tmp_path):
     expected = invoke("rank-check", scored, "--json", "--bootstrap", "50")
     direct = invoke("rank-check", built["plain"], "--model", built["rm"], "--json", "--bootstrap", "50")
     assert direct.exit_code == expected.exit_code == 0, direct.output
-    assert {**json.loads(direct.stdout), "source": None} == {**json.loads(expected.stdout), "source": None}
+    assert {**json.loads(direct.stdout), "input": None} == {**json.loads(expected.stdout), "input": None}
 
 
 def hub_cache(home: Path, repo_id: str, model: Path) -> None:

@@ -90,7 +90,12 @@ def test_score_columns_map_struct_fields_and_the_struct_keeps_its_other_fields(t
     table = open_source(path, columns=columns).collect()
     assert table["chosen_score"].to_list() == [9.0, 5.0, 3.0, 7.0]
     assert table["rejected_score"].to_list() == [1.0, 4.0, 6.0, 7.0]
-    assert table.schema["metadata"] == pl.Struct({"model": pl.String})
+    # a score pair named after its responses stays in its struct (it swaps with them on a flip)
+    assert table.schema["metadata"] == pl.Struct(
+        {"score_chosen": pl.Float64, "score_rejected": pl.Float64, "model": pl.String}
+    )
+    assert table["metadata"].struct.field("score_chosen").to_list() == [9.0, 5.0, 3.0, 7.0]
+    assert table["metadata"].struct.field("score_rejected").to_list() == [1.0, 4.0, 6.0, 7.0]
 
 
 @pytest.mark.parametrize(
@@ -138,7 +143,11 @@ def test_ultrafeedback_bt_noise_flips_by_score_gap(tmp_path, uf_path):
     raw = {(r["prompt"], r["chosen"], r["rejected"]): r["metadata"] for r in _raw(uf_path)}
     table = pl.read_parquet(out)
     assert table.height == summary["rows"] == 994  # 6 invalid rows dropped (README quirks)
-    assert "metadata" not in table.columns  # both of its fields moved to chosen_score/rejected_score
+    # the user's struct stays (TRL's names), its scores swapped with their responses like the copies
+    assert table.schema["metadata"] == pl.Struct({"score_chosen": pl.Float64, "score_rejected": pl.Float64})
+    kept = table["metadata"].struct.unnest()
+    assert kept["score_chosen"].to_list() == table["chosen_score"].to_list()
+    assert kept["score_rejected"].to_list() == table["rejected_score"].to_list()
     assert read_history(out)[-1]["input"]["columns"] == {
         "chosen_score": "metadata.score_chosen",
         "rejected_score": "metadata.score_rejected",

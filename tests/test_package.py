@@ -11,9 +11,9 @@ import prefnoise
 
 
 def test_top_level_names_resolve_lazily():
-    assert prefnoise.read_table.__module__ == "prefnoise.data"
+    assert prefnoise.read_table.__module__ == "prefnoise.data.read"
     assert prefnoise.NoiseSpec.__module__ == "prefnoise.noise"
-    assert prefnoise.rank_report.__module__ == "prefnoise.rank"
+    assert prefnoise.rank_report.__module__ == "prefnoise.metrics.report"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         prefnoise.nope  # noqa: B018
 

@@ -7,7 +7,8 @@ import polars as pl
 import pytest
 import scipy.stats
 
-from prefnoise import rank, rankstats
+from prefnoise import metrics
+from prefnoise.metrics import builder, rankstats
 
 
 def pairs(chosen_reward, rejected_reward, chosen_score, rejected_score, prompts=None, **extra):
@@ -30,7 +31,7 @@ def pairs(chosen_reward, rejected_reward, chosen_score, rejected_score, prompts=
 def test_pair_table_by_hand():
     # pair 0 right, 1 wrong, 2 predicted tie (half), 3 true tie (excluded)
     table = pairs([2.0, 0.0, 1.0, 5.0], [1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 3.0, 2.0], [0.0, 0.0, 1.0, 2.0])
-    report = rank.rank_report(table, n_boot=200, worst=1)
+    report = metrics.rank_report(table, n_boot=200, worst=1)
     a = report.overall.agreement
     assert a.value == pytest.approx((1 + 0 + 0.5) / 3)
     assert (a.pairs, a.true_ties, a.pred_ties) == (3, 1, 1)
@@ -46,7 +47,7 @@ def test_prompt_with_three_responses_by_hand():
     table = pairs(
         [1.0, 3.0, 1.0], [3.0, 0.0, 0.0], [3.0, 2.0, 3.0], [2.0, 1.0, 1.0], prompts=["q", "q", "q"]
     ).with_columns(chosen=pl.Series(["a", "b", "a"]), rejected=pl.Series(["b", "c", "c"]))
-    m = rank.rank_report(table, n_boot=0).overall
+    m = metrics.rank_report(table, n_boot=0).overall
     assert m.agreement.value == pytest.approx(2 / 3)
     assert m.responses == 3  # the pairs reshaped to 3 distinct responses
     # true (3,2,1) vs predicted (1,3,0): concordant 2, discordant 1 -> tau = (2-1)/3
@@ -65,7 +66,7 @@ def test_long_table_with_ties_by_hand():
             "score": [3.0, 2.0, 1.0, 2.0, 1.0, 1.0, 1.0],
         }
     )
-    m = rank.rank_report(long, n_boot=100).overall
+    m = metrics.rank_report(long, n_boot=100).overall
     # a: (3>2 right, 3>1 right, 2 vs 1 predicted tie = 0.5); b: reversed; c: true tie, excluded
     assert m.agreement.value == pytest.approx((1 + 1 + 0.5 + 0) / 4)
     assert (m.agreement.pairs, m.agreement.true_ties, m.agreement.pred_ties) == (4, 1, 1)
@@ -80,7 +81,7 @@ def test_labels_are_the_reference_without_scores():
     table = pairs([2.0, 0.0, 1.0, 3.0], [1.0, 1.0, 1.0, 0.0], [0.0] * 4, [0.0] * 4).drop(
         "chosen_score", "rejected_score"
     )
-    report = rank.rank_report(table, n_boot=50)
+    report = metrics.rank_report(table, n_boot=50)
     assert report.reference == "labels"
     assert report.overall.agreement.value == pytest.approx((1 + 0 + 0.5 + 1) / 4)
     assert report.overall.kendall_tau_b is None
@@ -96,7 +97,7 @@ def test_perfect_and_reversed_rewards():
         list(s[:, 1]),
         prompts=[f"p{i % 50}" for i in range(200)],
     )
-    m = rank.rank_report(table, n_boot=100).overall
+    m = metrics.rank_report(table, n_boot=100).overall
     for value in (
         m.agreement.value,
         m.preservation.value,
@@ -107,7 +108,7 @@ def test_perfect_and_reversed_rewards():
     ):
         assert value == pytest.approx(1.0)
     reversed_ = table.with_columns(-pl.col("chosen_reward"), -pl.col("rejected_reward"))
-    r = rank.rank_report(reversed_, n_boot=100).overall
+    r = metrics.rank_report(reversed_, n_boot=100).overall
     assert r.agreement.value == 0.0 and r.preservation.value == 0.0
     assert r.kendall_tau_b == pytest.approx(-1.0) and r.spearman_rho == pytest.approx(-1.0)
 
@@ -117,8 +118,8 @@ def test_kendall_and_spearman_match_scipy(n, levels):
     rng = np.random.default_rng(n)
     x = rng.integers(0, levels, n).astype(float)
     y = x + rng.integers(0, levels, n)
-    assert rank.kendall_tau_b(x, y) == pytest.approx(scipy.stats.kendalltau(x, y).statistic, abs=1e-12)
-    assert rank.spearman_rho(x, y) == pytest.approx(scipy.stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert metrics.kendall_tau_b(x, y) == pytest.approx(scipy.stats.kendalltau(x, y).statistic, abs=1e-12)
+    assert metrics.spearman_rho(x, y) == pytest.approx(scipy.stats.spearmanr(x, y).statistic, abs=1e-12)
 
 
 def test_grouped_rank_stats_match_scipy_per_group():
@@ -142,7 +143,7 @@ def test_split_by_flipped_and_group_by():
         flipped=[False, True, False, True],
         source=["x", "x", "y", "y"],
     )
-    report = rank.rank_report(table, group_by=["source"], n_boot=50)
+    report = metrics.rank_report(table, group_by=["source"], n_boot=50)
     assert report.splits["flipped"]["false"].agreement.value == 1.0
     assert report.splits["flipped"]["true"].agreement.value == 0.0
     assert report.splits["source"]["x"].agreement.value == 0.5
@@ -154,7 +155,7 @@ def test_bootstrap_interval_contains_estimate_and_shrinks_with_n():
     def width(n):
         s = rng.normal(size=(n, 2))
         noisy = s + rng.normal(size=(n, 2))
-        a = rank.pairwise_agreement(
+        a = metrics.pairwise_agreement(
             pairs(list(noisy[:, 0]), list(noisy[:, 1]), list(s[:, 0]), list(s[:, 1])), n_boot=500, seed=0
         )
         assert a.low <= a.value <= a.high
@@ -166,7 +167,7 @@ def test_bootstrap_interval_contains_estimate_and_shrinks_with_n():
 
 def test_bootstrap_is_seeded():
     table = pairs([2.0, 0.0, 1.0] * 30, [1.0, 1.0, 1.0] * 30, [1.0] * 90, [0.0] * 90)
-    a, b = (rank.pairwise_agreement(table, n_boot=300, seed=7) for _ in range(2))
+    a, b = (metrics.pairwise_agreement(table, n_boot=300, seed=7) for _ in range(2))
     assert (a.low, a.high) == (b.low, b.high)
 
 
@@ -174,9 +175,9 @@ def test_missing_columns_are_clear_errors():
     from prefnoise.errors import PrefnoiseError
 
     with pytest.raises(PrefnoiseError, match="chosen_reward"):
-        rank.rank_report(pl.DataFrame({"prompt": ["p"], "chosen": ["a"], "rejected": ["b"]}))
+        metrics.rank_report(pl.DataFrame({"prompt": ["p"], "chosen": ["a"], "rejected": ["b"]}))
     with pytest.raises(PrefnoiseError, match="--group-by column 'nope'"):
-        rank.rank_report(pairs([1.0], [0.0], [1.0], [0.0]), group_by=["nope"])
+        metrics.rank_report(pairs([1.0], [0.0], [1.0], [0.0]), group_by=["nope"])
 
 
 @pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
@@ -198,7 +199,7 @@ def test_small_groups_and_numpy_fallback_match_scipy(monkeypatch):
         assert stats["rho"][i] == pytest.approx(expect_rho, abs=1e-12, nan_ok=True)
     # without scipy's compiled count, the numpy bit passes give the same tau
     monkeypatch.setattr(rankstats, "_scipy_discordant", None)
-    assert rank.kendall_tau_b(x, y) == pytest.approx(scipy.stats.kendalltau(x, y).statistic, abs=1e-12)
+    assert metrics.kendall_tau_b(x, y) == pytest.approx(scipy.stats.kendalltau(x, y).statistic, abs=1e-12)
 
 
 def random_pairs(rng, n, levels, n_prompts, texts):
@@ -225,13 +226,13 @@ class BucketSpy:
 
     def __init__(self, monkeypatch):
         self.counts = []
-        real = rank.Buckets
+        real = builder.Buckets
 
         def make(dtype, n, temp_dir=None):
             self.counts.append(n)
             return real(dtype, n, temp_dir)
 
-        monkeypatch.setattr(rank, "Buckets", make)
+        monkeypatch.setattr(builder, "Buckets", make)
 
 
 @pytest.mark.parametrize(
@@ -256,9 +257,9 @@ def test_partitioned_report_equals_in_memory(kind, levels, n_prompts, texts, tmp
         if kind == "labels":
             table = table.drop("chosen_score", "rejected_score")
     options = {"group_by": ["source"], "n_boot": 200, "seed": 3, "worst": 4}
-    whole = rank.rank_report(table, **options).to_dict()
+    whole = metrics.rank_report(table, **options).to_dict()
     spy = BucketSpy(monkeypatch)
-    split = rank.rank_report(table, memory_responses=37, temp_dir=tmp_path, **options).to_dict()
+    split = metrics.rank_report(table, memory_responses=37, temp_dir=tmp_path, **options).to_dict()
     assert spy.counts[0] >= 19 and (kind == "labels" or min(spy.counts[1:]) >= 5)
     assert _same(split, whole)
     assert list(tmp_path.iterdir()) == []  # the spilled buckets are gone
@@ -282,7 +283,7 @@ def test_partitioned_tau_and_rho_match_scipy_over_all_responses(x_levels, y_leve
     score = rng.integers(0, x_levels, 5000).astype(float)
     reward = np.floor(score * y_levels / x_levels) + rng.integers(0, 3, 5000)
     long = pl.DataFrame({"prompt_id": rng.integers(0, 900, 5000), "reward": reward, "score": score})
-    m = rank.rank_report(long, n_boot=0, memory_responses=300).overall
+    m = metrics.rank_report(long, n_boot=0, memory_responses=300).overall
     assert m.kendall_tau_b == pytest.approx(scipy.stats.kendalltau(score, reward).statistic, abs=1e-12)
     assert m.spearman_rho == pytest.approx(scipy.stats.spearmanr(score, reward).statistic, abs=1e-12)
     assert m.responses == 5000
@@ -292,11 +293,27 @@ def test_progress_adds_up_to_100_and_errors_leave_no_files(tmp_path):
     rng = np.random.default_rng(2)
     table = random_pairs(rng, 300, 50, 30, 10**6)
     steps = []
-    rank.rank_report(table, n_boot=0, memory_responses=50, temp_dir=tmp_path, on_progress=steps.append)
+    metrics.rank_report(table, n_boot=0, memory_responses=50, temp_dir=tmp_path, on_progress=steps.append)
     assert sum(steps) == 100 and all(s > 0 for s in steps)
     nan_only = table.with_columns(chosen_reward=pl.lit(float("nan")))
     from prefnoise.errors import PrefnoiseError
 
     with pytest.raises(PrefnoiseError, match="no rows"):
-        rank.rank_report(nan_only, memory_responses=50, temp_dir=tmp_path)
+        metrics.rank_report(nan_only, memory_responses=50, temp_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gates_are_objects_and_a_metric_that_cannot_be_computed_fails():
+    from prefnoise.metrics.gates import failed_gate_lines, gate_results
+    from prefnoise.metrics.results import Agreement, Preservation, RankMetrics
+
+    overall = RankMetrics(rows=4, agreement=Agreement(0.75, None, None, 4, 0, 0),
+                          preservation=Preservation(None, 0, 0, 2), kendall_tau_b=0.5)
+    gates = gate_results(overall, min_agreement=0.75, min_kendall=0.6, min_preservation=0.1)
+    assert gates == [
+        {"metric": "agreement", "op": ">=", "threshold": 0.75, "value": 0.75, "passed": True},  # equal passes
+        {"metric": "kendall_tau_b", "op": ">=", "threshold": 0.6, "value": 0.5, "passed": False},
+        {"metric": "preservation", "op": ">=", "threshold": 0.1, "value": None, "passed": False},
+    ]
+    assert failed_gate_lines(gates) == ["kendall_tau_b 0.5000 < 0.6", "preservation n/a < 0.1"]
+    assert gate_results(overall, None, None, None) == []

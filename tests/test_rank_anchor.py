@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from prefnoise.rankstats import group_codes, rank_stats
+from prefnoise.metrics.rankstats import group_codes, rank_stats
 
 
 def test_group_codes_by_hand():

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from prefnoise.cli import app
-from prefnoise.rank import rank_report
+from prefnoise.metrics import rank_report
 
 runner = CliRunner()
 PROMPTS, PER_PROMPT, RIGHT = 20, 50, 14  # 14 of 20 prompts ranked entirely right, 6 entirely wrong
@@ -89,7 +89,7 @@ def test_cli_json_names_the_interval(tmp_path):
 
 
 def test_pairwise_agreement_resamples_prompts_too():
-    from prefnoise.rank import pairwise_agreement
+    from prefnoise.metrics import pairwise_agreement
 
     a = pairwise_agreement(clustered_pairs(), n_boot=2000, seed=1)
     assert a.value == pytest.approx(0.7) and 0.3 <= a.high - a.low <= 0.55
@@ -98,7 +98,7 @@ def test_pairwise_agreement_resamples_prompts_too():
 
 
 def test_one_tie_rule_for_accuracy():
-    from prefnoise.rank import pairwise_agreement, tie_half_accuracy
+    from prefnoise.metrics import pairwise_agreement, tie_half_accuracy
 
     margin = [1.0, 0.0, -2.0, 3.0]
     assert tie_half_accuracy(margin) == pytest.approx(2.5 / 4)  # tie counts half

@@ -17,8 +17,8 @@ from prefnoise import columns as C
 from prefnoise.cli import app
 from prefnoise.data import HH_ASSISTANT, canonicalize, open_source, read_history
 from prefnoise.errors import PrefnoiseError
+from prefnoise.metrics import rank_report
 from prefnoise.noise import NoiseSpec, corrupt_frame, corrupt_step, swap_responses
-from prefnoise.rank import rank_report
 from tests.conftest import REAL_HH, make_pairs
 
 REAL = REAL_HH.parent

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from prefnoise.data import canonicalize, read_table
 from prefnoise.errors import PrefnoiseError
+from prefnoise.metrics import rank_report
 from prefnoise.noise import CorruptionStats, NoiseSpec, corrupt_batches, corrupt_frame, exact_thresholds
-from prefnoise.rank import rank_report
 from tests.cli_helpers import assert_nothing_written, assert_one_line_error, invoke
 from tests.conftest import make_pairs
 

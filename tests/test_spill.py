@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from prefnoise.errors import PrefnoiseError
-from prefnoise.spill import Buckets
+from prefnoise.metrics.spill import Buckets
 
 FIELDS = [("key", "u8"), ("value", "f8"), ("flag", "?")]
 

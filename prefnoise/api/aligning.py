@@ -82,7 +82,8 @@ def align(
     frame = src.collect()
     name = source if source is not None else src.name
     if dry_run:
-        return AlignResult({"dry_run": True, **dataclasses.asdict(prepare(cfg, frame, source=name).plan)}, True)
+        plan = dataclasses.asdict(prepare(cfg, frame, source=name).plan)
+        return AlignResult({"dry_run": True, "input": name, **plan}, True)
     before = _listing(Path(out))
     try:
         with (progress_bar or no_bar)("aligning", None) as advance:

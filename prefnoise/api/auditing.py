@@ -18,6 +18,7 @@ from prefnoise.api.tables import (
     gather_input_options,
     input_table,
     no_bar,
+    output_name,
     path_of,
     raw_lazy,
 )
@@ -45,6 +46,7 @@ def audit(
     votes: str | Path | None = None,
     position_col: str | None = None,
     by: list[str] | str | None = None,
+    gold: str | None = None,
     folds: int = 5,
     refits: int = 3,
     reward_col: str | None = None,
@@ -80,7 +82,8 @@ def audit(
 
     The evidence (see :class:`prefnoise.options.audit.AuditOptions`): other annotators' votes
     (``annotators`` columns, a long ``votes`` table; Dawid–Skene), out-of-sample margins as given
-    (``reward_col``/``margin_col``), or ``folds`` × ``refits`` cross-fitted reward models. When the rate is
+    (``reward_col``/``margin_col``), or ``folds`` × ``refits`` cross-fitted reward models; with ``gold`` (a column
+    of trusted votes on a random subset) the gold pairs correct those margins. When the rate is
     undetermined (``result.estimate.identifiable`` False) the summary's rate is None with a reason, and
     ``fix`` ("drop" or "swap", with ``out``) refuses with a PrefnoiseError of exit code 4.
     """
@@ -115,8 +118,9 @@ def audit(
     if plot is not None:
         from prefnoise.experiments.figures import margin_histogram
 
-        margin_histogram(outcome.table["oof_margin"].to_numpy(), outcome.estimate.mixture, plot)
+        margin_histogram(outcome.table["oof_margin"].to_numpy(), getattr(outcome.estimate, "mixture", None), plot)
     outcome.summary["input"] = src.name
+    outcome.summary["output"] = output_name(out)
     return AuditResult(outcome.table, outcome.estimate, outcome.summary)
 
 

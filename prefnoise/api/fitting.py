@@ -162,7 +162,8 @@ def fit_reward(
     fit = fit_reward_model(frame, seed=seed, drop_invalid=drop_invalid, source=src.name, run_dir=run_dir,
                            **options, **callbacks)
     summary = {
-        "out": None if out is None else str(out),
+        "input": src.name,
+        "output": None if out is None else str(out),
         "rows": frame.height,
         **{k: v for k, v in fit.metrics.items() if k != "epochs"},
     }

@@ -22,41 +22,27 @@ from prefnoise.api.tables import (
     table_label,
 )
 from prefnoise.errors import PrefnoiseError
+from prefnoise.metrics.gates import failed_gate_lines, gate_results
 
 
 @dataclass
 class RankCheckResult:
-    """``pn.rank_check``'s result: the :class:`prefnoise.rank.RankReport`, the summary (``rank-check
-    --json``'s object, with ``gate_failures``), and whether every gate passed."""
+    """``pn.rank_check``'s result: the :class:`prefnoise.metrics.RankReport`, the summary (``rank-check
+    --json``'s object, with ``gates``: one ``{metric, op, threshold, value, passed}`` per gate set), and
+    whether every gate passed."""
 
     report: Any
     summary: dict[str, Any]
 
     @property
     def failures(self) -> list[str]:
-        """One line per failed gate."""
-        return self.summary["gate_failures"]
+        """One line per failed gate, for a person (``summary["gates"]`` holds them as data)."""
+        return failed_gate_lines(self.summary["gates"])
 
     @property
     def passed(self) -> bool:
         """True when no gate failed (the CLI exits 1 otherwise)."""
         return not self.failures
-
-
-def gate_failures(
-    metrics: Any, min_agreement: float | None, min_kendall: float | None, min_preservation: float | None
-) -> list[str]:
-    """One line per failed gate (a metric that cannot be computed fails its gate)."""
-    gates = [
-        ("agreement", metrics.agreement.value, min_agreement),
-        ("kendall_tau_b", metrics.kendall_tau_b, min_kendall),
-        ("preservation", metrics.preservation.value, min_preservation),
-    ]
-    return [
-        f"{name} {'n/a' if value is None else f'{value:.4f}'} < {threshold}"
-        for name, value, threshold in gates
-        if threshold is not None and (value is None or value < threshold)
-    ]
 
 
 def rank_check(
@@ -94,8 +80,8 @@ def rank_check(
     (optional): score ``data`` with this reward model first (see :func:`score`; the other input options,
     e.g. ``prompt_col``, then apply). The ``min_*`` gates fail into ``result.failures``; ``plot`` writes a PNG.
     """
+    from prefnoise.metrics import DEFAULT_MEMORY_RESPONSES, rank_report
     from prefnoise.outputs import check_output_file
-    from prefnoise.rank import DEFAULT_MEMORY_RESPONSES, rank_report
 
     check_api_options(locals())
     check_output_file(plot, inputs=[path_of(data)], overwrite=overwrite, flag="--plot", suffix=".png")
@@ -121,15 +107,15 @@ def rank_check(
             memory_responses=DEFAULT_MEMORY_RESPONSES if memory_responses is None else memory_responses,
             temp_dir=temp_dir, on_progress=advance,
         )
-    failures = gate_failures(report.overall, min_agreement, min_kendall, min_preservation)
+    gates = gate_results(report.overall, min_agreement, min_kendall, min_preservation)
     if plot is not None:
         _rank_plot(lazy, report, Path(plot), seed)
-    return RankCheckResult(report, {"source": label, **report.to_dict(), "gate_failures": failures})
+    return RankCheckResult(report, {"input": label, **report.to_dict(), "gates": gates})
 
 
 def _rank_plot(lazy: pl.LazyFrame, report: Any, out: Path, seed: int) -> None:
+    from prefnoise.metrics import figure_frames
     from prefnoise.plots import rank_check_figure
-    from prefnoise.rank import figure_frames
 
     points, pairs = figure_frames(lazy, pred=report.pred, true=report.true or C.SCORE, layout=report.layout)
     x, y = ("true", "pred") if "true" in points.columns else ("rejected", "chosen")

@@ -123,6 +123,7 @@ def score(
     elapsed = time.perf_counter() - started
     seen = ("in_training", "in_validation")
     summary: dict[str, Any] = {
+        "input": table_label(data),
         "model": model_name,
         "backend": reward_model.backend,
         "rows": rows,

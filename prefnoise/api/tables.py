@@ -74,7 +74,7 @@ def first_line(error: BaseException) -> str:
 
 def raw_frame(table: Any, name: str | None = None) -> pl.DataFrame:
     """An in-memory table as a polars DataFrame, columns untouched (no mapping or validation)."""
-    from prefnoise.data import _check_batch, _to_polars
+    from prefnoise.data import check_batch, to_polars
 
     name = name or table_label(table)
     if isinstance(table, pl.LazyFrame):
@@ -94,9 +94,9 @@ def raw_frame(table: Any, name: str | None = None) -> pl.DataFrame:
         )
     offset = 0
     for batch in arrow.to_batches():
-        _check_batch(batch, name, offset)  # malformed or invalid-UTF-8 columns: a one-line error, as for files
+        check_batch(batch, name, offset)  # malformed or invalid-UTF-8 columns: a one-line error, as for files
         offset += batch.num_rows
-    return _to_polars(arrow, name)
+    return to_polars(arrow, name)
 
 
 def _column_map(options: dict[str, Any]):
@@ -121,7 +121,7 @@ class InputTable:
         self._frame: pl.DataFrame | None = None
         self._dropped: dict[str, int] = {}
         if _is_path(table):
-            from prefnoise.cli.common import open_input
+            from prefnoise.data import open_input
 
             self.source = open_input(str(table), warn_history=warn_history, **options)
             self.name = self.source.name
@@ -242,12 +242,12 @@ def check_api_options(values: dict[str, Any]) -> None:
 
 
 def input_option_names() -> frozenset[str]:
-    """The input options every table-reading command shares: the parameters of the CLI's ``open_input``."""
+    """The input options every table-reading command shares: the parameters of ``prefnoise.data.open_input``."""
     import inspect
 
-    from prefnoise.cli.common import open_input
+    from prefnoise.data import open_input
 
-    return frozenset(inspect.signature(open_input).parameters) - {"source", "warn_history"}
+    return frozenset(inspect.signature(open_input).parameters) - {"source", "warn_history", "warn"}
 
 
 def split_options(options: dict[str, Any], *, others: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:

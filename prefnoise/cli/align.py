@@ -192,7 +192,7 @@ def align_command(
         if json_output:
             emit_json(summary)
         else:
-            _print_plan({k: v for k, v in summary.items() if k != "dry_run"})
+            _print_plan({k: v for k, v in summary.items() if k not in ("dry_run", "input")})
         return
     if not is_main_process():
         return

@@ -80,6 +80,15 @@ def audit_command(
             "(repeat for several).",
         ),
     ] = None,
+    gold: Annotated[
+        str | None,
+        typer.Option(
+            "--gold",
+            help="COL: trusted votes on a random subset of pairs (as --annotators' encodings; null elsewhere). The "
+            "gold pairs correct the fold models' margins (prediction-powered inference); the gold-only interval "
+            "is shown beside it.",
+        ),
+    ] = None,
     folds: Annotated[int, typer.Option("--folds", help="Cross-fitting folds (split by pair_id hash).")] = 5,
     refits: Annotated[
         int,
@@ -169,8 +178,8 @@ def audit_command(
         folds=folds, refits=refits, reward_col=reward_col, margin_col=margin_col, loss=loss, model=model,
         encoder=encoder, head=head, embed_features=embed_features, epochs=epochs, batch_size=batch_size, lr=lr,
         hidden=hidden, max_length=max_length, device=device, annotators=annotators, votes=votes,
-        position_col=position_col, by=tuple(by) if by else None, bootstrap=bootstrap, show_suspects=show_suspects,
-        show_text=show_text, fix=fix, threshold=threshold, seed=seed,
+        position_col=position_col, by=tuple(by) if by else None, gold=gold, bootstrap=bootstrap,
+        show_suspects=show_suspects, show_text=show_text, fix=fix, threshold=threshold, seed=seed,
     )
     result = api.audit(
         data, out, options, plot=plot, overwrite=overwrite, prompt_col=prompt_col, chosen_col=chosen_col,
@@ -194,6 +203,8 @@ def audit_command(
 def _print_report(report: dict) -> None:
     if report.get("method") == "annotators":
         _print_annotators(report)
+    elif report.get("method") == "gold":
+        _print_gold(report)
     else:
         _print_margins(report)
     _print_suspects(report)
@@ -236,6 +247,29 @@ def _print_annotators(report: dict) -> None:
         console.print(f"  difference: {_interval(breakdown['difference'])}")
 
 
+def _print_gold(report: dict) -> None:
+    rate = report["noise_rate"]
+    source = safe(report["margins_from"])
+    console.print(
+        f"audit: {report['pairs']:,} pairs, {rate['gold_pairs']:,} with a gold vote ({rate['gold_ties']} gold ties "
+        f"left out); margins from the {source}"
+    )
+    if rate["rate"] is None or not rate["identifiable"]:
+        console.print(f"flip rate of the table's labels: undetermined — {safe(rate['reason'])}")
+        return
+    console.print(
+        f"flip rate of the table's labels = {rate['rate']:.3f} (95% interval {rate['low']:.3f}–{rate['high']:.3f}; "
+        f"{safe(rate['interval'])})"
+    )
+    console.print(
+        f"  gold pairs alone: {rate['gold_rate']:.3f} (exact 95% interval {rate['gold_low']:.3f}–"
+        f"{rate['gold_high']:.3f})"
+    )
+    model = report["model_only"]
+    alone = "undetermined" if model["rate"] is None else f"{model['rate']:.3f} [{model['low']:.3f}–{model['high']:.3f}]"
+    console.print(f"  the fold models alone (single-label verdict): {alone}")
+
+
 def _print_margins(report: dict) -> None:
     rate = report["noise_rate"]
     if report["folds"] is None:
@@ -253,13 +287,21 @@ def _print_margins(report: dict) -> None:
         console.print(f"estimated flip rate ε̂: undetermined — {safe(rate['reason'])}")
     else:
         interval = f" (95% interval {rate['low']:.3f}–{rate['high']:.3f})" if rate["low"] is not None else ""
-        console.print(f"estimated flip rate ε̂ = {rate['rate']:.3f}{interval}")
+        if rate.get("close_pairs_note"):  # ε̂ counts only the flips the models can see; the interval is wider
+            console.print(
+                f"flip rate within {rate['low']:.3f}–{rate['high']:.3f} (95%); the flips the fold models can see "
+                f"on confident pairs: ε̂ = {rate['rate']:.3f}"
+            )
+        else:
+            console.print(f"estimated flip rate ε̂ = {rate['rate']:.3f}{interval}")
         per_refit = ", ".join(f"{r['rate']:.3f}" for r in rate["refits"])
         console.print(
             f"  corrected for the models' own confident mistakes: {rate['own_error_bias']:.3f} of "
             f"{rate['confident_pairs']:,} confident pairs (plausibly up to {rate['own_error_bias_high']:.3f})"
             + (f"; per refit {per_refit}" if len(rate["refits"]) > 1 else "")
         )
+        if rate.get("close_pairs_note"):
+            console.print(f"  the interval reaches up to the models' disagreement: {safe(rate['close_pairs_note'])}")
 
 
 def _print_suspects(report: dict) -> None:

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
@@ -30,8 +31,7 @@ from rich.progress import (
 
 from prefnoise.atomic import remove_temporary_files, user_umask
 from prefnoise.cli.app import DEBUG_ENV
-from prefnoise.data import ColumnMap, PreferenceSource, open_source
-from prefnoise.errors import PrefnoiseError
+from prefnoise.errors import PrefnoiseError, PrefnoiseWarning
 from prefnoise.options import OPTION_RANGES, SEED_MAX, OptionError, check_options  # noqa: F401  (re-exported for the CLI modules)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -157,7 +157,7 @@ def cli_errors(command: F) -> F:
         console.stderr = False  # reports to stdout unless the command's data goes there
         console.quiet = log_console.quiet = quiet_requested()
         try:
-            with signals_as_exceptions():
+            with signals_as_exceptions(), prefnoise_warnings_on_stderr():
                 check_options(kwargs)
                 result = command(*args, **kwargs)
                 flush_stdout()
@@ -192,6 +192,24 @@ def cli_errors(command: F) -> F:
 
 
 NOTHING_WRITTEN = "no output was written."
+
+
+@contextlib.contextmanager
+def prefnoise_warnings_on_stderr() -> Iterator[None]:
+    """Print every :class:`PrefnoiseWarning` raised in the block as one ``Warning: ...`` line on stderr
+    (each time it is raised); other warnings are shown as Python shows them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PrefnoiseWarning)
+        show = warnings.showwarning
+
+        def print_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, PrefnoiseWarning):
+                typer.echo(one_line(f"Warning: {message}"), err=True)
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = print_warning
+        yield
 
 
 # --------------------------------------------------------------------------- option validation
@@ -237,9 +255,15 @@ def strict_json_value(value: Any) -> Any:
     return value
 
 
+# The version of every --json object's shape (docs/schemas/<command>.json); raise it on a breaking change.
+JSON_SCHEMA_VERSION = 1
+
+
 def emit_json(payload: dict[str, Any], *, to_stderr: bool = False) -> None:
-    """Print ``payload`` as one strict JSON object (NaN/inf as null) on stdout, or stderr when stdout carries data."""
-    text = json.dumps(strict_json_value(payload), default=str, allow_nan=False)
+    """Print ``payload`` as one strict JSON object (NaN/inf as null) with its ``schema_version``, on stdout,
+    or stderr when stdout carries data."""
+    versioned = {"schema_version": JSON_SCHEMA_VERSION, **payload}
+    text = json.dumps(strict_json_value(versioned), default=str, allow_nan=False)
     stream = sys.stderr if to_stderr else sys.stdout
     stream.write(text + "\n")
     stream.flush()
@@ -331,36 +355,3 @@ OverwriteOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
 
-
-def open_input(
-    source: str,
-    prompt_col: str = "prompt",
-    chosen_col: str = "chosen",
-    rejected_col: str = "rejected",
-    layout: str = "auto",
-    drop_invalid: bool = False,
-    *,
-    warn_history: bool = True,
-    chosen_score_col: str | None = None,
-    rejected_score_col: str | None = None,
-    split: str | None = None,
-    config: str | None = None,
-) -> PreferenceSource:
-    """Open a preference table from the shared input options (a file, directory, ``-`` or a cached
-    hub dataset id); warn (one line) when its provenance is unreadable."""
-    columns = ColumnMap(
-        prompt=prompt_col,
-        chosen=chosen_col,
-        rejected=rejected_col,
-        chosen_score=chosen_score_col,
-        rejected_score=rejected_score_col,
-    )
-    src = open_source(
-        source, columns=columns, layout=layout, drop_invalid=drop_invalid, split=split, config=config
-    )
-    if warn_history and getattr(src, "history_error", None):
-        typer.echo(
-            one_line(f"Warning: {src.name}: provenance history unreadable ({src.history_error}); starting a new one"),
-            err=True,
-        )
-    return src

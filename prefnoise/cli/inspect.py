@@ -24,8 +24,8 @@ from prefnoise.cli.common import (
     cli_errors,
     emit_json,
     one_line,
-    open_input,
 )
+from prefnoise.data import open_input
 from prefnoise.describe import column_stats
 
 
@@ -48,21 +48,21 @@ def inspect_command(
         source, prompt_col, chosen_col, rejected_col, layout, drop_invalid=True, warn_history=False,
         chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col, split=split, config=config,
     )
-    if (
-        src.format == "parquet"
-        and layout == "auto"
-        and (prompt_col, chosen_col, rejected_col) == ("prompt", "chosen", "rejected")
-    ):
+    # One rule for every format: the table as stored (rows counts every stored row), unless the options
+    # map or split columns, which describe the canonical table of the valid rows (invalid ones counted).
+    as_stored = layout == "auto" and (prompt_col, chosen_col, rejected_col) == ("prompt", "chosen", "rejected")
+    if as_stored:
         src.schema  # validates the first batch: required columns and types  # noqa: B018
-        lazy = src.scan_raw()  # statistics stream over the file instead of loading it
+        lazy = src.scan_raw()  # Parquet and CSV statistics stream over the file instead of loading it
     else:
         lazy = src.collect().lazy()
     stats = column_stats(lazy)
-    rows = stats and _rows(lazy)
+    rows = stats and (_rows(lazy) if as_stored else src.rows_read)
     report = {
-        "file": src.name,
+        "input": src.name,
         "format": src.format,
         "rows": rows,
+        "invalid_rows": None if as_stored else dict(src.dropped),
         "columns": stats,
         "history": src.history,
         "history_error": getattr(src, "history_error", None),
@@ -91,7 +91,9 @@ def _fmt(value: object) -> str:
 def _print_report(report: dict) -> None:
     # markup=False: column names and metadata are data, never rich markup or terminal control
     console = Console(highlight=False, markup=False, emoji=False)
-    console.print(f"{_fmt(report['file'])}  ({report['format']}, {_fmt(report['rows'])} rows)")
+    invalid = sum((report["invalid_rows"] or {}).values())
+    left_out = f"; {_fmt(invalid)} invalid, left out of the statistics" if invalid else ""
+    console.print(f"{_fmt(report['input'])}  ({report['format']}, {_fmt(report['rows'])} rows{left_out})")
     table = Table(title="columns", title_justify="left")
     for header in ("column", "dtype", "nulls", "summary"):
         table.add_column(header, justify="right" if header == "nulls" else "left")

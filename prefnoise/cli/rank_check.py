@@ -27,7 +27,7 @@ from prefnoise.cli.common import (
     safe,
     show_progress,
 )
-from prefnoise.rank import DEFAULT_MEMORY_RESPONSES, RankMetrics, RankReport
+from prefnoise.metrics import DEFAULT_MEMORY_RESPONSES, RankMetrics, RankReport
 
 GATE_FAILED = 1
 

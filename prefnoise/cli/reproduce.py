@@ -145,7 +145,7 @@ def synthetic_command(
     top = max(config.rates)
     symmetric = [x for x in config.losses if x in S.SYMMETRIC_LOSSES]
     payload = {
-        "out": str(out),
+        "output": str(out),
         "source": config.source,
         "cells": results.height,
         "fits": config.fits(),
@@ -241,7 +241,7 @@ def alignment_command(
     top = max(config.rates)
     dpo_like = [x for x in config.losses if x not in A.SYMMETRIC_LOSSES]
     payload = {
-        "out": str(out),
+        "output": str(out),
         "cells": results.height,
         "highest_rate": top,
         "mean_clean_accuracy_at_highest_rate": {

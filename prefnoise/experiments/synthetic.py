@@ -228,7 +228,7 @@ def seeded_pairs(
 
 def _fit_cell(config: SyntheticConfig, noisy: pl.DataFrame, test: pl.DataFrame, loss: str, seed: int, device: str):
     """Fit one reward model on ``noisy`` and score the held-out pairs: (fit, held-out agreement)."""
-    from prefnoise.rank import rank_report
+    from prefnoise.metrics import rank_report
     from prefnoise.reward import fit_reward_model, score_table
 
     model = None

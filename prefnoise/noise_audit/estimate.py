@@ -46,6 +46,7 @@ import numpy as np
 
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
+from prefnoise.noise_audit.difficulty import close_pair_note, difficulty_profile
 
 _EPS = 1e-9
 
@@ -108,6 +109,10 @@ class NoiseEstimate:
     own_error_slope: float | None = None
     confident_pairs: int | None = None
     label_agreement: float | None = None
+    at_least: float | None = None  # bounds valid without the mirror assumption (noise_audit.difficulty)
+    at_most: float | None = None
+    close_pairs_note: str | None = None  # why the interval reaches up to ``at_most`` (close pairs disagree more)
+    difficulty: dict[str, Any] | None = None  # disagreement below/above the median |margin|
     refits: list[dict[str, Any]] = field(default_factory=list)
     method: str = (
         "mirror-tail count on out-of-fold margins (|m| above its median), corrected for the models' own errors"
@@ -290,6 +295,12 @@ def estimate_noise_rate(
     reason = identifiability_reason(confident, worst, low, high, agreement)
     if any(f.cut <= 0 for f in fits):
         reason = f"most out-of-fold margins are exactly 0 (the fold models score both responses alike); {HELP_MORE}"
+    profile = difficulty_profile(sets)
+    at_least = low if reason is None else None  # the bounds that hold without the mirror assumption
+    note = close_pair_note(profile, low, high) if reason is None and low is not None and high is not None else None
+    if note is not None:  # flips may hide on close pairs: the interval reaches up to the disagreement
+        high = profile.disagreement_high
+        reason = note if high - low > MAX_INTERVAL_WIDTH else None
     rate = float(np.mean(per_refit)) if reason is None else None
     combined = sets.mean(axis=0)
     return NoiseEstimate(
@@ -307,6 +318,10 @@ def estimate_noise_rate(
         own_error_slope=float(np.mean([f.slope for f in fits])),
         confident_pairs=confident,
         label_agreement=agreement,
+        at_least=at_least,
+        at_most=profile.disagreement_high,
+        close_pairs_note=note if reason is None else None,
+        difficulty=profile.to_dict(),
         refits=[
             {
                 "tail_share": tail,

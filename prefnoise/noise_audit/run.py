@@ -19,6 +19,7 @@ from prefnoise.noise_audit.annotators import AnnotatorAudit, audit_with_annotato
 from prefnoise.noise_audit.cross_fit import cross_fitted_margins, given_margins
 from prefnoise.noise_audit.estimate import UNDETERMINED_EXIT, NoiseEstimate, estimate_noise_rate
 from prefnoise.noise_audit.fix import add_suspicion, clean_table, most_suspect
+from prefnoise.noise_audit.gold import GoldEstimate, gold_evidence
 from prefnoise.noise_audit.names import CONSENSUS, MARGIN, SUSPICION
 from prefnoise.noise_audit.ranking import auroc, precision_at
 from prefnoise.options.audit import AuditOptions
@@ -31,7 +32,7 @@ class AuditOutcome:
     estimate the history entry records."""
 
     table: pl.DataFrame
-    estimate: NoiseEstimate | AnnotatorAudit
+    estimate: NoiseEstimate | AnnotatorAudit | GoldEstimate
     summary: dict[str, Any]
     parameters: dict[str, Any]
     history_estimate: dict[str, Any]
@@ -165,7 +166,7 @@ def _margin_evidence(
     name: str,
     drop_invalid: bool,
     on_fold: Callable[[int], None] | None,
-) -> tuple[pl.DataFrame, NoiseEstimate, dict[str, Any], dict[str, Any]]:
+) -> tuple[pl.DataFrame, NoiseEstimate | GoldEstimate, dict[str, Any], dict[str, Any]]:
     """The table with out-of-fold margins and suspicion, ε̂, its summary part and parameters."""
     # reason: prefnoise.reward imports torch, which only the fold-model path needs
     from prefnoise.reward import check_finite_features
@@ -192,6 +193,13 @@ def _margin_evidence(
         parameters = {"folds": options.folds, "refits": options.refits,
                       **{k: v for k, v in fit_options.items() if v is not None}}
     estimate = estimate_noise_rate(margins, n_boot=options.bootstrap, seed=options.seed)
+    if options.gold is not None:  # the gold pairs correct the models' scores; the single-label verdict stays beside
+        scored, gold, extra = gold_evidence(scored, options.gold)
+        extra = {"input": None, "pairs": frame.height, "folds": None if options.given_margins else options.folds,
+                 "refits": None if options.given_margins else options.refits, "backend": backend,
+                 "margins_from": _margins_from(options.reward_col, options.margin_col), **extra,
+                 "model_only": estimate.to_dict()}
+        return scored, gold, extra, {**parameters, "gold": options.gold}
     given = options.given_margins
     extra = {
         "input": None, "pairs": frame.height, "folds": None if given else options.folds,
@@ -210,8 +218,11 @@ def _margins_from(reward_col: str | None, margin_col: str | None) -> str:
     return "cross-fitted fold models"
 
 
-def _history_estimate(estimate: NoiseEstimate | AnnotatorAudit) -> dict[str, Any]:
+def _history_estimate(estimate: NoiseEstimate | AnnotatorAudit | GoldEstimate) -> dict[str, Any]:
     """What the history records of the estimate: the rate (None when undetermined, with the reason)."""
+    if isinstance(estimate, GoldEstimate):
+        keys = ("rate", "low", "high", "identifiable", "reason", "method", "gold_pairs", "gold_low", "gold_high")
+        return {key: getattr(estimate, key) for key in keys}
     if isinstance(estimate, AnnotatorAudit):
         return {key: estimate.noise_rate[key] for key in ("rate", "low", "high", "identifiable", "reason", "method")}
     return {

@@ -31,6 +31,8 @@ class AuditOptions(Options):
       ``position_col`` (which response was shown first) in the position frame, with position bias;
       ``by`` adds per-group flip rates (``longer``, ``column:NAME``, ``compare:NAME``, as corrupt's rules);
     - ``reward_col``/``margin_col``: out-of-sample margins as given;
+    - ``gold`` (a column of trusted votes on a random subset, null elsewhere), with the margins given or
+      cross-fitted: the gold pairs correct the fold models' scores (prediction-powered inference);
     - otherwise ``folds`` × ``refits`` cross-fitted reward models (``loss``, ``model``, ``encoder``, ``head``,
       ``embed_features``, ``epochs``, ``batch_size``, ``lr``, ``hidden``, ``max_length`` on ``device``).
 
@@ -58,6 +60,7 @@ class AuditOptions(Options):
     votes: str | None = None
     position_col: str | None = None
     by: tuple[str, ...] | None = None
+    gold: str | None = None
     bootstrap: int = 200
     show_suspects: int = 10
     show_text: bool = False
@@ -95,6 +98,9 @@ class AuditOptions(Options):
         if self.with_annotators and self.given_margins:
             name = "reward_col" if self.reward_col is not None else "margin_col"
             raise OptionError(name, "gives margins, but an audit with annotators or votes reads no margins")
+        if self.with_annotators and self.gold is not None:
+            raise OptionError("gold", "corrects fold models' margins; with annotators or votes give the gold column "
+                              "as one more annotator instead")
         if not self.with_annotators:
             for name in ("position_col", "by"):
                 if getattr(self, name) is not None:

@@ -304,8 +304,8 @@ def _pair_rewards(
 
 def pairwise_accuracy(margin: Tensor, chosen_better: Tensor) -> float:
     """Agreement of the margins' signs with the label, by the project's one rule
-    (:func:`prefnoise.rank.tie_half_accuracy`: a predicted tie counts 1/2)."""
-    from prefnoise.rank import tie_half_accuracy
+    (:func:`prefnoise.metrics.tie_half_accuracy`: a predicted tie counts 1/2)."""
+    from prefnoise.metrics import tie_half_accuracy
 
     sign = np.where(chosen_better.detach().cpu().numpy(), 1.0, -1.0)
     return tie_half_accuracy(margin.detach().float().cpu().numpy(), sign)

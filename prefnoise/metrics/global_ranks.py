@@ -3,7 +3,7 @@
 A table too large to sort in memory is split by cut points of the true reward (x) into buckets in
 value order; :class:`GlobalRanks` passes over them, then over buckets by the predicted reward (y),
 and adds up the pair counts and rank sums that tau-b and rho need, exactly, per split code. Each
-bucket is sorted in memory by :mod:`prefnoise.rankstats`; buckets are :class:`prefnoise.spill.Buckets`.
+bucket is sorted in memory by :mod:`prefnoise.metrics.rankstats`; buckets are :class:`prefnoise.metrics.spill.Buckets`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from prefnoise.rankstats import correlation, orders, x_side_stats
-from prefnoise.spill import Buckets
+from prefnoise.metrics.rankstats import correlation, orders, x_side_stats
+from prefnoise.metrics.spill import Buckets
 
 
 class GlobalRanks:

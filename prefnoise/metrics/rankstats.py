@@ -22,7 +22,7 @@ _FEW_GROUPS = 64
 _SMALL_GROUP = 8
 
 # scipy's compiled Fenwick-tree count (private, hence optional): 3-4x faster than numpy passes.
-# Looked up on first use (False = not yet), so importing rank (and the CLI) does not load scipy.
+# Looked up on first use (False = not yet), so importing the metrics (and the CLI) does not load scipy.
 _scipy_discordant: Any = False
 
 
@@ -223,7 +223,7 @@ def x_side_stats(
     """Per group of rows sharing ``code``: n, n1 (x ties), n3 (x and y ties), dis (discordant
     pairs) and "code"; and each row's average x rank (1-based) within its group, NaN for rows
     not in ``keep``. The half of :func:`grouped_stats` that needs no y ranks per group, for
-    combining partitions of rows (see ``prefnoise.rank``)."""
+    combining partitions of rows (see ``prefnoise.metrics``)."""
     k = _knight(orders, code, keep)
     n_groups = len(k.codes)
     if n_groups <= _FEW_GROUPS:
