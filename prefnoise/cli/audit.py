@@ -323,10 +323,10 @@ def _print_suspects(report: dict) -> None:
         console.print(f"{report['suspects_above_threshold']:,} pairs have suspicion above {report['threshold']}")
     if report["most_suspect"]:
         table = Table(title="most suspect pairs", title_justify="left")
-        for column in report["most_suspect"][0]:
+        shown = [c for c in report["most_suspect"][0] if any(row[c] is not None for row in report["most_suspect"])]
+        for column in shown:
             table.add_column(column, justify="right" if column in ("oof_margin", "suspicion") else "left")
         for row in report["most_suspect"]:
-            table.add_row(
-                *[f"{v:.4f}" if isinstance(v, float) else "–" if v is None else safe(v) for v in row.values()]
-            )
+            values = [row[c] for c in shown]
+            table.add_row(*[f"{v:.4f}" if isinstance(v, float) else "–" if v is None else safe(v) for v in values])
         console.print(table)

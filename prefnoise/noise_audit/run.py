@@ -24,6 +24,8 @@ from prefnoise.noise_audit.names import CONSENSUS, MARGIN, SUSPICION
 from prefnoise.noise_audit.ranking import auroc, precision_at
 from prefnoise.options.audit import AuditOptions
 
+ANNOTATOR_BACKEND = "Dawid-Skene on the annotators' votes"  # what "backend" says when no model is fitted
+
 
 @dataclass
 class AuditOutcome:
@@ -153,7 +155,8 @@ def _annotator_evidence(
     )
     extra = {
         "input": None, "pairs": frame.height, "method": "annotators", "folds": None, "refits": None, "loss": None,
-        "backend": None, "margins_from": None, "identifiable": audit.identifiable, "noise_rate": audit.to_dict(),
+        "backend": ANNOTATOR_BACKEND, "margins_from": "no margins: the annotators' votes",
+        "identifiable": audit.identifiable, "noise_rate": {**audit.to_dict(), "mixture": None},
         "annotators": audit.annotators, "breakdowns": audit.breakdowns,
     }
     parameters = {"annotators": names, "position_col": options.position_col, "by": list(options.by or ())}
