@@ -207,7 +207,18 @@ def _print_report(report: dict) -> None:
         _print_gold(report)
     else:
         _print_margins(report)
+    _print_breakdowns(report)
     _print_suspects(report)
+
+
+def _print_breakdowns(report: dict) -> None:
+    """The table's flip rate per group (annotators: posterior-weighted pairs; gold: the gold pairs)."""
+    for breakdown in report.get("breakdowns") or ():
+        console.print(f"flip rate by {safe(breakdown['rule'])}:")
+        for side in ("positive", "negative"):
+            group = breakdown[side]
+            console.print(f"  {safe(group['group'])}: {_interval(group)} (~{group['pairs']:.0f} pairs)")
+        console.print(f"  difference: {_interval(breakdown['difference'])}")
 
 
 def _interval(rate: dict) -> str:
@@ -239,12 +250,6 @@ def _print_annotators(report: dict) -> None:
             _interval(row["position_bias"]),
         )
     console.print(table)
-    for breakdown in report["breakdowns"]:
-        console.print(f"by {safe(breakdown['rule'])}:")
-        for side in ("positive", "negative"):
-            group = breakdown[side]
-            console.print(f"  {safe(group['group'])}: {_interval(group)} (~{group['pairs']:.0f} pairs)")
-        console.print(f"  difference: {_interval(breakdown['difference'])}")
 
 
 def _print_gold(report: dict) -> None:
