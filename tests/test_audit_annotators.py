@@ -475,6 +475,10 @@ def test_breakdowns_with_gold_count_the_gold_pairs_exactly():
     })
     result = pn.audit(frame, margin_col="m", gold="g", by="column:marked", position_col="shown_first", bootstrap=50)
     by = {b["rule"]: b for b in result.summary["breakdowns"]}
+    import jsonschema
+
+    schema = json.loads((ROOT / "docs" / "schemas" / "audit.json").read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator(schema).validate({**result.summary, "schema_version": 1})  # the contract holds
     wrong, strict = gold == "rejected", np.isin(gold, ["chosen", "rejected"])
     assert by["column:marked"]["positive"]["rate"] == pytest.approx(wrong[strict & marked].mean())
     assert by["column:marked"]["negative"]["rate"] == pytest.approx(wrong[strict & ~marked].mean())
