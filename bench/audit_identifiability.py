@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 from shared_data import ULTRAFEEDBACK_TRAIN
 
-from prefnoise import audit as A
+from prefnoise import noise_audit as A
 from prefnoise.data import canonicalize, open_source
 from prefnoise.experiments.features import linear_feature_pairs
 from prefnoise.noise import NoiseSpec, corrupt_frame

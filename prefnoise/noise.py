@@ -520,3 +520,15 @@ def corrupt_frame(frame: pl.DataFrame, spec: NoiseSpec) -> tuple[pl.DataFrame, C
     thresholds = exact_thresholds([frame], spec) if spec.exact else None
     out = next(corrupt_batches([frame], spec, stats=stats, thresholds=thresholds))
     return out, stats
+
+
+def judge_flip_probability(
+    true_margin: np.ndarray, temperature: float, shorter_is_better: np.ndarray | None = None, length_bias: float = 0.0
+) -> np.ndarray:
+    """A judge's chance of preferring the worse response: σ(−|Δ|/T) (1/2 on a tie, falling as the true margin Δ
+    grows: instance-dependent noise), plus ``length_bias`` on the pairs where the better response is the shorter
+    one (a judge that prefers the longer answer); capped at 1."""
+    close = bradley_terry_flip_probability(np.abs(np.asarray(true_margin, dtype=np.float64)), 0.0, temperature)
+    if shorter_is_better is None:
+        return close
+    return np.minimum(close + length_bias * np.asarray(shorter_is_better, dtype=bool), 1.0)
