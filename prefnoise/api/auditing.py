@@ -23,8 +23,8 @@ from prefnoise.api.tables import (
     raw_lazy,
 )
 from prefnoise.errors import PrefnoiseError
-from prefnoise.outputs import releases_outputs
 from prefnoise.options.audit import AuditOptions
+from prefnoise.outputs import releases_outputs
 
 
 @dataclass
