@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -15,20 +16,31 @@ import polars as pl
 from prefnoise import columns as C
 from prefnoise.api.fitting import fit_reward
 from prefnoise.api.scoring import score
-from prefnoise.api.tables import ProgressBar, Table, check_api_options, gather_input_options, input_table, no_bar
+from prefnoise.api.tables import (
+    ProgressBar,
+    Table,
+    build_options,
+    check_api_options,
+    gather_input_options,
+    input_table,
+    no_bar,
+    path_of,
+    split_options,
+    table_label,
+)
 from prefnoise.atomic import atomic_path
 from prefnoise.experiments.figures import robustness_figure
 from prefnoise.experiments.loss_comparison import (
     CellCache,
-    ComparisonOptions,
+    check_grid,
     comparison_markdown,
     data_digest,
     figure_frame,
     run_grid,
-    seeded_split,
     summarize,
 )
 from prefnoise.loss_names import SYMMETRIC_LOSS_NAMES
+from prefnoise.options import ComparisonOptions
 from prefnoise.outputs import check_output_dir
 
 COMMAND = "reproduce"
@@ -45,67 +57,56 @@ class ComparisonResult:
 def compare_losses(
     data: Table,
     out: str | Path | None = None,
+    options: ComparisonOptions | None = None,
     *,
-    losses: tuple[str, ...] | list[str] = ("sigmoid", "ramp", "logistic"),
-    rates: tuple[float, ...] | list[float] = (0.0, 0.2, 0.4),
-    reference: str = "logistic",
-    seeds: int = 3,
-    noise: str = "symmetric",
-    by: str = "longer",
-    rate_neg: float = 0.0,
-    test_fraction: float = 0.2,
-    split_by: str = "prompt",
-    bootstrap: int = 2000,
+    losses: tuple[str, ...] | list[str] | str = ("sigmoid", "ramp", "logistic"),
+    rates: tuple[float, ...] | list[float] | str = (0.0, 0.2, 0.4),
+    reference: str = "logistic", seeds: int = 3, noise: str = "symmetric", by: str = "longer",
+    rate_neg: float = 0.0, test_fraction: float = 0.2, split_by: str = "prompt", bootstrap: int = 2000,
     seed: int = C.DEFAULT_SEED,
     overwrite: bool = False,
     command: str = "pn.compare_losses(...)",
     progress_bar: ProgressBar | None = None,
     on_cell: Callable[[dict[str, Any]], None] | None = None,
-    prompt_col: str = C.PROMPT,
-    chosen_col: str = C.CHOSEN,
-    rejected_col: str = C.REJECTED,
-    layout: str = "auto",
-    drop_invalid: bool = False,
-    **fit_options: Any,
+    prompt_col: str = C.PROMPT, chosen_col: str = C.CHOSEN, rejected_col: str = C.REJECTED,
+    layout: str = "auto", drop_invalid: bool = False,
+    **other_options: Any,
 ) -> ComparisonResult:
-    """Split ``data`` by prompt, flip the training part at each rate, fit every loss on the same flips (with
-    any ``fit_reward`` option in ``fit_options``), score the untouched test part, and compare each loss to
-    ``reference`` with paired intervals over prompts and seeds. With ``out``: results.parquet, results.md,
-    summary.json and robustness.png; finished cells are cached beside ``out`` until the grid completes."""
-    options = ComparisonOptions(losses=tuple(losses), rates=tuple(float(r) for r in rates), reference=reference,
-                                seeds=seeds, noise=noise, by=by, rate_neg=rate_neg, test_fraction=test_fraction,
-                                split_by=split_by, bootstrap=bootstrap, seed=seed)
+    """``prefnoise reproduce DATA``: split ``data`` by prompt, flip the training part at each rate, fit every
+    loss on the same flips, score the untouched test part, and compare each loss to ``reference`` with
+    paired intervals over prompts and seeds. Options: :class:`prefnoise.options.ComparisonOptions`
+    (``options`` or its fields as keywords); further keywords are input options or any ``fit_reward``
+    option (``model``, ``encoder``, ``epochs``, ``device``, ...), applied to every cell. With ``out``:
+    results.parquet, results.md, summary.json and robustness.png; finished cells are cached beside ``out``
+    (``.OUT.cells-*``) until the grid is written, so an interrupted run continues when rerun."""
+    options = build_options(ComparisonOptions, options, locals())
+    input_options, fit_options = split_options(other_options, others="fit_reward")
     check_api_options(fit_options)
     if out is not None:
-        check_output_dir(out, command=COMMAND, inputs=[data if isinstance(data, str | Path) else None],
-                         overwrite=overwrite)
+        check_output_dir(out, command=COMMAND, inputs=[path_of(data)], overwrite=overwrite)
     frame = input_table(data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid,
-                                                   {})).collect()
-    for index in range(options.seeds):  # refuse data too small to split before anything is written
-        seeded_split(frame, options, options.seed + index)
+                                                   input_options)).collect()
+    check_grid(frame, options)  # data too small to split, or a noise rule it cannot take: before any write
     cache = _cell_cache(out, frame, options, fit_options) if out is not None else None
     cells = options.seeds * len(options.rates) * len(options.all_losses)
     with (progress_bar or no_bar)("cells", cells) as advance:
-        def fit_cell(train: pl.DataFrame, test: pl.DataFrame, loss: str, cell_seed: int) -> np.ndarray:
-            fit = fit_reward(train, loss=loss, seed=cell_seed, **fit_options)
-            scored = score(fit, test).table
-            return np.column_stack([scored[C.chosen(C.REWARD)].to_numpy(), scored[C.rejected(C.REWARD)].to_numpy()])
-
-        def cell_done(cell: dict[str, Any]) -> None:
-            advance(1)
-            if on_cell is not None:
-                on_cell(cell)
-
-        rows = run_grid(frame, options, fit_cell, cache, cell_done)
-    summary = {"command": COMMAND, "rows": frame.height, **summarize(rows, options), "options": _options(options)}
+        done = (lambda cell: (advance(1), on_cell(cell))) if on_cell else (lambda cell: advance(1))
+        rows = run_grid(frame, options, _fitter(fit_options), cache, done)
+    summary = {"command": COMMAND, "input": path_of(data) or table_label(data), "rows": frame.height,
+               **summarize(rows, options), "options": dataclasses.asdict(options)}
     if out is not None:
         _write(Path(out), rows, summary, options, command)
         shutil.rmtree(cache.directory)  # prefnoise's own cell cache: the grid is complete and written
     return ComparisonResult(rows, summary)
 
 
-def _options(options: ComparisonOptions) -> dict[str, Any]:
-    return {name: getattr(options, name) for name in options.__dataclass_fields__}
+def _fitter(fit_options: dict[str, Any]) -> Callable[[pl.DataFrame, pl.DataFrame, str, int], np.ndarray]:
+    """One cell: fit-reward with ``fit_options`` on the noisy training part, then the test part's rewards."""
+    def fit_cell(train: pl.DataFrame, test: pl.DataFrame, loss: str, cell_seed: int) -> np.ndarray:
+        scored = score(fit_reward(train, loss=loss, seed=cell_seed, **fit_options), test).table
+        return np.column_stack([scored[C.chosen(C.REWARD)].to_numpy(), scored[C.rejected(C.REWARD)].to_numpy()])
+
+    return fit_cell
 
 
 def _cell_cache(out: str | Path, frame: pl.DataFrame, options: ComparisonOptions, fit_options: dict) -> CellCache:

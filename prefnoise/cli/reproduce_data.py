@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import shlex
 import sys
@@ -18,11 +19,13 @@ from prefnoise.cli.common import (
     cli_errors,
     console,
     emit_json,
+    options_from,
     progress,
+    register_options,
     show_progress,
 )
 from prefnoise.cli.fit_reward import fit_reward_command
-from prefnoise.errors import PrefnoiseError
+from prefnoise.options import ComparisonOptions
 
 DATA_COMMAND = "data"
 # fit-reward options that make no sense per cell of a grid (the grid names its own output, loss and seed)
@@ -40,45 +43,38 @@ class DataDefaultGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-def _names(value: str, flag: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in value.split(",") if part.strip())
-    if not names:
-        raise PrefnoiseError(f"{flag} needs at least one name, got {value!r}")
-    return names
-
-
-def _rates(value: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in value.split(",") if part.strip())
-    except ValueError:
-        raise PrefnoiseError(f"--rates takes comma-separated numbers in [0, 0.5), got {value!r}") from None
+LossesOption = Annotated[str, typer.Option("--losses", help="Losses to compare, comma-separated (the loss table).")]
+RatesOption = Annotated[str, typer.Option("--rates", help="Injected noise rates, comma-separated, each in [0, 0.5).")]
+ReferenceOption = Annotated[str, typer.Option("--reference", help="The loss every other is compared to, paired.")]
+SeedsOption = Annotated[int, typer.Option("--seeds", help="Seeds: each a split, a set of flips and an initialisation.")]
+NoiseOption = Annotated[str, typer.Option("--noise", help="symmetric; asymmetric (a rate flips the pairs --by marks, "
+                                          "--rate-neg the others); uniform (a rate is the per-pair maximum).")]
+ByOption = Annotated[str, typer.Option("--by", help="asymmetric: which pairs a rate flips (as corrupt --by).")]
+RateNegOption = Annotated[float, typer.Option("--rate-neg", help="asymmetric: the flip rate of the other pairs.")]
+TestFractionOption = Annotated[float, typer.Option("--test-fraction", help="Share of prompts held out for testing.")]
+SplitByOption = Annotated[str, typer.Option("--split-by", help="prompt (disjoint prompts) or pair.")]
+BootstrapOption = Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the intervals.")]
+SeedOption = Annotated[int, typer.Option("--seed", help="The first seed (the seeds are seed, seed+1, ...).")]
+DataArgument = Annotated[str, typer.Argument(help="The pairs table (any input prefnoise reads).", show_default=False)]
+OutOption = Annotated[Path, typer.Option("--out", help="Directory for results.parquet, results.md, summary.json "
+                                         "and robustness.png.")]
+GRID = ComparisonOptions  # the defaults, defined once there
 
 
 def data_command(
-    data: Annotated[str, typer.Argument(help="The pairs table (any input prefnoise reads).", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Directory for results.parquet, results.md, summary.json "
-                                      "and robustness.png.")],
-    losses: Annotated[str, typer.Option("--losses", help="Losses to compare, comma-separated (the loss "
-                                        "table).")] = "sigmoid,ramp,logistic",
-    rates: Annotated[str, typer.Option("--rates", help="Injected noise rates, comma-separated, each in "
-                                       "[0, 0.5).")] = "0,0.2,0.4",
-    reference: Annotated[str, typer.Option("--reference", help="The loss every other is compared to, "
-                                           "paired.")] = "logistic",
-    seeds: Annotated[int, typer.Option("--seeds", help="Seeds: each a split, a set of flips and an "
-                                       "initialisation.")] = 3,
-    noise: Annotated[str, typer.Option("--noise", help="symmetric; asymmetric (a rate flips the pairs --by "
-                                       "marks, --rate-neg the others); uniform (a rate is the per-pair "
-                                       "maximum).")] = "symmetric",
-    by: Annotated[str, typer.Option("--by", help="asymmetric: which pairs a rate flips (as corrupt "
-                                    "--by: longer, column:NAME, ...).")] = "longer",
-    rate_neg: Annotated[float, typer.Option("--rate-neg", help="asymmetric: the flip rate of the other "
-                                            "pairs.")] = 0.0,
-    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of prompts held out for "
-                                                 "testing.")] = 0.2,
-    split_by: Annotated[str, typer.Option("--split-by", help="prompt (disjoint prompts) or pair.")] = "prompt",
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the "
-                                           "intervals.")] = 2000,
-    seed: Annotated[int, typer.Option("--seed", help="The first seed (seeds are seed, seed+1, ...).")] = 0,
+    data: DataArgument,
+    out: OutOption,
+    losses: LossesOption = ",".join(GRID.losses),
+    rates: RatesOption = ",".join(f"{rate:g}" for rate in GRID.rates),
+    reference: ReferenceOption = GRID.reference,
+    seeds: SeedsOption = GRID.seeds,
+    noise: NoiseOption = GRID.noise,
+    by: ByOption = GRID.by,
+    rate_neg: RateNegOption = GRID.rate_neg,
+    test_fraction: TestFractionOption = GRID.test_fraction,
+    split_by: SplitByOption = GRID.split_by,
+    bootstrap: BootstrapOption = GRID.bootstrap,
+    seed: SeedOption = GRID.seed,
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
     **fit_options: Any,
@@ -87,15 +83,12 @@ def data_command(
     flips with any fit-reward option, and compare them on the untouched test part with paired intervals."""
     from prefnoise.api.comparing import compare_losses
 
+    options = options_from(ComparisonOptions, locals())
     command = "prefnoise " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    options = {k: v for k, v in fit_options.items() if v is not None}
-    losses_ = _names(losses, "--losses")
-    with progress("cells", None, enabled=show_progress(json_output)) as advance:
-        result = compare_losses(
-            data, out, losses=losses_, rates=_rates(rates), reference=reference, seeds=seeds, noise=noise, by=by,
-            rate_neg=rate_neg, test_fraction=test_fraction, split_by=split_by, bootstrap=bootstrap, seed=seed,
-            overwrite=overwrite, command=command, on_cell=lambda cell: advance(1), **options,
-        )
+    cell_options = {k: v for k, v in fit_options.items() if v is not None}  # None: fit-reward's own default
+    bar = functools.partial(progress, enabled=show_progress(json_output))
+    result = compare_losses(data, out, options, overwrite=overwrite, command=command, progress_bar=bar,
+                            **cell_options)
     if json_output:
         emit_json(result.summary)
         return
@@ -138,3 +131,4 @@ def _with_fit_reward_options(command: Any) -> Any:
 def register(reproduce_app: typer.Typer) -> None:
     """Add the `data` subcommand (`reproduce DATA`) to the reproduce group."""
     reproduce_app.command(DATA_COMMAND)(cli_errors(_with_fit_reward_options(data_command)))
+    register_options(f"reproduce {DATA_COMMAND}", ComparisonOptions)

@@ -9,7 +9,6 @@ Cells are cached on disk as they finish, so an interrupted grid continues where 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -24,71 +23,24 @@ from prefnoise import columns as C
 from prefnoise.atomic import atomic_path
 from prefnoise.errors import PrefnoiseError
 from prefnoise.experiments.synthetic import t_interval_halfwidth
-from prefnoise.heldout import SPLIT_BY, split_table
-from prefnoise.loss_names import MARGIN_LOSS_NAMES, MARGIN_RATE_PARAMS, SYMMETRIC_LOSS_NAMES
+from prefnoise.heldout import split_table
+from prefnoise.loss_names import SYMMETRIC_LOSS_NAMES
 from prefnoise.metrics import kendall_tau_b, spearman_rho, tie_half_outcomes
 from prefnoise.metrics.paired import Estimate, cluster_codes, two_stage_mean, verdict
 from prefnoise.noise import NoiseSpec, corrupt_frame
-from prefnoise.options import OptionError, Options
+from prefnoise.options import ComparisonOptions
 
-COMPARISON_NOISE = ("symmetric", "asymmetric", "uniform")
 # fit_cell(noisy train, test, loss, seed) -> the model's rewards on the test rows: shape (n, 2), chosen then rejected
 FitCell = Callable[[pl.DataFrame, pl.DataFrame, str, int], np.ndarray]
 
 
-@dataclasses.dataclass(frozen=True)
-class ComparisonOptions(Options):
-    """The grid of ``prefnoise reproduce DATA``: losses × rates × seeds, and how the data is split and noised.
-
-    ``noise``: symmetric (each rate flips every pair with that probability), asymmetric (a rate flips the
-    pairs that ``by`` marks positive, ``rate_neg`` the others) or uniform (a rate is the per-pair maximum).
-    """
-
-    losses: tuple[str, ...] = ("sigmoid", "ramp", "logistic")
-    rates: tuple[float, ...] = (0.0, 0.2, 0.4)
-    reference: str = "logistic"
-    seeds: int = 3
-    noise: str = "symmetric"
-    by: str = "longer"
-    rate_neg: float = 0.0
-    test_fraction: float = 0.2
-    split_by: str = "prompt"
-    bootstrap: int = 2000
-    seed: int = C.DEFAULT_SEED
-
-    def check(self) -> None:
-        """Losses from the loss table (none that needs a flip rate), rates in [0, 0.5), a known noise rule."""
-        for loss in (*self.losses, self.reference):
-            if loss not in MARGIN_LOSS_NAMES:
-                raise OptionError("losses", f"has {loss!r}, not in the loss table; choose from: "
-                                  f"{', '.join(name for name in MARGIN_LOSS_NAMES if name not in MARGIN_RATE_PARAMS)}")
-            if loss in MARGIN_RATE_PARAMS:
-                raise OptionError("losses", f"has {loss!r}, which needs its flip rate for every cell; compare "
-                                  "losses that need none (run fit-reward with --eps for that one)")
-        if not self.losses or len(set(self.losses)) != len(self.losses):
-            raise OptionError("losses", f"must name distinct losses, got {','.join(self.losses) or 'none'}")
-        if not self.rates or any(not (0.0 <= r < 0.5) for r in self.rates) or len(set(self.rates)) != len(self.rates):
-            shown = ",".join(f"{r:g}" for r in self.rates) or "none"
-            raise OptionError("rates", f"must be distinct noise rates in [0, 0.5), got {shown}")
-        if self.noise not in COMPARISON_NOISE:
-            raise OptionError("noise", f"must be one of {', '.join(COMPARISON_NOISE)}, got {self.noise!r}")
-        if not 0.0 <= self.rate_neg < 0.5:
-            raise OptionError("rate_neg", f"must be in [0, 0.5), got {self.rate_neg:g}")
-        if self.split_by not in SPLIT_BY:
-            raise OptionError("split_by", f"must be one of {', '.join(SPLIT_BY)}, got {self.split_by!r}")
-
-    @property
-    def all_losses(self) -> tuple[str, ...]:
-        """The compared losses, the reference included (last when it was not named)."""
-        return self.losses if self.reference in self.losses else (*self.losses, self.reference)
-
-    def noise_spec(self, rate: float, seed: int) -> NoiseSpec:
-        """The corrupt rule of one grid rate and seed."""
-        if self.noise == "asymmetric":
-            return NoiseSpec(kind="asymmetric", rate_pos=rate, rate_neg=self.rate_neg, by=self.by, seed=seed)
-        if self.noise == "uniform":
-            return NoiseSpec(kind="uniform", max_rate=rate, seed=seed)
-        return NoiseSpec(kind="symmetric", rate=rate, seed=seed)
+def noise_spec(options: ComparisonOptions, rate: float, seed: int) -> NoiseSpec:
+    """The corrupt rule of one grid rate and seed."""
+    if options.noise == "asymmetric":
+        return NoiseSpec(kind="asymmetric", rate_pos=rate, rate_neg=options.rate_neg, by=options.by, seed=seed)
+    if options.noise == "uniform":
+        return NoiseSpec(kind="uniform", max_rate=rate, seed=seed)
+    return NoiseSpec(kind="symmetric", rate=rate, seed=seed)
 
 
 def data_digest(frame: pl.DataFrame) -> str:
@@ -143,6 +95,14 @@ def seeded_split(frame: pl.DataFrame, options: ComparisonOptions, seed: int) -> 
     return train, test
 
 
+def check_grid(frame: pl.DataFrame, options: ComparisonOptions) -> None:
+    """PrefnoiseError, before anything runs, when a seed's split leaves a side empty or the noise rule cannot
+    apply to this table (a missing column for ``by``, say)."""
+    for index in range(options.seeds):
+        seeded_split(frame, options, options.seed + index)
+    noise_spec(options, max(options.rates), options.seed).check(frame.schema)
+
+
 def run_grid(
     frame: pl.DataFrame,
     options: ComparisonOptions,
@@ -157,7 +117,7 @@ def run_grid(
         seed = options.seed + index
         train, test = seeded_split(frame, options, seed)
         for rate in options.rates:
-            noisy, _ = corrupt_frame(train, options.noise_spec(rate, seed))
+            noisy, _ = corrupt_frame(train, noise_spec(options, rate, seed))
             for loss in options.all_losses:
                 started = time.perf_counter()
                 rewards = cache.get(seed, rate, loss) if cache else None

@@ -58,6 +58,7 @@ def signed_margin(pred_margin: pl.Expr, true_margin: pl.Expr) -> pl.Expr:
     """Expression: the predicted margin in the direction of the truth (negative = ranked wrong)."""
     return pred_margin * true_margin.sign()
 
+
 def outcome_index(outcome: pl.Series) -> np.ndarray:
     """Each pair outcome as an index into ``OUTCOME_VALUES``: right, predicted tie, wrong, true tie."""
     return outcome.replace_strict({1.0: 0, 0.5: 1, 0.0: 2}, default=3, return_dtype=pl.Int64).to_numpy()
@@ -127,7 +128,6 @@ def _bootstrap_interval(
     alpha = (1 - CONFIDENCE) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
     return float(low), float(high)
-
 
 
 def grow(total: np.ndarray, values: np.ndarray) -> np.ndarray:
