@@ -14,7 +14,7 @@ from prefnoise.api.tables import NOTHING_WRITTEN, ProgressBar, Table, input_tabl
 from prefnoise.errors import PrefnoiseError
 from prefnoise.options.align import AlignConfig
 from prefnoise.options.training import INPUT_DEFAULTS, keyword_signature
-from prefnoise.outputs import check_output_dir, check_output_file
+from prefnoise.outputs import check_output_dir, check_output_file, releases_outputs
 
 
 @dataclass
@@ -25,6 +25,7 @@ class AlignResult:
     dry_run: bool = False
 
 
+@releases_outputs
 def align(data: Table, *, model: str, out: str | Path | None = None, options: AlignConfig | None = None,
           dry_run: bool = False, overwrite: bool = False, progress_bar: ProgressBar | None = None,
           **keywords: Any) -> AlignResult:

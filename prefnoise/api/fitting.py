@@ -13,7 +13,7 @@ from prefnoise.api.tables import Table, input_table, path_of, split_options
 from prefnoise.data import new_history_entry
 from prefnoise.options.fit_reward import FitRewardConfig
 from prefnoise.options.training import INPUT_DEFAULTS, keyword_signature
-from prefnoise.outputs import check_output_dir
+from prefnoise.outputs import check_output_dir, releases_outputs
 
 CALLBACKS = ("on_epoch", "on_embed_start", "on_embed")  # besides on_start and on_progress
 
@@ -28,6 +28,7 @@ class FitRewardResult:
     summary: dict[str, Any]
 
 
+@releases_outputs
 def fit_reward(data: Table, out: str | Path | None = None, *, options: FitRewardConfig | None = None,
                overwrite: bool = False, on_start: Callable[[int], None] | None = None,
                on_progress: Callable[[int], None] | None = None, **keywords: Any) -> FitRewardResult:

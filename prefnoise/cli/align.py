@@ -29,7 +29,9 @@ from prefnoise.cli.common import (
     cli_errors,
     console,
     emit_json,
+    options_from,
     progress,
+    register_options,
     show_progress,
 )
 from prefnoise.loss_names import POLICY_LOSS_NAMES as POLICY_LOSSES
@@ -39,6 +41,9 @@ from prefnoise.options.training import SCHEDULES
 LOSS = "Loss"
 TRAIN = "Training"
 OUTPUT = "Output"
+
+
+register_options("align", AlignConfig)
 
 
 @app.command("align")
@@ -171,17 +176,7 @@ def align_command(
     from prefnoise import api  # the API imports polars and more: not for --help
     from prefnoise.api.aligning import is_main_process  # the API imports polars and more: not for --help
 
-    options = AlignConfig(
-        model=model, out=out or "", loss=loss, symmetric_loss=symmetric_loss, beta=beta, clip=clip,
-        label_smoothing=label_smoothing, noise_rate=noise_rate, tau=tau, alpha=alpha, beta_prime=beta_prime, lr=lr,
-        weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule, max_grad_norm=max_grad_norm,
-        batch_size=batch_size, batching=batching, max_tokens_per_batch=max_tokens_per_batch, grad_accum=grad_accum,
-        epochs=epochs, max_steps=max_steps, seed=seed, max_length=max_length, max_prompt_length=max_prompt_length,
-        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, save_adapter=save_adapter,
-        save_every=save_every, resume=resume, ref_cache=ref_cache, val_fraction=val_fraction, eval_every=eval_every,
-        log_every=log_every, precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
-        report_to=report_to,
-    )
+    options = options_from(AlignConfig, {**locals(), "out": out or ""})
     result = api.align(
         source, model=model, out=out, options=options, dry_run=dry_run, overwrite=overwrite, prompt_col=prompt_col,
         chosen_col=chosen_col, rejected_col=rejected_col, layout=layout, drop_invalid=drop_invalid,

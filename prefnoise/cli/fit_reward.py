@@ -36,6 +36,8 @@ from prefnoise.cli.common import (
     console,
     emit_json,
     log_console,
+    options_from,
+    register_options,
     show_progress,
 )
 from prefnoise.loss_names import MARGIN_LOSS_NAMES
@@ -88,6 +90,9 @@ def training_progress(enabled: bool) -> Iterator[dict[str, Callable]]:
             "on_embed_start": on_embed_start,
             "on_embed": lambda n: bar.advance(task("embedding", "texts"), n),
         }
+
+
+register_options("fit-reward", FitRewardConfig)
 
 
 @app.command("fit-reward")
@@ -223,16 +228,7 @@ def fit_reward_command(
     from prefnoise import api  # the API imports polars and more: not for --help
     from prefnoise.reward.tokens import describe_truncation  # heavy: torch
 
-    options = FitRewardConfig(
-        loss=loss, model=model, encoder=encoder, embed_features=embed_features, head=head, margin_scale=margin_scale,
-        eps=eps, tau=tau, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        val_fraction=val_fraction, early_stopping=early_stopping, device=device, max_length=max_length,
-        hidden=hidden, layers=layers, dropout=dropout, output_clip=output_clip,
-        cache_dir=None if cache_dir is None else str(cache_dir), schedule=schedule, warmup=warmup,
-        grad_accum=grad_accum, max_grad_norm=max_grad_norm, precision=precision, lora_r=lora_r,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout, log_every=log_every, save_every=save_every,
-        resume=resume, report_to=report_to, seed=seed, drop_invalid=drop_invalid,
-    )
+    options = options_from(FitRewardConfig, locals())
     with training_progress(show_progress(json_output)) as callbacks:
         fitted = api.fit_reward(
             data, out, options=options, overwrite=overwrite, prompt_col=prompt_col, chosen_col=chosen_col,

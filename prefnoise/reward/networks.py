@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prefnoise.resources import check_mlp_fits
+
 
 def clip_reward(reward: Tensor, output_clip: float | None) -> Tensor:
     """``reward`` clamped to [−output_clip, output_clip] (unchanged when ``output_clip`` is None).
@@ -26,6 +28,7 @@ class FeatureMLP(nn.Module):
         self, in_dim: int, hidden: int = 256, layers: int = 2, dropout: float = 0.0, output_clip: float | None = 20.0
     ) -> None:
         super().__init__()
+        check_mlp_fits(in_dim, hidden, layers)  # before allocating: an absurd size fails in one line
         blocks: list[nn.Module] = []
         width = in_dim
         for _ in range(layers):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from prefnoise.errors import PrefnoiseError
-from prefnoise.outputs import check_output_dir, read_marker, write_marker
+from prefnoise.outputs import check_output_dir, write_marker
 from prefnoise.training.accelerator import check_report_to, make_accelerator, start_trackers
 from prefnoise.training.runs import (
     CHECKPOINTS_DIR,
@@ -90,8 +90,7 @@ class Run:
         if self.dir is not None and self.main:
             check_output_dir(self.dir, command=self.spec.command, overwrite=True, resume=True)
             self.dir.mkdir(parents=True, exist_ok=True)
-            if read_marker(self.dir) is None:
-                write_marker(self.dir, self.spec.command)
+            write_marker(self.dir, self.spec.command)  # lists what is there now (ownership was just checked)
             if self.resume_from is None:
                 for name in self.spec.clear:
                     path = self.dir / name
