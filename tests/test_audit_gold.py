@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import polars as pl
 import pytest
@@ -177,6 +178,8 @@ def test_pandalm_gold_mode_end_to_end(tmp_path):
     assert rate["low"] <= truth <= rate["high"] and rate["gold_low"] <= truth <= rate["gold_high"]
     assert rate["high"] - rate["low"] < rate["gold_high"] - rate["gold_low"] and rate["model_weight"] > 0
     assert report["model_only"]["pairs"] == 315  # the single-label verdict, beside it
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "schemas" / "audit.json").read_text(encoding="utf-8"))
+    jsonschema.validate(report, schema)  # the --json contract holds in gold mode
     history = read_history(out)[-1]
     assert history["noise_estimate"]["method"] == "gold" and history["parameters"]["gold"] == "gold"
     text = runner.invoke(app, args)

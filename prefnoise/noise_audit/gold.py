@@ -160,8 +160,10 @@ def gold_estimate_of(frame: pl.DataFrame, gold_col: str, margin_col: str = MARGI
 
 def gold_evidence(scored: pl.DataFrame, gold_col: str) -> tuple[pl.DataFrame, GoldEstimate, dict[str, Any]]:
     """The scored table (with ``oof_margin``) plus ``suspicion`` at the gold-backed rate (null when undetermined),
-    the gold estimate, and the summary entries it sets (``method``, ``identifiable``, ``noise_rate``)."""
+    the gold estimate, and the summary entries it sets (``method``, ``identifiable``, ``noise_rate`` with the
+    suspicion ``mixture``)."""
     estimate = gold_estimate_of(scored, gold_col)
     mixture = fit_mirror_mixture(scored[MARGIN].to_numpy(), rate=estimate.rate) if estimate.identifiable else None
-    extra = {"method": "gold", "identifiable": estimate.identifiable, "noise_rate": estimate.to_dict()}
+    rate = {**estimate.to_dict(), "mixture": None if mixture is None else asdict(mixture)}
+    extra = {"method": "gold", "identifiable": estimate.identifiable, "noise_rate": rate}
     return add_suspicion(scored, mixture), estimate, extra

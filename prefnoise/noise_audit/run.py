@@ -196,7 +196,8 @@ def _margin_evidence(
     if options.gold is not None:  # the gold pairs correct the models' scores; the single-label verdict stays beside
         scored, gold, extra = gold_evidence(scored, options.gold)
         extra = {"input": None, "pairs": frame.height, "folds": None if options.given_margins else options.folds,
-                 "refits": None if options.given_margins else options.refits, "backend": backend,
+                 "refits": None if options.given_margins else options.refits,
+                 "loss": None if options.given_margins else options.loss, "backend": backend,
                  "margins_from": _margins_from(options.reward_col, options.margin_col), **extra,
                  "model_only": estimate.to_dict()}
         return scored, gold, extra, {**parameters, "gold": options.gold}
