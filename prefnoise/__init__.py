@@ -18,8 +18,6 @@ function is touched).
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -74,37 +72,14 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-# ``pn.audit`` and ``pn.align`` are plain functions: the audit library is prefnoise.noise_audit and the
-# policy trainer prefnoise.policy, so no module shares their names (the callable-module shim below is inert).
-_CALLABLE_MODULES: tuple[str, ...] = ()  # none left: the policy trainer is prefnoise.policy
-
-
-class _CallableModule(types.ModuleType):
-    """A module that, called, runs the prefnoise.api function of its name."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        api = importlib.import_module("prefnoise.api")
-        return getattr(api, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
-
-
-class _Package(types.ModuleType):
-    """This package: makes the modules named in _CALLABLE_MODULES callable as the import system binds them."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _CALLABLE_MODULES and type(value) is types.ModuleType:
-            value.__class__ = _CallableModule
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-for _name in _CALLABLE_MODULES:  # already imported (e.g. by a submodule of this package)
-    if f"{__name__}.{_name}" in sys.modules:
-        setattr(sys.modules[__name__], _name, sys.modules[f"{__name__}.{_name}"])
+# ``pn.audit`` and ``pn.align`` are plain functions: no submodule shares a public name (the audit library
+# is prefnoise.noise_audit, the policy trainer prefnoise.policy), so importing one never shadows them.
+_SUBMODULES = ("api", "noise_audit")
 
 
 def __getattr__(name: str) -> Any:
-    if name in (*_CALLABLE_MODULES, "api", "noise_audit"):
-        return importlib.import_module(f"{__name__}.{name}")  # binds (and makes callable) the module
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")  # binds the submodule
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'prefnoise' has no attribute {name!r}")
@@ -113,9 +88,9 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["PrefnoiseError", "__version__", *_CALLABLE_MODULES, *_WHERE]
+__all__ = ["PrefnoiseError", "__version__", *_WHERE]
 
 
 def __dir__() -> list[str]:
     """The public API (what ``__all__`` lists), known before any name is first used, and the submodules."""
-    return sorted({*globals(), *__all__, "api"})
+    return sorted({*globals(), *__all__, *_SUBMODULES})

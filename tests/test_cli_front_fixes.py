@@ -126,3 +126,18 @@ def test_reproduce_refuses_unknown_experiments_and_options():
         pn.reproduce("synthetic", pairs=100)  # an alignment option
     with pytest.raises(pn.OptionError, match=r"^seeds= must be >= 1, got 0"):
         pn.reproduce("alignment", seeds=0)
+
+
+def test_audit_and_align_are_plain_functions_whatever_was_imported():
+    import importlib
+    import inspect
+    import pkgutil
+
+    submodules = {module.name for module in pkgutil.iter_modules(pn.__path__)}
+    assert submodules & set(pn.__all__) == set()  # so importing a submodule never shadows a function
+    for name in ("noise_audit", "policy", "api", "metrics"):
+        importlib.import_module(f"prefnoise.{name}")
+    for function in (pn.audit, pn.align, pn.reproduce, pn.corrupt):
+        assert inspect.isfunction(function) and function.__module__.startswith("prefnoise.api.")
+        assert "data" in inspect.signature(function).parameters or function is pn.reproduce
+        assert function.__doc__.startswith("``prefnoise ")
