@@ -36,7 +36,7 @@ MEGABATCH = 50  # batches per megabatch, as transformers' get_length_grouped_ind
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     """The order in which epoch ``epoch`` visits ``n`` examples (a pure function of seed, epoch)."""
-    import torch
+    import torch  # torch is heavy: loaded only when a model runs
 
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=generator).tolist()

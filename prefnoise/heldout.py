@@ -14,7 +14,10 @@ import numpy as np
 import polars as pl
 
 from prefnoise import columns as C
+from prefnoise.data import first_error_line
 from prefnoise.errors import PrefnoiseError
+from prefnoise.metrics import tie_half_accuracy
+from prefnoise.noise import uniform_draws
 from prefnoise.options.split import SplitOptions
 
 TRAINING_PAIRS_FILE = "training_pairs.parquet"
@@ -46,7 +49,6 @@ def read_training_pairs(directory: str | Path) -> pl.DataFrame | None:
     try:
         splits = pl.read_parquet(path)
     except Exception as error:  # polars raises several types for a damaged file
-        from prefnoise.data import first_error_line
 
         reason = first_error_line(error)
         raise PrefnoiseError(f"{path}: unreadable ({reason}); the model directory is damaged") from None
@@ -76,7 +78,6 @@ def unseen_mask(frame: pl.DataFrame) -> np.ndarray:
 def agreement_summary(scored: pl.DataFrame) -> dict[str, object]:
     """Agreement of the learned margins with the given (and, with ``flipped``, the clean) labels, on all
     rows and on the rows the model never saw, by the one tie rule (a predicted tie counts 1/2)."""
-    from prefnoise.metrics import tie_half_accuracy
 
     margin = (scored[C.chosen(C.REWARD)] - scored[C.rejected(C.REWARD)]).to_numpy()
     clean_sign = (
@@ -109,7 +110,6 @@ def split_table(
     (seed, its text or pair_id) falls below ``test_fraction``, so the split depends on neither row order
     nor batching, and every pair of one prompt lands on the same side.
     """
-    from prefnoise.noise import uniform_draws
 
     SplitOptions(test_fraction=test_fraction, by=by, seed=seed)  # OptionError for a bad fraction or unit
     if by == "prompt":  # a fixed-size digest, so long prompts cost no more than short ones

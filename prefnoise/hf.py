@@ -50,7 +50,7 @@ _MAX_CAUSE = 300  # characters of a cause's first line kept in a message
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' warnings and progress bars (e.g. "Writing model shards") for the block."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # transformers is heavy: loaded only when a model is read
 
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -95,6 +95,7 @@ def _config_jsons(path: Path) -> list[str]:
 
 
 def _known_model_types() -> set[str]:
+    # transformers is heavy: loaded only when a model is read
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     return set(CONFIG_MAPPING_NAMES)
@@ -103,7 +104,7 @@ def _known_model_types() -> set[str]:
 @functools.lru_cache(maxsize=1)
 def _transformers_names() -> frozenset[str]:
     """Every name transformers exports (its lazy module lists them without importing them)."""
-    import transformers
+    import transformers  # transformers is heavy: loaded only when a model is read
 
     return frozenset(dir(transformers))
 
@@ -153,7 +154,7 @@ def check_model_dir(path: str | Path, what: str) -> Path:
     config = configs[CONFIG_FILE]
     model_type = config.get("model_type")
     if model_type is not None and (not isinstance(model_type, str) or model_type not in _known_model_types()):
-        from transformers import __version__
+        from transformers import __version__  # transformers is heavy: loaded only when a model is read
 
         raise PrefnoiseError(
             f"{what} {path}: config.json has model_type {model_type!r}, which transformers {__version__} "
@@ -174,6 +175,7 @@ def check_model_dir(path: str | Path, what: str) -> Path:
 
 def _kind(cls: Any) -> str:
     """"config", "tokenizer" or "model": what ``cls.from_pretrained`` loads."""
+    # transformers is heavy: loaded only when a model is read
     from transformers import (
         AutoConfig,
         AutoTokenizer,
@@ -181,6 +183,8 @@ def _kind(cls: Any) -> str:
         PreTrainedModel,
         PreTrainedTokenizerBase,
     )
+
+    # transformers is heavy: loaded only when a model is read
     from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
     if cls is AutoConfig or (isinstance(cls, type) and issubclass(cls, PretrainedConfig)):
@@ -209,7 +213,7 @@ def safetensors_shapes(file: Path, what: str, directory: Path) -> dict[str, list
     safetensors checks that the header is complete and covers the whole file, so a truncated or
     overwritten file fails here, before any weight is read.
     """
-    from safetensors import safe_open
+    from safetensors import safe_open  # safetensors pulls torch: loaded only when weights are read
 
     if not file.is_file():
         raise PrefnoiseError(f"{what} {directory}: weights file {file.name} is missing; {RESTORE_HINT}")
@@ -225,7 +229,7 @@ def safetensors_shapes(file: Path, what: str, directory: Path) -> dict[str, list
 
 def read_safetensors(file: str | Path, what: str) -> dict[str, Any]:
     """The tensors of safetensors ``file`` (on CPU); PrefnoiseError naming it when missing or damaged."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # safetensors pulls torch: loaded only when weights are read
 
     file = Path(file)
     safetensors_shapes(file, what, file.parent)  # the header first: a clear message for a bad file
@@ -259,7 +263,7 @@ def check_weights(cls: Any, path: str | Path, what: str, config: Any) -> bool:
         shapes.update(safetensors_shapes(path / name, what, path))
     if config is None or getattr(config, "quantization_config", None) is not None:
         return True  # quantized checkpoints store packed shapes
-    import torch
+    import torch  # torch is heavy: loaded only when a model runs
 
     try:
         with quiet_transformers(), torch.device("meta"):
@@ -334,7 +338,7 @@ def from_pretrained(cls: Any, path: str | Path, *, what: str, **kwargs: Any) -> 
     elif kind == "model":
         config = kwargs.get("config")
         if config is None:
-            from transformers import AutoConfig
+            from transformers import AutoConfig  # transformers is heavy: loaded only when a model is read
 
             config = from_pretrained(AutoConfig, path, what=what)
         if check_weights(cls, path, what, config):

@@ -79,7 +79,7 @@ def _card_header(readme: Path) -> dict:
     end = text.find("\n---", 3)
     if end < 0:
         return {}
-    import yaml
+    import yaml  # yaml: needed only for hub dataset cards and --config files
 
     try:
         header = yaml.safe_load(text[3:end])
@@ -92,8 +92,8 @@ def _card_header(readme: Path) -> dict:
 def offline() -> Iterator[None]:
     """Run ``datasets`` / ``huggingface_hub`` in offline mode for the block (HF_HUB_OFFLINE=1
     semantics: nothing is looked up or downloaded), then restore the previous settings."""
-    import datasets
-    import huggingface_hub.constants as hub_constants
+    import datasets  # datasets is heavy: loaded only for hub or saved-dataset inputs
+    import huggingface_hub.constants as hub_constants  # the hub client: loaded only to resolve a hub id offline
 
     saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE"))
     datasets.config.HF_HUB_OFFLINE = True
@@ -132,8 +132,8 @@ def resolve_hub_dir(
 ) -> HubFiles:
     """The data files of one split (and config) of a hub-layout directory, resolved by ``datasets``;
     each must lie (after symlinks) inside ``within`` (default: the directory)."""
-    from datasets.data_files import DataFilesDict
-    from datasets.load import dataset_module_factory
+    from datasets.data_files import DataFilesDict  # datasets is heavy: loaded only for hub or saved-dataset inputs
+    from datasets.load import dataset_module_factory  # datasets is heavy: loaded only for hub or saved-dataset inputs
 
     try:
         with offline():
@@ -199,8 +199,8 @@ def resolve_hub_id(repo_id: str, *, split: str | None, config: str | None) -> Hu
         return resolve_hub_dir(snapshot, split=split, config=config, label=repo_id, within=snapshot.parents[1])
     cached = _datasets_cache_dirs(repo_id)
     if not cached:
-        import datasets
-        import huggingface_hub.constants as hub_constants
+        import datasets  # datasets is heavy: loaded only for hub or saved-dataset inputs
+        import huggingface_hub.constants as hub_constants  # the hub client: loaded only to resolve a hub id offline
 
         raise PrefnoiseError(
             f"{repo_id}: not found locally or in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}, "
@@ -208,7 +208,7 @@ def resolve_hub_id(repo_id: str, *, split: str | None, config: str | None) -> Hu
             f"(hf download --repo-type dataset {repo_id}) or pass a local file or directory"
         )
     config = _choose("config", sorted(cached), config, repo_id, "--config")
-    import datasets
+    import datasets  # datasets is heavy: loaded only for hub or saved-dataset inputs
 
     try:
         with offline():
@@ -243,7 +243,9 @@ def hub_cache_dir() -> Path:
 def cached_snapshot(repo_id: str, repo_type: str = "model") -> Path | None:
     """The hub-cache snapshot directory of ``repo_id`` (a model or dataset repo, the revision ``main``
     names) in :func:`hub_cache_dir`, or None when it is not cached. Never downloads."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # the hub client: loaded only to resolve a hub id offline
+
+    # the hub client: loaded only to resolve a hub id offline
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
@@ -258,7 +260,9 @@ def cached_snapshot(repo_id: str, repo_type: str = "model") -> Path | None:
 
 def _datasets_cache_dirs(repo_id: str) -> dict[str, Path]:
     """Config name → latest cache directory of ``repo_id`` in the ``datasets`` cache."""
-    import datasets
+    import datasets  # datasets is heavy: loaded only for hub or saved-dataset inputs
+
+    # datasets is heavy: loaded only for hub or saved-dataset inputs
     from datasets.naming import camelcase_to_snakecase
 
     parts = repo_id.split("/")

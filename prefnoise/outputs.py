@@ -103,12 +103,12 @@ def written_by_prefnoise(path: str | Path) -> bool:
         with open(path, "rb") as handle:
             head = handle.read(8)
         if head[:4] == b"PAR1":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # only to read a Parquet footer; most checks never need it
 
             # tables carry b"prefnoise" (provenance), caches b"prefnoise.<what>"
             return any(key.startswith(b"prefnoise") for key in (pq.read_metadata(path).metadata or {}))
         if head == _PNG_MAGIC:
-            from PIL import Image
+            from PIL import Image  # pillow comes with matplotlib: loaded only to read a PNG's tag
 
             with Image.open(path) as image:
                 return str(image.info.get("Software", "")).startswith(PNG_SOFTWARE)

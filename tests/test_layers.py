@@ -1,8 +1,9 @@
 """The package's shape: layers that run one way (import-linter's contract in pyproject.toml), no import
-cycles, no library module importing the CLI, every module in a layer."""
+cycles, no library module importing the CLI, every module in a layer, function-local imports with a reason."""
 
 from __future__ import annotations
 
+import ast
 import sys
 from pathlib import Path
 
@@ -113,3 +114,22 @@ def test_the_contract_fails_when_a_library_module_imports_the_cli(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert lint_imports(config_filename="contract.toml", no_cache=True) == 1
     sys.modules.pop("shaped", None)
+def _function_local_imports() -> list[tuple[str, int, str, bool]]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Import | ast.ImportFrom):
+                    line, above = lines[inner.lineno - 1], lines[inner.lineno - 2].strip()
+                    name = inner.module if isinstance(inner, ast.ImportFrom) else inner.names[0].name
+                    reason = "#" in line or above.startswith("#")
+                    found.append((f"{path.relative_to(ROOT)}:{inner.lineno}", inner.lineno, name or "", reason))
+    return found
+
+
+def test_function_local_imports_say_why():
+    missing = [where for where, _, _, reason in _function_local_imports() if not reason]
+    assert missing == [], f"{len(missing)} function-local imports without a one-line reason: {missing[:20]}"

@@ -42,7 +42,7 @@ def test_an_internal_error_is_one_line_and_exit_3(monkeypatch, tmp_path, sample_
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug\nwith two lines")
 
-    monkeypatch.setattr("prefnoise.noise.corrupt_batches", broken)  # what prefnoise.api.corrupt calls
+    monkeypatch.setattr("prefnoise.api.corrupting.corrupt_batches", broken)  # what prefnoise.api.corrupt calls
     result = runner.invoke(app, ["corrupt", str(sample_path), str(tmp_path / "o.parquet"), "--rate", "0.2"])
     assert result.exit_code == 3
     assert result.stderr == (
@@ -56,7 +56,7 @@ def test_debug_prints_the_traceback(monkeypatch, capsys, tmp_path, sample_path, 
     monkeypatch.delenv("PREFNOISE_DEBUG", raising=False)
     if where == "env":
         monkeypatch.setenv("PREFNOISE_DEBUG", "1")
-    monkeypatch.setattr("prefnoise.noise.corrupt_batches", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("prefnoise.api.corrupting.corrupt_batches", lambda *a, **k: 1 / 0)
     args = ["corrupt", str(sample_path), str(tmp_path / "o.parquet"), "--rate", "0.2"]
     with pytest.raises(SystemExit) as stop:
         main({"before": ["--debug", *args], "after": [*args, "--debug"], "env": args}[where])

@@ -22,9 +22,11 @@ from prefnoise.api.tables import (
     path_of,
     raw_lazy,
 )
+from prefnoise.data import new_history_entry, write_table
 from prefnoise.errors import PrefnoiseError
+from prefnoise.experiments.figures import margin_histogram
 from prefnoise.options.audit import AuditOptions
-from prefnoise.outputs import releases_outputs
+from prefnoise.outputs import check_distinct_outputs, check_output_file, releases_outputs
 
 
 @dataclass
@@ -90,9 +92,8 @@ def audit(
     ``fix`` ("drop" or "swap", with ``out``) refuses with a PrefnoiseError of exit code 4.
     """
     given = locals()
-    from prefnoise.data import new_history_entry, write_table
+    # pulls scipy and torch's reward models: loaded only when audit runs
     from prefnoise.noise_audit.run import run_audit
-    from prefnoise.outputs import check_distinct_outputs, check_output_file
 
     options = options or AuditOptions(**{f.name: given[f.name] for f in dataclasses.fields(AuditOptions)})
     _check_outputs(options, out, plot)
@@ -118,7 +119,6 @@ def audit(
             entry.extra["fixed_pairs"] = outcome.summary["fixed"]
         write_table(outcome.table, out, entry=entry, overwrite=overwrite)
     if plot is not None:
-        from prefnoise.experiments.figures import margin_histogram
 
         margin_histogram(outcome.table["oof_margin"].to_numpy(), getattr(outcome.estimate, "mixture", None), plot)
     outcome.summary["input"] = src.name

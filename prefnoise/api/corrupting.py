@@ -23,10 +23,13 @@ from prefnoise.api.tables import (
     path_of,
     raw_frame,
 )
+from prefnoise.data import new_history_entry, write_table
 from prefnoise.errors import PrefnoiseError
-from prefnoise.noise import CorruptionStats, NoiseSpec
+from prefnoise.noise import CorruptionStats, NoiseSpec, corrupt_batches, corrupt_step, exact_thresholds
+from prefnoise.noise import corrupt_frame as corrupt_polars
 from prefnoise.options import CorruptOptions
-from prefnoise.outputs import releases_outputs
+from prefnoise.outputs import check_output_file, releases_outputs
+from prefnoise.pair_ids import PairIdCheck
 
 
 @dataclass
@@ -65,7 +68,6 @@ def corrupt(
     is then None); without it the noisy table is returned. ``summary`` is ``corrupt --json``'s object
     (flips per group with intervals). Input options (``prompt_col``, ..., ``split``, ``config``) as the CLI's.
     """
-    from prefnoise.outputs import check_output_file
 
     options = build_options(CorruptOptions, options, locals())
     if out is not None:
@@ -89,9 +91,6 @@ def _corrupt_input(
     progress_bar: ProgressBar,
 ) -> tuple[pl.DataFrame | None, CorruptionStats]:
     """Corrupt ``src`` batch by batch into ``out`` (returning no table) or into memory."""
-    from prefnoise.data import new_history_entry, write_table
-    from prefnoise.noise import corrupt_batches, corrupt_step, exact_thresholds
-    from prefnoise.pair_ids import PairIdCheck
 
     # each corrupt step of the data's history draws afresh
     spec = noise_spec(options, drop_invalid=drop_invalid, step=corrupt_step(src.history))
@@ -114,7 +113,6 @@ def _corrupt_input(
 def corrupt_frame(table: Table, spec: NoiseSpec | CorruptOptions) -> tuple[pl.DataFrame, CorruptionStats]:
     """Corrupt an in-memory canonical table (polars, pandas, pyarrow, ``datasets.Dataset``, dict or rows)
     by ``spec`` (a NoiseSpec or CorruptOptions); return it as polars with the flip counts."""
-    from prefnoise.noise import corrupt_frame as corrupt_polars
 
     frame = table if isinstance(table, pl.DataFrame) else raw_frame(table)
     return corrupt_polars(frame, noise_spec(spec) if isinstance(spec, CorruptOptions) else spec)

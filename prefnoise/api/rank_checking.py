@@ -22,9 +22,10 @@ from prefnoise.api.tables import (
     table_label,
 )
 from prefnoise.errors import PrefnoiseError
+from prefnoise.metrics import DEFAULT_MEMORY_RESPONSES, figure_frames, rank_report
 from prefnoise.metrics.gates import failed_gate_lines, gate_results
 from prefnoise.options import RankCheckOptions
-from prefnoise.outputs import releases_outputs
+from prefnoise.outputs import check_output_file, releases_outputs
 
 
 @dataclass
@@ -68,8 +69,6 @@ def rank_check(
     true reward. With ``model``, ``data`` is scored first (:func:`score`; input options such as ``prompt_col``
     or ``drop_invalid`` then apply). Failed ``min_*`` gates go to ``result.failures``; ``plot`` writes a PNG.
     """
-    from prefnoise.metrics import DEFAULT_MEMORY_RESPONSES, rank_report
-    from prefnoise.outputs import check_output_file
 
     options = build_options(RankCheckOptions, options, locals())
     check_output_file(plot, inputs=[path_of(data)], overwrite=overwrite, flag="--plot", suffix=".png")
@@ -108,8 +107,7 @@ def _rewards(
 
 
 def _rank_plot(lazy: pl.LazyFrame, report: Any, out: Path, seed: int) -> None:
-    from prefnoise.metrics import figure_frames
-    from prefnoise.plots import rank_check_figure
+    from prefnoise.plots import rank_check_figure  # pulls matplotlib: loaded only when a figure is drawn
 
     points, pairs = figure_frames(lazy, pred=report.pred, true=report.true or C.SCORE, layout=report.layout)
     x, y = ("true", "pred") if "true" in points.columns else ("rejected", "chosen")

@@ -11,10 +11,13 @@ from typing import Any
 import polars as pl
 
 from prefnoise.api.tables import ProgressBar, no_bar
+from prefnoise.atomic import atomic_path
 from prefnoise.errors import PrefnoiseError
 from prefnoise.experiments import with_overrides
+from prefnoise.experiments.figures import robustness_figure
 from prefnoise.options import Options, ReproduceAlignmentOptions, ReproduceSyntheticOptions
 from prefnoise.options.reproduce import REPRODUCE_OPTIONS
+from prefnoise.outputs import check_output_dir
 
 REPRODUCE = "reproduce"
 _OPTION_KEYWORDS = {f.name for cls in REPRODUCE_OPTIONS.values() for f in dataclasses.fields(cls)}
@@ -54,7 +57,6 @@ def reproduce(
     keyword left None keeps the experiment's default, one the experiment lacks is a TypeError. With ``out``,
     results.parquet, results.md (recording ``command_line``) and robustness.png are written there.
     """
-    from prefnoise.outputs import check_output_dir
 
     cls = REPRODUCE_OPTIONS.get(experiment)
     if cls is None:
@@ -82,7 +84,6 @@ def _call_text(experiment: str, options: Options) -> str:
 
 def _write_outputs(out: str | Path, results: pl.DataFrame, markdown: str, draw: Callable[[Path], object]) -> None:
     """results.parquet, results.md and robustness.png into ``out``, all or nothing."""
-    from prefnoise.atomic import atomic_path
 
     with atomic_path(Path(out), directory=True, command=REPRODUCE) as tmp:
         results.write_parquet(tmp / "results.parquet")
@@ -92,7 +93,7 @@ def _write_outputs(out: str | Path, results: pl.DataFrame, markdown: str, draw: 
 
 def _synthetic_config(options: ReproduceSyntheticOptions) -> Any:
     """The grid of the synthetic options: the preset (full, quick, mnist) with the overrides, checked."""
-    from prefnoise.experiments import synthetic as S
+    from prefnoise.experiments import synthetic as S  # the experiments pull torch when they run: loaded only then
 
     if options.source == "mnist":
         config = S.SyntheticConfig.mnist()
@@ -114,8 +115,7 @@ def _synthetic(
     command: str,
 ) -> ReproduceResult:
     """Run the synthetic grid; write it to ``out``; summarise the highest rate."""
-    from prefnoise.experiments import synthetic as S
-    from prefnoise.experiments.figures import robustness_figure
+    from prefnoise.experiments import synthetic as S  # the experiments pull torch when they run: loaded only then
 
     mnist = None if options.mnist is None else Path(options.mnist)
     results = S.run_synthetic(config, mnist=mnist, device=options.device, on_cell=lambda row: advance(1))
@@ -141,7 +141,7 @@ def _synthetic(
 
 def _alignment_config(options: ReproduceAlignmentOptions) -> Any:
     """The alignment grid: the preset (full or quick) with the overrides."""
-    from prefnoise.experiments import alignment as A
+    from prefnoise.experiments import alignment as A  # the experiments pull torch when they run: loaded only then
 
     config = A.AlignmentConfig.quick() if options.quick else A.AlignmentConfig()
     return with_overrides(
@@ -155,8 +155,7 @@ def _alignment(
     command: str,
 ) -> ReproduceResult:
     """Run the alignment grid; write it to ``out``; summarise the highest rate."""
-    from prefnoise.experiments import alignment as A
-    from prefnoise.experiments.figures import robustness_figure
+    from prefnoise.experiments import alignment as A  # the experiments pull torch when they run: loaded only then
 
     results = A.run_alignment(config, device=options.device, on_cell=lambda row: advance(1))
     table = A.summary(results)

@@ -25,9 +25,11 @@ from prefnoise.api.tables import (
     raw_lazy,
     table_label,
 )
+from prefnoise.data import new_history_entry, read_history, write_table
 from prefnoise.errors import PrefnoiseError
+from prefnoise.heldout import agreement_summary, mark_seen, read_training_pairs
 from prefnoise.options import ScoreOptions
-from prefnoise.outputs import releases_outputs
+from prefnoise.outputs import check_output_file, releases_outputs
 
 
 @dataclass
@@ -42,8 +44,7 @@ class ScoreResult:
 
 def _reward_model(model: Any, cache_dir: str | Path | None) -> tuple[Any, Any, str]:
     """(RewardModel, training pair splits or None, its name) from a path, hub id, fit result or model."""
-    from prefnoise.heldout import read_training_pairs
-    from prefnoise.reward import RewardModel, load_reward_model
+    from prefnoise.reward import RewardModel, load_reward_model  # pulls torch: loaded only when a reward model runs
 
     if isinstance(model, str | Path):
         loaded = load_reward_model(model, cache_dir=cache_dir)
@@ -82,9 +83,6 @@ def score(
     :class:`prefnoise.options.ScoreOptions`. Rows the model trained or validated on are marked
     (``in_training``/``in_validation``); ``summary`` is ``score --json``'s (agreement, held out where known).
     """
-    from prefnoise.data import write_table
-    from prefnoise.heldout import agreement_summary, mark_seen
-    from prefnoise.outputs import check_output_file
 
     options = build_options(ScoreOptions, options, locals())
     if out is not None:
@@ -105,7 +103,6 @@ def score(
 
 def _scoring_input(data: Table, options: ScoreOptions, model_name: str, inputs: dict[str, Any]) -> tuple:
     """(frame, its provenance history, the new history entry) of the table to score."""
-    from prefnoise.data import new_history_entry, read_history
 
     parameters = {"model": model_name, "responses": options.responses, "batch_size": options.batch_size}
     if options.responses:
@@ -122,7 +119,7 @@ def _scored(
     model_name: str, progress_bar: ProgressBar | None,
 ) -> pl.DataFrame:
     """``frame`` with the model's rewards, under a progress bar."""
-    from prefnoise.reward import score_responses, score_table
+    from prefnoise.reward import score_responses, score_table  # pulls torch: loaded only when a reward model runs
 
     run = score_responses if options.responses else score_table
     # embed+mlp spends its time in the encoder (texts not in the embedding cache): the bar follows that

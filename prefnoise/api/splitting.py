@@ -11,9 +11,11 @@ import polars as pl
 
 from prefnoise import columns as C
 from prefnoise.api.tables import STDIO, Table, build_options, gather_input_options, input_table, output_name, path_of
+from prefnoise.data import new_history_entry, write_table
 from prefnoise.errors import PrefnoiseError
+from prefnoise.heldout import split_table
 from prefnoise.options import SplitOptions
-from prefnoise.outputs import releases_outputs
+from prefnoise.outputs import check_distinct_outputs, check_output_file, releases_outputs
 
 
 @dataclass
@@ -46,7 +48,6 @@ def split(
     Options: :class:`prefnoise.options.SplitOptions` (``options`` or its fields as keywords). With
     ``train_out`` and ``test_out`` both sides are written with provenance; ``summary`` is ``split --json``'s.
     """
-    from prefnoise.heldout import split_table
 
     options = build_options(SplitOptions, options, locals())
     _check_outputs(data, train_out, test_out, overwrite)
@@ -73,7 +74,6 @@ def split(
 
 def _check_outputs(data: Table, train_out: str | Path | None, test_out: str | Path | None, overwrite: bool) -> None:
     """Both outputs or neither; two distinct files, neither the input nor a file prefnoise did not write."""
-    from prefnoise.outputs import check_distinct_outputs, check_output_file
 
     if (train_out is None) != (test_out is None):
         raise PrefnoiseError("give both train_out and test_out, or neither")
@@ -88,7 +88,6 @@ def _check_outputs(data: Table, train_out: str | Path | None, test_out: str | Pa
 
 def _write_parts(src: Any, options: SplitOptions, parts: tuple, overwrite: bool) -> None:
     """Each (table, destination, part name) written with its provenance entry."""
-    from prefnoise.data import new_history_entry, write_table
 
     parameters = {"test_fraction": options.test_fraction, "by": options.by}
     for table, dest, part in parts:

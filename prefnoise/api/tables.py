@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -13,6 +14,17 @@ import polars as pl
 import pyarrow as pa
 
 from prefnoise import columns as C
+from prefnoise.data import (
+    LAYOUTS,
+    ColumnMap,
+    canonicalize,
+    check_batch,
+    first_error_line,
+    map_score_columns,
+    open_input,
+    open_source,
+    to_polars,
+)
 from prefnoise.errors import PrefnoiseError
 from prefnoise.options import Options, check_options
 
@@ -68,14 +80,12 @@ def _to_arrow(table: Any, name: str) -> pa.Table | None:
 
 
 def first_line(error: BaseException) -> str:
-    from prefnoise.data import first_error_line
 
     return first_error_line(error)
 
 
 def raw_frame(table: Any, name: str | None = None) -> pl.DataFrame:
     """An in-memory table as a polars DataFrame, columns untouched (no mapping or validation)."""
-    from prefnoise.data import check_batch, to_polars
 
     name = name or table_label(table)
     if isinstance(table, pl.LazyFrame):
@@ -102,7 +112,6 @@ def raw_frame(table: Any, name: str | None = None) -> pl.DataFrame:
 
 def _column_map(options: dict[str, Any]):
     """The ColumnMap of the ``<field>_col`` options (every field ColumnMap has, e.g. prompt_col)."""
-    from prefnoise.data import ColumnMap
 
     values = {}
     for item in dataclasses.fields(ColumnMap):
@@ -122,12 +131,10 @@ class InputTable:
         self._frame: pl.DataFrame | None = None
         self._dropped: dict[str, int] = {}
         if _is_path(table):
-            from prefnoise.data import open_input
 
             self.source = open_input(str(table), warn_history=warn_history, **options)
             self.name = self.source.name
             return
-        from prefnoise.data import LAYOUTS, canonicalize
 
         options = dict(options)
         columns = _column_map(options)
@@ -212,7 +219,6 @@ def raw_lazy(table: Table, **options: Any) -> pl.LazyFrame:
     """A table as it is (no validation; of the column options only the true-score mapping applies), lazily
     when it is a file: for scored and long tables. ``options``: ``chosen_score_col``/``rejected_score_col``
     and, for hub ids, ``split``/``config``."""
-    from prefnoise.data import ColumnMap, map_score_columns, open_source
 
     columns = ColumnMap(chosen_score=options.pop("chosen_score_col", None),
                         rejected_score=options.pop("rejected_score_col", None))
@@ -260,10 +266,6 @@ def build_options(cls: type[OptionsT], options: OptionsT | None, values: dict[st
 
 def input_option_names() -> frozenset[str]:
     """The input options every table-reading command shares: the parameters of ``prefnoise.data.open_input``."""
-    import inspect
-
-    from prefnoise.data import open_input
-
     return frozenset(inspect.signature(open_input).parameters) - {"source", "warn_history", "warn"}
 
 

@@ -23,11 +23,11 @@ from prefnoise.cli.app import DEBUG_ENV, QUIET_ENV, app
 from prefnoise.cli.common import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, fail, flush_stdout, silence_stdout
 from prefnoise.cli.config_file import config_defaults, hoist_global_options, is_options_file
 from prefnoise.cli.streams import guard_standard_streams
+from prefnoise.errors import PrefnoiseError
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `prefnoise` console script: every failure is one line and a documented exit code."""
-    from prefnoise.errors import PrefnoiseError
 
     guard_standard_streams()
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))

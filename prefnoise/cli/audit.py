@@ -8,13 +8,16 @@ nothing fixed).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from prefnoise import api
 from prefnoise import columns as C
+from prefnoise import noise_audit as A
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
     ChosenColOption,
@@ -171,11 +174,6 @@ def audit_command(
     Exit 4 with --estimate-only or --fix when ε̂ is undetermined (the fold models cannot tell flips from
     their own mistakes); the JSON report then has "rate": null and a "reason".
     """
-    import functools
-
-    from prefnoise import api
-    from prefnoise import noise_audit as A
-
     quiet = estimate_only or json_output
     options = AuditOptions(
         folds=folds, refits=refits, reward_col=reward_col, margin_col=margin_col, loss=loss, model=model,

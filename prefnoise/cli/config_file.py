@@ -102,7 +102,7 @@ def _read_text(file: str) -> str:
 
 
 def _read_mapping(file: str) -> dict[str, Any]:
-    import yaml
+    import yaml  # yaml: needed only for hub dataset cards and --config files
 
     text = _read_text(file)
     try:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from prefnoise import api
 from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
@@ -88,7 +89,6 @@ def corrupt_command(
     config: ConfigOption = None,
 ) -> None:
     """Flip preference labels with a controlled noise model; record which rows in `flipped`."""
-    from prefnoise import api
 
     summary = api.corrupt(
         source, dest, options_from(CorruptOptions, locals()), overwrite=overwrite,

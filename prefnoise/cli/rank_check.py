@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from prefnoise import api
 from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
@@ -125,7 +126,6 @@ def rank_check_command(
     drop_invalid: ScoringDropInvalidOption = False,
 ) -> None:
     """Pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho of a learned reward."""
-    from prefnoise import api
 
     result = api.rank_check(
         source, options_from(RankCheckOptions, locals()), plot=plot,

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from prefnoise import api
 from prefnoise.cli.app import CONTEXT_SETTINGS, app
 from prefnoise.cli.common import (
     DeviceOption,
@@ -113,7 +114,6 @@ def synthetic_command(
     json_output: JsonOption = False,
 ) -> None:
     """Symmetric vs convex losses under label noise on digit images (paper Sec. 5.1)."""
-    from prefnoise import api
 
     result = api.reproduce(
         "synthetic", out, options_from(ReproduceSyntheticOptions, locals()), overwrite=overwrite,
@@ -158,7 +158,6 @@ def alignment_command(
     json_output: JsonOption = False,
 ) -> None:
     """SymPO against DPO, cDPO, rDPO and IPO under label noise on a tiny LM (paper Sec. 5.2, offline)."""
-    from prefnoise import api
 
     result = api.reproduce(
         "alignment", out, options_from(ReproduceAlignmentOptions, locals()), overwrite=overwrite,

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
+from prefnoise.api.comparing import compare_losses
 from prefnoise.cli.common import (
     JsonOption,
     OverwriteOption,
@@ -81,8 +82,6 @@ def data_command(
 ) -> None:
     """Which loss survives your noise: split DATA by prompt, flip the training part, fit every loss on the same
     flips with any fit-reward option, and compare them on the untouched test part with paired intervals."""
-    from prefnoise.api.comparing import compare_losses
-
     options = options_from(ComparisonOptions, locals())
     command = "prefnoise " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     cell_options = {k: v for k, v in fit_options.items() if v is not None}  # None: fit-reward's own default

@@ -9,6 +9,7 @@ from typing import Annotated
 import polars as pl
 import typer
 
+from prefnoise import api
 from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
@@ -87,7 +88,6 @@ def score_command(
     config: ConfigOption = None,
 ) -> None:
     """Add chosen_reward/rejected_reward (or `reward` with --responses) from a trained reward model."""
-    from prefnoise import api
 
     result = api.score(
         model_dir, data, dest, options_from(ScoreOptions, locals()), overwrite=overwrite,

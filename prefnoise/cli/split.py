@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from prefnoise import api
 from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
@@ -61,7 +62,6 @@ def split_command(
     config: ConfigOption = None,
 ) -> None:
     """Split a table into training and held-out parts, prompt-disjoint by default; provenance recorded."""
-    from prefnoise import api
 
     summary = api.split(
         source, train_dest, test_dest, options_from(SplitOptions, locals()), overwrite=overwrite,

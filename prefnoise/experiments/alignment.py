@@ -18,6 +18,7 @@ from typing import Any
 
 import polars as pl
 
+from prefnoise.errors import PrefnoiseError
 from prefnoise.experiments.tiny_lm import make_tiny_causal_lm, quality_pairs, quality_texts
 from prefnoise.noise import NoiseSpec, corrupt_frame
 
@@ -100,15 +101,14 @@ def run_alignment(
     on_cell: Callable[[dict[str, Any]], None] | None = None,
 ) -> pl.DataFrame:
     """Run the grid; one row per (kind, rate, loss, seed) with held-out clean and noisy implicit-reward accuracy."""
-    from prefnoise.policy import AlignConfig, train
+    from prefnoise.policy import AlignConfig, train  # pulls torch: loaded only when a policy runs
 
     unknown = sorted(set(config.losses) - set(LOSSES))
     if unknown:
-        from prefnoise.errors import PrefnoiseError
 
         raise PrefnoiseError(f"unknown alignment loss {', '.join(unknown)}; choose from {', '.join(LOSSES)}")
-    import torch
-    from transformers.utils import logging as hf_logging
+    import torch  # torch is heavy: loaded only when a model runs
+    from transformers.utils import logging as hf_logging  # transformers is heavy: loaded only when a model is read
 
     hf_logging.disable_progress_bar()  # save_pretrained's bars would interleave with the grid's
     scratch = tempfile.TemporaryDirectory(prefix="prefnoise-alignment-") if work is None else None

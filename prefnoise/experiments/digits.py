@@ -23,7 +23,7 @@ FIRST_DIGIT = "first_digit"  # the digit of the image shown first: what feature-
 def load_images(mnist: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images as float32 rows scaled to [0, 1] and their digits: sklearn's digits, or MNIST from a file."""
     if mnist is None:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # scikit-learn is heavy: loaded only when used
 
         digits = load_digits()
         return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 
@@ -19,10 +20,10 @@ def robustness_figure(
     title: str = "",
 ) -> Path:
     """Mean ± std of a metric against noise rate: a line per loss (symmetric solid, others dashed), a panel per kind."""
-    import matplotlib
+    import matplotlib  # matplotlib is heavy: loaded only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib is heavy: loaded only when a figure is drawn
 
     panels = summary[panel].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), sharey=True, squeeze=False)
@@ -47,7 +48,7 @@ def robustness_figure(
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    from prefnoise.plots import save_png
+    from prefnoise.plots import save_png  # pulls matplotlib: loaded only when a figure is drawn
 
     save_png(fig, path, dpi=120)
     return path
@@ -55,11 +56,10 @@ def robustness_figure(
 
 def margin_histogram(margins, mixture, path: str | Path) -> Path:
     """Histogram of out-of-fold margins with the fitted clean and mirrored (flipped) components."""
-    import matplotlib
+    import matplotlib  # matplotlib is heavy: loaded only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # matplotlib is heavy: loaded only when a figure is drawn
 
     margins = np.asarray(margins, dtype=float)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -81,7 +81,7 @@ def margin_histogram(margins, mixture, path: str | Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    from prefnoise.plots import save_png
+    from prefnoise.plots import save_png  # pulls matplotlib: loaded only when a figure is drawn
 
     save_png(fig, path, dpi=120)
     return path

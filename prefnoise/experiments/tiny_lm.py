@@ -26,6 +26,7 @@ from pathlib import Path
 import polars as pl
 
 from prefnoise import columns as C
+from prefnoise.hf import quiet_transformers
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
@@ -40,6 +41,7 @@ CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
 
 def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 256, special_tokens: tuple[str, ...] = (EOS, PAD)):
     """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts`` (every byte stays encodable)."""
+    # tokenizers: loaded only when a tokenizer is trained
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -73,7 +75,9 @@ def make_tiny_causal_lm(
     The tokenizer has BOS = EOS = ``<|endoftext|>`` (as GPT-2) and a separate ``<pad>`` token;
     ``chat_template=True`` adds a small role-tagged template. Dropout is zero so forwards are exact.
     """
-    import torch
+    import torch  # torch is heavy: loaded only when a model runs
+
+    # transformers is heavy: loaded only when a model is read
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     path = Path(path)
@@ -99,7 +103,6 @@ def make_tiny_causal_lm(
     else:
         raise ValueError(f"arch must be 'gpt2' or 'llama', not {arch!r}")
     path.mkdir(parents=True, exist_ok=True)
-    from prefnoise.hf import quiet_transformers
 
     with quiet_transformers():  # no "Writing model shards" bar
         model.save_pretrained(path)

@@ -30,7 +30,7 @@ def _compiled_discordant() -> Any:
     global _scipy_discordant
     if _scipy_discordant is False:
         try:
-            from scipy.stats._stats import _kendall_dis as found
+            from scipy.stats._stats import _kendall_dis as found  # scipy is heavy: loaded only when used
         except ImportError:  # pragma: no cover
             found = None
         _scipy_discordant = found

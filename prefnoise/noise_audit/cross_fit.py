@@ -10,6 +10,7 @@ import polars as pl
 
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
+from prefnoise.heldout import IN_TRAINING, IN_VALIDATION, unseen_mask
 from prefnoise.noise_audit.names import FOLD, MARGIN
 
 
@@ -23,6 +24,7 @@ def out_of_fold_margins(
     on_fold: Callable[[int], None] | None = None,
 ) -> pl.DataFrame:
     """``frame`` with ``fold`` and ``oof_margin``: each pair scored by a model fitted on the other folds."""
+    # pulls torch: loaded only when a reward model runs
     from prefnoise.reward import fit_reward_model, fold_of_pair_id, score_table
 
     if folds < 2:
@@ -74,7 +76,6 @@ def cross_fitted_margins(
 def given_margins(frame: pl.DataFrame, *, reward_col: str | None = None, margin_col: str | None = None) -> pl.DataFrame:
     """``frame`` with ``oof_margin`` from precomputed predictions: ``chosen_COL − rejected_COL`` for
     ``reward_col`` COL, or the ``margin_col`` column (margin = reward(chosen) − reward(rejected))."""
-    from prefnoise.heldout import IN_TRAINING, IN_VALIDATION, unseen_mask
 
     if (reward_col is None) == (margin_col is None):
         raise PrefnoiseError("give exactly one of --reward-col and --margin-col")

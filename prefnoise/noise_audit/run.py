@@ -190,7 +190,7 @@ def _margin_evidence(
     """The table with out-of-fold margins and suspicion, ε̂, its summary part and parameters."""
     # reason: prefnoise.reward imports torch, which only the fold-model path needs
     from prefnoise.reward import check_finite_features
-    from prefnoise.reward.backend import backend_of
+    from prefnoise.reward.backend import backend_of  # pulls torch: loaded only when a reward model runs
 
     if options.given_margins:
         scored = given_margins(frame, reward_col=options.reward_col, margin_col=options.margin_col)
