@@ -83,7 +83,7 @@ def assert_refused(result, flag: str) -> str:
 def test_the_sweep_covers_every_command_with_numbers():
     assert {name for name, _, _ in NUMERIC} == {
         "align", "audit", "corrupt", "fit-reward", "rank-check", "score", "split", "reproduce synthetic",
-        "reproduce alignment",
+        "reproduce alignment", "reproduce data",
     }
     assert len(NUMERIC) >= 60
 

@@ -153,7 +153,7 @@ def flush_stdout() -> None:
 def cli_errors(command: F) -> F:
     """Run ``command`` under the exit-code contract.
 
-    Options are validated first (:func:`check_options`). A PrefnoiseError or an OS error is one line
+    Each command's options object checks its options once (an OptionError names the flag). A PrefnoiseError or an OS error is one line
     on stderr and exit 2 (or the error's code); Ctrl-C exits 130 and SIGTERM/SIGHUP 143/129 after
     the same cleanup; anything unexpected is one line "internal error: ..." and exit 3, with the
     traceback only under ``--debug``.
@@ -166,7 +166,6 @@ def cli_errors(command: F) -> F:
         console.quiet = log_console.quiet = quiet_requested()
         try:
             with signals_as_exceptions(), prefnoise_warnings_on_stderr():
-                check_options(kwargs)
                 check_utf8_names(kwargs)
                 result = command(*args, **kwargs)
                 flush_stdout()
