@@ -29,22 +29,37 @@ from prefnoise.errors import PrefnoiseError  # noqa: E402
 _EXPORTS = {
     "prefnoise.api": (
         "as_polars",
+        "compare_losses",
         "corrupt",
         "split",
         "fit_reward",
+        "align",
         "score",
         "rank_check",
+        "ComparisonResult",
+        "reproduce",
+        "corrupt_frame",
         "audit",
         "CorruptResult",
         "SplitResult",
         "FitRewardResult",
         "ScoreResult",
         "RankCheckResult",
+        "ReproduceResult",
         "AuditResult",
         "AlignResult",
     ),
     "prefnoise.data": ("ColumnMap", "open_source", "read_table", "write_table", "read_history", "new_history_entry"),
-    "prefnoise.noise": ("NoiseSpec", "corrupt_frame", "corrupt_batches", "flip_mask", "uniform_draws"),
+    "prefnoise.options": (
+        "CorruptOptions",
+        "SplitOptions",
+        "ScoreOptions",
+        "RankCheckOptions",
+        "ReproduceSyntheticOptions",
+        "ReproduceAlignmentOptions",
+        "OptionError",
+    ),
+    "prefnoise.noise": ("NoiseSpec", "corrupt_batches", "flip_mask", "uniform_draws"),
     "prefnoise.losses": ("MARGIN_LOSSES", "POLICY_LOSSES", "margin_loss", "preference_loss", "implicit_rewards"),
     "prefnoise.reward": (
         "fit_reward_model",
@@ -59,11 +74,9 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-# ``pn.align(...)`` shares its name with the module prefnoise.align, which Python binds on this package
-# whenever it is imported. So that module is made callable: calling it runs prefnoise.api.align, while
-# its other attributes stay the module's. (``pn.audit`` is a plain function: the audit library is
-# prefnoise.noise_audit.)
-_CALLABLE_MODULES = ("align",)
+# ``pn.audit`` and ``pn.align`` are plain functions: the audit library is prefnoise.noise_audit and the
+# policy trainer prefnoise.policy, so no module shares their names (the callable-module shim below is inert).
+_CALLABLE_MODULES: tuple[str, ...] = ()  # none left: the policy trainer is prefnoise.policy
 
 
 class _CallableModule(types.ModuleType):
@@ -75,7 +88,7 @@ class _CallableModule(types.ModuleType):
 
 
 class _Package(types.ModuleType):
-    """This package: makes prefnoise.align callable as the import system binds it."""
+    """This package: makes the modules named in _CALLABLE_MODULES callable as the import system binds them."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _CALLABLE_MODULES and type(value) is types.ModuleType:
@@ -101,3 +114,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["PrefnoiseError", "__version__", *_CALLABLE_MODULES, *_WHERE]
+
+
+def __dir__() -> list[str]:
+    """The public API (what ``__all__`` lists), known before any name is first used, and the submodules."""
+    return sorted({*globals(), *__all__, "api"})
