@@ -154,9 +154,9 @@ def cli_errors(command: F) -> F:
     """Run ``command`` under the exit-code contract.
 
     Each command's options object checks its options once (an OptionError names the flag). A
-    PrefnoiseError or an OS error is one line on stderr and exit 2 (or the error's code); Ctrl-C exits 130 and SIGTERM/SIGHUP 143/129 after
-    the same cleanup; anything unexpected is one line "internal error: ..." and exit 3, with the
-    traceback only under ``--debug``.
+    PrefnoiseError or an OS error is one line on stderr and exit 2 (or the error's code); Ctrl-C exits
+    130 and SIGTERM/SIGHUP 143/129 after the same cleanup; anything unexpected is one line "internal
+    error: ..." and exit 3, with the traceback only under ``--debug``.
     """
 
     @functools.wraps(command)
