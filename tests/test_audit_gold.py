@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import polars as pl
 import pytest
@@ -177,6 +178,8 @@ def test_pandalm_gold_mode_end_to_end(tmp_path):
     assert rate["low"] <= truth <= rate["high"] and rate["gold_low"] <= truth <= rate["gold_high"]
     assert rate["high"] - rate["low"] < rate["gold_high"] - rate["gold_low"] and rate["model_weight"] > 0
     assert report["model_only"]["pairs"] == 315  # the single-label verdict, beside it
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "schemas" / "audit.json").read_text(encoding="utf-8"))
+    jsonschema.validate(report, schema)  # the --json contract holds in gold mode
     history = read_history(out)[-1]
     assert history["noise_estimate"]["method"] == "gold" and history["parameters"]["gold"] == "gold"
     text = runner.invoke(app, args)
@@ -215,3 +218,27 @@ def test_gold_bad_input_exits_2_and_writes_nothing(tmp_path):
         assert not out.exists()
     both = runner.invoke(app, ["audit", str(path), "--annotators", "g", "--gold", "g"])
     assert both.exit_code == 2 and "--gold" in both.stderr
+
+
+def test_gold_fix_swaps_known_wrong_gold_pairs_and_turns_the_gold_column(tmp_path):
+    """--fix swap in gold mode: suspicion on a gold pair is its gold vote, and swapped pairs' gold votes turn."""
+    score_rng = np.random.default_rng(3)
+    pairs = 400
+    wrong = score_rng.random(pairs) < 0.2
+    margins = np.where(wrong, -1.5, 1.5) + score_rng.normal(0, 1, pairs)
+    gold = np.where(wrong, "rejected", "chosen").astype(object)
+    gold[100:] = None
+    gold[0], margins[0] = "rejected", 3.0  # a confident margin the gold vote overrules
+    table = pl.DataFrame({
+        "prompt": ["p"] * pairs, "chosen": [f"c{i}" for i in range(pairs)], "rejected": [f"r{i}" for i in range(pairs)],
+        "m": margins, "g": pl.Series(list(gold), dtype=pl.String),
+    })
+    path, out = tmp_path / "t.parquet", tmp_path / "fixed.parquet"
+    table.write_parquet(path)
+    result = runner.invoke(app, ["audit", str(path), "--margin-col", "m", "--gold", "g", "--fix", "swap",
+                                 "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    fixed = pl.read_parquet(out)
+    assert fixed["chosen"][0] == "r0" and fixed["g"][0] == "chosen" and fixed["suspicion"][0] == 0.0
+    assert (fixed["g"][:100] == "chosen").all()  # every known wrong gold pair swapped back
+    assert fixed["g"][100:].null_count() == pairs - 100

@@ -33,12 +33,15 @@ from prefnoise.cli.common import (
     console,
     emit_json,
     progress,
+    register_options,
     reports_to_stderr,
     safe,
     show_progress,
 )
 from prefnoise.errors import PrefnoiseError
 from prefnoise.options.audit import AuditOptions
+
+register_options("audit", AuditOptions)
 
 
 @app.command("audit")

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import norm
 
 from prefnoise.noise import wilson_interval
 
@@ -60,7 +59,7 @@ class DifficultyProfile:
         spread = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
         if spread == 0:
             return 1.0
-        return float(2 * norm.sf(abs(self.close_share - self.confident_share) / spread))
+        return math.erfc(abs(self.close_share - self.confident_share) / spread / math.sqrt(2))  # 2·(1 − Φ(|z|))
 
     @property
     def ratio(self) -> float:

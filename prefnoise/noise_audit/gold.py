@@ -8,7 +8,8 @@ margins exist (cross-fitted, or given by ``--margin-col``/``--reward-col``),
 
 (``gold_estimate_of`` is the estimate alone.) Bad votes raise a PrefnoiseError naming the column and the first
 bad row (exit 2), as do a missing column and a column with no gold vote at all. The gold pairs must be a random
-sample of the table. Suspicion is the mirror mixture's posterior at the gold-backed rate.
+sample of the table. Suspicion is the mirror mixture's posterior at the gold-backed rate, and the gold vote itself
+on the gold pairs (``--fix swap`` then also turns the gold column round, as the annotators' columns).
 
 The estimator (Angelopoulos et al., Science 2023, with the power tuning of their PPI++ paper, 2023): N pairs
 without gold carry the model's score f_i of "the label is wrong"; n gold pairs carry the truth w_j and f_j.
@@ -43,7 +44,7 @@ from prefnoise.errors import PrefnoiseError
 from prefnoise.noise_audit import votes as V
 from prefnoise.noise_audit.estimate import fit_mirror_mixture
 from prefnoise.noise_audit.fix import add_suspicion
-from prefnoise.noise_audit.names import MARGIN
+from prefnoise.noise_audit.names import MARGIN, SUSPICION
 
 Z95 = float(norm.ppf(0.975))
 MIN_GOLD_PAIRS = 10  # fewer trusted votes than this say too little for any interval
@@ -159,9 +160,17 @@ def gold_estimate_of(frame: pl.DataFrame, gold_col: str, margin_col: str = MARGI
 
 
 def gold_evidence(scored: pl.DataFrame, gold_col: str) -> tuple[pl.DataFrame, GoldEstimate, dict[str, Any]]:
-    """The scored table (with ``oof_margin``) plus ``suspicion`` at the gold-backed rate (null when undetermined),
-    the gold estimate, and the summary entries it sets (``method``, ``identifiable``, ``noise_rate``)."""
+    """The scored table (with ``oof_margin``) plus ``suspicion`` at the gold-backed rate (the gold vote itself on
+    gold pairs; null when undetermined),
+    the gold estimate, and the summary entries it sets (``method``, ``identifiable``, ``noise_rate`` with the
+    suspicion ``mixture``)."""
     estimate = gold_estimate_of(scored, gold_col)
     mixture = fit_mirror_mixture(scored[MARGIN].to_numpy(), rate=estimate.rate) if estimate.identifiable else None
-    extra = {"method": "gold", "identifiable": estimate.identifiable, "noise_rate": estimate.to_dict()}
-    return add_suspicion(scored, mixture), estimate, extra
+    rate = {**estimate.to_dict(), "mixture": None if mixture is None else asdict(mixture)}
+    extra = {"method": "gold", "identifiable": estimate.identifiable, "noise_rate": rate}
+    scored = add_suspicion(scored, mixture)
+    if mixture is not None:  # a gold pair's truth is known: suspicion 1 where gold prefers rejected, 0 where chosen
+        wrong = pl.Series(gold_wrong(scored[gold_col], gold_col))
+        known = wrong.is_in([0.0, 1.0])
+        scored = scored.with_columns(pl.when(known).then(wrong).otherwise(pl.col(SUSPICION)).alias(SUSPICION))
+    return scored, estimate, extra

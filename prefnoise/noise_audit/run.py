@@ -64,7 +64,8 @@ def run_audit(
         )
     fixed = 0
     if options.fix is not None:
-        vote_columns = tuple(c for c in (*(options.annotators or ()), options.position_col) if c is not None)
+        named = (*(options.annotators or ()), options.position_col, options.gold)
+        vote_columns = tuple(c for c in named if c is not None)
         scored, fixed = clean_table(scored, mode=options.fix, threshold=options.threshold, vote_columns=vote_columns)
     calibrated = scored[SUSPICION].null_count() < scored.height
     above = int((scored[SUSPICION] > options.threshold).sum()) if options.fix is None else 0
