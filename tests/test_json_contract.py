@@ -61,7 +61,7 @@ def outputs(tmp_path_factory, lm_path) -> dict[str, dict]:
                                        "--losses", "sigmoid", "--noise", "symmetric", "--device", "cpu"),
         "reproduce alignment": payload("reproduce", "alignment", "--out", tmp / "ra", "--quick", "--seeds", "1",
                                        "--epochs", "1", "--pairs", "40", "--no-asymmetric"),
-        "reproduce data": payload("reproduce", data, "--out", tmp / "grid", "--losses", "sigmoid", "--rates", "0.2",
+        "reproduce data": payload("reproduce", data, "--out", tmp / "rd", "--losses", "sigmoid", "--rates", "0",
                                   "--seeds", "1", "--epochs", "1", "--bootstrap", "20"),
     }
     got["paths"] = {"data": str(data), "noisy": str(noisy), "train": str(train), "test": str(test), "tmp": str(tmp)}
@@ -110,8 +110,7 @@ def test_one_name_for_the_input_and_the_output(outputs):
     assert outputs["align --dry-run"]["input"] == lm_pairs and outputs["align --dry-run"]["dry_run"] is True
     assert outputs["reproduce synthetic"]["output"] == str(tmp / "rs")
     assert outputs["reproduce alignment"]["output"] == str(tmp / "ra")
-    grid = outputs["reproduce data"]
-    assert (grid["input"], grid["output"]) == (paths["data"], str(tmp / "grid"))
+    assert (outputs["reproduce data"]["input"], outputs["reproduce data"]["output"]) == (paths["data"], str(tmp / "rd"))
 
 
 def test_rank_check_gates_are_objects_with_the_metric_value(outputs):
