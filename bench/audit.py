@@ -28,7 +28,7 @@ import time
 import numpy as np
 import polars as pl
 
-from prefnoise import audit as A
+from prefnoise import noise_audit as A
 from prefnoise.data import canonicalize, open_source
 from prefnoise.experiments.features import ORIENTATION, linear_feature_pairs
 from prefnoise.noise import NoiseSpec, corrupt_frame

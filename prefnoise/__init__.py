@@ -29,21 +29,37 @@ from prefnoise.errors import PrefnoiseError  # noqa: E402
 _EXPORTS = {
     "prefnoise.api": (
         "as_polars",
+        "compare_losses",
         "corrupt",
         "split",
         "fit_reward",
+        "align",
         "score",
         "rank_check",
+        "ComparisonResult",
+        "reproduce",
+        "corrupt_frame",
+        "audit",
         "CorruptResult",
         "SplitResult",
         "FitRewardResult",
         "ScoreResult",
         "RankCheckResult",
+        "ReproduceResult",
         "AuditResult",
         "AlignResult",
     ),
     "prefnoise.data": ("ColumnMap", "open_source", "read_table", "write_table", "read_history", "new_history_entry"),
-    "prefnoise.noise": ("NoiseSpec", "corrupt_frame", "corrupt_batches", "flip_mask", "uniform_draws"),
+    "prefnoise.options": (
+        "CorruptOptions",
+        "SplitOptions",
+        "ScoreOptions",
+        "RankCheckOptions",
+        "ReproduceSyntheticOptions",
+        "ReproduceAlignmentOptions",
+        "OptionError",
+    ),
+    "prefnoise.noise": ("NoiseSpec", "corrupt_batches", "flip_mask", "uniform_draws"),
     "prefnoise.losses": ("MARGIN_LOSSES", "POLICY_LOSSES", "margin_loss", "preference_loss", "implicit_rewards"),
     "prefnoise.reward": (
         "fit_reward_model",
@@ -53,16 +69,14 @@ _EXPORTS = {
         "score_responses",
     ),
     "prefnoise.metrics": ("rank_report", "pairwise_agreement", "kendall_tau_b", "spearman_rho"),
-    "prefnoise.audit": ("estimate_noise_rate", "out_of_fold_margins"),
+    "prefnoise.noise_audit": ("estimate_noise_rate", "out_of_fold_margins"),
     "prefnoise.heldout": ("split_table", "mark_seen", "read_training_pairs"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-# ``pn.audit(...)`` and ``pn.align(...)`` share their names with the modules prefnoise.audit and
-# prefnoise.align, which Python binds on this package whenever they are imported. So those two modules
-# are made callable: calling one runs prefnoise.api.audit / prefnoise.api.align, while its other
-# attributes (``pn.audit.estimate_noise_rate``, ...) stay the module's.
-_CALLABLE_MODULES = ("audit", "align")
+# ``pn.audit`` and ``pn.align`` are plain functions: the audit library is prefnoise.noise_audit and the
+# policy trainer prefnoise.policy, so no module shares their names (the callable-module shim below is inert).
+_CALLABLE_MODULES: tuple[str, ...] = ()  # none left: the policy trainer is prefnoise.policy
 
 
 class _CallableModule(types.ModuleType):
@@ -74,7 +88,7 @@ class _CallableModule(types.ModuleType):
 
 
 class _Package(types.ModuleType):
-    """This package: makes prefnoise.audit and prefnoise.align callable as the import system binds them."""
+    """This package: makes the modules named in _CALLABLE_MODULES callable as the import system binds them."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _CALLABLE_MODULES and type(value) is types.ModuleType:
@@ -89,7 +103,7 @@ for _name in _CALLABLE_MODULES:  # already imported (e.g. by a submodule of this
 
 
 def __getattr__(name: str) -> Any:
-    if name in (*_CALLABLE_MODULES, "api"):
+    if name in (*_CALLABLE_MODULES, "api", "noise_audit"):
         return importlib.import_module(f"{__name__}.{name}")  # binds (and makes callable) the module
     module = _WHERE.get(name)
     if module is None:
@@ -100,3 +114,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["PrefnoiseError", "__version__", *_CALLABLE_MODULES, *_WHERE]
+
+
+def __dir__() -> list[str]:
+    """The public API (what ``__all__`` lists), known before any name is first used, and the submodules."""
+    return sorted({*globals(), *__all__, "api"})

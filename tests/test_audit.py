@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from prefnoise import audit as A
+from prefnoise import noise_audit as A
 from prefnoise.cli import app
 from prefnoise.data import canonicalize, read_history, read_table
 from prefnoise.errors import PrefnoiseError
@@ -185,13 +185,15 @@ def test_audit_history_records_the_duration_of_the_folds(tmp_path, monkeypatch):
     """The provenance duration covers the cross-fitting, not only the writing (it read 0.014 s before)."""
     import time
 
-    real = A.out_of_fold_margins
+    from prefnoise.noise_audit import cross_fit
+
+    real = cross_fit.out_of_fold_margins
 
     def slow(*args, **kwargs):
         time.sleep(0.5)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(A, "out_of_fold_margins", slow)
+    monkeypatch.setattr(cross_fit, "out_of_fold_margins", slow)
     data = tmp_path / "pairs.parquet"
     canonicalize(make_feature_pairs(200, seed=1))[0].write_parquet(data)
     out = tmp_path / "audited.parquet"

@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import norm
 from typer.testing import CliRunner
 
-from prefnoise import audit as A
+from prefnoise import noise_audit as A
 from prefnoise.cli import app
 from prefnoise.data import canonicalize, read_history
 from prefnoise.errors import PrefnoiseError
@@ -266,7 +266,7 @@ def test_embed_features_reach_the_fold_models(monkeypatch, tmp_path):
     import polars as pl
 
     from prefnoise import api
-    from prefnoise import audit as A
+    from prefnoise.noise_audit import run
 
     seen = {}
 
@@ -274,7 +274,7 @@ def test_embed_features_reach_the_fold_models(monkeypatch, tmp_path):
         seen.update(fit_options)
         raise RuntimeError("stop after the options were seen")
 
-    monkeypatch.setattr(A, "cross_fitted_margins", fake_cross_fit)
+    monkeypatch.setattr(run, "cross_fitted_margins", fake_cross_fit)
     table = pl.DataFrame({"prompt": ["p"] * 20, "chosen": [f"a{i}" for i in range(20)], "rejected": ["b"] * 20})
     with pytest.raises(RuntimeError, match="options were seen"):
         api.audit(table, model="embed+mlp", encoder=str(tmp_path), embed_features="joint-mean,response-mean")

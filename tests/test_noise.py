@@ -188,3 +188,12 @@ def test_uniform_draws_ignore_batch_padding_and_are_pinned():
 def test_null_pair_ids_are_an_error():
     with pytest.raises(PrefnoiseError, match="pair_id has null values"):
         uniform_draws(pl.Series(["a", None]), seed=0)
+
+
+def test_judge_flip_probability_by_hand():
+    from prefnoise.noise import judge_flip_probability
+
+    # σ(−|Δ|/T): 1/2 on a tie, σ(−2) = 0.1192 at |Δ| = 1, T = 0.5; +0.3 where the better response is shorter
+    p = judge_flip_probability(np.array([0.0, 1.0, -1.0, 5.0]), 0.5, np.array([False, False, True, True]), 0.3)
+    assert p == pytest.approx([0.5, 0.119203, 0.419203, 0.3 + 1 / (1 + np.exp(10))], abs=1e-6)
+    assert judge_flip_probability(np.array([0.0]), 1.0, np.array([True]), 0.8)[0] == 1.0  # capped

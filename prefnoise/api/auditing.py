@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,22 +15,23 @@ from prefnoise import columns as C
 from prefnoise.api.tables import (
     ProgressBar,
     Table,
-    check_api_options,
     gather_input_options,
     input_table,
     no_bar,
     output_name,
     path_of,
+    raw_lazy,
 )
 from prefnoise.errors import PrefnoiseError
+from prefnoise.options.audit import AuditOptions
 from prefnoise.outputs import releases_outputs
 
 
 @dataclass
 class AuditResult:
-    """``pn.audit``'s result: the table with ``oof_margin`` (and ``fold``, ``suspicion``; cleaned with ``fix``),
-    the noise estimate (``estimate.identifiable``, ``estimate.rate``: None when undetermined, with
-    ``estimate.reason``), and the summary (``audit --json``'s object)."""
+    """``pn.audit``'s result: the table with ``suspicion`` (and ``oof_margin``, ``fold`` from margins, or
+    ``consensus`` from annotators; cleaned with ``fix``), the estimate (``estimate.identifiable``,
+    ``estimate.rate``: None when undetermined, with ``estimate.reason``), and the summary (``audit --json``)."""
 
     table: pl.DataFrame
     estimate: Any
@@ -39,7 +42,13 @@ class AuditResult:
 def audit(
     data: Table,
     out: str | Path | None = None,
+    options: AuditOptions | None = None,
     *,
+    annotators: list[str] | str | None = None,
+    votes: str | Path | None = None,
+    position_col: str | None = None,
+    by: list[str] | str | None = None,
+    gold: str | None = None,
     folds: int = 5,
     refits: int = 3,
     reward_col: str | None = None,
@@ -71,120 +80,55 @@ def audit(
     progress_bar: ProgressBar | None = None,
     **input_options: Any,
 ) -> AuditResult:
-    """``prefnoise audit``: cross-fit reward models (``folds`` × ``refits``), estimate the flip rate ε̂ and
-    score each pair's suspicion; or take out-of-sample margins as given (``reward_col``/``margin_col``).
+    """``prefnoise audit``: estimate the flip rate of the table's labels and score each pair's suspicion.
 
-    Wraps :mod:`prefnoise.audit` as the CLI does. When ε̂ is undetermined (``result.estimate.identifiable``
-    False) the summary's rate is None with a reason, and ``fix`` ("drop" or "swap", with ``out``) refuses
-    with a PrefnoiseError of exit code 4.
+    The evidence (see :class:`prefnoise.options.audit.AuditOptions`): other annotators' votes
+    (``annotators`` columns, a long ``votes`` table; Dawid–Skene), out-of-sample margins as given
+    (``reward_col``/``margin_col``), or ``folds`` × ``refits`` cross-fitted reward models; with ``gold`` (a column
+    of trusted votes on a random subset) the gold pairs correct those margins. When the rate is
+    undetermined (``result.estimate.identifiable`` False) the summary's rate is None with a reason, and
+    ``fix`` ("drop" or "swap", with ``out``) refuses with a PrefnoiseError of exit code 4.
     """
-    from prefnoise import audit as A
+    given = locals()
     from prefnoise.data import new_history_entry, write_table
+    from prefnoise.noise_audit.run import run_audit
     from prefnoise.outputs import check_distinct_outputs, check_output_file
-    from prefnoise.reward import check_finite_features
-    from prefnoise.reward.backend import backend_of
 
-    check_api_options(locals())
-    if fix is not None and out is None:
-        raise PrefnoiseError("--fix needs --out for the cleaned table")
-    if fix is not None and fix not in ("drop", "swap"):
-        raise PrefnoiseError(f"--fix must be 'drop' or 'swap', got {fix!r}")
-    if reward_col is not None and margin_col is not None:
-        raise PrefnoiseError("give only one of --reward-col and --margin-col")
+    options = options or AuditOptions(**{f.name: given[f.name] for f in dataclasses.fields(AuditOptions)})
+    _check_outputs(options, out, plot)
     started = time.time()  # the history entry's duration covers the folds, not only the writing
-    check_output_file(out, inputs=[path_of(data)], overwrite=overwrite)
-    check_output_file(plot, inputs=[path_of(data)], overwrite=overwrite, flag="--plot", suffix=".png")
+    inputs = [path_of(data), options.votes]
+    check_output_file(out, inputs=inputs, overwrite=overwrite)
+    check_output_file(plot, inputs=inputs, overwrite=overwrite, flag="--plot", suffix=".png")
     check_distinct_outputs({"--out": out, "--plot": plot})
     src = input_table(
         data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
     )
-    given = reward_col is not None or margin_col is not None
-    if given:
-        frame = src.collect()
-        scored = A.given_margins(frame, reward_col=reward_col, margin_col=margin_col)
-        margins = scored[A.MARGIN].to_numpy()
-        backend, parameters = "given predictions", {"reward_col": reward_col, "margin_col": margin_col}
-    else:
-        frame, _ = check_finite_features(src.collect(), src.name, drop_invalid)
-        backend, model_path = backend_of(model, C.chosen(C.FEATURES) in frame.columns)
-        fit_options = {
-            "loss": loss, "backend": backend, "model_path": model_path, "encoder_path": encoder,
-            "embed_features": embed_features, "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "hidden": hidden, "max_length": max_length, "val_fraction": 0.0,
-            "head": head,
-        }
-        with (progress_bar or no_bar)("cross-fitting folds", folds * refits) as advance:
-            scored, margins = A.cross_fitted_margins(
-                frame, folds=folds, refits=refits, seed=seed, fit_options=fit_options, device=device, on_fold=advance
-            )
-        parameters = {"folds": folds, "refits": refits, **{k: v for k, v in fit_options.items() if v is not None}}
-    estimate = A.estimate_noise_rate(margins, n_boot=bootstrap, seed=seed)
-    if fix is not None and not estimate.identifiable:
-        raise PrefnoiseError(
-            f"--fix: the flip rate is undetermined, so suspicion has no calibration; nothing written "
-            f"({estimate.reason})",
-            exit_code=A.UNDETERMINED_EXIT,
-        )
-    scored = A.add_suspicion(scored, estimate.mixture)
-    fixed = 0
-    if fix is not None:
-        scored, fixed = A.clean_table(scored, mode=fix, threshold=threshold)
+    vote_table = None if options.votes is None else raw_lazy(options.votes).collect()
+    fits = not (options.with_annotators or options.given_margins)
+    bar = (progress_bar or no_bar)("cross-fitting folds", options.folds * options.refits) if fits else None
+    with bar or contextlib.nullcontext() as advance:
+        outcome = run_audit(src.collect(), options, name=src.name, votes=vote_table, drop_invalid=drop_invalid,
+                            on_fold=advance)
     if out is not None:
-        entry = new_history_entry("audit", {**parameters, "fix": fix, "threshold": threshold}, seed=seed,
-                                  source=src.source)
+        entry = new_history_entry("audit", outcome.parameters, seed=options.seed, source=src.source)
         entry.started = started
-        entry.extra["noise_estimate"] = _history_estimate(estimate)
-        if fix is not None:
-            entry.extra["fixed_pairs"] = {"mode": fix, "count": fixed}
-        write_table(scored, out, entry=entry, overwrite=overwrite)
+        entry.extra["noise_estimate"] = outcome.history_estimate
+        if options.fix is not None:
+            entry.extra["fixed_pairs"] = outcome.summary["fixed"]
+        write_table(outcome.table, out, entry=entry, overwrite=overwrite)
     if plot is not None:
         from prefnoise.experiments.figures import margin_histogram
 
-        margin_histogram(scored[A.MARGIN].to_numpy(), estimate.mixture, plot)
-    suspects = None if estimate.mixture is None else int((scored[A.SUSPICION] > threshold).sum()) if fix is None else 0
-    summary: dict[str, Any] = {
-        "input": src.name,
-        "output": output_name(out),
-        "pairs": frame.height,
-        "folds": None if given else folds,
-        "refits": None if given else refits,
-        "loss": None if given else loss,
-        "backend": backend,
-        "margins_from": _margins_from(reward_col, margin_col),
-        "identifiable": estimate.identifiable,
-        "noise_rate": estimate.to_dict(),
-        "suspects_above_threshold": suspects,
-        "threshold": threshold,
-        "fixed": {"mode": fix, "count": fixed} if fix else None,
-        "most_suspect": A.most_suspect(scored, show_suspects, with_text=show_text),
-    }
-    if C.FLIPPED in scored.columns and fix is None and scored[C.FLIPPED].n_unique() == 2:
-        flipped = scored[C.FLIPPED].to_numpy()
-        suspicion = -scored[A.MARGIN].to_numpy()  # suspicion's ranking, defined also when ε̂ is undetermined
-        summary["against_flipped"] = {
-            "true_rate": float(flipped.mean()),
-            "auroc": A.auroc(suspicion, flipped),
-            "precision_at_true_count": A.precision_at(suspicion, flipped, int(flipped.sum())),
-        }
-    return AuditResult(scored, estimate, summary)
+        margin_histogram(outcome.table["oof_margin"].to_numpy(), getattr(outcome.estimate, "mixture", None), plot)
+    outcome.summary["input"] = src.name
+    outcome.summary["output"] = output_name(out)
+    return AuditResult(outcome.table, outcome.estimate, outcome.summary)
 
 
-def _margins_from(reward_col: str | None, margin_col: str | None) -> str:
-    if margin_col is not None:
-        return f"column {margin_col}"
-    if reward_col is not None:
-        return f"columns {C.chosen(reward_col)} − {C.rejected(reward_col)}"
-    return "cross-fitted fold models"
-
-
-def _history_estimate(estimate: Any) -> dict[str, Any]:
-    """What the history records of ε̂: the rate (None when undetermined, with the reason) and how it was made."""
-    return {
-        "rate": estimate.rate,
-        "low": estimate.low,
-        "high": estimate.high,
-        "identifiable": estimate.identifiable,
-        "reason": estimate.reason,
-        "own_error_bias_high": estimate.own_error_bias_high,
-        "refits": [r["rate"] for r in estimate.refits],
-    }
+def _check_outputs(options: AuditOptions, out: str | Path | None, plot: str | Path | None) -> None:
+    """What the outputs need: --fix writes the cleaned table to --out; --plot draws margins."""
+    if options.fix is not None and out is None:
+        raise PrefnoiseError("--fix needs --out for the cleaned table")
+    if plot is not None and options.with_annotators:
+        raise PrefnoiseError("--plot draws out-of-fold margins, and an audit with annotators has none; drop --plot")

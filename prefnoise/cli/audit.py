@@ -33,11 +33,15 @@ from prefnoise.cli.common import (
     console,
     emit_json,
     progress,
+    register_options,
     reports_to_stderr,
     safe,
     show_progress,
 )
 from prefnoise.errors import PrefnoiseError
+from prefnoise.options.audit import AuditOptions
+
+register_options("audit", AuditOptions)
 
 
 @app.command("audit")
@@ -49,6 +53,44 @@ def audit_command(
     out: Annotated[
         str | None,
         typer.Option("--out", help="Write the table with fold, oof_margin and suspicion columns (- for stdout)."),
+    ] = None,
+    annotators: Annotated[
+        str | None,
+        typer.Option(
+            "--annotators",
+            help="COL[,COL...]: columns holding other annotators' votes on each pair ('chosen'/'rejected'/'tie', "
+            "1/-1/0 or true/false = prefers chosen; null = not annotated). Audits the table's labels with "
+            "Dawid-Skene instead of fold models.",
+        ),
+    ] = None,
+    votes: Annotated[
+        str | None,
+        typer.Option("--votes", help="A long table of votes (pair_id, annotator, vote), as --annotators."),
+    ] = None,
+    position_col: Annotated[
+        str | None,
+        typer.Option(
+            "--position-col",
+            help="With annotators: column saying which response was shown first ('chosen'/'rejected', 1/-1, "
+            "true = chosen first); adds position bias and a position breakdown.",
+        ),
+    ] = None,
+    by: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--by",
+            help="With annotators: flip rates per group, as corrupt's rules: longer, column:NAME, compare:NAME "
+            "(repeat for several).",
+        ),
+    ] = None,
+    gold: Annotated[
+        str | None,
+        typer.Option(
+            "--gold",
+            help="COL: trusted votes on a random subset of pairs (as --annotators' encodings; null elsewhere). The "
+            "gold pairs correct the fold models' margins (prediction-powered inference); the gold-only interval "
+            "is shown beside it.",
+        ),
     ] = None,
     folds: Annotated[int, typer.Option("--folds", help="Cross-fitting folds (split by pair_id hash).")] = 5,
     refits: Annotated[
@@ -132,19 +174,21 @@ def audit_command(
     import functools
 
     from prefnoise import api
-    from prefnoise import audit as A
+    from prefnoise import noise_audit as A
 
     quiet = estimate_only or json_output
+    options = AuditOptions(
+        folds=folds, refits=refits, reward_col=reward_col, margin_col=margin_col, loss=loss, model=model,
+        encoder=encoder, head=head, embed_features=embed_features, epochs=epochs, batch_size=batch_size, lr=lr,
+        hidden=hidden, max_length=max_length, device=device, annotators=annotators, votes=votes,
+        position_col=position_col, by=tuple(by) if by else None, gold=gold, bootstrap=bootstrap,
+        show_suspects=show_suspects, show_text=show_text, fix=fix, threshold=threshold, seed=seed,
+    )
     result = api.audit(
-        data, out, folds=folds, refits=refits, reward_col=reward_col, margin_col=margin_col, loss=loss,
-        model=model, encoder=encoder, head=head, embed_features=embed_features, epochs=epochs,
-        batch_size=batch_size, lr=lr,
-        hidden=hidden,
-        max_length=max_length, device=device, bootstrap=bootstrap, show_suspects=show_suspects,
-        show_text=show_text, plot=plot, fix=fix, threshold=threshold, overwrite=overwrite, seed=seed,
-        prompt_col=prompt_col, chosen_col=chosen_col, rejected_col=rejected_col, layout=layout,
-        drop_invalid=drop_invalid, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col,
-        split=split, config=config, progress_bar=functools.partial(progress, enabled=show_progress(quiet)),
+        data, out, options, plot=plot, overwrite=overwrite, prompt_col=prompt_col, chosen_col=chosen_col,
+        rejected_col=rejected_col, layout=layout, drop_invalid=drop_invalid, chosen_score_col=chosen_score_col,
+        rejected_score_col=rejected_score_col, split=split, config=config,
+        progress_bar=functools.partial(progress, enabled=show_progress(quiet)),
     )
     estimate = result.estimate
     if estimate_only:
@@ -160,6 +204,81 @@ def audit_command(
 
 
 def _print_report(report: dict) -> None:
+    if report.get("method") == "annotators":
+        _print_annotators(report)
+    elif report.get("method") == "gold":
+        _print_gold(report)
+    else:
+        _print_margins(report)
+    _print_breakdowns(report)
+    _print_suspects(report)
+
+
+def _print_breakdowns(report: dict) -> None:
+    """The table's flip rate per group (annotators: posterior-weighted pairs; gold: the gold pairs)."""
+    for breakdown in report.get("breakdowns") or ():
+        console.print(f"flip rate by {safe(breakdown['rule'])}:")
+        for side in ("positive", "negative"):
+            group = breakdown[side]
+            console.print(f"  {safe(group['group'])}: {_interval(group)} (~{group['pairs']:.0f} pairs)")
+        console.print(f"  difference: {_interval(breakdown['difference'])}")
+
+
+def _interval(rate: dict) -> str:
+    """``0.123 [0.100–0.150]`` (no interval without a bootstrap, – for none)."""
+    if rate is None or rate["rate"] is None:
+        return "–"
+    if rate["low"] is None:
+        return f"{rate['rate']:.3f}"
+    return f"{rate['rate']:.3f} [{rate['low']:.3f}–{rate['high']:.3f}]"
+
+
+def _print_annotators(report: dict) -> None:
+    rate = report["noise_rate"]
+    console.print(
+        f"audit: {report['pairs']:,} pairs, the table's labels against {rate['annotators']} other annotators "
+        f"(Dawid–Skene, {rate['frame']} frame)"
+    )
+    if rate["rate"] is None:
+        console.print(f"flip rate of the table's labels: undetermined — {safe(rate['reason'])}")
+        return
+    interval = f" (95% interval {rate['low']:.3f}–{rate['high']:.3f})" if rate["low"] is not None else ""
+    console.print(f"flip rate of the table's labels = {rate['rate']:.3f}{interval}")
+    table = Table(title="annotators (a tie counts as half a flip)", title_justify="left")
+    for column in ("annotator", "pairs", "flip rate [95%]", "ties", "position bias [95%]"):
+        table.add_column(column, justify="left" if column == "annotator" else "right")
+    for row in report["annotators"]:
+        table.add_row(
+            safe(row["annotator"]), f"{row['pairs']:,}", _interval(row["flip_rate"]), f"{row['tie_rate']:.3f}",
+            _interval(row["position_bias"]),
+        )
+    console.print(table)
+
+
+def _print_gold(report: dict) -> None:
+    rate = report["noise_rate"]
+    source = safe(report["margins_from"])
+    console.print(
+        f"audit: {report['pairs']:,} pairs, {rate['gold_pairs']:,} with a gold vote ({rate['gold_ties']} gold ties "
+        f"left out); margins from the {source}"
+    )
+    if rate["rate"] is None or not rate["identifiable"]:
+        console.print(f"flip rate of the table's labels: undetermined — {safe(rate['reason'])}")
+        return
+    console.print(
+        f"flip rate of the table's labels = {rate['rate']:.3f} (95% interval {rate['low']:.3f}–{rate['high']:.3f}; "
+        f"{safe(rate['interval'])})"
+    )
+    console.print(
+        f"  gold pairs alone: {rate['gold_rate']:.3f} (exact 95% interval {rate['gold_low']:.3f}–"
+        f"{rate['gold_high']:.3f})"
+    )
+    model = report["model_only"]
+    alone = "undetermined" if model["rate"] is None else f"{model['rate']:.3f} [{model['low']:.3f}–{model['high']:.3f}]"
+    console.print(f"  the fold models alone (single-label verdict): {alone}")
+
+
+def _print_margins(report: dict) -> None:
     rate = report["noise_rate"]
     if report["folds"] is None:
         console.print(f"audit: {report['pairs']:,} pairs, margins from the {safe(report['margins_from'])}")
@@ -176,13 +295,24 @@ def _print_report(report: dict) -> None:
         console.print(f"estimated flip rate ε̂: undetermined — {safe(rate['reason'])}")
     else:
         interval = f" (95% interval {rate['low']:.3f}–{rate['high']:.3f})" if rate["low"] is not None else ""
-        console.print(f"estimated flip rate ε̂ = {rate['rate']:.3f}{interval}")
+        if rate.get("close_pairs_note"):  # ε̂ counts only the flips the models can see; the interval is wider
+            console.print(
+                f"flip rate within {rate['low']:.3f}–{rate['high']:.3f} (95%); the flips the fold models can see "
+                f"on confident pairs: ε̂ = {rate['rate']:.3f}"
+            )
+        else:
+            console.print(f"estimated flip rate ε̂ = {rate['rate']:.3f}{interval}")
         per_refit = ", ".join(f"{r['rate']:.3f}" for r in rate["refits"])
         console.print(
             f"  corrected for the models' own confident mistakes: {rate['own_error_bias']:.3f} of "
             f"{rate['confident_pairs']:,} confident pairs (plausibly up to {rate['own_error_bias_high']:.3f})"
             + (f"; per refit {per_refit}" if len(rate["refits"]) > 1 else "")
         )
+        if rate.get("close_pairs_note"):
+            console.print(f"  the interval reaches up to the models' disagreement: {safe(rate['close_pairs_note'])}")
+
+
+def _print_suspects(report: dict) -> None:
     if "against_flipped" in report:
         known = report["against_flipped"]
         console.print(
@@ -193,16 +323,18 @@ def _print_report(report: dict) -> None:
         console.print(
             f"--fix {report['fixed']['mode']}: {report['fixed']['count']:,} pairs above {report['threshold']}"
         )
+    elif report["suspects_above_threshold"] is None and report.get("method") == "annotators":
+        console.print("suspicion is null while the flip rate is undetermined")
     elif report["suspects_above_threshold"] is None:
         console.print("suspicion is not calibrated without ε̂ (null); pairs are listed by their margin")
     else:
         console.print(f"{report['suspects_above_threshold']:,} pairs have suspicion above {report['threshold']}")
     if report["most_suspect"]:
         table = Table(title="most suspect pairs", title_justify="left")
-        for column in report["most_suspect"][0]:
+        shown = [c for c in report["most_suspect"][0] if any(row[c] is not None for row in report["most_suspect"])]
+        for column in shown:
             table.add_column(column, justify="right" if column in ("oof_margin", "suspicion") else "left")
         for row in report["most_suspect"]:
-            table.add_row(
-                *[f"{v:.4f}" if isinstance(v, float) else "–" if v is None else safe(v) for v in row.values()]
-            )
+            values = [row[c] for c in shown]
+            table.add_row(*[f"{v:.4f}" if isinstance(v, float) else "–" if v is None else safe(v) for v in values])
         console.print(table)

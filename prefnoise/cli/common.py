@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -24,6 +25,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -33,7 +35,7 @@ from prefnoise.atomic import remove_temporary_files, user_umask
 from prefnoise.cli.app import DEBUG_ENV
 from prefnoise.cli.streams import check_utf8_names, printable_name
 from prefnoise.errors import PrefnoiseError, PrefnoiseWarning
-from prefnoise.options import OPTION_RANGES, SEED_MAX, OptionError, check_options  # noqa: F401  (re-exported for the CLI modules)
+from prefnoise.options import OPTION_RANGES, SEED_MAX, OptionError, Options, check_options  # noqa: F401  (re-exported for the CLI modules)
 from prefnoise.outputs import release_claims
 from prefnoise.resources import resource_limit_message
 
@@ -238,24 +240,51 @@ def show_progress(json_output: bool) -> bool:
     return not json_output and sys.stderr.isatty() and not quiet_requested()
 
 
+# A fixed bar width: at 80 columns the bar, counts and times stay on one line, legible (rich would
+# otherwise squeeze the bar to nothing or wrap when a column grows).
+PROGRESS_BAR_WIDTH = 20
+
+
+def progress_columns(*extra: ProgressColumn) -> tuple[ProgressColumn, ...]:
+    """The columns of every progress bar: description, a fixed-width bar, done/total, elapsed, ETA, then ``extra``."""
+    return (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=PROGRESS_BAR_WIDTH),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        *extra,
+    )
+
+
 @contextlib.contextmanager
 def progress(description: str, total: int | None, *, enabled: bool) -> Iterator[Callable[[int], None]]:
     """Yield an ``advance(n)`` callback drawing a rich progress bar on stderr when ``enabled``."""
     if not enabled:
         yield lambda n: None
         return
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=log_console,
-        transient=True,
-    )
+    bar = Progress(*progress_columns(), console=log_console, transient=True)
     with bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+OptionsT = TypeVar("OptionsT", bound=Options)
+
+# Command path ("corrupt", "reproduce synthetic") -> the options class its flags build. Every field of the
+# class is a flag of the same name and every flag a field, but for the CLI's own (tests/test_options_front.py).
+COMMAND_OPTIONS: dict[str, type[Options]] = {}
+
+
+def register_options(command: str, cls: type[OptionsT]) -> type[OptionsT]:
+    """Record that ``command``'s flags build ``cls`` (checked by the flag/field parity test); return ``cls``."""
+    COMMAND_OPTIONS[command] = cls
+    return cls
+
+
+def options_from(cls: type[OptionsT], values: dict[str, Any]) -> OptionsT:
+    """``cls`` built from a command's parameters (``locals()``): every field has a flag of the same name."""
+    return cls(**{item.name: values[item.name] for item in dataclasses.fields(cls)})
 
 
 def strict_json_value(value: Any) -> Any:
@@ -373,4 +402,36 @@ OverwriteOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+BatchSizeOption = Annotated[int | None, typer.Option("--batch-size", help="Responses per forward pass.")]
+InputArgument = Annotated[
+    str,
+    typer.Argument(
+        metavar="IN",
+        help="Input table (Parquet, JSONL, CSV, saved or hub-layout dataset dir, cached hub id, or - for stdin).",
+    ),
+]
+OutArgument = Annotated[
+    str, typer.Argument(metavar="OUT", help="Output .parquet (or no extension), .jsonl or .csv; - for stdout.")
+]
+
+
+# The input options every table-reading command shares (the parameters of open_input); the rest of a
+# command's parameters are its options object's fields, its arguments and the CLI's own flags.
+INPUT_OPTIONS = (
+    "prompt_col",
+    "chosen_col",
+    "rejected_col",
+    "layout",
+    "drop_invalid",
+    "chosen_score_col",
+    "rejected_score_col",
+    "split",
+    "config",
+)
+
+
+def input_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The input options among a command's parameters (``locals()``)."""
+    return {name: values[name] for name in INPUT_OPTIONS if name in values}
 

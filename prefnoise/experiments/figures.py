@@ -69,7 +69,7 @@ def margin_histogram(margins, mixture, path: str | Path) -> Path:
     def normal(x, mu):
         return np.exp(-0.5 * ((x - mu) / mixture.std) ** 2) / (mixture.std * np.sqrt(2 * np.pi))
 
-    if mixture is not None:  # None: the flip rate is undetermined (prefnoise.audit), so no components are drawn
+    if mixture is not None:  # None: the flip rate is undetermined (prefnoise.noise_audit), so no components are drawn
         ax.plot(grid, (1 - mixture.rate) * normal(grid, mixture.mean), label="clean component", linewidth=2)
         ax.plot(
             grid, mixture.rate * normal(grid, -mixture.mean), "--", label="flipped (mirrored) component", linewidth=2

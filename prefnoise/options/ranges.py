@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 from prefnoise.errors import PrefnoiseError
@@ -124,16 +125,39 @@ def flag_of(option: str) -> str:
 
 
 class OptionError(PrefnoiseError):
-    """A bad option value. ``str()`` names the Python keyword (``rate=``); :meth:`as_flag` the CLI flag."""
+    """A bad option value. ``str()`` names the Python keyword (``rate=``); :meth:`as_flag` the CLI flag.
 
-    def __init__(self, option: str, problem: str) -> None:
-        super().__init__(f"{option}= {problem}")
+    ``problem`` may name options as ``{name}`` (rendered ``name=`` or ``--name``; ``{force=True}``
+    renders ``force=True`` or ``--force``) for those in ``option`` and ``mentions``. When it names
+    ``option`` itself it is the whole sentence; otherwise the option leads (``rate= must be ...``).
+    """
+
+    def __init__(self, option: str, problem: str, *, mentions: tuple[str, ...] = ()) -> None:
         self.option = option
         self.problem = problem
+        self.mentions = (option, *mentions)
+        super().__init__(self._render(keyword=True))
+
+    def _render(self, *, keyword: bool) -> str:
+        def name(match: re.Match[str]) -> str:
+            option, value = match.group(1), match.group(2)
+            if option not in self.mentions:
+                return match.group(0)
+            if not keyword:
+                return flag_of(option)
+            return f"{option}{value or ''}"
+
+        text = _PLACEHOLDER.sub(name, self.problem)
+        if "{" + self.option + "}" in self.problem:
+            return text
+        return f"{self.option}= {text}" if keyword else f"{flag_of(self.option)} {text}"
 
     def as_flag(self) -> str:
         """The same message naming the option as the CLI spells it (``--rate must be ...``)."""
-        return f"{flag_of(self.option)} {self.problem}"
+        return self._render(keyword=False)
+
+
+_PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)(=[A-Za-z0-9_.]+)?\}")
 
 
 def _number(value: float) -> str:

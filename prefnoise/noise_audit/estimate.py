@@ -39,20 +39,15 @@ free its separation μ/σ confounds ε with the model's strength, so it does not
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import polars as pl
 
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
-from prefnoise.noise import swap_responses
+from prefnoise.noise_audit.difficulty import close_pair_note, difficulty_profile
 
-MARGIN = "oof_margin"
-SUSPICION = "suspicion"
-FOLD = "fold"
 _EPS = 1e-9
 
 # The identifiability verdict (step 3 above): one source for each limit.
@@ -114,6 +109,10 @@ class NoiseEstimate:
     own_error_slope: float | None = None
     confident_pairs: int | None = None
     label_agreement: float | None = None
+    at_least: float | None = None  # bounds valid without the mirror assumption (noise_audit.difficulty)
+    at_most: float | None = None
+    close_pairs_note: str | None = None  # why the interval reaches up to ``at_most`` (close pairs disagree more)
+    difficulty: dict[str, Any] | None = None  # disagreement below/above the median |margin|
     refits: list[dict[str, Any]] = field(default_factory=list)
     method: str = (
         "mirror-tail count on out-of-fold margins (|m| above its median), corrected for the models' own errors"
@@ -296,6 +295,12 @@ def estimate_noise_rate(
     reason = identifiability_reason(confident, worst, low, high, agreement)
     if any(f.cut <= 0 for f in fits):
         reason = f"most out-of-fold margins are exactly 0 (the fold models score both responses alike); {HELP_MORE}"
+    profile = difficulty_profile(sets)
+    at_least = low if reason is None else None  # the bounds that hold without the mirror assumption
+    note = close_pair_note(profile, low, high) if reason is None and low is not None and high is not None else None
+    if note is not None:  # flips may hide on close pairs: the interval reaches up to the disagreement
+        high = profile.disagreement_high
+        reason = note if high - low > MAX_INTERVAL_WIDTH else None
     rate = float(np.mean(per_refit)) if reason is None else None
     combined = sets.mean(axis=0)
     return NoiseEstimate(
@@ -313,6 +318,10 @@ def estimate_noise_rate(
         own_error_slope=float(np.mean([f.slope for f in fits])),
         confident_pairs=confident,
         label_agreement=agreement,
+        at_least=at_least,
+        at_most=profile.disagreement_high,
+        close_pairs_note=note if reason is None else None,
+        difficulty=profile.to_dict(),
         refits=[
             {
                 "tail_share": tail,
@@ -324,153 +333,3 @@ def estimate_noise_rate(
         ],
     )
 
-
-def out_of_fold_margins(
-    frame: pl.DataFrame,
-    *,
-    folds: int = 5,
-    seed: int = C.DEFAULT_SEED,
-    fit_options: dict[str, Any] | None = None,
-    device: str = "auto",
-    on_fold: Callable[[int], None] | None = None,
-) -> pl.DataFrame:
-    """``frame`` with ``fold`` and ``oof_margin``: each pair scored by a model fitted on the other folds."""
-    from prefnoise.reward import fit_reward_model, fold_of_pair_id, score_table
-
-    if folds < 2:
-        raise PrefnoiseError(f"--folds must be at least 2, got {folds}")
-    if frame.height < 2 * folds:
-        raise PrefnoiseError(f"{frame.height} pairs are too few for {folds} folds; use fewer --folds")
-    options = {"loss": "sigmoid", **(fit_options or {})}
-    fold = np.asarray(fold_of_pair_id(frame[C.PAIR_ID], folds, seed))
-    margins = np.full(frame.height, np.nan)
-    for k in range(folds):
-        held_out = fold == k
-        fit = fit_reward_model(frame.filter(pl.Series(~held_out)), seed=seed + k, device=device, **options)
-        scored = score_table(fit.model, frame.filter(pl.Series(held_out)), device=device)
-        margins[held_out] = (scored[C.chosen(C.REWARD)] - scored[C.rejected(C.REWARD)]).to_numpy()
-        if on_fold is not None:
-            on_fold(1)
-    return frame.with_columns(pl.Series(FOLD, fold, dtype=pl.Int32), pl.Series(MARGIN, margins, dtype=pl.Float64))
-
-
-def refit_seed(seed: int, refit: int) -> int:
-    """The seed of cross-fit number ``refit`` (fold assignment and fold models): refit 0 uses ``seed``."""
-    return seed + 1000 * refit
-
-
-def cross_fitted_margins(
-    frame: pl.DataFrame,
-    *,
-    folds: int = 5,
-    refits: int = 3,
-    seed: int = C.DEFAULT_SEED,
-    fit_options: dict[str, Any] | None = None,
-    device: str = "auto",
-    on_fold: Callable[[int], None] | None = None,
-) -> tuple[pl.DataFrame, np.ndarray]:
-    """``refits`` independent cross-fits: ``frame`` with the first one's ``fold`` and the mean ``oof_margin``
-    over refits, and the (refits × pairs) matrix of out-of-fold margins, one row per refit."""
-    if refits < 1:
-        raise PrefnoiseError(f"--refits must be at least 1, got {refits}")
-    runs = [
-        out_of_fold_margins(
-            frame, folds=folds, seed=refit_seed(seed, r), fit_options=fit_options, device=device, on_fold=on_fold
-        )
-        for r in range(refits)
-    ]
-    margins = np.stack([run[MARGIN].to_numpy() for run in runs])
-    return runs[0].with_columns(pl.Series(MARGIN, margins.mean(axis=0), dtype=pl.Float64)), margins
-
-
-def given_margins(frame: pl.DataFrame, *, reward_col: str | None = None, margin_col: str | None = None) -> pl.DataFrame:
-    """``frame`` with ``oof_margin`` from precomputed predictions: ``chosen_COL − rejected_COL`` for
-    ``reward_col`` COL, or the ``margin_col`` column (margin = reward(chosen) − reward(rejected))."""
-    from prefnoise.heldout import IN_TRAINING, IN_VALIDATION, unseen_mask
-
-    if (reward_col is None) == (margin_col is None):
-        raise PrefnoiseError("give exactly one of --reward-col and --margin-col")
-    needed = [margin_col] if margin_col is not None else [C.chosen(reward_col), C.rejected(reward_col)]
-    missing = [name for name in needed if name not in frame.columns]
-    if missing:
-        raise PrefnoiseError(f"column {missing[0]!r} not found; the table has {', '.join(frame.columns)}")
-    values = []
-    for name in needed:
-        try:
-            column = frame[name].cast(pl.Float64, strict=True)
-        except Exception:  # polars raises several types for a column that is not numeric
-            raise PrefnoiseError(f"column {name!r} must hold numbers, it is {frame[name].dtype}") from None
-        bad = (column.is_null() | ~column.is_finite()).arg_true()
-        if bad.len():
-            raise PrefnoiseError(f"column {name!r}, row {int(bad[0])}: missing or not a finite number")
-        values.append(column.to_numpy())
-    margin = values[0] if margin_col is not None else values[0] - values[1]
-    seen = ~unseen_mask(frame)
-    if seen.any():
-        raise PrefnoiseError(
-            f"{int(seen.sum())} rows were seen by the model that scored them ({IN_TRAINING}/{IN_VALIDATION} "
-            f"true, first row {int(np.flatnonzero(seen)[0])}); their margins are not out of sample: "
-            "audit only held-out rows (filter on those columns) or score with a model that never saw them"
-        )
-    return frame.with_columns(pl.Series(MARGIN, margin, dtype=pl.Float64))
-
-
-def add_suspicion(frame: pl.DataFrame, mixture: MirrorMixture | None) -> pl.DataFrame:
-    """``frame`` (with ``oof_margin``) plus ``suspicion`` = P(flipped | margin); null without a mixture
-    (ε̂ undetermined: the ranking by margin stands, a calibrated probability does not)."""
-    if mixture is None:
-        return frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(SUSPICION))
-    return frame.with_columns(
-        pl.Series(SUSPICION, mixture.posterior_flipped(frame[MARGIN].to_numpy()), dtype=pl.Float64)
-    )
-
-
-def clean_table(frame: pl.DataFrame, *, mode: str, threshold: float = 0.5) -> tuple[pl.DataFrame, int]:
-    """Drop or swap back the pairs whose suspicion exceeds ``threshold``; return the table and how many."""
-    if mode not in ("drop", "swap"):
-        raise PrefnoiseError(f"--fix must be 'drop' or 'swap', got {mode!r}")
-    if not 0.0 <= threshold <= 1.0:
-        raise PrefnoiseError(f"--threshold must be within [0, 1], got {threshold}")
-    suspect = frame[SUSPICION] > threshold
-    count = int(suspect.sum())
-    if mode == "drop":
-        return frame.filter(~suspect), count
-    swapped = swap_responses(frame, suspect.to_numpy())
-    # swapping back flips the sign of the out-of-fold margin, and the pair is no longer suspect
-    return swapped.with_columns(
-        pl.when(suspect).then(-pl.col(MARGIN)).otherwise(pl.col(MARGIN)).alias(MARGIN),
-        pl.when(suspect).then(1.0 - pl.col(SUSPICION)).otherwise(pl.col(SUSPICION)).alias(SUSPICION),
-    ), count
-
-
-def most_suspect(frame: pl.DataFrame, k: int, *, with_text: bool = False) -> list[dict[str, Any]]:
-    """The ``k`` most suspect pairs (most negative margins): ids, margins and suspicion (text only when asked)."""
-    columns = [C.PAIR_ID, MARGIN, SUSPICION] + ([C.PROMPT, C.CHOSEN, C.REJECTED] if with_text else [])
-    return frame.sort(MARGIN).head(k).select(columns).to_dicts()  # suspicion is decreasing in the margin
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for boolean ``labels`` (ties count half)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUROC needs both positive and negative labels")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average ranks over ties
-    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(scores)]])
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def precision_at(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of the ``k`` highest-scored items that are positive."""
-    if k <= 0:
-        return float("nan")
-    top = np.argsort(-np.asarray(scores), kind="mergesort")[:k]
-    return float(np.asarray(labels, dtype=bool)[top].mean())

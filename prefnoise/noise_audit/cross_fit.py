@@ -1,0 +1,104 @@
+"""Out-of-fold margins: cross-fitted fold models, or precomputed out-of-sample predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from prefnoise import columns as C
+from prefnoise.errors import PrefnoiseError
+from prefnoise.noise_audit.names import FOLD, MARGIN
+
+
+def out_of_fold_margins(
+    frame: pl.DataFrame,
+    *,
+    folds: int = 5,
+    seed: int = C.DEFAULT_SEED,
+    fit_options: dict[str, Any] | None = None,
+    device: str = "auto",
+    on_fold: Callable[[int], None] | None = None,
+) -> pl.DataFrame:
+    """``frame`` with ``fold`` and ``oof_margin``: each pair scored by a model fitted on the other folds."""
+    from prefnoise.reward import fit_reward_model, fold_of_pair_id, score_table
+
+    if folds < 2:
+        raise PrefnoiseError(f"--folds must be at least 2, got {folds}")
+    if frame.height < 2 * folds:
+        raise PrefnoiseError(f"{frame.height} pairs are too few for {folds} folds; use fewer --folds")
+    options = {"loss": "sigmoid", **(fit_options or {})}
+    fold = np.asarray(fold_of_pair_id(frame[C.PAIR_ID], folds, seed))
+    margins = np.full(frame.height, np.nan)
+    for k in range(folds):
+        held_out = fold == k
+        fit = fit_reward_model(frame.filter(pl.Series(~held_out)), seed=seed + k, device=device, **options)
+        scored = score_table(fit.model, frame.filter(pl.Series(held_out)), device=device)
+        margins[held_out] = (scored[C.chosen(C.REWARD)] - scored[C.rejected(C.REWARD)]).to_numpy()
+        if on_fold is not None:
+            on_fold(1)
+    return frame.with_columns(pl.Series(FOLD, fold, dtype=pl.Int32), pl.Series(MARGIN, margins, dtype=pl.Float64))
+
+
+def refit_seed(seed: int, refit: int) -> int:
+    """The seed of cross-fit number ``refit`` (fold assignment and fold models): refit 0 uses ``seed``."""
+    return seed + 1000 * refit
+
+
+def cross_fitted_margins(
+    frame: pl.DataFrame,
+    *,
+    folds: int = 5,
+    refits: int = 3,
+    seed: int = C.DEFAULT_SEED,
+    fit_options: dict[str, Any] | None = None,
+    device: str = "auto",
+    on_fold: Callable[[int], None] | None = None,
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """``refits`` independent cross-fits: ``frame`` with the first one's ``fold`` and the mean ``oof_margin``
+    over refits, and the (refits × pairs) matrix of out-of-fold margins, one row per refit."""
+    if refits < 1:
+        raise PrefnoiseError(f"--refits must be at least 1, got {refits}")
+    runs = [
+        out_of_fold_margins(
+            frame, folds=folds, seed=refit_seed(seed, r), fit_options=fit_options, device=device, on_fold=on_fold
+        )
+        for r in range(refits)
+    ]
+    margins = np.stack([run[MARGIN].to_numpy() for run in runs])
+    return runs[0].with_columns(pl.Series(MARGIN, margins.mean(axis=0), dtype=pl.Float64)), margins
+
+
+def given_margins(frame: pl.DataFrame, *, reward_col: str | None = None, margin_col: str | None = None) -> pl.DataFrame:
+    """``frame`` with ``oof_margin`` from precomputed predictions: ``chosen_COL − rejected_COL`` for
+    ``reward_col`` COL, or the ``margin_col`` column (margin = reward(chosen) − reward(rejected))."""
+    from prefnoise.heldout import IN_TRAINING, IN_VALIDATION, unseen_mask
+
+    if (reward_col is None) == (margin_col is None):
+        raise PrefnoiseError("give exactly one of --reward-col and --margin-col")
+    needed = [margin_col] if margin_col is not None else [C.chosen(reward_col), C.rejected(reward_col)]
+    missing = [name for name in needed if name not in frame.columns]
+    if missing:
+        raise PrefnoiseError(f"column {missing[0]!r} not found; the table has {', '.join(frame.columns)}")
+    values = []
+    for name in needed:
+        try:
+            column = frame[name].cast(pl.Float64, strict=True)
+        except Exception:  # polars raises several types for a column that is not numeric
+            raise PrefnoiseError(f"column {name!r} must hold numbers, it is {frame[name].dtype}") from None
+        bad = (column.is_null() | ~column.is_finite()).arg_true()
+        if bad.len():
+            raise PrefnoiseError(f"column {name!r}, row {int(bad[0])}: missing or not a finite number")
+        values.append(column.to_numpy())
+    margin = values[0] if margin_col is not None else values[0] - values[1]
+    seen = ~unseen_mask(frame)
+    if seen.any():
+        raise PrefnoiseError(
+            f"{int(seen.sum())} rows were seen by the model that scored them ({IN_TRAINING}/{IN_VALIDATION} "
+            f"true, first row {int(np.flatnonzero(seen)[0])}); their margins are not out of sample: "
+            "audit only held-out rows (filter on those columns) or score with a model that never saw them"
+        )
+    return frame.with_columns(pl.Series(MARGIN, margin, dtype=pl.Float64))
+
