@@ -307,9 +307,13 @@ def test_cli_json_has_rate_annotators_breakdowns_and_suspects(voted):
     assert report["noise_rate"]["low"] <= wrong.mean() <= report["noise_rate"]["high"]
     assert [row["annotator"] for row in report["annotators"]] == [TABLE, "h0", "h1"]
     assert [b["rule"] for b in report["breakdowns"]] == ["position", "longer"]
-    assert set(report["most_suspect"][0]) == {"pair_id", "suspicion", "consensus"}
+    assert set(report["most_suspect"][0]) == {"pair_id", "oof_margin", "suspicion", "consensus"}
+    import jsonschema
+
+    schema = json.loads((ROOT / "docs" / "schemas" / "audit.json").read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator(schema).validate(report)  # the --json contract holds with annotators
     python = pn.audit(frame, annotators=["h0", "h1"], position_col="shown_first", by="longer", bootstrap=50)
-    without_input = {k: v for k, v in report.items() if k not in ("input", "schema_version")}  # the CLI adds it
+    without_input = {k: v for k, v in report.items() if k not in ("input", "schema_version")}
     assert {k: v for k, v in python.summary.items() if k != "input"} == without_input
     estimate = invoke("audit", path, "--annotators", "h0,h1", "--estimate-only")
     assert estimate.exit_code == 0 and float(estimate.stdout) == pytest.approx(python.estimate.rate, abs=0.05)
@@ -453,3 +457,32 @@ def test_an_audit_output_feeds_margin_col_oof_margin(tmp_path):
     before, after = json.loads(first.stdout)["noise_rate"], json.loads(again.stdout)["noise_rate"]
     assert before["rate"] is not None
     assert (after["rate"], after["low"], after["high"]) == (before["rate"], before["low"], before["high"])
+
+
+def test_breakdowns_with_gold_count_the_gold_pairs_exactly():
+    """With --gold, a group's rate is the share of gold pairs in it whose gold vote says the label is wrong
+    (a gold tie is left out); the position group of a wrong pair is the rejected response's position."""
+    rng = np.random.default_rng(0)
+    n = 400
+    gold = np.full(n, None, dtype=object)
+    gold[:120] = rng.choice(["chosen", "rejected", "tie"], 120, p=[0.7, 0.25, 0.05])
+    marked = rng.random(n) < 0.5
+    first = rng.random(n) < 0.5
+    frame = pl.DataFrame({
+        "pair_id": [f"p{i}" for i in range(n)], "prompt": ["q"] * n, "chosen": ["a"] * n, "rejected": ["b"] * n,
+        "m": rng.normal(1.0, 1.0, n), "g": pl.Series(gold.tolist(), dtype=pl.String), "marked": marked,
+        "shown_first": np.where(first, "chosen", "rejected"),
+    })
+    result = pn.audit(frame, margin_col="m", gold="g", by="column:marked", position_col="shown_first", bootstrap=50)
+    by = {b["rule"]: b for b in result.summary["breakdowns"]}
+    import jsonschema
+
+    schema = json.loads((ROOT / "docs" / "schemas" / "audit.json").read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator(schema).validate({**result.summary, "schema_version": 1})  # the contract holds
+    wrong, strict = gold == "rejected", np.isin(gold, ["chosen", "rejected"])
+    assert by["column:marked"]["positive"]["rate"] == pytest.approx(wrong[strict & marked].mean())
+    assert by["column:marked"]["negative"]["rate"] == pytest.approx(wrong[strict & ~marked].mean())
+    assert by["column:marked"]["positive"]["pairs"] == (strict & marked).sum()
+    better_first = np.where(wrong, ~first, first)
+    assert by["position"]["positive"]["rate"] == pytest.approx(wrong[strict & better_first].mean())
+    assert by["position"]["positive"]["low"] <= by["position"]["positive"]["rate"] <= by["position"]["positive"]["high"]

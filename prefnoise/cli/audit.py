@@ -207,7 +207,18 @@ def _print_report(report: dict) -> None:
         _print_gold(report)
     else:
         _print_margins(report)
+    _print_breakdowns(report)
     _print_suspects(report)
+
+
+def _print_breakdowns(report: dict) -> None:
+    """The table's flip rate per group (annotators: posterior-weighted pairs; gold: the gold pairs)."""
+    for breakdown in report.get("breakdowns") or ():
+        console.print(f"flip rate by {safe(breakdown['rule'])}:")
+        for side in ("positive", "negative"):
+            group = breakdown[side]
+            console.print(f"  {safe(group['group'])}: {_interval(group)} (~{group['pairs']:.0f} pairs)")
+        console.print(f"  difference: {_interval(breakdown['difference'])}")
 
 
 def _interval(rate: dict) -> str:
@@ -239,12 +250,6 @@ def _print_annotators(report: dict) -> None:
             _interval(row["position_bias"]),
         )
     console.print(table)
-    for breakdown in report["breakdowns"]:
-        console.print(f"by {safe(breakdown['rule'])}:")
-        for side in ("positive", "negative"):
-            group = breakdown[side]
-            console.print(f"  {safe(group['group'])}: {_interval(group)} (~{group['pairs']:.0f} pairs)")
-        console.print(f"  difference: {_interval(breakdown['difference'])}")
 
 
 def _print_gold(report: dict) -> None:
@@ -323,10 +328,10 @@ def _print_suspects(report: dict) -> None:
         console.print(f"{report['suspects_above_threshold']:,} pairs have suspicion above {report['threshold']}")
     if report["most_suspect"]:
         table = Table(title="most suspect pairs", title_justify="left")
-        for column in report["most_suspect"][0]:
+        shown = [c for c in report["most_suspect"][0] if any(row[c] is not None for row in report["most_suspect"])]
+        for column in shown:
             table.add_column(column, justify="right" if column in ("oof_margin", "suspicion") else "left")
         for row in report["most_suspect"]:
-            table.add_row(
-                *[f"{v:.4f}" if isinstance(v, float) else "–" if v is None else safe(v) for v in row.values()]
-            )
+            values = [row[c] for c in shown]
+            table.add_row(*[f"{v:.4f}" if isinstance(v, float) else "–" if v is None else safe(v) for v in values])
         console.print(table)

@@ -74,6 +74,7 @@ def most_suspect(frame: pl.DataFrame, k: int, *, with_text: bool = False) -> lis
     text = [C.PROMPT, C.CHOSEN, C.REJECTED] if with_text else []
     if MARGIN not in frame.columns:
         ranked = frame.sort(SUSPICION, descending=True, nulls_last=True, maintain_order=True)
-        return ranked.head(k).select([C.PAIR_ID, SUSPICION, CONSENSUS, *text]).to_dicts()
+        margin = pl.lit(None, dtype=pl.Float64).alias(MARGIN)  # the JSON contract's key: no margin here
+        return ranked.head(k).select([C.PAIR_ID, margin, SUSPICION, CONSENSUS, *text]).to_dicts()
     columns = [C.PAIR_ID, MARGIN, SUSPICION, *text]
     return frame.sort(MARGIN).head(k).select(columns).to_dicts()  # suspicion is decreasing in the margin

@@ -19,10 +19,12 @@ from prefnoise.noise_audit.annotators import AnnotatorAudit, audit_with_annotato
 from prefnoise.noise_audit.cross_fit import cross_fitted_margins, given_margins
 from prefnoise.noise_audit.estimate import UNDETERMINED_EXIT, NoiseEstimate, estimate_noise_rate
 from prefnoise.noise_audit.fix import add_suspicion, clean_table, most_suspect
-from prefnoise.noise_audit.gold import GoldEstimate, gold_evidence
+from prefnoise.noise_audit.gold import GoldEstimate, gold_evidence, gold_wrong
 from prefnoise.noise_audit.names import CONSENSUS, MARGIN, SUSPICION
 from prefnoise.noise_audit.ranking import auroc, precision_at
 from prefnoise.options.audit import AuditOptions
+
+ANNOTATOR_BACKEND = "Dawid-Skene on the annotators' votes"  # what "backend" says when no model is fitted
 
 
 @dataclass
@@ -130,18 +132,34 @@ def breakdown_sides(frame: pl.DataFrame, rules: tuple[str, ...]) -> dict[str, tu
     return sides
 
 
+def gold_breakdowns(frame: pl.DataFrame, options: AuditOptions) -> list[dict[str, Any]]:
+    """The breakdowns (``--position-col``, ``--by``) on the gold pairs alone: each gold vote for chosen or
+    rejected says exactly whether the table's label is wrong (gold ties are left out), with a pair bootstrap."""
+    wrong = gold_wrong(frame[options.gold], options.gold)
+    strict = np.isin(wrong, (0.0, 1.0))
+    named = {}
+    if options.position_col is not None:
+        named[B.POSITION] = B.position_sides(_chosen_first(frame, options.position_col))
+    named.update(breakdown_sides(frame, options.by or ()))
+    return [
+        B.bootstrap_breakdown(rule, wrong[strict], a[strict], b[strict], draws=options.bootstrap, seed=options.seed)
+        for rule, (a, b) in named.items()
+    ]
+
+
+def _chosen_first(frame: pl.DataFrame, column: str) -> np.ndarray:
+    """Whether ``chosen`` was shown first, from the ``--position-col`` column."""
+    if column not in frame.columns:
+        raise PrefnoiseError(f"--position-col: column {column!r} not found; the table has {', '.join(frame.columns)}")
+    return V.position_codes(frame[column], column)
+
+
 def _annotator_evidence(
     frame: pl.DataFrame, options: AuditOptions, votes: pl.DataFrame | None
 ) -> tuple[pl.DataFrame, AnnotatorAudit, dict[str, Any], dict[str, Any]]:
     """The table with suspicion and consensus, the annotator audit, its summary part and parameters."""
     names, codes = vote_matrix(frame, options, votes)
-    chosen_first = None
-    if options.position_col is not None:
-        if options.position_col not in frame.columns:
-            raise PrefnoiseError(
-                f"--position-col: column {options.position_col!r} not found; the table has {', '.join(frame.columns)}"
-            )
-        chosen_first = V.position_codes(frame[options.position_col], options.position_col)
+    chosen_first = None if options.position_col is None else _chosen_first(frame, options.position_col)
     groups = breakdown_sides(frame, options.by or ())
     audit = audit_with_annotators(
         codes, names, chosen_first=chosen_first, groups=groups, bootstrap=options.bootstrap, seed=options.seed
@@ -154,7 +172,8 @@ def _annotator_evidence(
     )
     extra = {
         "input": None, "pairs": frame.height, "method": "annotators", "folds": None, "refits": None, "loss": None,
-        "backend": None, "margins_from": None, "identifiable": audit.identifiable, "noise_rate": audit.to_dict(),
+        "backend": ANNOTATOR_BACKEND, "margins_from": "no margins: the annotators' votes",
+        "identifiable": audit.identifiable, "noise_rate": {**audit.to_dict(), "mixture": None},
         "annotators": audit.annotators, "breakdowns": audit.breakdowns,
     }
     parameters = {"annotators": names, "position_col": options.position_col, "by": list(options.by or ())}
@@ -200,7 +219,8 @@ def _margin_evidence(
                  "refits": None if options.given_margins else options.refits,
                  "loss": None if options.given_margins else options.loss, "backend": backend,
                  "margins_from": _margins_from(options.reward_col, options.margin_col), **extra,
-                 "model_only": estimate.to_dict()}
+                 "model_only": estimate.to_dict(), "breakdowns": gold_breakdowns(scored, options)}
+        extra["noise_rate"] = {"mixture": None, **extra["noise_rate"]}  # the --json contract's key
         return scored, gold, extra, {**parameters, "gold": options.gold}
     given = options.given_margins
     extra = {

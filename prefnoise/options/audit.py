@@ -101,7 +101,7 @@ class AuditOptions(Options):
         if self.with_annotators and self.gold is not None:
             raise OptionError("gold", "corrects fold models' margins; with annotators or votes give the gold column "
                               "as one more annotator instead")
-        if not self.with_annotators:
+        if not self.with_annotators and self.gold is None:
             for name in ("position_col", "by"):
                 if getattr(self, name) is not None:
-                    raise OptionError(name, "needs other annotators' votes (annotators or votes)")
+                    raise OptionError(name, "needs other annotators' votes (annotators or votes) or a gold column")
