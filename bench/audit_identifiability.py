@@ -25,13 +25,14 @@ import time
 
 import numpy as np
 import polars as pl
+from shared_data import ULTRAFEEDBACK_TRAIN
 
 from prefnoise import noise_audit as A
 from prefnoise.data import canonicalize, open_source
 from prefnoise.experiments.features import linear_feature_pairs
 from prefnoise.noise import NoiseSpec, corrupt_frame
 
-UF = "/work/shared/data/real/ultrafeedback-binarized-trl-train1000.jsonl.gz"
+UF = str(ULTRAFEEDBACK_TRAIN)
 STRENGTHS = {
     "weak (300 pairs, 1 epoch)": (300, 1),
     "medium (1500 pairs, 2 epochs)": (1500, 2),

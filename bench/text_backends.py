@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+from shared_data import REAL_DATA
 
 from prefnoise import columns as C
 from prefnoise.data import read_table
@@ -36,7 +37,7 @@ from prefnoise.noise import NoiseSpec, corrupt_frame
 from prefnoise.reward import fit_reward_model, score_table
 from prefnoise.reward.train import build_reward_model, save_reward_model
 
-REAL = Path("/work/shared/data/real")
+REAL = REAL_DATA
 TRAIN_FILES = ("ultrafeedback-binarized-trl-train1000.jsonl.gz", "ultrafeedback-binarized-cleaned-1k.jsonl.gz")
 EVAL_FILE = "ultrafeedback-binarized-trl-eval200.jsonl.gz"
 LOSSES = ("sigmoid", "ramp", "logistic")

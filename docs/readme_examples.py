@@ -1,14 +1,15 @@
-"""Run the README's console examples and check (or rewrite) the output they show.
+"""Run the console examples of the README and of docs/*.md and check (or rewrite) the output they show.
 
     .venv/bin/python docs/readme_examples.py            # check: exit 1 with a diff when an example drifted
-    .venv/bin/python docs/readme_examples.py --write    # rerun them and rewrite the README's outputs
+    .venv/bin/python docs/readme_examples.py --write    # rerun them and rewrite the pages' outputs
 
 Each ```console block whose lines start with ``$ `` is run top to bottom in one scratch directory
 (``sample_data`` linked in, ``../shared`` linked when it is beside this checkout), after the main job
-of the README's first ```bash block, exactly as a reader would run them. Output is stdout and stderr
-together, as a terminal shows it. Before comparing, only what a rerun legitimately changes is masked
-(durations, throughputs, timestamps, the scratch path); every count, rate and figure must match (decimals
-to within one unit in the last printed place, for CPU-to-CPU rounding).
+of the README's first ```bash block, exactly as a reader would run them: the README first, then the
+pages of docs/ in ``PAGE_ORDER`` (a page may read what an earlier one wrote), then any other docs page by
+name. Output is stdout and stderr together, as a terminal shows it. Before comparing, only what a rerun
+legitimately changes is masked (durations, throughputs, timestamps, the scratch path); every count, rate
+and figure must match (decimals to within one unit in the last printed place, for CPU-to-CPU rounding).
 
 A comment line just before a block controls it:
 ``<!-- example: setup-output -->`` the block shows the main job's output from its second command on;
@@ -31,8 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
 SHARED = ROOT.parent / "shared"
+# the order in which the docs pages' examples run, after the README's (later pages use earlier pages' files)
+PAGE_ORDER = (
+    "data",
+    "corrupt",
+    "inspect",
+    "fit-reward",
+    "score",
+    "split",
+    "rank-check",
+    "align",
+    "audit",
+    "reproduce",
+    "results",
+    "trl",
+)
 MARK = "@@@prefnoise-readme-example@@@"
 
 VOLATILE = [
@@ -46,7 +61,7 @@ NUMBER = re.compile(r"-?\d+\.\d+|-?\d[\d,]*")
 
 @dataclass
 class Block:
-    """One ```console block: its line span in the README, its flag, and its commands with their output."""
+    """One ```console block: its line span in its page, its flag, and its commands with their output."""
 
     start: int  # index of the ```console line
     end: int  # index of the closing ``` line
@@ -64,7 +79,7 @@ def _complete(command: str) -> bool:
 
 
 def parse_blocks(lines: list[str]) -> list[Block]:
-    """The README's console blocks, each split into ``$`` commands and the output shown under each."""
+    """A page's console blocks, each split into ``$`` commands and the output shown under each."""
     blocks = []
     index = 0
     while index < len(lines):
@@ -155,11 +170,19 @@ def same_output(shown: str, produced: str) -> bool:
     return True
 
 
-def scratch_environment(base: Path) -> tuple[Path, dict[str, str]]:
+def pages(root: Path = ROOT) -> list[Path]:
+    """The pages whose examples run, in order: README.md, docs/ pages in ``PAGE_ORDER``, the others by name."""
+    docs = sorted((root / "docs").glob("*.md"))
+    rank = {name: index for index, name in enumerate(PAGE_ORDER)}
+    docs.sort(key=lambda page: (rank.get(page.stem, len(rank)), page.name))
+    return [root / "README.md", *docs]
+
+
+def scratch_environment(base: Path, root: Path = ROOT) -> tuple[Path, dict[str, str]]:
     """A scratch working directory laid out like the checkout, and the environment to run in."""
     work = base / "work"
     work.mkdir()
-    (work / "sample_data").symlink_to(ROOT / "sample_data")
+    (work / "sample_data").symlink_to(root / "sample_data")
     if SHARED.is_dir():
         (base / "shared").symlink_to(SHARED)
     env = dict(os.environ)
@@ -171,69 +194,76 @@ def scratch_environment(base: Path) -> tuple[Path, dict[str, str]]:
     return work, env
 
 
-def check(write: bool = False, verbose: bool = True, long: bool = True) -> list[str]:
-    """Run every example (``long`` ones too unless told not to); return the drifted ones as diffs.
+def rewrite_outputs(lines: list[str], blocks: list[Block]) -> str:
+    """The page ``lines`` with each block's body rebuilt from its commands and (rerun) outputs."""
+    lines = list(lines)
+    for block in reversed(blocks):
+        if block.flag == "slow":
+            continue
+        if block.flag == "setup-output":
+            body = block.outputs[0].split("\n")
+        else:
+            body = []
+            for command, output in zip(block.commands, block.outputs):
+                body.append(f"$ {command}")
+                if output:
+                    body.extend(output.split("\n"))
+        lines[block.start + 1 : block.end] = body
+    return "\n".join(lines)
 
-    With ``write`` the README's outputs are rewritten from the rerun instead.
+
+def check(write: bool = False, verbose: bool = True, long: bool = True, root: Path = ROOT) -> list[str]:
+    """Run every example of the README and docs/*.md (``long`` ones too unless told not to); return the
+    drifted ones as diffs, each naming its page and line.
+
+    With ``write`` the pages' outputs are rewritten from the rerun instead.
     """
-    readme = README.read_text()
-    lines = readme.split("\n")
-    blocks = parse_blocks(lines)
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="prefnoise-readme-") as tmp:
-        work, env = scratch_environment(Path(tmp))
-        setup = setup_commands(readme)
-        setup_outputs = run_commands(setup, work, env)
-        for block in blocks:
-            if block.flag == "slow" or (block.flag == "needs-shared" and not SHARED.is_dir()):
-                continue
-            if block.flag == "long" and not long:
-                continue
-            if block.flag == "setup-output":
-                produced = ["\n".join(setup_outputs[1:])]
-            else:
-                produced = run_commands(block.commands, work, env)
-            if verbose:
-                print(f"README line {block.start + 1}: {len(block.commands) or 1} command(s)", file=sys.stderr)
-            for index, (shown, new) in enumerate(zip(block.outputs, produced)):
-                if same_output(normalise(shown), normalise(new, work)):
+        work, env = scratch_environment(Path(tmp), root)
+        setup_outputs = run_commands(setup_commands((root / "README.md").read_text()), work, env)
+        for page in pages(root):
+            name = page.relative_to(root).as_posix()
+            lines = page.read_text().split("\n")
+            blocks = parse_blocks(lines)
+            for block in blocks:
+                if block.flag == "slow" or (block.flag == "needs-shared" and not SHARED.is_dir()):
                     continue
-                if write:
-                    rerun = new.replace(str(work), ".")
-                    block.outputs[index] = "\n".join(line.rstrip() for line in rerun.splitlines())
+                if block.flag == "long" and not long:
                     continue
-                label = block.commands[index].splitlines()[0] if block.commands else "set-up output"
-                diff = difflib.unified_diff(
-                    normalise(shown).splitlines(), normalise(new, work).splitlines(), "README", "rerun", lineterm=""
-                )
-                problems.append(f"README line {block.start + 1}, `{label}`:\n" + "\n".join(diff))
-    if write:
-        for block in reversed(blocks):
-            if block.flag == "slow":
-                continue
-            if block.flag == "setup-output":
-                body = block.outputs[0].split("\n")
-            else:
-                body = []
-                for command, output in zip(block.commands, block.outputs):
-                    body.append(f"$ {command}")
-                    if output:
-                        body.extend(output.split("\n"))
-            lines[block.start + 1 : block.end] = body
-        README.write_text("\n".join(lines))
+                if block.flag == "setup-output":
+                    produced = ["\n".join(setup_outputs[1:])]
+                else:
+                    produced = run_commands(block.commands, work, env)
+                if verbose:
+                    print(f"{name} line {block.start + 1}: {len(block.commands) or 1} command(s)", file=sys.stderr)
+                for index, (shown, new) in enumerate(zip(block.outputs, produced)):
+                    if same_output(normalise(shown), normalise(new, work)):
+                        continue
+                    if write:
+                        rerun = new.replace(str(work), ".")
+                        block.outputs[index] = "\n".join(line.rstrip() for line in rerun.splitlines())
+                        continue
+                    label = block.commands[index].splitlines()[0] if block.commands else "set-up output"
+                    diff = difflib.unified_diff(
+                        normalise(shown).splitlines(), normalise(new, work).splitlines(), name, "rerun", lineterm=""
+                    )
+                    problems.append(f"{name} line {block.start + 1}, `{label}`:\n" + "\n".join(diff))
+            if write and blocks:
+                page.write_text(rewrite_outputs(lines, blocks))
     return problems
 
 
 def main() -> int:
-    """Command-line entry: check by default, ``--write`` to rewrite the README's outputs."""
+    """Command-line entry: check by default, ``--write`` to rewrite the pages' outputs."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="rewrite the README's example outputs")
+    parser.add_argument("--write", action="store_true", help="rewrite the example outputs of README.md and docs/")
     args = parser.parse_args()
     problems = check(write=args.write)
     for problem in problems:
         print(problem, end="\n\n")
     if problems:
-        print(f"{len(problems)} README example(s) drifted; rerun with --write after checking them", file=sys.stderr)
+        print(f"{len(problems)} example(s) drifted; rerun with --write after checking them", file=sys.stderr)
         return 1
     return 0
 

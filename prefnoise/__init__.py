@@ -29,22 +29,36 @@ from prefnoise.errors import PrefnoiseError  # noqa: E402
 _EXPORTS = {
     "prefnoise.api": (
         "as_polars",
+        "compare_losses",
         "corrupt",
         "split",
         "fit_reward",
         "score",
         "rank_check",
+        "ComparisonResult",
+        "reproduce",
+        "corrupt_frame",
         "audit",
         "CorruptResult",
         "SplitResult",
         "FitRewardResult",
         "ScoreResult",
         "RankCheckResult",
+        "ReproduceResult",
         "AuditResult",
         "AlignResult",
     ),
     "prefnoise.data": ("ColumnMap", "open_source", "read_table", "write_table", "read_history", "new_history_entry"),
-    "prefnoise.noise": ("NoiseSpec", "corrupt_frame", "corrupt_batches", "flip_mask", "uniform_draws"),
+    "prefnoise.options": (
+        "CorruptOptions",
+        "SplitOptions",
+        "ScoreOptions",
+        "RankCheckOptions",
+        "ReproduceSyntheticOptions",
+        "ReproduceAlignmentOptions",
+        "OptionError",
+    ),
+    "prefnoise.noise": ("NoiseSpec", "corrupt_batches", "flip_mask", "uniform_draws"),
     "prefnoise.losses": ("MARGIN_LOSSES", "POLICY_LOSSES", "margin_loss", "preference_loss", "implicit_rewards"),
     "prefnoise.reward": (
         "fit_reward_model",
@@ -101,3 +115,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["PrefnoiseError", "__version__", *_CALLABLE_MODULES, *_WHERE]
+
+
+def __dir__() -> list[str]:
+    """The public API (what ``__all__`` lists), known before any name is first used, and the submodules."""
+    return sorted({*globals(), *__all__, "api"})

@@ -64,7 +64,7 @@ from prefnoise.logprobs import (
 )
 from prefnoise.loss_names import POLICY_RATE_OPTIONS, missing_rate
 from prefnoise.losses import MARGIN_LOSSES, POLICY_LOSSES, implicit_rewards, policy_objective, preference_loss
-from prefnoise.outputs import check_output_dir, read_marker, write_marker
+from prefnoise.outputs import check_output_dir, write_marker
 from prefnoise.reward.split import split_by_pair_id
 from prefnoise.reward.validate import nonfinite_name
 from prefnoise.training import (
@@ -534,8 +534,7 @@ def train(
     if main:
         check_output_dir(out, command=ALIGN_COMMAND, overwrite=True, resume=True)  # never a foreign directory
         out.mkdir(parents=True, exist_ok=True)
-        if read_marker(out) is None:
-            write_marker(out, ALIGN_COMMAND)
+        write_marker(out, ALIGN_COMMAND)  # lists what is there now (ownership was just checked)
         if resume_from is None:  # starting over in an earlier align output: clear what that run wrote,
             # keeping the reference cache (keyed by model and data, so still valid)
             for directory in (checkpoints, out / MODEL_DIR):

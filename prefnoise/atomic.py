@@ -1,17 +1,23 @@
-"""Write-then-rename, so a failed command never leaves a half-written file or directory."""
+"""Write-then-rename, so a failed command never leaves a half-written file or directory, and the rename
+never replaces what the output check did not accept (a file that appeared at OUT meanwhile is kept)."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import errno
 import functools
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from prefnoise.errors import PrefnoiseError
+from prefnoise.locks import temporary_prefix
+from prefnoise.outputs import claim_of, file_identity, output_dir_state, release_claim, write_marker
 
 
 @functools.cache
@@ -41,17 +47,14 @@ def apply_umask(path: str | Path, *, directory: bool) -> None:
 def atomic_path(dest: str | Path, *, directory: bool = False, command: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; move it onto ``dest`` only if the block succeeds.
 
-    With ``directory=True`` the temporary path is an empty directory. It replaces an existing
-    ``dest`` only when that is empty or carries the marker of an earlier ``command`` output
-    (:mod:`prefnoise.outputs`); with ``command`` the marker is written into the new directory.
-    The result has the user's umask.
+    With ``directory=True`` the temporary path is an empty directory; with ``command`` the marker
+    listing its files is written into it. The move never replaces what the output check did not
+    accept (:func:`publish`). The result has the user's umask.
     """
-    from prefnoise.outputs import output_dir_state, write_marker
-
     dest = Path(dest)
     parent = dest.parent if str(dest.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{dest.name}.tmp-"
+    prefix = temporary_prefix(dest)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     else:
@@ -61,27 +64,129 @@ def atomic_path(dest: str | Path, *, directory: bool = False, command: str | Non
     try:
         apply_umask(tmp, directory=directory)
         yield tmp
-        if directory:
-            if command is not None:
-                write_marker(tmp, command)
-            state = output_dir_state(dest, command or "")
-            if state == "foreign":
-                raise PrefnoiseError(f"{dest}: exists and was not written by prefnoise here; it was left untouched")
-            if state in ("ours", "empty"):
-                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
-                os.replace(dest, old / "x")
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dest)
-        else:
-            os.replace(tmp, dest)
+        if directory and command is not None:
+            write_marker(tmp, command, live=False)
+        publish(tmp, dest, directory=directory, command=command)
     except BaseException:
-        if tmp.is_dir():
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise
+    if claim_of(dest) is not None:
+        release_claim(dest)  # published: the command is done with this output
+
+
+RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def rename_noreplace(src: str | Path, dst: str | Path) -> None:
+    """Move ``src`` to ``dst``; FileExistsError (nothing moved) when ``dst`` exists.
+
+    ``renameat2(RENAME_NOREPLACE)`` where the kernel and file system have it; otherwise a hard link
+    for a file, or a re-check just before the rename for a directory (the caller holds the output's lock).
+    """
+    function = _renameat2()
+    if function is not None:
+        result = function(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE)
+        if result == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), os.fsdecode(os.fsencode(dst)))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    if not os.path.isdir(src):
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links
+            os.rename(src, dst)
+        else:
+            os.unlink(src)
+        return
+    os.rename(src, dst)
+
+
+def _beside(dest: Path) -> Path:
+    """A free name beside ``dest`` for a result that could not go there: ``out.prefnoise-result.parquet``."""
+    stem, suffix = (dest.name, "") if dest.suffix == "" or dest.name.startswith(".") else (dest.stem, dest.suffix)
+    for number in range(1, 1000):
+        tag = "" if number == 1 else f"-{number}"
+        candidate = dest.with_name(f"{stem}.prefnoise-result{tag}{suffix}")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise PrefnoiseError(f"{dest}: too many earlier results lie beside it; remove some")
+
+
+def _leave_beside(tmp: Path, dest: Path, what: str) -> PrefnoiseError:
+    """Move the finished result ``tmp`` beside ``dest`` (kept as it is); return the one-line error to raise."""
+    while True:
+        beside = _beside(dest)
+        try:
+            rename_noreplace(tmp, beside)
+            break
+        except FileExistsError:
+            continue
+    return PrefnoiseError(f"{dest}: {what}; it was kept, and this run's result was written to {beside} instead")
+
+
+def publish(tmp: Path, dest: Path, *, directory: bool, command: str | None) -> None:
+    """Move the finished ``tmp`` onto ``dest``, replacing only what the output check accepted.
+
+    A checked output (:func:`prefnoise.outputs.claim_of`) that was missing must still be missing; an
+    earlier output accepted for replacement must be unchanged (a file: same inode, size and time; a
+    directory: its marker still lists everything in it). Otherwise the user's file is kept and the
+    result left beside it (PrefnoiseError, exit 2).
+    """
+    claim = claim_of(dest)
+    if directory:
+        state = output_dir_state(dest, command or "")
+        if state == "foreign":
+            raise _leave_beside(tmp, dest, "changed while prefnoise ran (it holds files prefnoise did not write)")
+        if state == "missing":
+            _publish_new(tmp, dest)
+            return
+        old = Path(tempfile.mkdtemp(prefix=temporary_prefix(dest, "old"), dir=dest.parent))
+        os.replace(dest, old / "x")
+        try:
+            rename_noreplace(tmp, dest)
+        except FileExistsError:
+            raise _leave_beside(tmp, dest, "appeared while prefnoise ran") from None
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    now = file_identity(dest)
+    if claim is None:
+        os.replace(tmp, dest)  # an internal file inside an output this run owns (cache, checkpoint)
+    elif now is None:
+        _publish_new(tmp, dest)
+    elif now == claim.identity:
+        os.replace(tmp, dest)  # the earlier prefnoise output the check accepted, unchanged
+    else:
+        what = "appeared" if claim.identity is None else "changed"
+        raise _leave_beside(tmp, dest, f"{what} while prefnoise ran (this run did not write it)")
+
+
+def _publish_new(tmp: Path, dest: Path) -> None:
+    try:
+        rename_noreplace(tmp, dest)
+    except FileExistsError:
+        raise _leave_beside(tmp, dest, "appeared while prefnoise ran (this run did not write it)") from None
 
 
 def atomic_write_text(dest: str | Path, text: str) -> None:

@@ -15,6 +15,7 @@ import polars as pl
 
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
+from prefnoise.options.split import SplitOptions
 
 TRAINING_PAIRS_FILE = "training_pairs.parquet"
 IN_TRAINING = "in_training"
@@ -99,17 +100,6 @@ def agreement_summary(scored: pl.DataFrame) -> dict[str, object]:
     return summary
 
 
-SPLIT_BY = ("prompt", "pair")
-
-
-def check_split_options(test_fraction: float, by: str) -> None:
-    """PrefnoiseError unless ``by`` is a split unit and ``test_fraction`` lies in (0, 1)."""
-    if by not in SPLIT_BY:
-        raise PrefnoiseError(f"--by must be one of: {', '.join(SPLIT_BY)}; got {by!r}")
-    if not 0.0 < test_fraction < 1.0:
-        raise PrefnoiseError(f"--test-fraction must be in (0, 1), got {test_fraction}")
-
-
 def split_table(
     frame: pl.DataFrame, *, test_fraction: float, by: str = "prompt", seed: int = C.DEFAULT_SEED
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -121,7 +111,7 @@ def split_table(
     """
     from prefnoise.noise import uniform_draws
 
-    check_split_options(test_fraction, by)
+    SplitOptions(test_fraction=test_fraction, by=by, seed=seed)  # OptionError for a bad fraction or unit
     if by == "prompt":  # a fixed-size digest, so long prompts cost no more than short ones
         keys = [hashlib.blake2b(p.encode("utf-8"), digest_size=8).hexdigest() for p in frame[C.PROMPT].to_list()]
     else:

@@ -2,7 +2,7 @@
 
 prefnoise never touches the network. A dataset named by a hub id (``org/name``) is read from the
 local Hugging Face caches only: the hub file cache (``$HF_HUB_CACHE``, a snapshot holding the
-repository's README.md and data files, as ``huggingface-cli download --repo-type dataset`` leaves
+repository's README.md and data files, as ``hf download --repo-type dataset`` leaves
 it) or, failing that, the ``datasets`` cache (``$HF_DATASETS_CACHE``, Arrow files written by an
 earlier ``datasets.load_dataset``). A local directory laid out like a hub repository (README.md
 with ``configs:`` in its YAML header, or ``data/<split>-*`` files) is read the same way.
@@ -205,7 +205,7 @@ def resolve_hub_id(repo_id: str, *, split: str | None, config: str | None) -> Hu
         raise PrefnoiseError(
             f"{repo_id}: not found locally or in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}, "
             f"{datasets.config.HF_DATASETS_CACHE}); {OFFLINE_NOTE}, so fetch it first "
-            f"(huggingface-cli download --repo-type dataset {repo_id}) or pass a local file or directory"
+            f"(hf download --repo-type dataset {repo_id}) or pass a local file or directory"
         )
     config = _choose("config", sorted(cached), config, repo_id, "--config")
     import datasets

@@ -22,9 +22,14 @@ import pyarrow as pa
 from prefnoise import columns as C
 from prefnoise.data import path_dtype, path_expr, resolve_path, score_hint
 from prefnoise.errors import PrefnoiseError
+from prefnoise.options.corrupt import (  # noqa: F401  (NOISE_MODELS, ORIENTATION_RULES: re-exported)
+    NOISE_MODELS,
+    ORIENTATION_RULES,
+    check_noise_parameters,
+    parse_orientation_rule,
+)
+from prefnoise.options.ranges import OptionError
 
-NOISE_MODELS = ("symmetric", "asymmetric", "bt", "uniform")
-ORIENTATION_RULES = ("longer", "column:NAME", "compare:NAME")
 ALL, POSITIVE, NEGATIVE = "all", "positive", "negative"
 _TWO_POW_53 = float(2**53)
 
@@ -68,33 +73,15 @@ class NoiseSpec:
 
     def check(self, schema: pl.Schema | None = None) -> None:
         """Raise PrefnoiseError for out-of-range parameters or columns the model needs but lacks."""
-        if self.kind not in NOISE_MODELS:
-            raise PrefnoiseError(f"unknown noise model {self.kind!r}; choose one of: {', '.join(NOISE_MODELS)}")
-        if self.kind == "symmetric":
-            _check_rate("--rate", self.rate)
-            if self.rate >= 0.5 and not self.force:  # type: ignore[operator]
-                raise PrefnoiseError(
-                    f"--rate {self.rate} flips at least half the labels, so they carry no signal "
-                    "(or the reverse one); pass --force if that is what you want"
-                )
-        elif self.kind == "asymmetric":
-            _check_rate("--rate-pos", self.rate_pos)
-            _check_rate("--rate-neg", self.rate_neg)
-            if self.rate_pos + self.rate_neg >= 1 and not self.force:  # type: ignore[operator]
-                raise PrefnoiseError(
-                    f"--rate-pos + --rate-neg = {self.rate_pos + self.rate_neg:g} >= 1: labels no "  # type: ignore[operator]
-                    "longer carry the true preference; pass --force if that is what you want"
-                )
-            _parse_rule(self.by)
-        elif self.kind == "bt":
-            if not self.temperature > 0:
-                raise PrefnoiseError(f"--temperature must be > 0, got {self.temperature}")
-        elif self.kind == "uniform":
-            _check_rate("--max-rate", self.max_rate)
+        try:
+            check_noise_parameters(
+                self.kind, rate=self.rate, rate_pos=self.rate_pos, rate_neg=self.rate_neg, by=self.by,
+                temperature=self.temperature, max_rate=self.max_rate, exact=self.exact, force=self.force,
+            )
+        except OptionError as error:  # the spec's fields carry the CLI's names
+            raise PrefnoiseError(error.as_flag()) from None
         if not isinstance(self.step, int) or self.step < 0:
             raise PrefnoiseError(f"noise step must be a non-negative integer, got {self.step!r}")
-        if self.exact and self.kind not in ("symmetric", "asymmetric"):
-            raise PrefnoiseError("--exact applies to symmetric and asymmetric noise only")
         if schema is not None:
             _check_columns(self, schema)
 
@@ -110,20 +97,11 @@ def corrupt_step(history: Iterable[dict[str, object]]) -> int:
     return sum(1 for entry in history if isinstance(entry, dict) and entry.get("command") == "corrupt")
 
 
-def _check_rate(flag: str, value: float | None) -> None:
-    if value is None:
-        raise PrefnoiseError(f"{flag} is required for this noise model")
-    if not 0.0 <= value <= 1.0 or math.isnan(value):
-        raise PrefnoiseError(f"{flag} must be within [0, 1], got {value}")
-
-
 def _parse_rule(rule: str) -> tuple[str, str | None]:
-    if rule == "longer":
-        return "longer", None
-    kind, _, name = rule.partition(":")
-    if kind in ("column", "compare") and name:
-        return kind, name
-    raise PrefnoiseError(f"unknown --by rule {rule!r}; use one of: {', '.join(ORIENTATION_RULES)}")
+    try:
+        return parse_orientation_rule(rule)
+    except OptionError as error:
+        raise PrefnoiseError(error.as_flag()) from None
 
 
 def _check_columns(spec: NoiseSpec, schema: pl.Schema) -> None:

@@ -6,9 +6,12 @@ prefnoise never removes or replaces a file or directory it did not create:
   (a Parquet file carrying prefnoise's provenance metadata, a PNG whose ``Software`` field names
   prefnoise);
 - an output **directory** that exists is used only when it is empty, or replaced (with ``overwrite``)
-  when it holds the marker file of an earlier run of the same command;
+  when it is an earlier output of the same command: its marker file lists every file prefnoise wrote
+  there (path, size, sha256) and the directory holds nothing else and nothing changed since;
 - no output may be an input, lie inside an input directory, or be ``/``, the working directory or
-  an ancestor of either or of an input.
+  an ancestor of either or of an input;
+- a checked output is *claimed*: its lock (:mod:`prefnoise.locks`) is held until the command ends,
+  and the final publish (:mod:`prefnoise.atomic`) replaces only what the check accepted.
 
 The checks run before any work starts, so a mistake costs a second, not an hour of training.
 """
@@ -16,13 +19,17 @@ The checks run before any work starts, so a mistake costs a second, not an hour 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import hashlib
 import json
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from prefnoise import __version__
+from prefnoise import __version__, locks
 from prefnoise.errors import PrefnoiseError
 
 MARKER = ".prefnoise-output.json"
@@ -110,6 +117,11 @@ def written_by_prefnoise(path: str | Path) -> bool:
     return False
 
 
+def _ends_with_separator(dest: str | Path) -> bool:
+    text = str(dest)
+    return text.endswith("/") or (os.altsep is not None and text.endswith(os.altsep)) or text.endswith(os.sep)
+
+
 def check_output_file(
     dest: str | Path | None,
     *,
@@ -120,14 +132,34 @@ def check_output_file(
 ) -> None:
     """Raise PrefnoiseError unless prefnoise may write the file ``dest`` (``-``: stdout, always fine).
 
-    ``suffix`` (e.g. ".png"): the only file type written there.
+    ``suffix`` (e.g. ".png"): the only file type written there. On success ``dest`` is claimed: its
+    lock is held until the command ends (a second run on it exits 2), and the final rename replaces
+    only the earlier prefnoise output accepted here (:func:`claim_of`).
     """
     if dest is None or str(dest) == STDOUT:
         return
     path = _check_name(dest, flag)
+    if _ends_with_separator(dest):
+        raise PrefnoiseError(
+            f"{flag} {dest}: ends with '/', which names a directory; this command writes a file, give a file name"
+        )
     if suffix is not None and path.suffix.lower() != suffix:
         raise PrefnoiseError(f"{flag} {dest}: only {suffix} files are written here; name the file *{suffix}")
     _check_against_inputs(path, inputs, flag)
+    _check_existing_file(path, dest, overwrite, flag)
+    _check_parent(path, flag)
+    newly = locks.acquire(path, flag=flag)
+    try:
+        _check_existing_file(path, dest, overwrite, flag)  # again, now that no other run can write it
+    except BaseException:
+        if newly:
+            locks.release(path)
+        raise
+    if newly or claim_of(path) is None:
+        _CLAIMS[locks.lock_file_of(path)] = Claim(directory=False, identity=file_identity(path), command=None)
+
+
+def _check_existing_file(path: Path, dest: str | Path, overwrite: bool, flag: str) -> None:
     if path.is_dir():
         raise PrefnoiseError(f"{flag} {dest}: is a directory; give a file name")
     if path.exists() or path.is_symlink():
@@ -143,7 +175,6 @@ def check_output_file(
             )
         if not overwrite:
             raise PrefnoiseError(f"{flag} {dest}: exists (an earlier prefnoise output); pass --overwrite to replace it")
-    _check_parent(path, flag)
 
 
 def check_distinct_outputs(outputs: dict[str, str | Path | None]) -> None:
@@ -158,37 +189,193 @@ def check_distinct_outputs(outputs: dict[str, str | Path | None]) -> None:
         seen[target] = flag
 
 
+# --------------------------------------------------------------------------- claims
+
+@dataclass(frozen=True)
+class Claim:
+    """What the check of one output accepted: a file or directory, and the identity of an existing
+    file it may replace (None: nothing may be replaced; the output must still be missing)."""
+
+    directory: bool
+    identity: tuple[int, int, int, int] | None
+    command: str | None
+
+
+_CLAIMS: dict[Path, Claim] = {}
+
+
+def file_identity(path: str | Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime in ns) of the file at ``path``, or None when there is none."""
+    try:
+        stat = os.lstat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def claim_of(dest: str | Path) -> Claim | None:
+    """The claim this process holds on output ``dest``, or None (an internal file, not a checked output)."""
+    key = locks.lock_file_of(dest)
+    return _CLAIMS.get(key) if key in locks.held_locks() else None
+
+
+def release_claim(dest: str | Path) -> None:
+    """Release the claim (and lock) of output ``dest``."""
+    _CLAIMS.pop(locks.lock_file_of(dest), None)
+    locks.release(dest)
+
+
+def release_claims(keep: frozenset[Path] | set[Path] = frozenset()) -> None:
+    """Release every claim and lock this process holds, except the lock files in ``keep``."""
+    for key in list(_CLAIMS):
+        if key not in keep:
+            _CLAIMS.pop(key, None)
+    locks.release_all(keep)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def releases_outputs(function: F) -> F:
+    """Decorate a command so that the outputs it claims are released when it returns or fails."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = frozenset(locks.held_locks())
+        try:
+            return function(*args, **kwargs)
+        finally:
+            release_claims(keep=before)
+
+    return wrapper  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- the marker and its manifest
+
+# What a training run keeps writing into its output directory while it runs (and after a kill):
+# a marker written at the start of a run ("live") owns these names without listing their files.
+RUN_NAMES = frozenset({"checkpoints", "runs", "metrics.jsonl", "model", "summary.json", "ref_logps.parquet"})
+_RUN_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-")
+_SHOWN = 5
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _walk(directory: Path) -> Iterable[tuple[str, Path]]:
+    """(relative posix path, path) of every file and link under ``directory``, links not followed."""
+    for root, dirs, files in os.walk(directory, followlinks=False):
+        here = Path(root)
+        for name in files + [d for d in dirs if (here / d).is_symlink()]:
+            path = here / name
+            yield path.relative_to(directory).as_posix(), path
+
+
+def _entry(path: Path) -> dict[str, Any]:
+    if path.is_symlink():
+        return {"link": os.readlink(path)}
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def manifest_of(directory: str | Path) -> dict[str, dict[str, Any]]:
+    """Every file under ``directory`` but the marker: relative path → {size, sha256} (links: {link})."""
+    directory = Path(directory)
+    return {rel: _entry(path) for rel, path in _walk(directory) if rel != MARKER}
+
+
 def read_marker(directory: str | Path) -> dict[str, Any] | None:
     """The marker prefnoise writes into every output directory, or None when there is none."""
     marker = Path(directory) / MARKER
     try:
+        if marker.is_symlink() or marker.stat().st_size > 64 << 20:
+            return None
         record = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 
 
-def write_marker(directory: str | Path, command: str) -> None:
-    """Mark ``directory`` as the output of ``prefnoise command`` (so a later run may replace it)."""
+def write_marker(directory: str | Path, command: str, *, live: bool = True) -> None:
+    """Mark ``directory`` as the output of ``prefnoise command``, listing every file in it now.
+
+    ``live``: a training run's directory, which keeps writing :data:`RUN_NAMES` after this; the marker
+    owns those names as they grow. Without ``live`` the listing is complete (a published output).
+    """
+    directory = Path(directory)
     record = {
         "command": command,
         "prefnoise_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "live": live,
+        "files": manifest_of(directory),
     }
-    (Path(directory) / MARKER).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    tmp = directory / f".{MARKER}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / MARKER)
+
+
+def _run_owned(rel: str) -> bool:
+    top = rel.split("/", 1)[0]
+    match = _RUN_TEMPORARY.match(top)
+    return top in RUN_NAMES or (match is not None and match.group("name") in RUN_NAMES)
+
+
+def manifest_problems(directory: str | Path, marker: dict[str, Any] | None = None) -> list[str]:
+    """Why ``directory``'s marker does not prove prefnoise wrote everything in it (empty: it does).
+
+    Each item names a file: one the marker does not list, or one changed since prefnoise wrote it.
+    """
+    directory = Path(directory)
+    marker = read_marker(directory) if marker is None else marker
+    listed = marker.get("files") if marker is not None else None
+    if not isinstance(listed, dict):
+        return [f"{MARKER} lists no files (made by hand, or by an earlier prefnoise version)"]
+    live = marker.get("live") is True
+    problems = []
+    for rel, path in _walk(directory):
+        if rel == MARKER or (live and _run_owned(rel)):
+            continue
+        entry = listed.get(rel)
+        if not isinstance(entry, dict):
+            problems.append(f"{rel} (not written by prefnoise)")
+        elif _differs(path, entry):
+            problems.append(f"{rel} (changed since prefnoise wrote it)")
+    return problems
+
+
+def _differs(path: Path, entry: dict[str, Any]) -> bool:
+    try:
+        if path.is_symlink() or "link" in entry:
+            return not path.is_symlink() or os.readlink(path) != entry.get("link")
+        return path.stat().st_size != entry.get("size") or _sha256(path) != entry.get("sha256")
+    except OSError:
+        return True
+
+
+def _named(problems: list[str]) -> str:
+    shown = ", ".join(problems[:_SHOWN])
+    return shown + (f" and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else "")
 
 
 def output_dir_state(dest: str | Path, command: str) -> str:
-    """'missing', 'empty', 'ours' (an earlier output of ``command``) or 'foreign' for directory ``dest``."""
+    """'missing', 'empty', 'ours' (an earlier output of ``command`` whose marker lists everything in it,
+    unchanged) or 'foreign' for directory ``dest``."""
     path = Path(dest)
     if not path.exists() and not path.is_symlink():
         return "missing"
-    if not path.is_dir():
+    if not path.is_dir() or path.is_symlink():
         return "foreign"
     if not any(path.iterdir()):
         return "empty"
     marker = read_marker(path)
-    return "ours" if marker is not None and marker.get("command") == command else "foreign"
+    if marker is None or marker.get("command") != command:
+        return "foreign"
+    return "foreign" if manifest_problems(path, marker) else "ours"
 
 
 def check_output_dir(
@@ -203,25 +390,42 @@ def check_output_dir(
     """Raise PrefnoiseError unless ``command`` may write directory ``dest``; return its state.
 
     The state is that of :func:`output_dir_state`. An earlier output of the same command is
-    accepted with ``overwrite`` (it will be replaced) or ``resume`` (it will be continued).
+    accepted with ``overwrite`` (it will be replaced) or ``resume`` (it will be continued). On
+    success ``dest`` is claimed: its lock is held until the command ends (a second run exits 2).
     """
     path = _check_name(dest, flag)
     _check_against_inputs(path, inputs, flag)
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise PrefnoiseError(f"{flag} {dest}: exists and is not a directory; give a new directory name")
+    _check_parent(path, flag)
+    newly = locks.acquire(path, flag=flag)
+    try:
+        state = _check_dir_state(path, dest, command, overwrite or resume, flag)
+    except BaseException:
+        if newly:
+            locks.release(path)
+        raise
+    _CLAIMS[locks.lock_file_of(path)] = Claim(directory=True, identity=None, command=command)
+    return state
+
+
+def _check_dir_state(path: Path, dest: str | Path, command: str, accepted: bool, flag: str) -> str:
     state = output_dir_state(path, command)
     if state == "foreign":
-        if path.exists() and not path.is_dir():
-            raise PrefnoiseError(f"{flag} {dest}: exists and is not a directory; give a new directory name")
+        if path.is_symlink():
+            raise PrefnoiseError(f"{flag} {dest}: is a symbolic link; give a new directory name")
         other = read_marker(path)
-        what = (
-            f"holds the output of `prefnoise {other.get('command')}`"
-            if other is not None
-            else "exists, is not empty and was not created by prefnoise"
-        )
+        if other is None:
+            what = "exists, is not empty and was not created by prefnoise"
+        elif other.get("command") != command:
+            what = f"holds the output of `prefnoise {other.get('command')}`"
+        else:
+            problems = _named(manifest_problems(path, other))
+            what = f"holds files prefnoise did not write or that changed since: {problems}"
         raise PrefnoiseError(f"{flag} {dest}: {what}; prefnoise will not replace it, give a new directory")
-    if state == "ours" and not (overwrite or resume):
+    if state == "ours" and not accepted:
         raise PrefnoiseError(
             f"{flag} {dest}: holds an earlier `prefnoise {command}` output; pass --overwrite to replace it"
             + (" or --resume to continue it" if command in ("align", "fit-reward") else "")
         )
-    _check_parent(path, flag)
     return state

@@ -136,8 +136,9 @@ def offline_home(tmp_path, monkeypatch) -> Path:
 def test_a_hub_id_absent_from_the_cache_is_one_line(offline_home, built, tmp_path):
     out = tmp_path / "out.parquet"
     result = invoke("score", "someorg/absent-reward-model", built["plain"], out)
-    assert_one_line_error(result, "someorg/absent-reward-model: not found locally or in the Hugging Face cache",
-                          "offline", str(offline_home / "hub"))
+    line = assert_one_line_error(result, "someorg/absent-reward-model: not found locally or in the Hugging Face cache",
+                                 "offline", str(offline_home / "hub"), "(hf download someorg/absent-reward-model)")
+    assert "huggingface-cli" not in line  # the installed hub library ships `hf`, not huggingface-cli
     assert_nothing_written(out)
 
 

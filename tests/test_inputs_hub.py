@@ -155,9 +155,9 @@ def test_an_unknown_hub_id_fails_in_one_line_saying_offline(tmp_path, offline_ca
         invoke("corrupt", "someone/missing-set", out, "--rate", "0.1", "--split", "train"),
         "someone/missing-set: not found locally or in the Hugging Face cache",
         "offline",
-        "huggingface-cli download --repo-type dataset someone/missing-set",
+        "hf download --repo-type dataset someone/missing-set",
     )
-    assert "no such file" not in line
+    assert "no such file" not in line and "huggingface-cli" not in line
     assert_nothing_written(out)
     # a name with a table file's extension is a missing file, as before
     assert_one_line_error(invoke("inspect", tmp_path / "gone.parquet"), "gone.parquet: no such file or directory")

@@ -21,6 +21,7 @@ from prefnoise.api.tables import (
     split_options,
 )
 from prefnoise.errors import PrefnoiseError
+from prefnoise.outputs import releases_outputs
 
 
 @dataclass
@@ -31,6 +32,7 @@ class AlignResult:
     dry_run: bool = False
 
 
+@releases_outputs
 def align(
     data: Table,
     *,

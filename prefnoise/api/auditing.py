@@ -24,6 +24,7 @@ from prefnoise.api.tables import (
 )
 from prefnoise.errors import PrefnoiseError
 from prefnoise.options.audit import AuditOptions
+from prefnoise.outputs import releases_outputs
 
 
 @dataclass
@@ -37,6 +38,7 @@ class AuditResult:
     summary: dict[str, Any]
 
 
+@releases_outputs
 def audit(
     data: Table,
     out: str | Path | None = None,

@@ -17,6 +17,7 @@ from prefnoise.api.tables import (
     split_options,
 )
 from prefnoise.errors import PrefnoiseError
+from prefnoise.outputs import releases_outputs
 
 
 @dataclass
@@ -29,6 +30,7 @@ class FitRewardResult:
     summary: dict[str, Any]
 
 
+@releases_outputs
 def fit_reward(
     data: Table,
     out: str | Path | None = None,

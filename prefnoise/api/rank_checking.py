@@ -14,7 +14,7 @@ from prefnoise.api.tables import (
     ProgressBar,
     Table,
     _is_path,
-    check_api_options,
+    build_options,
     no_bar,
     path_of,
     raw_lazy,
@@ -23,6 +23,8 @@ from prefnoise.api.tables import (
 )
 from prefnoise.errors import PrefnoiseError
 from prefnoise.metrics.gates import failed_gate_lines, gate_results
+from prefnoise.options import RankCheckOptions
+from prefnoise.outputs import releases_outputs
 
 
 @dataclass
@@ -45,72 +47,64 @@ class RankCheckResult:
         return not self.failures
 
 
+@releases_outputs
 def rank_check(
-    data: Table,
-    *,
-    pred: str = C.REWARD,
-    true: str | None = None,
-    long: bool = False,
-    group_by: list[str] | tuple[str, ...] | str | None = None,
-    bootstrap: int = 1000,
-    show_worst: int = 0,
-    plot: str | Path | None = None,
-    min_agreement: float | None = None,
-    min_kendall: float | None = None,
-    min_preservation: float | None = None,
-    memory_responses: int | None = None,
-    temp_dir: str | Path | None = None,
-    overwrite: bool = False,
-    seed: int = C.DEFAULT_SEED,
-    model: Any = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    chosen_score_col: str | None = None,
-    rejected_score_col: str | None = None,
-    split: str | None = None,
+    data: Table, options: RankCheckOptions | None = None, *,
+    pred: str = C.REWARD, true: str | None = None, long: bool = False,
+    group_by: list[str] | tuple[str, ...] | str | None = None, bootstrap: int = 1000, show_worst: int = 0,
+    min_agreement: float | None = None, min_kendall: float | None = None, min_preservation: float | None = None,
+    memory_responses: int | None = None, temp_dir: str | Path | None = None, seed: int = C.DEFAULT_SEED,
+    model: Any = None, device: str = "auto", batch_size: int | None = None,
+    plot: str | Path | None = None, overwrite: bool = False, drop_invalid: bool = False,
+    chosen_score_col: str | None = None, rejected_score_col: str | None = None, split: str | None = None,
     config: str | None = None,
     progress_bar: ProgressBar | None = None,
     **input_options: Any,
 ) -> RankCheckResult:
-    """``prefnoise rank-check``: pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho
-    of a predicted reward against the true one (or the labels), overall and per ``flipped``/``group_by``.
-
+    """``prefnoise rank-check``: pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho of a
+    predicted reward against the true one (or the labels), overall and per ``flipped``/``group_by``.
     ``data``: a scored pair table (``chosen_<pred>``/``rejected_<pred>``) or, with ``long``, a long table.
-    ``chosen_score_col``/``rejected_score_col`` map the true reward (columns or dotted paths). ``model``
-    (optional): score ``data`` with this reward model first (see :func:`score`; the other input options,
-    e.g. ``prompt_col``, then apply). The ``min_*`` gates fail into ``result.failures``; ``plot`` writes a PNG.
+    Options: :class:`prefnoise.options.RankCheckOptions`. ``chosen_score_col``/``rejected_score_col`` map the
+    true reward. With ``model``, ``data`` is scored first (:func:`score`; input options such as ``prompt_col``
+    or ``drop_invalid`` then apply). Failed ``min_*`` gates go to ``result.failures``; ``plot`` writes a PNG.
     """
     from prefnoise.metrics import DEFAULT_MEMORY_RESPONSES, rank_report
     from prefnoise.outputs import check_output_file
 
-    check_api_options(locals())
+    options = build_options(RankCheckOptions, options, locals())
     check_output_file(plot, inputs=[path_of(data)], overwrite=overwrite, flag="--plot", suffix=".png")
     label = str(data) if _is_path(data) else table_label(data)  # as given (the CLI's JSON keeps '-')
-    if model is not None:
-        if long:
-            raise PrefnoiseError("--model scores a pair table; it does not apply with --long")
-        scored = score(model, data, device=device, batch_size=batch_size, chosen_score_col=chosen_score_col,
-                       rejected_score_col=rejected_score_col, split=split, config=config, **input_options)
-        lazy = scored.table.lazy()
-    else:
-        split_options(input_options)  # only input options are accepted
-        if any(v not in (None, False, C.PROMPT, C.CHOSEN, C.REJECTED, "auto") for v in input_options.values()):
-            raise PrefnoiseError("the column and layout options apply with --model only (rank-check reads DATA as is)")
-        # a file: resolves "-" (spooled stdin), existence, format and hub ids; adds the mapped true scores
-        lazy = raw_lazy(data, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col,
-                         split=split, config=config)
-    splits = [group_by] if isinstance(group_by, str) else list(group_by or [])
+    sources = {"chosen_score_col": chosen_score_col, "rejected_score_col": rejected_score_col, "split": split,
+               "config": config}
+    lazy = _rewards(data, options, sources, {**input_options, **({"drop_invalid": True} if drop_invalid else {})})
+    memory = DEFAULT_MEMORY_RESPONSES if options.memory_responses is None else options.memory_responses
     with (progress_bar or no_bar)("rank-check %", 100) as advance:
         report = rank_report(
-            lazy, pred=pred, true=true, group_by=splits, n_boot=bootstrap, seed=seed, worst=show_worst,
-            layout="long" if long else "auto",
-            memory_responses=DEFAULT_MEMORY_RESPONSES if memory_responses is None else memory_responses,
-            temp_dir=temp_dir, on_progress=advance,
+            lazy, pred=options.pred, true=options.true, group_by=list(options.group_by), n_boot=options.bootstrap,
+            seed=options.seed, worst=options.show_worst, layout="long" if options.long else "auto",
+            memory_responses=memory, temp_dir=options.temp_dir, on_progress=advance,
         )
-    gates = gate_results(report.overall, min_agreement, min_kendall, min_preservation)
+    gates = gate_results(report.overall, options.min_agreement, options.min_kendall, options.min_preservation)
     if plot is not None:
-        _rank_plot(lazy, report, Path(plot), seed)
+        _rank_plot(lazy, report, Path(plot), options.seed)
     return RankCheckResult(report, {"input": label, **report.to_dict(), "gates": gates})
+
+
+def _rewards(
+    data: Table, options: RankCheckOptions, source_options: dict[str, Any], input_options: dict[str, Any]
+) -> pl.LazyFrame:
+    """The table to check: ``data`` scored by ``options.model``, or as it is (a file lazily)."""
+    if options.model is not None:
+        scored = score(options.model, data, device=options.device, batch_size=options.batch_size,
+                       **source_options, **input_options)
+        return scored.table.lazy()
+    split_options(input_options)  # only input options are accepted
+    if any(v not in (None, False, C.PROMPT, C.CHOSEN, C.REJECTED, "auto") for v in input_options.values()):
+        raise PrefnoiseError(
+            "the column, layout and --drop-invalid options apply with --model only (rank-check reads DATA as is)"
+        )
+    # a file: resolves "-" (spooled stdin), existence, format and hub ids; adds the mapped true scores
+    return raw_lazy(data, **source_options)
 
 
 def _rank_plot(lazy: pl.LazyFrame, report: Any, out: Path, seed: int) -> None:

@@ -16,7 +16,7 @@ from prefnoise.api.tables import (
     ProgressBar,
     Table,
     _kind,
-    check_api_options,
+    build_options,
     gather_input_options,
     input_table,
     no_bar,
@@ -26,6 +26,8 @@ from prefnoise.api.tables import (
     table_label,
 )
 from prefnoise.errors import PrefnoiseError
+from prefnoise.options import ScoreOptions
+from prefnoise.outputs import releases_outputs
 
 
 @dataclass
@@ -58,85 +60,104 @@ def _reward_model(model: Any, cache_dir: str | Path | None) -> tuple[Any, Any, s
     )
 
 
+@releases_outputs
 def score(
     model: Any,
     data: Table,
     out: str | Path | None = None,
+    options: ScoreOptions | None = None,
     *,
-    responses: bool = False,
-    batch_size: int | None = None,
-    device: str = "auto",
+    responses: bool = False, batch_size: int | None = None, device: str = "auto",
     cache_dir: str | Path | None = None,
     overwrite: bool = False,
-    prompt_col: str = C.PROMPT,
-    chosen_col: str = C.CHOSEN,
-    rejected_col: str = C.REJECTED,
-    layout: str = "auto",
-    drop_invalid: bool = False,
+    prompt_col: str = C.PROMPT, chosen_col: str = C.CHOSEN, rejected_col: str = C.REJECTED,
+    layout: str = "auto", drop_invalid: bool = False,
     progress_bar: ProgressBar | None = None,
     **input_options: Any,
 ) -> ScoreResult:
     """``prefnoise score``: add ``chosen_reward``/``rejected_reward`` (``reward`` with ``responses``).
 
-    ``model``: a directory written by ``fit-reward``, a plain sequence-classification model directory or
-    hub id (num_labels=1, as TRL's RewardTrainer saves it), or what :func:`fit_reward` returned. Rows the
-    model trained or validated on are marked (``in_training``/``in_validation``). ``summary`` is ``score
-    --json``'s object (agreement with the labels, held out where known).
+    ``model``: a directory written by ``fit-reward``, a sequence-classification model directory or hub id
+    (num_labels=1, as TRL's RewardTrainer saves it), or what :func:`fit_reward` returned. Options:
+    :class:`prefnoise.options.ScoreOptions`. Rows the model trained or validated on are marked
+    (``in_training``/``in_validation``); ``summary`` is ``score --json``'s (agreement, held out where known).
     """
-    from prefnoise.data import new_history_entry, read_history, write_table
+    from prefnoise.data import write_table
     from prefnoise.heldout import agreement_summary, mark_seen
     from prefnoise.outputs import check_output_file
-    from prefnoise.reward import score_responses, score_table
-    from prefnoise.reward.models import describe_truncation
 
-    check_api_options(locals())
-    model_input = str(model) if isinstance(model, str | Path) else None
+    options = build_options(ScoreOptions, options, locals())
     if out is not None:
+        model_input = str(model) if isinstance(model, str | Path) else None
         check_output_file(out, inputs=[model_input, path_of(data)], overwrite=overwrite)
     started = time.perf_counter()
-    reward_model, splits, model_name = _reward_model(model, cache_dir)
-    parameters = {"model": model_name, "responses": responses, "batch_size": batch_size}
-    if responses:
-        hub = {k: v for k, v in input_options.items() if k in ("split", "config")}
-        frame = raw_lazy(data, **hub).collect()
-        path = path_of(data)
-        history = read_history(path) if path and path != STDIO and Path(path).suffix == ".parquet" else []
-        entry = new_history_entry("score", parameters)
-        run = score_responses
-    else:
-        src = input_table(
-            data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
-        )
-        frame = src.collect()
-        history = src.history
-        entry = new_history_entry("score", parameters, source=src.source)
-        run = score_table
-    # embed+mlp spends its time in the encoder (texts not in the embedding cache): the bar follows that
-    misses = _texts_to_embed(reward_model, frame, responses)
-    with (progress_bar or no_bar)(*(("embedding", misses) if misses else ("scoring", frame.height))) as advance:
-        progress = {"on_embed": advance} if misses else {"on_progress": advance}
-        scored = run(reward_model, frame, batch_size, device=device, drop_invalid=drop_invalid,
-                     source=table_label(data), model_name=model_name, **progress)
-    if splits is not None and not responses:
+    reward_model, splits, model_name = _reward_model(model, options.cache_dir)
+    inputs = gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
+    frame, history, entry = _scoring_input(data, options, model_name, inputs)
+    scored = _scored(reward_model, frame, options, drop_invalid, table_label(data), model_name, progress_bar)
+    if splits is not None and not options.responses:
         scored = mark_seen(scored, splits)  # in_training / in_validation travel on to rank-check --group-by
     rows = write_table(scored, out, entry=entry, history=history, overwrite=overwrite) if out else scored.height
-    elapsed = time.perf_counter() - started
+    summary = _summary(table_label(data), reward_model, scored, model_name, rows, out, options.responses, started)
+    summary.update({} if options.responses else agreement_summary(scored))
+    return _with_truncation(ScoreResult(scored, reward_model, summary))
+
+
+def _scoring_input(data: Table, options: ScoreOptions, model_name: str, inputs: dict[str, Any]) -> tuple:
+    """(frame, its provenance history, the new history entry) of the table to score."""
+    from prefnoise.data import new_history_entry, read_history
+
+    parameters = {"model": model_name, "responses": options.responses, "batch_size": options.batch_size}
+    if options.responses:
+        frame = raw_lazy(data, **{k: v for k, v in inputs.items() if k in ("split", "config")}).collect()
+        path = path_of(data)
+        history = read_history(path) if path and path != STDIO and Path(path).suffix == ".parquet" else []
+        return frame, history, new_history_entry("score", parameters)
+    src = input_table(data, inputs)
+    return src.collect(), src.history, new_history_entry("score", parameters, source=src.source)
+
+
+def _scored(
+    reward_model: Any, frame: pl.DataFrame, options: ScoreOptions, drop_invalid: bool, source: str,
+    model_name: str, progress_bar: ProgressBar | None,
+) -> pl.DataFrame:
+    """``frame`` with the model's rewards, under a progress bar."""
+    from prefnoise.reward import score_responses, score_table
+
+    run = score_responses if options.responses else score_table
+    # embed+mlp spends its time in the encoder (texts not in the embedding cache): the bar follows that
+    misses = _texts_to_embed(reward_model, frame, options.responses)
+    with (progress_bar or no_bar)(*(("embedding", misses) if misses else ("scoring", frame.height))) as advance:
+        progress = {"on_embed": advance} if misses else {"on_progress": advance}
+        return run(reward_model, frame, options.batch_size, device=options.device, drop_invalid=drop_invalid,
+                   source=source, model_name=model_name, **progress)
+
+
+def _summary(
+    source: str, reward_model: Any, scored: pl.DataFrame, model_name: str, rows: int, out: Any, responses: bool,
+    started: float,
+) -> dict[str, Any]:
+    """``score --json``'s object less the agreement and truncation entries (``started``: perf_counter at start)."""
     seen = ("in_training", "in_validation")
-    summary: dict[str, Any] = {
-        "input": table_label(data),
+    return {
+        "input": source,
         "model": model_name,
         "backend": reward_model.backend,
         "rows": rows,
         "output": output_name(out),
         "columns": [C.REWARD] if responses else [c for c in scored.columns if c.endswith(C.REWARD) or c in seen],
-        "seconds": round(elapsed, 3),
+        "seconds": round(time.perf_counter() - started, 3),
     }
-    if not responses:
-        summary.update(agreement_summary(scored))
-    truncation = getattr(reward_model, "truncation", [])
-    summary["truncated_sequences"] = sum(s["truncated"] for s in truncation)
-    cut = describe_truncation(truncation, reward_model.config.get("max_length") or 0)
-    return ScoreResult(scored, reward_model, summary, cut)
+
+
+def _with_truncation(result: ScoreResult) -> ScoreResult:
+    """``result`` with its count of sequences cut to max_length and the one-line note on them."""
+    from prefnoise.reward.models import describe_truncation
+
+    truncation = getattr(result.model, "truncation", [])
+    result.summary["truncated_sequences"] = sum(s["truncated"] for s in truncation)
+    result.truncation_note = describe_truncation(truncation, result.model.config.get("max_length") or 0)
+    return result
 
 
 def _texts_to_embed(reward_model: Any, frame: pl.DataFrame, responses: bool) -> int:

@@ -10,16 +10,10 @@ from typing import Any
 import polars as pl
 
 from prefnoise import columns as C
-from prefnoise.api.tables import (
-    STDIO,
-    Table,
-    check_api_options,
-    gather_input_options,
-    input_table,
-    output_name,
-    path_of,
-)
+from prefnoise.api.tables import STDIO, Table, build_options, gather_input_options, input_table, output_name, path_of
 from prefnoise.errors import PrefnoiseError
+from prefnoise.options import SplitOptions
+from prefnoise.outputs import releases_outputs
 
 
 @dataclass
@@ -34,63 +28,69 @@ class SplitResult:
         return iter((self.train, self.test))
 
 
+@releases_outputs
 def split(
     data: Table,
     train_out: str | Path | None = None,
     test_out: str | Path | None = None,
+    options: SplitOptions | None = None,
     *,
-    test_fraction: float = 0.2,
-    by: str = "prompt",
-    seed: int = C.DEFAULT_SEED,
+    test_fraction: float = 0.2, by: str = "prompt", seed: int = C.DEFAULT_SEED,
     overwrite: bool = False,
-    prompt_col: str = C.PROMPT,
-    chosen_col: str = C.CHOSEN,
-    rejected_col: str = C.REJECTED,
-    layout: str = "auto",
-    drop_invalid: bool = False,
+    prompt_col: str = C.PROMPT, chosen_col: str = C.CHOSEN, rejected_col: str = C.REJECTED,
+    layout: str = "auto", drop_invalid: bool = False,
     **input_options: Any,
 ) -> SplitResult:
     """``prefnoise split``: a deterministic held-out split, prompt-disjoint (``by="prompt"``) or by pair.
 
-    With ``train_out`` and ``test_out`` both sides are written with provenance; ``summary`` is ``split
-    --json``'s object.
+    Options: :class:`prefnoise.options.SplitOptions` (``options`` or its fields as keywords). With
+    ``train_out`` and ``test_out`` both sides are written with provenance; ``summary`` is ``split --json``'s.
     """
-    from prefnoise.data import new_history_entry, write_table
-    from prefnoise.heldout import check_split_options, split_table
-    from prefnoise.outputs import check_distinct_outputs, check_output_file
+    from prefnoise.heldout import split_table
 
-    check_api_options(locals())
-    check_split_options(test_fraction, by)  # before the input is read
-    if (train_out is None) != (test_out is None):
-        raise PrefnoiseError("give both train_out and test_out, or neither")
-    if train_out is not None:
-        if STDIO in (str(train_out), str(test_out)):
-            raise PrefnoiseError("TRAIN and TEST must be files (two tables cannot share stdout)")
-        for dest in (train_out, test_out):
-            check_output_file(dest, inputs=[path_of(data)], overwrite=overwrite)
-        check_distinct_outputs({"TRAIN": train_out, "TEST": test_out})
+    options = build_options(SplitOptions, options, locals())
+    _check_outputs(data, train_out, test_out, overwrite)
     src = input_table(
         data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
     )
     frame = src.collect()
-    train, test = split_table(frame, test_fraction=test_fraction, by=by, seed=seed)
+    train, test = split_table(frame, test_fraction=options.test_fraction, by=options.by, seed=options.seed)
     if train.height == 0 or test.height == 0:
         raise PrefnoiseError(
             f"{src.name}: the split left the {'training' if train.height == 0 else 'test'} side empty "
-            f"({frame.height} rows, --test-fraction {test_fraction}); use more data or another fraction"
+            f"({frame.height} rows, --test-fraction {options.test_fraction}); use more data or another fraction"
         )
     if train_out is not None:
-        parameters = {"test_fraction": test_fraction, "by": by}
-        for part, table, dest in (("train", train, train_out), ("test", test, test_out)):
-            entry = new_history_entry("split", {**parameters, "part": part}, seed=seed, source=src.source)
-            write_table(table, dest, entry=entry, overwrite=overwrite)
+        _write_parts(src, options, ((train, train_out, "train"), (test, test_out, "test")), overwrite)
     summary = {
-        "input": src.name,
-        "rows": frame.height,
-        "by": by,
-        "seed": seed,
+        "input": src.name, "rows": frame.height, "by": options.by, "seed": options.seed,
         "train": {"output": output_name(train_out), "rows": train.height, "prompts": train[C.PROMPT].n_unique()},
         "test": {"output": output_name(test_out), "rows": test.height, "prompts": test[C.PROMPT].n_unique()},
         "shared_prompts": len(set(train[C.PROMPT].unique().to_list()) & set(test[C.PROMPT].unique().to_list())),
     }
     return SplitResult(train, test, summary)
+
+
+def _check_outputs(data: Table, train_out: str | Path | None, test_out: str | Path | None, overwrite: bool) -> None:
+    """Both outputs or neither; two distinct files, neither the input nor a file prefnoise did not write."""
+    from prefnoise.outputs import check_distinct_outputs, check_output_file
+
+    if (train_out is None) != (test_out is None):
+        raise PrefnoiseError("give both train_out and test_out, or neither")
+    if train_out is None:
+        return
+    if STDIO in (str(train_out), str(test_out)):
+        raise PrefnoiseError("TRAIN and TEST must be files (two tables cannot share stdout)")
+    for dest in (train_out, test_out):
+        check_output_file(dest, inputs=[path_of(data)], overwrite=overwrite)
+    check_distinct_outputs({"TRAIN": train_out, "TEST": test_out})
+
+
+def _write_parts(src: Any, options: SplitOptions, parts: tuple, overwrite: bool) -> None:
+    """Each (table, destination, part name) written with its provenance entry."""
+    from prefnoise.data import new_history_entry, write_table
+
+    parameters = {"test_fraction": options.test_fraction, "by": options.by}
+    for table, dest, part in parts:
+        entry = new_history_entry("split", {**parameters, "part": part}, seed=options.seed, source=src.source)
+        write_table(table, dest, entry=entry, overwrite=overwrite)

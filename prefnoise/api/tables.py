@@ -7,13 +7,14 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 import pyarrow as pa
 
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
+from prefnoise.options import Options, check_options
 
 # A progress-bar factory: (description, total or None) -> context manager yielding advance(n).
 ProgressBar = Callable[[str, "int | None"], AbstractContextManager[Callable[[int], None]]]
@@ -236,9 +237,25 @@ def no_bar(description: str, total: int | None) -> Iterator[Callable[[int], None
 
 def check_api_options(values: dict[str, Any]) -> None:
     """The CLI's range checks of numeric options (seed, rate, ...), for calls that do not come through it."""
-    from prefnoise.options import check_options
-
     check_options({k: v for k, v in values.items() if not k.startswith("_")})
+
+
+OptionsT = TypeVar("OptionsT", bound=Options)
+
+
+def build_options(cls: type[OptionsT], options: OptionsT | None, values: dict[str, Any]) -> OptionsT:
+    """``options`` when the caller built one (then every option keyword must keep its default), else ``cls``
+    built (and checked) from the option keywords in ``values`` (a call's ``locals()``)."""
+    fields = {item.name: item for item in dataclasses.fields(cls)}
+    given = {name: values[name] for name in fields if name in values}
+    if options is None:
+        return cls(**given)
+    if not isinstance(options, cls):
+        raise TypeError(f"options= takes a {cls.__name__}, got {type(options).__name__}")
+    changed = [name for name, value in given.items() if value is not None and value != fields[name].default]
+    if changed:
+        raise TypeError(f"give options= or option keywords, not both (got {changed[0]}= as well)")
+    return options
 
 
 def input_option_names() -> frozenset[str]:

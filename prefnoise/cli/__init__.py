@@ -20,14 +20,16 @@ from prefnoise.cli import (
     split,  # noqa: E402,F401
 )
 from prefnoise.cli.app import DEBUG_ENV, QUIET_ENV, app
-from prefnoise.cli.common import EXIT_BAD_INPUT, fail, flush_stdout
+from prefnoise.cli.common import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, fail, flush_stdout, silence_stdout
 from prefnoise.cli.config_file import config_defaults, hoist_global_options, is_options_file
+from prefnoise.cli.streams import guard_standard_streams
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `prefnoise` console script: every failure is one line and a documented exit code."""
     from prefnoise.errors import PrefnoiseError
 
+    guard_standard_streams()
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     command = typer.main.get_command(app)
     end = args.index("--") if "--" in args else len(args)
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
             code = fail(f"{error.format_message()}{hint}", getattr(error, "exit_code", EXIT_BAD_INPUT)).exit_code
     except PrefnoiseError as error:  # stdout could not be flushed
         code = fail(error.message, error.exit_code).exit_code
+    except BrokenPipeError:  # the reader went away (| head): as documented, 141
+        silence_stdout()
+        code = EXIT_BROKEN_PIPE
     sys.exit(code or 0)
 
 

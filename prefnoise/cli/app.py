@@ -12,8 +12,12 @@ from prefnoise import __version__
 DEBUG_ENV = "PREFNOISE_DEBUG"
 QUIET_ENV = "PREFNOISE_QUIET"
 
+# -h works like --help on every command (subcommands inherit it from the group's context)
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="prefnoise",
+    context_settings=CONTEXT_SETTINGS,
     help="Inject, measure and survive label noise in preference datasets.",
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -24,6 +25,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -31,8 +33,11 @@ from rich.progress import (
 
 from prefnoise.atomic import remove_temporary_files, user_umask
 from prefnoise.cli.app import DEBUG_ENV
+from prefnoise.cli.streams import check_utf8_names, printable_name
 from prefnoise.errors import PrefnoiseError, PrefnoiseWarning
-from prefnoise.options import OPTION_RANGES, SEED_MAX, OptionError, check_options  # noqa: F401  (re-exported for the CLI modules)
+from prefnoise.options import OPTION_RANGES, SEED_MAX, OptionError, Options, check_options  # noqa: F401  (re-exported for the CLI modules)
+from prefnoise.outputs import release_claims
+from prefnoise.resources import resource_limit_message
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,7 +78,7 @@ def debug_enabled() -> bool:
 
 def one_line(text: str) -> str:
     """``text`` as a single printable line: newlines and control characters (terminal escapes) shown escaped."""
-    text = " | ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+    text = " | ".join(part.strip() for part in printable_name(str(text)).strip().splitlines() if part.strip())
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
@@ -90,6 +95,9 @@ def fail(message: str, code: int) -> typer.Exit:
 
 def os_error_message(error: OSError) -> str:
     """A one-line description of an OS-level failure (disk full, permission denied, ...) naming the path."""
+    limit = resource_limit_message(error)
+    if limit is not None:
+        return limit
     reason = error.strerror or str(error) or type(error).__name__
     where = error.filename if error.filename is not None else None
     if where is None:
@@ -123,7 +131,7 @@ def signals_as_exceptions() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush cannot fail again (EPIPE, ENOSPC)."""
     with contextlib.suppress(Exception):
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -138,7 +146,7 @@ def flush_stdout() -> None:
     except BrokenPipeError:
         raise
     except OSError as error:
-        _silence_stdout()
+        silence_stdout()
         raise PrefnoiseError(f"cannot write to standard output: {error.strerror or error}") from None
 
 
@@ -159,6 +167,7 @@ def cli_errors(command: F) -> F:
         try:
             with signals_as_exceptions(), prefnoise_warnings_on_stderr():
                 check_options(kwargs)
+                check_utf8_names(kwargs)
                 result = command(*args, **kwargs)
                 flush_stdout()
                 return result
@@ -169,8 +178,13 @@ def cli_errors(command: F) -> F:
         except PrefnoiseError as error:
             raise fail(error.message, error.exit_code) from None
         except BrokenPipeError:
-            _silence_stdout()
+            silence_stdout()
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        except SystemExit as error:
+            if isinstance(error.__context__, BrokenPipeError):  # rich's consoles exit 1 on a broken pipe
+                silence_stdout()
+                raise typer.Exit(EXIT_BROKEN_PIPE) from None
+            raise
         except OSError as error:
             raise fail(os_error_message(error), EXIT_BAD_INPUT) from None
         except KeyboardInterrupt as error:
@@ -180,6 +194,9 @@ def cli_errors(command: F) -> F:
             typer.echo(f"Terminated ({error}); {getattr(error, 'prefnoise_note', NOTHING_WRITTEN)}", err=True)
             raise typer.Exit(128 + error.signum) from None
         except Exception as error:
+            limit = resource_limit_message(error)  # out of memory, a thread limit, the file-size limit
+            if limit is not None:
+                raise fail(limit, EXIT_BAD_INPUT) from None
             if debug_enabled():
                 traceback.print_exc()
             reason = one_line(f"{type(error).__name__}: {error}")
@@ -187,6 +204,7 @@ def cli_errors(command: F) -> F:
             raise typer.Exit(EXIT_INTERNAL) from None
         finally:
             remove_temporary_files()
+            release_claims()
 
     return wrapper  # type: ignore[return-value]
 
@@ -197,8 +215,11 @@ NOTHING_WRITTEN = "no output was written."
 @contextlib.contextmanager
 def prefnoise_warnings_on_stderr() -> Iterator[None]:
     """Print every :class:`PrefnoiseWarning` raised in the block as one ``Warning: ...`` line on stderr
-    (each time it is raised); other warnings are shown as Python shows them."""
+    (each time it is raised); other warnings (torch, transformers) only under ``--debug``, as Python
+    shows them: they would break the one-line rule of errors."""
     with warnings.catch_warnings():
+        if not debug_enabled():
+            warnings.simplefilter("ignore")
         warnings.simplefilter("always", PrefnoiseWarning)
         show = warnings.showwarning
 
@@ -219,24 +240,51 @@ def show_progress(json_output: bool) -> bool:
     return not json_output and sys.stderr.isatty() and not quiet_requested()
 
 
+# A fixed bar width: at 80 columns the bar, counts and times stay on one line, legible (rich would
+# otherwise squeeze the bar to nothing or wrap when a column grows).
+PROGRESS_BAR_WIDTH = 20
+
+
+def progress_columns(*extra: ProgressColumn) -> tuple[ProgressColumn, ...]:
+    """The columns of every progress bar: description, a fixed-width bar, done/total, elapsed, ETA, then ``extra``."""
+    return (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=PROGRESS_BAR_WIDTH),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        *extra,
+    )
+
+
 @contextlib.contextmanager
 def progress(description: str, total: int | None, *, enabled: bool) -> Iterator[Callable[[int], None]]:
     """Yield an ``advance(n)`` callback drawing a rich progress bar on stderr when ``enabled``."""
     if not enabled:
         yield lambda n: None
         return
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=log_console,
-        transient=True,
-    )
+    bar = Progress(*progress_columns(), console=log_console, transient=True)
     with bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+OptionsT = TypeVar("OptionsT", bound=Options)
+
+# Command path ("corrupt", "reproduce synthetic") -> the options class its flags build. Every field of the
+# class is a flag of the same name and every flag a field, but for the CLI's own (tests/test_options_front.py).
+COMMAND_OPTIONS: dict[str, type[Options]] = {}
+
+
+def register_options(command: str, cls: type[OptionsT]) -> type[OptionsT]:
+    """Record that ``command``'s flags build ``cls`` (checked by the flag/field parity test); return ``cls``."""
+    COMMAND_OPTIONS[command] = cls
+    return cls
+
+
+def options_from(cls: type[OptionsT], values: dict[str, Any]) -> OptionsT:
+    """``cls`` built from a command's parameters (``locals()``): every field has a flag of the same name."""
+    return cls(**{item.name: values[item.name] for item in dataclasses.fields(cls)})
 
 
 def strict_json_value(value: Any) -> Any:
@@ -354,4 +402,36 @@ OverwriteOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+BatchSizeOption = Annotated[int | None, typer.Option("--batch-size", help="Responses per forward pass.")]
+InputArgument = Annotated[
+    str,
+    typer.Argument(
+        metavar="IN",
+        help="Input table (Parquet, JSONL, CSV, saved or hub-layout dataset dir, cached hub id, or - for stdin).",
+    ),
+]
+OutArgument = Annotated[
+    str, typer.Argument(metavar="OUT", help="Output .parquet (or no extension), .jsonl or .csv; - for stdout.")
+]
+
+
+# The input options every table-reading command shares (the parameters of open_input); the rest of a
+# command's parameters are its options object's fields, its arguments and the CLI's own flags.
+INPUT_OPTIONS = (
+    "prompt_col",
+    "chosen_col",
+    "rejected_col",
+    "layout",
+    "drop_invalid",
+    "chosen_score_col",
+    "rejected_score_col",
+    "split",
+    "config",
+)
+
+
+def input_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The input options among a command's parameters (``locals()``)."""
+    return {name: values[name] for name in INPUT_OPTIONS if name in values}
 

@@ -10,7 +10,8 @@ converted and range-checked exactly like typed flags.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import stat
 from typing import Any
 
 from prefnoise.errors import PrefnoiseError
@@ -73,18 +74,41 @@ def _command_path(root: Any, args: list[str]) -> list[tuple[str, Any]]:
     return path
 
 
+MAX_CONFIG_BYTES = 1 << 20  # an options file is a few lines; 1 MB is far beyond any real one
+
+
+def _read_text(file: str) -> str:
+    """The text of options file ``file``: a regular file of at most MAX_CONFIG_BYTES, read once."""
+    try:
+        # O_NONBLOCK: opening a FIFO does not wait for a writer; it is refused below, never read
+        with open(os.open(file, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            kind = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(kind):
+                what = "a directory" if stat.S_ISDIR(kind) else "not a regular file (a device, FIFO or socket)"
+                raise PrefnoiseError(f"--config {file}: is {what}; give a YAML file")
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise PrefnoiseError(f"--config {file}: no such file") from None
+    except IsADirectoryError:
+        raise PrefnoiseError(f"--config {file}: is a directory; give a YAML file") from None
+    except OSError as error:
+        raise PrefnoiseError(f"--config {file}: cannot read it ({error.strerror or error})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise PrefnoiseError(f"--config {file}: is larger than 1 MB; an options file holds a few 'option: value' lines")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PrefnoiseError(f"--config {file}: is not UTF-8 text (byte {error.start})") from None
+
+
 def _read_mapping(file: str) -> dict[str, Any]:
     import yaml
 
-    path = Path(file)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PrefnoiseError(f"--config {file}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise PrefnoiseError(f"--config {file}: cannot read it ({error})") from None
+    text = _read_text(file)
     try:
         loaded = yaml.safe_load(text)
+    except RecursionError:
+        raise PrefnoiseError(f"--config {file}: is nested too deeply; write 'option: value' lines") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
@@ -127,8 +151,8 @@ def config_defaults(root: Any, args: list[str], file: str) -> dict[str, Any]:
             raise PrefnoiseError(
                 f"--config {file}: '{key}' is not an option of prefnoise {name} (its options: {known})"
             )
-        if isinstance(value, dict):
-            raise PrefnoiseError(f"--config {file}: '{key}' must be a value or a list, not a mapping")
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict | list) for v in value)):
+            raise PrefnoiseError(f"--config {file}: '{key}' must be a value or a list of values, not a mapping")
         values[target] = value
     default_map: dict[str, Any] = values
     for step, _ in reversed(path):

@@ -15,8 +15,10 @@ from prefnoise.cli.common import (
     ChosenScoreColOption,
     ConfigOption,
     DropInvalidOption,
+    InputArgument,
     JsonOption,
     LayoutOption,
+    OutArgument,
     OverwriteOption,
     PromptColOption,
     RejectedColOption,
@@ -26,47 +28,54 @@ from prefnoise.cli.common import (
     cli_errors,
     console,
     emit_json,
+    input_options,
+    options_from,
     progress,
+    register_options,
     reports_to_stderr,
     show_progress,
 )
-from prefnoise.noise import NOISE_MODELS
+from prefnoise.options import CorruptOptions
+from prefnoise.options.corrupt import NOISE_MODELS
+
+NoiseOption = Annotated[str, typer.Option("--noise", help=f"Noise model: {', '.join(NOISE_MODELS)}.")]
+RateOption = Annotated[float | None, typer.Option("--rate", help="symmetric: flip probability of every pair.")]
+RatePosOption = Annotated[
+    float | None, typer.Option("--rate-pos", help="asymmetric: flip probability of positive pairs.")
+]
+RateNegOption = Annotated[
+    float | None, typer.Option("--rate-neg", help="asymmetric: flip probability of the other pairs.")
+]
+ByOption = Annotated[
+    str, typer.Option("--by", help="asymmetric: which pairs are positive: longer, column:NAME or compare:NAME.")
+]
+TemperatureOption = Annotated[float, typer.Option("--temperature", help="bt: flip probability σ(−(s_c − s_r)/T).")]
+MaxRateOption = Annotated[float, typer.Option("--max-rate", help="uniform: each pair's flip probability ~ U[0, MAX].")]
+ExactOption = Annotated[
+    bool, typer.Option("--exact", help="Flip exactly round(rate·n) pairs (per group) instead of independent draws.")
+]
+ForceOption = Annotated[bool, typer.Option("--force", help="Allow rates that leave the labels without signal.")]
+
+
+register_options("corrupt", CorruptOptions)
 
 
 @app.command("corrupt")
 @cli_errors
 def corrupt_command(
-    source: Annotated[
-        str,
-        typer.Argument(
-            metavar="IN",
-            help="Input table (Parquet, JSONL, CSV, saved or hub-layout dataset dir, cached hub id, or - for stdin).",
-        ),
-    ],
-    dest: Annotated[
-        str, typer.Argument(metavar="OUT", help="Output .parquet (or no extension), .jsonl or .csv; - for stdout.")
-    ],
-    noise: Annotated[str, typer.Option("--noise", help=f"Noise model: {', '.join(NOISE_MODELS)}.")] = "symmetric",
-    rate: Annotated[float | None, typer.Option("--rate", help="symmetric: flip probability of every pair.")] = None,
-    rate_pos: Annotated[
-        float | None, typer.Option("--rate-pos", help="asymmetric: flip probability of positive pairs.")
-    ] = None,
-    rate_neg: Annotated[
-        float | None, typer.Option("--rate-neg", help="asymmetric: flip probability of the other pairs.")
-    ] = None,
-    by: Annotated[
-        str, typer.Option("--by", help="asymmetric: which pairs are positive: longer, column:NAME or compare:NAME.")
-    ] = "longer",
-    temperature: Annotated[float, typer.Option("--temperature", help="bt: flip probability σ(−(s_c − s_r)/T).")] = 1.0,
-    max_rate: Annotated[
-        float, typer.Option("--max-rate", help="uniform: each pair's flip probability ~ U[0, MAX].")
-    ] = 0.3,
-    exact: Annotated[
-        bool, typer.Option("--exact", help="Flip exactly round(rate·n) pairs (per group) instead of independent draws.")
-    ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Allow rates that leave the labels without signal.")] = False,
+    source: InputArgument,
+    dest: OutArgument,
+    noise: NoiseOption = CorruptOptions.noise,
+    rate: RateOption = CorruptOptions.rate,
+    rate_pos: RatePosOption = CorruptOptions.rate_pos,
+    rate_neg: RateNegOption = CorruptOptions.rate_neg,
+    by: ByOption = CorruptOptions.by,
+    temperature: TemperatureOption = CorruptOptions.temperature,
+    max_rate: MaxRateOption = CorruptOptions.max_rate,
+    exact: ExactOption = CorruptOptions.exact,
+    force: ForceOption = CorruptOptions.force,
     overwrite: OverwriteOption = False,
-    seed: SeedOption = C.DEFAULT_SEED,
+    seed: SeedOption = CorruptOptions.seed,
     json_output: JsonOption = False,
     prompt_col: PromptColOption = C.PROMPT,
     chosen_col: ChosenColOption = C.CHOSEN,
@@ -82,11 +91,8 @@ def corrupt_command(
     from prefnoise import api
 
     summary = api.corrupt(
-        source, dest, noise=noise, rate=rate, rate_pos=rate_pos, rate_neg=rate_neg, by=by, temperature=temperature,
-        max_rate=max_rate, exact=exact, force=force, overwrite=overwrite, seed=seed, prompt_col=prompt_col,
-        chosen_col=chosen_col, rejected_col=rejected_col, layout=layout, drop_invalid=drop_invalid,
-        chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col, split=split, config=config,
-        progress_bar=functools.partial(progress, enabled=show_progress(json_output)),
+        source, dest, options_from(CorruptOptions, locals()), overwrite=overwrite,
+        progress_bar=functools.partial(progress, enabled=show_progress(json_output)), **input_options(locals()),
     ).summary
     if json_output:
         emit_json(summary, to_stderr=dest == "-")

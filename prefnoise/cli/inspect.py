@@ -24,6 +24,7 @@ from prefnoise.cli.common import (
     cli_errors,
     emit_json,
     one_line,
+    quiet_requested,
 )
 from prefnoise.data import open_input
 from prefnoise.describe import column_stats
@@ -90,7 +91,7 @@ def _fmt(value: object) -> str:
 
 def _print_report(report: dict) -> None:
     # markup=False: column names and metadata are data, never rich markup or terminal control
-    console = Console(highlight=False, markup=False, emoji=False)
+    console = Console(highlight=False, markup=False, emoji=False, quiet=quiet_requested())
     invalid = sum((report["invalid_rows"] or {}).values())
     left_out = f"; {_fmt(invalid)} invalid, left out of the statistics" if invalid else ""
     console.print(f"{_fmt(report['input'])}  ({report['format']}, {_fmt(report['rows'])} rows{left_out})")

@@ -23,13 +23,75 @@ from prefnoise.cli.common import (
     SplitOption,
     cli_errors,
     emit_json,
+    input_options,
+    one_line,
+    options_from,
     progress,
+    quiet_requested,
+    register_options,
     safe,
     show_progress,
 )
 from prefnoise.metrics import DEFAULT_MEMORY_RESPONSES, RankMetrics, RankReport
+from prefnoise.options import RankCheckOptions
 
 GATE_FAILED = 1
+
+
+PredOption = Annotated[str, typer.Option("--pred", help="Predicted reward field (chosen_<f>/rejected_<f>, or <f>).")]
+TrueOption = Annotated[
+    str | None,
+    typer.Option(
+        "--true",
+        help="True reward field (default 'score'; when that is absent the labels are the reference). "
+        "A field named here must exist.",
+    ),
+]
+LongOption = Annotated[bool, typer.Option("--long", help="Treat DATA as a long table (prompt_id, <pred>, <true>).")]
+GroupByOption = Annotated[list[str] | None, typer.Option("--group-by", help="Also split the report by this column.")]
+BootstrapOption = Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% interval.")]
+ShowWorstOption = Annotated[int, typer.Option("--show-worst", help="List the K most wrongly ranked pairs.")]
+PlotOption = Annotated[Path | None, typer.Option("--plot", help="Write a PNG figure here.")]
+MinAgreementOption = Annotated[float | None, typer.Option("--min-agreement", help="Fail (exit 1) below this.")]
+MinKendallOption = Annotated[float | None, typer.Option("--min-kendall", help="Fail (exit 1) below this.")]
+MinPreservationOption = Annotated[float | None, typer.Option("--min-preservation", help="Fail (exit 1) below this.")]
+MemoryResponsesOption = Annotated[
+    int,
+    typer.Option(
+        "--memory-responses",
+        help="Hold about this many responses in memory at once (1,000,000: ~0.6 GB peak in all); "
+        "a larger table is partitioned into temporary files.",
+    ),
+]
+TempDirOption = Annotated[
+    Path | None, typer.Option("--temp-dir", help="Directory for the temporary files (default: $TMPDIR).")
+]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Score DATA (a pair table) with this reward model first: a fit-reward directory, or a "
+        "sequence-classification model (num_labels=1) directory or cached hub id.",
+        rich_help_panel="Scoring",
+    ),
+]
+ScoringDeviceOption = Annotated[
+    str, typer.Option("--device", help="--model: auto (CUDA when present), cpu or cuda.", rich_help_panel="Scoring")
+]
+ScoringBatchSizeOption = Annotated[
+    int | None, typer.Option("--batch-size", help="--model: responses per forward pass.", rich_help_panel="Scoring")
+]
+ScoringDropInvalidOption = Annotated[
+    bool,
+    typer.Option(
+        "--drop-invalid",
+        help="--model: skip rows with empty fields, identical responses or mismatched prefixes instead of failing.",
+        rich_help_panel="Scoring",
+    ),
+]
+
+
+register_options("rank-check", RankCheckOptions)
 
 
 @app.command("rank-check")
@@ -38,73 +100,37 @@ def rank_check_command(
     source: Annotated[
         str, typer.Argument(metavar="DATA", help="Pair table with predicted rewards, or a long table; - for stdin.")
     ],
-    pred: Annotated[
-        str, typer.Option("--pred", help="Predicted reward field (chosen_<f>/rejected_<f>, or <f>).")
-    ] = C.REWARD,
-    true: Annotated[
-        str | None,
-        typer.Option(
-            "--true",
-            help="True reward field (default 'score'; when that is absent the labels are the reference). "
-            "A field named here must exist.",
-        ),
-    ] = None,
-    long: Annotated[
-        bool, typer.Option("--long", help="Treat DATA as a long table (prompt_id, <pred>, <true>).")
-    ] = False,
-    group_by: Annotated[
-        list[str] | None, typer.Option("--group-by", help="Also split the report by this column.")
-    ] = None,
-    bootstrap: Annotated[
-        int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% interval.")
-    ] = 1000,
-    show_worst: Annotated[int, typer.Option("--show-worst", help="List the K most wrongly ranked pairs.")] = 0,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG figure here.")] = None,
-    min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Fail (exit 1) below this.")] = None,
-    min_kendall: Annotated[float | None, typer.Option("--min-kendall", help="Fail (exit 1) below this.")] = None,
-    min_preservation: Annotated[
-        float | None, typer.Option("--min-preservation", help="Fail (exit 1) below this.")
-    ] = None,
-    memory_responses: Annotated[
-        int,
-        typer.Option(
-            "--memory-responses",
-            help="Hold about this many responses in memory at once (1,000,000: ~0.6 GB peak in all); "
-            "a larger table is partitioned into temporary files.",
-        ),
-    ] = DEFAULT_MEMORY_RESPONSES,
-    temp_dir: Annotated[
-        Path | None, typer.Option("--temp-dir", help="Directory for the temporary files (default: $TMPDIR).")
-    ] = None,
+    pred: PredOption = RankCheckOptions.pred,
+    true: TrueOption = RankCheckOptions.true,
+    long: LongOption = RankCheckOptions.long,
+    group_by: GroupByOption = None,
+    bootstrap: BootstrapOption = RankCheckOptions.bootstrap,
+    show_worst: ShowWorstOption = RankCheckOptions.show_worst,
+    plot: PlotOption = None,
+    min_agreement: MinAgreementOption = RankCheckOptions.min_agreement,
+    min_kendall: MinKendallOption = RankCheckOptions.min_kendall,
+    min_preservation: MinPreservationOption = RankCheckOptions.min_preservation,
+    memory_responses: MemoryResponsesOption = DEFAULT_MEMORY_RESPONSES,
+    temp_dir: TempDirOption = RankCheckOptions.temp_dir,
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
-    seed: SeedOption = C.DEFAULT_SEED,
+    seed: SeedOption = RankCheckOptions.seed,
     chosen_score_col: ChosenScoreColOption = None,
     rejected_score_col: RejectedScoreColOption = None,
     split: SplitOption = None,
     config: ConfigOption = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            help="Score DATA (a pair table) with this reward model first: a fit-reward directory, or a "
-            "sequence-classification model (num_labels=1) directory or cached hub id.",
-            rich_help_panel="Scoring",
-        ),
-    ] = None,
-    device: Annotated[
-        str, typer.Option("--device", help="--model: auto (CUDA when present), cpu or cuda.", rich_help_panel="Scoring")
-    ] = "auto",
+    model: ModelOption = RankCheckOptions.model,
+    device: ScoringDeviceOption = RankCheckOptions.device,
+    batch_size: ScoringBatchSizeOption = RankCheckOptions.batch_size,
+    drop_invalid: ScoringDropInvalidOption = False,
 ) -> None:
     """Pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho of a learned reward."""
     from prefnoise import api
 
     result = api.rank_check(
-        source, pred=pred, true=true, long=long, group_by=group_by, bootstrap=bootstrap, show_worst=show_worst,
-        plot=plot, min_agreement=min_agreement, min_kendall=min_kendall, min_preservation=min_preservation,
-        memory_responses=memory_responses, temp_dir=temp_dir, overwrite=overwrite, seed=seed, model=model,
-        device=device, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col, split=split,
-        config=config, progress_bar=functools.partial(progress, enabled=show_progress(json_output)),
+        source, options_from(RankCheckOptions, locals()), plot=plot,
+        overwrite=overwrite, progress_bar=functools.partial(progress, enabled=show_progress(json_output)),
+        **input_options(locals()),
     )
     if json_output:
         emit_json(result.summary)
@@ -137,8 +163,12 @@ def _metric_rows(metrics: RankMetrics) -> list[tuple[str, str]]:
 
 
 def _print_report(report: RankReport, source: str, failures: list[str]) -> None:
-    # A fixed width off a terminal, so piped and captured reports are not wrapped mid-word.
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    # A fixed width off a terminal, so piped and captured reports are not wrapped mid-word. Under -q the
+    # report is silent and only the failed gates are told, on stderr (the exit code is 1).
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160, quiet=quiet_requested())
+    if quiet_requested():
+        for failure in failures:
+            typer.echo(f"gate failed: {one_line(failure)}", err=True)
     reference = f"true reward '{report.true}'" if report.true else "labels (no true reward found)"
     console.print(
         f"{safe(source)}: {report.layout} table, {report.overall.rows:,} rows, predicted '{safe(report.pred)}' vs "

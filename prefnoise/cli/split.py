@@ -13,6 +13,7 @@ from prefnoise.cli.common import (
     ChosenScoreColOption,
     ConfigOption,
     DropInvalidOption,
+    InputArgument,
     JsonOption,
     LayoutOption,
     OverwriteOption,
@@ -24,23 +25,29 @@ from prefnoise.cli.common import (
     cli_errors,
     console,
     emit_json,
+    input_options,
+    options_from,
+    register_options,
     reports_to_stderr,
 )
+from prefnoise.options import SplitOptions
+
+SplitByOption = Annotated[str, typer.Option("--by", help="prompt (default: no prompt on both sides) or pair.")]
+TestFractionOption = Annotated[float, typer.Option("--test-fraction", help="Share of prompts (or pairs) held out.")]
+
+
+register_options("split", SplitOptions)
 
 
 @app.command("split")
 @cli_errors
 def split_command(
-    source: Annotated[str, typer.Argument(metavar="IN", help="Preference table (any readable format, or -).")],
+    source: InputArgument,
     train_dest: Annotated[str, typer.Argument(metavar="TRAIN", help="Output Parquet file for the training side.")],
     test_dest: Annotated[str, typer.Argument(metavar="TEST", help="Output Parquet file for the held-out side.")],
-    test_fraction: Annotated[
-        float, typer.Option("--test-fraction", help="Share of prompts (or pairs) held out.")
-    ] = 0.2,
-    by: Annotated[
-        str, typer.Option("--by", help="prompt (default: no prompt on both sides) or pair.")
-    ] = "prompt",
-    seed: SeedOption = C.DEFAULT_SEED,
+    test_fraction: TestFractionOption = SplitOptions.test_fraction,
+    by: SplitByOption = SplitOptions.by,
+    seed: SeedOption = SplitOptions.seed,
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
     prompt_col: PromptColOption = C.PROMPT,
@@ -57,10 +64,8 @@ def split_command(
     from prefnoise import api
 
     summary = api.split(
-        source, train_dest, test_dest, test_fraction=test_fraction, by=by, seed=seed, overwrite=overwrite,
-        prompt_col=prompt_col, chosen_col=chosen_col, rejected_col=rejected_col, layout=layout,
-        drop_invalid=drop_invalid, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col,
-        split=split, config=config,
+        source, train_dest, test_dest, options_from(SplitOptions, locals()), overwrite=overwrite,
+        **input_options(locals()),
     ).summary
     data_on_stdout = "-" in (train_dest, test_dest)
     if json_output:

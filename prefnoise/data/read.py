@@ -27,6 +27,7 @@ from prefnoise.data.locate import (
     spool_stdin,
 )
 from prefnoise.data.mapping import ColumnMap, check_column_map, map_score_columns
+from prefnoise.data.nesting import read_json_checked
 from prefnoise.data.provenance import file_fingerprint, read_provenance
 from prefnoise.data.schema import (
     DEFAULT_BATCH_SIZE,
@@ -292,10 +293,9 @@ class PreferenceSource:
         elif self.format == "json":
             options = pa_json.ReadOptions(block_size=32 * 2**20)
             for file in self._files:
-                yield (
-                    str(file) if self.path.is_dir() else self.name,
-                    functools.partial(pa_json.open_json, pa.input_stream(str(file)), read_options=options),
-                )
+                label = str(file) if self.path.is_dir() else self.name
+                # every byte passes the nesting check before the parser, which recurses once per level
+                yield label, functools.partial(read_json_checked, pa.input_stream(str(file)), label, options)
         elif self.format == "csv":
             options = pa_csv.ReadOptions(block_size=32 * 2**20)
             # UTF-8 is checked below (naming the row) instead of turning a bad column into binary
@@ -364,7 +364,11 @@ def open_source(
 ) -> PreferenceSource:
     """Open a Parquet file or shard directory, JSONL(.gz), CSV, saved dataset, hub-layout directory,
     hub dataset id found in the local Hugging Face caches (``split``/``config`` pick one part of
-    those; offline, :mod:`prefnoise.hub`), or ``-`` (stdin)."""
+    those; offline, :mod:`prefnoise.hub`), or ``-`` (stdin).
+
+    Values may nest at most :data:`~prefnoise.data.nesting.MAX_NESTING` (100) levels of lists and
+    objects: a deeper JSON line (or Arrow column) is a one-line PrefnoiseError naming the file and
+    line (or column), raised before a parser recurses into it."""
     return PreferenceSource(
         source,
         columns=columns,

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from polars.exceptions import PanicException
 
+from prefnoise.data.nesting import check_type_depth
 from prefnoise.errors import PrefnoiseError
 
 DEFAULT_BATCH_SIZE = 16_384  # rows per record batch: ~16 MB of text at 1 KB a row keeps memory flat
@@ -82,7 +83,9 @@ def check_shard_schemas(files: list[Path]) -> list[str]:
 
 def check_batch(batch: pa.RecordBatch, label: str, row_offset: int) -> None:
     """PrefnoiseError for the first invalid column of ``batch``: invalid UTF-8 (naming the first
-    row, 1-based, counted from ``row_offset``) or malformed Arrow data."""
+    row, 1-based, counted from ``row_offset``), malformed Arrow data, or values nested deeper than
+    :data:`~prefnoise.data.nesting.MAX_NESTING` levels (which would crash polars)."""
+    check_type_depth(batch.schema, label)
     for index, field_ in enumerate(batch.schema):
         column = batch.column(index)
         try:

@@ -41,7 +41,7 @@ sums), ``agreement`` (pair outcomes, bootstrap), ``tables`` (layout and projecti
 
 from __future__ import annotations
 
-from prefnoise.metrics.agreement import CONFIDENCE, pair_outcome, signed_margin, tie_half_accuracy
+from prefnoise.metrics.agreement import CONFIDENCE, pair_outcome, signed_margin, tie_half_accuracy, tie_half_outcomes
 from prefnoise.metrics.figures import figure_frames
 from prefnoise.metrics.names import LONG_REQUIRED, PROMPT_ID
 from prefnoise.metrics.report import (
@@ -75,4 +75,5 @@ __all__ = [
     "signed_margin",
     "spearman_rho",
     "tie_half_accuracy",
+    "tie_half_outcomes",
 ]

@@ -31,26 +31,33 @@ def pair_outcome(pred_margin: pl.Expr, true_margin: pl.Expr) -> pl.Expr:
     return pl.when(true_margin == 0).then(None).otherwise(agree.otherwise(0.0))
 
 
+def tie_half_outcomes(
+    margin: np.ndarray | Sequence[float], correct_sign: np.ndarray | Sequence[float] | None = None
+) -> np.ndarray:
+    """THE project rule for "accuracy"/"agreement" of margins (chosen minus rejected), per pair: a pair
+    with the right sign counts 1, a predicted tie (margin 0) counts 1/2, a reversed pair 0, and a pair
+    whose reference ties (``correct_sign`` 0) is NaN (left out). ``correct_sign`` (+1/−1 per pair, default
+    +1: the labels) scores against another reference, e.g. −1 for flipped pairs. Same rule as
+    :func:`pair_outcome` (rank-check)."""
+    margin = np.asarray(margin, dtype=np.float64)
+    sign = np.ones(len(margin)) if correct_sign is None else np.sign(np.asarray(correct_sign, dtype=np.float64))
+    signed = margin * sign
+    return np.where(sign == 0, np.nan, (signed > 0) + 0.5 * (signed == 0))
+
+
 def tie_half_accuracy(
     margin: np.ndarray | Sequence[float], correct_sign: np.ndarray | Sequence[float] | None = None
 ) -> float:
-    """THE project rule for "accuracy"/"agreement" of margins (chosen minus rejected): a pair with
-    the right sign counts 1, a predicted tie (margin 0) counts 1/2, a reversed pair 0; pairs whose
-    reference ties (``correct_sign`` 0) are left out. ``correct_sign`` (+1/−1 per pair, default +1:
-    the labels) scores against another reference, e.g. −1 for flipped pairs. NaN when no pair is
-    left. Same rule as :func:`pair_outcome` (rank-check)."""
-    margin = np.asarray(margin, dtype=np.float64)
-    sign = np.ones(len(margin)) if correct_sign is None else np.sign(np.asarray(correct_sign, dtype=np.float64))
-    keep = sign != 0
-    if not keep.any():
-        return float("nan")
-    signed = margin[keep] * sign[keep]
-    return float(((signed > 0) + 0.5 * (signed == 0)).mean())
+    """The mean of :func:`tie_half_outcomes` over the pairs left in; NaN when no pair is left."""
+    outcomes = tie_half_outcomes(margin, correct_sign)
+    kept = outcomes[~np.isnan(outcomes)]
+    return float(kept.mean()) if len(kept) else float("nan")
 
 
 def signed_margin(pred_margin: pl.Expr, true_margin: pl.Expr) -> pl.Expr:
     """Expression: the predicted margin in the direction of the truth (negative = ranked wrong)."""
     return pred_margin * true_margin.sign()
+
 
 def outcome_index(outcome: pl.Series) -> np.ndarray:
     """Each pair outcome as an index into ``OUTCOME_VALUES``: right, predicted tie, wrong, true tie."""
@@ -121,7 +128,6 @@ def _bootstrap_interval(
     alpha = (1 - CONFIDENCE) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
     return float(low), float(high)
-
 
 
 def grow(total: np.ndarray, values: np.ndarray) -> np.ndarray:

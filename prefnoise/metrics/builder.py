@@ -56,7 +56,6 @@ class _SplitCodes:
         return np.array(sorted(range(len(self.labels)), key=lambda code: self.labels[code]), dtype=np.int64)
 
 
-
 class _Progress:
     """Percentage points of a report, stage by stage (each stage has a weight)."""
 
@@ -335,7 +334,6 @@ def _empty_stats(size: int) -> dict[str, np.ndarray]:
     return {name: np.zeros(size) for name in ("n", "n0", "n1", "n2", "n3", "dis", "rho")}
 
 
-
 def first_rows(group: np.ndarray, text: np.ndarray) -> np.ndarray | None:
     """Mask of the rows whose (group, text hash) no earlier row has; None when every row is new
     (checked first with one value sort, much cheaper than the hash-based dedupe)."""
@@ -351,7 +349,6 @@ def first_rows(group: np.ndarray, text: np.ndarray) -> np.ndarray | None:
             return None
     first = keys.is_first_distinct().to_numpy()
     return None if first.all() else first
-
 
 
 def _worst(frame: pl.DataFrame, k: int) -> pl.DataFrame:

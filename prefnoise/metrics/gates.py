@@ -20,8 +20,13 @@ def gate_results(
         ("preservation", metrics.preservation.value, min_preservation),
     ]
     return [
-        {"metric": name, "op": GATE_OP, "threshold": threshold, "value": value,
-         "passed": value is not None and value >= threshold}
+        {
+            "metric": name,
+            "op": GATE_OP,
+            "threshold": threshold,
+            "value": value,
+            "passed": value is not None and value >= threshold,
+        }
         for name, value, threshold in gates
         if threshold is not None
     ]

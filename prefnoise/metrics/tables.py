@@ -43,7 +43,6 @@ def detect_layout(names: Sequence[str], pred: str = C.REWARD, layout: str = "aut
     return layout
 
 
-
 def check_reward_types(schema: pl.Schema, layout: str, pred: str, true: str | None) -> None:
     """PrefnoiseError unless the predicted (and, when present, the true) reward columns hold numbers."""
     flags = [("--pred", pred)] + ([("--true", true)] if true else [])

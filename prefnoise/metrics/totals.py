@@ -132,7 +132,6 @@ class PromptTotals:
             }
 
 
-
 def metrics_per_split(
     rows: np.ndarray,
     agreements: list[Agreement],
@@ -164,7 +163,6 @@ def metrics_per_split(
         )
         for i in range(len(rows))
     ]
-
 
 
 def dense_codes(values: np.ndarray) -> np.ndarray:

@@ -58,7 +58,7 @@ def resolve_model(name: str | Path, what: str = WHAT) -> Path:
     if snapshot is None:
         raise PrefnoiseError(
             f"{what} {text}: not found locally or in the Hugging Face cache ({hub_cache_dir()}); offline: prefnoise "
-            f"never downloads, so fetch it first (huggingface-cli download {text}) or pass a local directory"
+            f"never downloads, so fetch it first (hf download {text}) or pass a local directory"
         )
     return snapshot
 

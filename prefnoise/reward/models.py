@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from prefnoise.errors import PrefnoiseError
 from prefnoise.hf import check_model_dir, first_line, from_pretrained, quiet_transformers, read_safetensors
+from prefnoise.resources import check_mlp_fits
 
 CONFIG_FILE = "reward_config.json"
 WEIGHTS_FILE = "model.safetensors"  # mlp weights; HF models write their own model.safetensors
@@ -52,6 +53,7 @@ class FeatureMLP(nn.Module):
         self, in_dim: int, hidden: int = 256, layers: int = 2, dropout: float = 0.0, output_clip: float | None = 20.0
     ) -> None:
         super().__init__()
+        check_mlp_fits(in_dim, hidden, layers)  # before allocating: an absurd size fails in one line
         blocks: list[nn.Module] = []
         width = in_dim
         for _ in range(layers):

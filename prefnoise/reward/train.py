@@ -831,12 +831,11 @@ def _data_digest(df: pl.DataFrame) -> str:
 def _start_run_dir(run: Path, *, resumed: bool) -> None:
     """Create the output directory a run writes into as it trains (marked as fit-reward's); when not
     resuming, clear what an earlier run left there (its checkpoints and metrics)."""
-    from prefnoise.outputs import check_output_dir, read_marker, write_marker
+    from prefnoise.outputs import check_output_dir, write_marker
 
     check_output_dir(run, command=FIT_REWARD, overwrite=True, resume=True)  # never a foreign directory
     run.mkdir(parents=True, exist_ok=True)
-    if read_marker(run) is None:
-        write_marker(run, FIT_REWARD)
+    write_marker(run, FIT_REWARD)  # lists what is there now (ownership was just checked)
     if not resumed:
         shutil.rmtree(run / CHECKPOINTS_DIR, ignore_errors=True)
         (run / RECORDS_FILE).unlink(missing_ok=True)

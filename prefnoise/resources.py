@@ -1,0 +1,103 @@
+"""Memory estimates made before allocating, so an absurd size fails in one line instead of being killed."""
+
+from __future__ import annotations
+
+import errno
+import resource
+
+from prefnoise.errors import PrefnoiseError
+
+# Training keeps, per float32 parameter, the weight, its gradient and Adam's two moments.
+BYTES_PER_TRAINED_PARAMETER = 16
+
+
+def mlp_parameters(input_dim: int, hidden: int, layers: int) -> int:
+    """Weights and biases of an MLP with ``layers`` hidden layers of width ``hidden`` and one output."""
+    if layers == 0:
+        return input_dim + 1
+    return (input_dim + 1) * hidden + (layers - 1) * (hidden + 1) * hidden + hidden + 1
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: free memory, or the address-space limit (ulimit -v) if lower."""
+    import psutil  # reason: psutil is only needed here, when a model is built
+
+    free = psutil.virtual_memory().available
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        free = min(free, max(0, soft - psutil.Process().memory_info().vms))
+    return free
+
+
+# Loading polars, pyarrow and torch reserves about this much address space (thread stacks, allocator
+# arenas) before any data is read; below it imports crash with a native error, not a Python one.
+MIN_ADDRESS_SPACE = 2 << 30
+
+
+def address_space_problem() -> str | None:
+    """Why the address-space limit (ulimit -v) is too small for prefnoise to load, or None."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or soft >= MIN_ADDRESS_SPACE:
+        return None
+    return (f"the address-space limit (ulimit -v) is {human_bytes(soft)}; prefnoise needs at least "
+            f"{human_bytes(MIN_ADDRESS_SPACE)} to load its libraries (they reserve address space for threads); "
+            "raise the limit, or limit resident memory instead (a cgroup, systemd-run -p MemoryMax=)")
+
+
+def human_bytes(count: float) -> str:
+    """``count`` bytes in the largest fitting unit: ``6.4 TB``."""
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if count < 1000 or unit == "PB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} PB"
+
+
+def check_fits_in_memory(needed: int, what: str, advice: str) -> None:
+    """PrefnoiseError (exit 2) with the estimate when ``needed`` bytes exceed what this process may allocate."""
+    free = available_memory()
+    if needed > free:
+        raise PrefnoiseError(
+            f"{what} needs about {human_bytes(needed)} of memory to train, and {human_bytes(free)} is available; "
+            + advice
+        )
+
+
+def check_mlp_fits(input_dim: int, hidden: int, layers: int) -> None:
+    """Refuse, with the estimate, an MLP reward model whose training state cannot fit in memory."""
+    parameters = mlp_parameters(input_dim, hidden, layers)
+    check_fits_in_memory(
+        parameters * BYTES_PER_TRAINED_PARAMETER,
+        f"an MLP of {layers} layers of width {hidden} on {input_dim} features ({parameters:,} parameters)",
+        "lower --hidden or --layers",
+    )
+
+
+_OUT_OF_MEMORY = ("can't start new thread", "could not spawn threads", "can't allocate memory",
+                  "Cannot allocate memory", "out of memory", "std::bad_alloc", "failed to allocate")
+_FILE_TOO_LARGE = ("File too large", "[errno 27]", "os error 27")
+
+
+def _limit(kind: int, shell: str) -> str:
+    soft, _ = resource.getrlimit(kind)
+    if soft == resource.RLIM_INFINITY:
+        return ""
+    unit = 1024 if kind == resource.RLIMIT_AS else 1
+    return f"; the limit ({shell}) is {human_bytes(soft)} ({soft // unit} {'KB' if unit > 1 else 'bytes'})"
+
+
+def resource_limit_message(error: BaseException) -> str | None:
+    """One line for a failure caused by a resource limit (memory, threads, file size), else None."""
+    text = f"{error}"
+    code = getattr(error, "errno", None)
+    if isinstance(error, MemoryError) or code == errno.ENOMEM or any(s in text for s in _OUT_OF_MEMORY):
+        reason = text.splitlines()[0][:200] if text.strip() else type(error).__name__
+        return (f"out of memory ({reason}){_limit(resource.RLIMIT_AS, 'ulimit -v')}; "
+                "lower the sizes (--batch-size, --hidden, ...) or free memory")
+    fsize, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    torch_writer = fsize != resource.RLIM_INFINITY and ("inline_container" in text or "unexpected pos" in text)
+    if code == errno.EFBIG or any(s in text for s in _FILE_TOO_LARGE) or torch_writer:
+        where = f"{error.filename}: " if getattr(error, "filename", None) else ""
+        return (f"{where}a file grew past the file-size limit while being written"
+                f"{_limit(resource.RLIMIT_FSIZE, 'ulimit -f')}; raise the limit or write less")
+    return None
