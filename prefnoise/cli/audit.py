@@ -33,6 +33,7 @@ from prefnoise.cli.common import (
     console,
     emit_json,
     progress,
+    register_options,
     reports_to_stderr,
     safe,
     show_progress,
@@ -40,6 +41,7 @@ from prefnoise.cli.common import (
 from prefnoise.errors import PrefnoiseError
 from prefnoise.options.audit import AuditOptions
 
+register_options("audit", AuditOptions)
 
 @app.command("audit")
 @cli_errors
