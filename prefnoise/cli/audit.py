@@ -330,7 +330,9 @@ def _print_suspects(report: dict) -> None:
         console.print(f"{report['suspects_above_threshold']:,} pairs have suspicion above {report['threshold']}")
     if report["most_suspect"]:
         table = Table(title="most suspect pairs", title_justify="left")
-        shown = [c for c in report["most_suspect"][0] if any(row[c] is not None for row in report["most_suspect"])]
+        shown = list(report["most_suspect"][0])
+        if report.get("method") == "annotators":  # no margins: the contract's null oof_margin is not shown
+            shown.remove("oof_margin")
         for column in shown:
             table.add_column(column, justify="right" if column in ("oof_margin", "suspicion") else "left")
         for row in report["most_suspect"]:
