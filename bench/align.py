@@ -39,8 +39,8 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefnoise.align import AlignConfig, epoch_permutation, train  # noqa: E402
 from prefnoise.experiments.tiny_lm import EOS, make_tiny_causal_lm, pattern_pairs, pattern_texts  # noqa: E402
+from prefnoise.policy import AlignConfig, epoch_permutation, train  # noqa: E402
 
 
 def robustness(args: argparse.Namespace) -> None:

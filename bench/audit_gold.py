@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-PANDALM = Path("/work/shared/data/real/pandalm-dev.jsonl.gz")
+# ../shared/data/real beside the checkout, as bench/shared_data.py (inline: tests import this as bench.audit_gold)
+PANDALM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "pandalm-dev.jsonl.gz"
 CACHE = Path(__file__).parent / "data" / "pandalm-dev-oof.csv"
 VOTE = {0: "tie"}  # a human's vote, oriented to the judge's chosen below
 

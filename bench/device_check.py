@@ -10,7 +10,7 @@ exactly the token count it was given); the lengths of prompt, chosen and rejecte
 from ``bench/data/ultrafeedback_lengths.json``: the GPT-2 BPE token counts of the 1,000 UltraFeedback
 train pairs, then truncated by align as any run is (--max-length 1024, --max-prompt-length 512).
 
-Throughput is prefnoise's own loop: ``prefnoise.align.train`` (the function ``prefnoise align``
+Throughput is prefnoise's own loop: ``prefnoise.policy.train`` (the function ``prefnoise align``
 calls), bf16 autocast on CUDA, logging every step; the clock runs from the end of the last warm-up
 step to the end of the last step (``on_log`` timestamps). Tokens per step are counted from the
 batches that loop feeds (``align.prepare`` + ``batch_rows`` + ``collate_pairs``, the functions the
@@ -159,7 +159,7 @@ def make_frame(rows: int, seed: int):
 
 
 class TokenCounter:
-    """Wraps ``prefnoise.align.pair_logps`` (the loop's forward on a collated chosen+rejected batch)
+    """Wraps ``prefnoise.policy.trainer.pair_logps`` (the loop's forward on a collated chosen+rejected batch)
     to record each batch's real-token count per sequence and its padded size, without a device sync;
     ``close_step`` (called from ``on_log``) files the batches seen since the last step."""
 
@@ -213,7 +213,7 @@ def throughput(args, work: Path) -> dict:
     """Train ``args.warmup + args.steps`` steps of align and measure the steps after the warm-up."""
     import torch
 
-    from prefnoise import align
+    from prefnoise.policy import trainer as align
 
     shape = dict(TINY if args.tiny else FULL)
     max_length = args.max_length or (64 if args.tiny else 1024)

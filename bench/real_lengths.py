@@ -93,7 +93,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from prefnoise.logprobs import truncate_pair
+    from prefnoise.policy.logprobs import truncate_pair
 
     tok = tokenizer_of()
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def child(args: argparse.Namespace) -> None:
     result: dict = {"run": args.child}
     if args.child.startswith("prefnoise"):
         from prefnoise import logprobs
-        from prefnoise.align import AlignConfig, train
+        from prefnoise.policy import AlignConfig, train
 
         if args.child.endswith("fullhead"):  # logits at every position, as before logits_to_keep was used
             logprobs._keeps_logits_by_mask = lambda model: False
@@ -170,7 +170,7 @@ def child(args: argparse.Namespace) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import DPOConfig, DPOTrainer
 
-        from prefnoise.align import epoch_permutation
+        from prefnoise.policy import epoch_permutation
 
         tok = AutoTokenizer.from_pretrained(lm)
         best = args.child == "trl-best"

@@ -69,7 +69,8 @@ SMALL_PROBE = "prefnoise-smallprobe"
 
 def prefnoise_ids(lm: Path, frame, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
     """(chosen, rejected) token ids as fit_reward_model builds them (its tokenizer, its encode_pairs)."""
-    from prefnoise.reward.models import _load_tokenizer, encode_pairs
+    from prefnoise.reward.tokens import encode_pairs
+    from prefnoise.reward.tokens import load_tokenizer as _load_tokenizer
 
     tok = _load_tokenizer(lm, "--model")
     prompts = frame["prompt"].to_list()
@@ -135,8 +136,8 @@ def child(args: argparse.Namespace) -> None:
     max_length = args.cap + 32
     result: dict = {"run": args.child}
     if args.child.startswith("prefnoise"):
+        from prefnoise.reward import fit_reward_model
         from prefnoise.reward import train as reward_train
-        from prefnoise.reward.train import fit_reward_model
 
         probe = {"seconds": 0.0}  # the end-of-epoch finite-reward probe (no-grad, <= 32 rows): timed apart
         pair_rewards = reward_train._pair_rewards

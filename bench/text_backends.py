@@ -35,7 +35,8 @@ from prefnoise.data import read_table
 from prefnoise.metrics import pairwise_agreement
 from prefnoise.noise import NoiseSpec, corrupt_frame
 from prefnoise.reward import fit_reward_model, score_table
-from prefnoise.reward.train import build_reward_model, save_reward_model
+from prefnoise.reward.fitting import save_reward_model
+from prefnoise.reward.task import build_reward_model
 
 REAL = REAL_DATA
 TRAIN_FILES = ("ultrafeedback-binarized-trl-train1000.jsonl.gz", "ultrafeedback-binarized-cleaned-1k.jsonl.gz")

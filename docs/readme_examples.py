@@ -92,6 +92,8 @@ def parse_blocks(lines: list[str]) -> list[Block]:
         end = lines.index("```", index + 1)
         block = Block(index, end, flag)
         body = lines[index + 1 : end]
+        if any(line.startswith("```") for line in body):  # a block left open swallows the next one
+            raise ValueError(f"line {index + 1}: a ```console block is not closed before the next fence")
         position = 0
         if flag == "setup-output":
             block.outputs.append("\n".join(body))

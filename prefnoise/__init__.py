@@ -33,6 +33,7 @@ _EXPORTS = {
         "corrupt",
         "split",
         "fit_reward",
+        "align",
         "score",
         "rank_check",
         "ComparisonResult",
@@ -73,11 +74,9 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-# ``pn.align(...)`` shares its name with the module prefnoise.align, which Python binds on this package
-# whenever it is imported. So that module is made callable: calling it runs prefnoise.api.align, while
-# its other attributes stay the module's. (``pn.audit`` is a plain function: the audit library is
-# prefnoise.noise_audit.)
-_CALLABLE_MODULES = ("align",)
+# ``pn.audit`` and ``pn.align`` are plain functions: the audit library is prefnoise.noise_audit and the
+# policy trainer prefnoise.policy, so no module shares their names (the callable-module shim below is inert).
+_CALLABLE_MODULES: tuple[str, ...] = ()  # none left: the policy trainer is prefnoise.policy
 
 
 class _CallableModule(types.ModuleType):
@@ -89,7 +88,7 @@ class _CallableModule(types.ModuleType):
 
 
 class _Package(types.ModuleType):
-    """This package: makes prefnoise.align callable as the import system binds it."""
+    """This package: makes the modules named in _CALLABLE_MODULES callable as the import system binds them."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _CALLABLE_MODULES and type(value) is types.ModuleType:

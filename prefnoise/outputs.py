@@ -267,9 +267,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _walk(directory: Path) -> Iterable[tuple[str, Path]]:
-    """(relative posix path, path) of every file and link under ``directory``, links not followed."""
-    for root, dirs, files in os.walk(directory, followlinks=False):
+def _walk(directory: Path, unreadable: list[str] | None = None) -> Iterable[tuple[str, Path]]:
+    """(relative posix path, path) of every file and link under ``directory``, links not followed;
+    sub-directories that cannot be listed are appended to ``unreadable``."""
+
+    def note(error: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append(Path(error.filename).relative_to(directory).as_posix())
+
+    for root, dirs, files in os.walk(directory, followlinks=False, onerror=note):
         here = Path(root)
         for name in files + [d for d in dirs if (here / d).is_symlink()]:
             path = here / name
@@ -336,8 +342,9 @@ def manifest_problems(directory: str | Path, marker: dict[str, Any] | None = Non
     if not isinstance(listed, dict):
         return [f"{MARKER} lists no files (made by hand, or by an earlier prefnoise version)"]
     live = marker.get("live") is True
-    problems = []
-    for rel, path in _walk(directory):
+    problems: list[str] = []
+    unreadable: list[str] = []
+    for rel, path in _walk(directory, unreadable):
         if rel == MARKER or (live and _run_owned(rel)):
             continue
         entry = listed.get(rel)
@@ -345,7 +352,7 @@ def manifest_problems(directory: str | Path, marker: dict[str, Any] | None = Non
             problems.append(f"{rel} (not written by prefnoise)")
         elif _differs(path, entry):
             problems.append(f"{rel} (changed since prefnoise wrote it)")
-    return problems
+    return problems + [f"{rel} (cannot be listed)" for rel in unreadable if not (live and _run_owned(rel))]
 
 
 def _differs(path: Path, entry: dict[str, Any]) -> bool:

@@ -2,8 +2,9 @@
 
 Noise is keyed by pair_id, so every row of one id flips together. That is right for a pair repeated
 verbatim (or in the other orientation), and silently wrong when unrelated pairs share an id. The
-check keeps 16 bytes per row (two 64-bit hashes); names and rows of a conflict are found by reading
-the input again, only when there is one.
+check keeps 8 bytes per row (a 64-bit hash of its id); only when some id occurs more than once is the
+input read again, to compare the content of those rows (and name the rows of a conflict). Hashing
+every row's text on the way would cost more than the rest of ``corrupt`` together.
 """
 
 from __future__ import annotations
@@ -34,34 +35,47 @@ def _content_hash(frame: pl.DataFrame) -> np.ndarray:
 class PairIdCheck:
     """Watches canonical batches go by and, after the last, raises if a pair_id is shared by different pairs.
 
-    ``reread`` yields the same batches again; it is called only to name the culprit.
+    ``reread`` yields the same batches again; it is called only when some pair_id occurs more than once.
     """
 
     def __init__(self, name: str, reread: Callable[[], Iterable[pl.DataFrame]]) -> None:
         self.name = name
         self.reread = reread
         self._ids: list[np.ndarray] = []
-        self._contents: list[np.ndarray] = []
 
     def watch(self, batches: Iterable[pl.DataFrame]) -> Iterator[pl.DataFrame]:
-        """Pass ``batches`` through unchanged, remembering each row's id and content hash; after the
-        last batch raise PrefnoiseError on a conflict (so a writer consuming them never commits)."""
+        """Pass ``batches`` through unchanged, remembering each row's id hash; after the last batch
+        raise PrefnoiseError on a conflict (so a writer consuming them never commits)."""
         for frame in batches:
             self._ids.append(frame[C.PAIR_ID].hash(_SEED).to_numpy().astype(np.uint64))
-            self._contents.append(_content_hash(frame))
             yield frame
         self.raise_if_conflicts()
 
-    def conflicting_id_hashes(self) -> np.ndarray:
-        """Hashes of the pair_ids that occur with more than one content (sorted)."""
+    def repeated_id_hashes(self) -> np.ndarray:
+        """Hashes of the pair_ids seen more than once (sorted): the only ones that can conflict."""
         if not self._ids:
             return np.zeros(0, dtype=np.uint64)
-        ids, contents = np.concatenate(self._ids), np.concatenate(self._contents)
-        order = np.lexsort((contents, ids))
-        ids, contents = ids[order], contents[order]
-        same_id = ids[1:] == ids[:-1]
-        differs = same_id & (contents[1:] != contents[:-1])
-        return np.unique(ids[1:][differs])
+        ids = np.sort(np.concatenate(self._ids))
+        return np.unique(ids[1:][ids[1:] == ids[:-1]])
+
+    def conflicting_id_hashes(self) -> np.ndarray:
+        """Hashes of the pair_ids that occur with more than one content (sorted); reads the input
+        again when an id repeats."""
+        repeated = self.repeated_id_hashes()
+        if repeated.size == 0:
+            return repeated
+        ids, contents = [], []
+        for frame in self.reread():
+            id_hashes = frame[C.PAIR_ID].hash(_SEED).to_numpy().astype(np.uint64)
+            hit = np.isin(id_hashes, repeated)
+            if hit.any():
+                ids.append(id_hashes[hit])
+                contents.append(_content_hash(frame.filter(pl.Series(hit))))
+        ids_all, contents_all = np.concatenate(ids), np.concatenate(contents)
+        order = np.lexsort((contents_all, ids_all))
+        ids_all, contents_all = ids_all[order], contents_all[order]
+        differs = (ids_all[1:] == ids_all[:-1]) & (contents_all[1:] != contents_all[:-1])
+        return np.unique(ids_all[1:][differs])
 
     def raise_if_conflicts(self) -> None:
         """PrefnoiseError naming the first shared pair_id and two of its rows, if there is one."""

@@ -98,6 +98,6 @@ def resource_limit_message(error: BaseException) -> str | None:
     torch_writer = fsize != resource.RLIM_INFINITY and ("inline_container" in text or "unexpected pos" in text)
     if code == errno.EFBIG or any(s in text for s in _FILE_TOO_LARGE) or torch_writer:
         where = f"{error.filename}: " if getattr(error, "filename", None) else ""
-        return (f"{where}a file grew past the file-size limit while being written"
+        return (f"{where}file too large: it grew past the file-size limit while being written"
                 f"{_limit(resource.RLIMIT_FSIZE, 'ulimit -f')}; raise the limit or write less")
     return None

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from tiny_models import make_tiny_causal_lm, pattern_pairs, pattern_texts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import prefnoise.align as align_module
-from prefnoise.align import AlignConfig, learning_rate, loss_of, response_tokens, reward_accuracy, train
-from prefnoise.logprobs import (
+import prefnoise.policy.reference as reference_module
+from prefnoise.policy import AlignConfig, learning_rate, loss_of, response_tokens, reward_accuracy, train
+from prefnoise.policy.logprobs import (
     REF_CHOSEN,
     TokenizeSettings,
     collate_pairs,
@@ -100,7 +100,7 @@ def test_loss_of_one_batch_matches_hand_computation(lm_path, reference_path, tmp
 def test_learning_rate_schedules_and_reward_accuracy_by_hand(lm_path, tmp_path):
     cfg = config(lm_path, tmp_path, lr=1.0, warmup_steps=3, schedule="linear")
     assert [learning_rate(s, 13, cfg) for s in (0, 2, 3, 8)] == pytest.approx([0.25, 0.75, 1.0, 0.5])
-    cfg.schedule = "cosine"
+    cfg = cfg.replace(schedule="cosine")  # a frozen options object: a checked copy
     assert learning_rate(8, 13, cfg) == pytest.approx(0.5) and learning_rate(3, 13, cfg) == 1.0
     z = torch.tensor([1.0, -2.0, 0.0, 3.0])
     assert reward_accuracy(z) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
@@ -139,7 +139,7 @@ def test_second_run_reuses_reference_cache_and_skips_the_pass(lm_path, tmp_path,
     def no_pass(*args, **kwargs):
         raise AssertionError("the reference pass ran although the cache was valid")
 
-    monkeypatch.setattr(align_module, "reference_logps", no_pass)
+    monkeypatch.setattr(reference_module, "reference_logps", no_pass)
     second = train(config(lm_path, tmp_path / "run", max_steps=1, loss="dpo"), frame)
     assert second["ref_cache_hit"]
     shared = tmp_path / "shared-cache.parquet"
@@ -198,11 +198,11 @@ def test_lora_reference_is_the_base_model_and_saves_merged_or_adapter(lm_path, t
 
 
 def test_max_prompt_length_defaults_to_half_of_a_short_max_length():
-    from prefnoise.align import AlignConfig, check_config
+    from prefnoise.options.align import AlignConfig
 
     where = {"model": "m", "out": "o"}
     assert AlignConfig(**where).max_prompt_length == 256  # the default for the default --max-length 512
     short = AlignConfig(**where, max_length=256)
     assert short.max_prompt_length == 128
-    check_config(short)  # a shorter --max-length alone is a valid configuration
+    assert short.max_length == 256  # a shorter --max-length alone is a valid configuration
     assert AlignConfig(**where, max_length=256, max_prompt_length=200).max_prompt_length == 200

@@ -13,12 +13,12 @@ from tiny_models import make_tiny_causal_lm, pattern_pairs, pattern_texts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import chat_template_utils
 
-import prefnoise.align as align_module
-import prefnoise.logprobs as logprobs
+import prefnoise.policy.logprobs as logprobs
+import prefnoise.policy.plan as plan_module
 from prefnoise import columns as C
-from prefnoise.align import AlignConfig, assemble_reference, check_pair_ids, prepare, train
 from prefnoise.errors import PrefnoiseError
-from prefnoise.logprobs import (
+from prefnoise.policy import AlignConfig, assemble_reference, check_pair_ids, prepare, train
+from prefnoise.policy.logprobs import (
     REF_CHOSEN,
     REF_REJECTED,
     TokenizeSettings,
@@ -158,7 +158,7 @@ class Clock(datetime.datetime):
 def clock(monkeypatch):
     monkeypatch.setattr(chat_template_utils, "datetime", Clock)
     monkeypatch.setattr(Clock, "day", datetime.datetime(2024, 7, 26, 23, 59))
-    monkeypatch.setattr(align_module, "today", lambda: Clock.day.strftime(logprobs.CHAT_DATE_FORMAT))
+    monkeypatch.setattr(plan_module, "today", lambda: Clock.day.strftime(logprobs.CHAT_DATE_FORMAT))
     return Clock
 
 

@@ -265,7 +265,7 @@ def test_every_subcommand_has_a_call_with_the_clis_option_names():
         if name == "align":  # its training options are AlignConfig's fields, passed as keywords
             from dataclasses import fields
 
-            from prefnoise.align import AlignConfig
+            from prefnoise.options.align import AlignConfig
 
             accepted |= {f.name for f in fields(AlignConfig)}
         missing = options - accepted

@@ -11,7 +11,6 @@ import torch
 from tiny_models import pattern_pairs
 from typer.testing import CliRunner
 
-from prefnoise.align import AlignConfig, batch_schedule, check_config, step_rows
 from prefnoise.batching import (
     BatchSchedule,
     budget_batches,
@@ -25,6 +24,8 @@ from prefnoise.batching import (
 )
 from prefnoise.cli import app
 from prefnoise.errors import PrefnoiseError
+from prefnoise.policy import AlignConfig, batch_schedule, step_rows
+from tests.option_helpers import option_error
 
 SMALL = ["--max-length", "32", "--max-prompt-length", "16", "--lr", "1e-3", "--device", "cpu"]
 
@@ -140,17 +141,17 @@ def test_step_divisors_give_the_mean_per_pair_loss_over_the_step():
 
 
 def test_align_options_are_checked():
-    check_config(AlignConfig(model="m", out="o", max_tokens_per_batch=2048))
-    with pytest.raises(PrefnoiseError, match="--batching must be one of exact, group"):
-        check_config(AlignConfig(model="m", out="o", batching="sorted"))
-    with pytest.raises(PrefnoiseError, match="--max-tokens-per-batch needs --batching group"):
-        check_config(AlignConfig(model="m", out="o", batching="exact", max_tokens_per_batch=2048))
-    with pytest.raises(PrefnoiseError, match="--max-tokens-per-batch must be >= 1"):
-        check_config(AlignConfig(model="m", out="o", max_tokens_per_batch=0))
+    AlignConfig(model="m", out="o", max_tokens_per_batch=2048)
+    with option_error("^--batching must be one of exact, group", "^batching= must be one of exact, group"):
+        AlignConfig(model="m", out="o", batching="sorted")
+    with option_error("^--max-tokens-per-batch needs --batching group", "^max_tokens_per_batch= needs batching="):
+        AlignConfig(model="m", out="o", batching="exact", max_tokens_per_batch=2048)
+    with option_error("^--max-tokens-per-batch must be >= 1", "^max_tokens_per_batch= must be >= 1"):
+        AlignConfig(model="m", out="o", max_tokens_per_batch=0)
 
 
 def test_align_schedule_uses_pair_widths():
-    from prefnoise.logprobs import TokenizedPairs, TokenizeSettings
+    from prefnoise.policy.logprobs import TokenizedPairs, TokenizeSettings
 
     pairs = TokenizedPairs(["a", "b"], [[1, 2], [1]], [[3], [4, 5, 6]], [[7, 8, 9], [0]], 0,
                            TokenizeSettings(32, 16, False))
@@ -195,7 +196,7 @@ def test_logits_only_at_scored_positions_equal_the_full_head(lm_path, monkeypatc
     the sums equal those of the full-width head, right or left padded, and gradients flow."""
     from transformers import AutoModelForCausalLM
 
-    from prefnoise import logprobs
+    from prefnoise.policy import logprobs
 
     model = AutoModelForCausalLM.from_pretrained(lm_path)
     assert logprobs._keeps_logits_by_mask(model)
@@ -216,8 +217,10 @@ def test_logits_only_at_scored_positions_equal_the_full_head(lm_path, monkeypatc
 
 
 def test_reward_scoring_in_length_order_gives_the_same_rewards(lm_path):
-    from prefnoise.reward.models import new_transformer
-    from prefnoise.reward.train import _pair_rewards, _prepare_sides, _runtime
+    from prefnoise.reward.scoring import pair_rewards as _pair_rewards
+    from prefnoise.reward.scoring import prepare_sides as _prepare_sides
+    from prefnoise.reward.scoring import scoring_runtime as _runtime
+    from prefnoise.reward.transformer import new_transformer
 
     frame = pattern_pairs(12, seed=1)
     frame = frame.with_columns(chosen=pl.Series([c + " yes" * (i % 5) for i, c in enumerate(frame["chosen"])]))
@@ -237,7 +240,7 @@ def test_a_checkpoint_from_before_batching_options_resumes_only_in_exact_mode(tm
     """Checkpoints written before --batching existed ran the exact order: they resume with exact."""
     from dataclasses import asdict
 
-    from prefnoise.align import check_resumable
+    from prefnoise.policy import check_resumable
 
     old = {k: v for k, v in asdict(AlignConfig(model="m", out="o")).items()
            if k not in ("batching", "max_tokens_per_batch")}

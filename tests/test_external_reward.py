@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from prefnoise import columns as C
-from prefnoise.reward.models import encode_pairs
+from prefnoise.reward.tokens import encode_pairs
 from tests.cli_helpers import assert_nothing_written, assert_one_line_error, invoke
 from tests.tiny_models import make_tiny_causal_lm, pattern_pairs, pattern_texts
 

@@ -22,8 +22,15 @@ import pytest
 import torch
 
 from prefnoise import columns as C
-from prefnoise.align import AlignConfig, loss_of, response_tokens, train
-from prefnoise.logprobs import REF_CHOSEN, REF_REJECTED, TokenizeSettings, collate_pairs, pair_logps, tokenize_pairs
+from prefnoise.policy import AlignConfig, loss_of, response_tokens, train
+from prefnoise.policy.logprobs import (
+    REF_CHOSEN,
+    REF_REJECTED,
+    TokenizeSettings,
+    collate_pairs,
+    pair_logps,
+    tokenize_pairs,
+)
 from tests.tiny_models import make_tiny_causal_lm, pattern_pairs, pattern_texts
 
 pytestmark = [
@@ -108,7 +115,7 @@ def test_reward_model_fits_and_scores_on_cuda():
 def test_align_on_cuda_writes_and_reuses_the_reference_cache(lm_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefnoise.logprobs import reference_logps
+    from prefnoise.policy.logprobs import reference_logps
 
     frame = pattern_pairs(24, seed=5)
     base = dict(model=str(lm_path), lr=1e-3, batch_size=8, max_steps=2, max_length=32, max_prompt_length=16,

@@ -61,6 +61,8 @@ def outputs(tmp_path_factory, lm_path) -> dict[str, dict]:
                                        "--losses", "sigmoid", "--noise", "symmetric", "--device", "cpu"),
         "reproduce alignment": payload("reproduce", "alignment", "--out", tmp / "ra", "--quick", "--seeds", "1",
                                        "--epochs", "1", "--pairs", "40", "--no-asymmetric"),
+        "reproduce data": payload("reproduce", data, "--out", tmp / "rd", "--losses", "sigmoid", "--rates", "0",
+                                  "--seeds", "1", "--epochs", "1", "--bootstrap", "20"),
     }
     got["paths"] = {"data": str(data), "noisy": str(noisy), "train": str(train), "test": str(test), "tmp": str(tmp)}
     return got
@@ -81,7 +83,7 @@ def test_every_schema_is_a_valid_draft_2020_12_schema():
 @pytest.mark.parametrize(
     "name",
     ["corrupt", "split", "fit-reward", "score", "rank-check", "audit", "inspect", "align", "align --dry-run",
-     "reproduce synthetic", "reproduce alignment"],
+     "reproduce synthetic", "reproduce alignment", "reproduce data"],
 )
 def test_every_commands_json_validates_against_its_schema(outputs, name):
     document = outputs[name]
@@ -108,6 +110,7 @@ def test_one_name_for_the_input_and_the_output(outputs):
     assert outputs["align --dry-run"]["input"] == lm_pairs and outputs["align --dry-run"]["dry_run"] is True
     assert outputs["reproduce synthetic"]["output"] == str(tmp / "rs")
     assert outputs["reproduce alignment"]["output"] == str(tmp / "ra")
+    assert (outputs["reproduce data"]["input"], outputs["reproduce data"]["output"]) == (paths["data"], str(tmp / "rd"))
 
 
 def test_rank_check_gates_are_objects_with_the_metric_value(outputs):

@@ -11,7 +11,7 @@ from tiny_models import make_tiny_causal_lm, pattern_pairs, pattern_texts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefnoise.errors import PrefnoiseError
-from prefnoise.logprobs import (
+from prefnoise.policy.logprobs import (
     REF_CHOSEN,
     REF_REJECTED,
     TokenizeSettings,

@@ -12,14 +12,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from prefnoise.align import AlignConfig, check_config, response_tokens
 from prefnoise.cli import app
 from prefnoise.data import write_table
 from prefnoise.errors import PrefnoiseError
-from prefnoise.logprobs import TokenizedPairs, TokenizeSettings, collate_pairs
 from prefnoise.losses import drdpo_loss, margin_loss, policy_objective, preference_loss
 from prefnoise.noise import NoiseSpec, corrupt_frame
+from prefnoise.policy import AlignConfig, response_tokens
+from prefnoise.policy.logprobs import TokenizedPairs, TokenizeSettings, collate_pairs
 from prefnoise.reward.synthetic import feature_pairs
+from tests.option_helpers import option_error
 from tests.tiny_models import pattern_pairs
 
 runner = CliRunner()
@@ -120,9 +121,9 @@ def test_library_cdpo_rdpo_need_a_rate():
         preference_loss("cdpo", *logps)
     with pytest.raises(PrefnoiseError, match="noise_rate"):
         preference_loss("rdpo", *logps)
-    with pytest.raises(PrefnoiseError, match="--noise-rate"):
-        check_config(AlignConfig(model="m", out="o", loss="rdpo"))
-    check_config(AlignConfig(model="m", out="o", loss="rdpo", noise_rate=0.0))  # an explicit 0 is fine
+    with option_error("^--loss rdpo needs --noise-rate", "^loss='rdpo' needs noise_rate="):
+        AlignConfig(model="m", out="o", loss="rdpo")
+    AlignConfig(model="m", out="o", loss="rdpo", noise_rate=0.0)  # an explicit 0 is fine
 
 
 @pytest.mark.parametrize(("loss", "flag"), [("cdpo", "--label-smoothing"), ("rdpo", "--noise-rate")])

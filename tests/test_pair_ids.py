@@ -60,3 +60,19 @@ def test_corrupt_refuses_shared_ids_and_writes_nothing(tmp_path):
     assert result.exit_code == 2
     assert "pair_id 'same' is shared by rows with different content (data rows 1 and 2" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dup.parquet"]
+
+
+def test_the_input_is_read_again_only_when_an_id_repeats():
+    unique = frames([("a", "p", "x", "y"), ("b", "q", "x", "y"), ("c", "r", "x", "y")])
+
+    def never():
+        raise AssertionError("read again although every id is unique")
+
+    check = PairIdCheck("t", reread=never)
+    assert sum(frame.height for frame in check.watch(iter(unique))) == 3
+    assert check.repeated_id_hashes().size == 0
+    repeated = frames([("a", "p", "x", "y"), ("b", "q", "x", "y"), ("a", "p", "y", "x")])
+    reads = []
+    check = PairIdCheck("t", reread=lambda: reads.append(1) or iter(repeated))
+    assert sum(frame.height for frame in check.watch(iter(repeated))) == 3
+    assert reads == [1] and check.repeated_id_hashes().size == 1  # 'a' twice, the same pair both times

@@ -39,6 +39,18 @@ def test_parse_splits_commands_outputs_and_continuations() -> None:
     assert block.outputs == ["Error: bad", "1\n2", "0"]
 
 
+def test_a_console_block_left_open_is_an_error() -> None:
+    lines = ["```console", "$ echo 1", "1", "", "Text.", "", "```console", "$ echo 2", "2", "```"]
+    with pytest.raises(ValueError, match="line 1: a ```console block is not closed"):
+        examples.parse_blocks(lines)
+
+
+def test_every_page_parses() -> None:
+    for page in examples.pages():
+        blocks = examples.parse_blocks(page.read_text().split("\n"))
+        assert all(block.commands or block.flag in {"setup-output", "slow"} for block in blocks), page.name
+
+
 def test_comparison_masks_only_what_a_rerun_changes() -> None:
     shown = examples.normalise('400 rows → out/x.parquet in 0.05 s (8,654 rows/s) {"seconds": 0.052}')
     rerun = examples.normalise('400 rows → out/x.parquet in 1.30 s (2,001 rows/s) {"seconds": 1.3}')

@@ -20,9 +20,10 @@ from prefnoise.reward import (
     score_table,
     split_by_pair_id,
 )
-from prefnoise.reward.models import new_transformer
 from prefnoise.reward.synthetic import feature_pairs
+from prefnoise.reward.transformer import new_transformer
 from tests.conftest import make_pairs
+from tests.option_helpers import option_error
 from tests.tiny_models import make_tiny_causal_lm, make_tiny_encoder
 
 # --- splits ------------------------------------------------------------------------------------
@@ -164,19 +165,19 @@ def test_seed_reproducible(noisy_features):
 
 
 def test_fit_errors(noisy_features):
-    with pytest.raises(PrefnoiseError, match="unknown loss"):
+    with option_error("unknown --loss 'nope'", "unknown loss='nope'"):
         fit_reward_model(noisy_features, loss="nope")
-    with pytest.raises(PrefnoiseError, match="--loss sigmoid does not use --eps"):
+    with option_error("^--loss sigmoid does not use --eps", "^loss='sigmoid' does not use eps="):
         fit_reward_model(noisy_features, loss="sigmoid", loss_params={"eps": 0.1})
-    with pytest.raises(PrefnoiseError, match="eps must be in"):
+    with option_error(r"^--eps must be in \[0, 0.5\)", r"^eps= must be in \[0, 0.5\)"):
         fit_reward_model(noisy_features, loss="rdpo", loss_params={"eps": 0.6})
-    with pytest.raises(PrefnoiseError, match="--loss cdpo needs --eps"):  # no silent default ε
+    with option_error("^--loss cdpo needs --eps", "^loss='cdpo' needs eps="):  # no silent default ε
         fit_reward_model(noisy_features, loss="cdpo")
-    with pytest.raises(PrefnoiseError, match="--epochs must be >= 1"):
+    with option_error("^--epochs must be >= 1", "^epochs= must be >= 1"):
         fit_reward_model(noisy_features, epochs=0)
     with pytest.raises(PrefnoiseError, match="needs chosen_features"):
         fit_reward_model(noisy_features.drop(C.chosen(C.FEATURES)))
-    with pytest.raises(PrefnoiseError, match="--device must be"):
+    with option_error("^--device must be", "^device= must be"):
         fit_reward_model(noisy_features, device="tpu")
 
 
@@ -241,7 +242,7 @@ def test_pooled_head_round_trip(texts, tiny_bert, tmp_path):
     model = new_transformer(tiny_bert, max_length=32, head="pooled")
     torch.nn.init.normal_(model.module.head.weight)
     model.config.update(loss="sigmoid")
-    from prefnoise.reward.train import FitResult
+    from prefnoise.reward.fitting import FitResult
 
     save_reward_model(FitResult(model, {}), tmp_path / "rm", history=[])
     assert (tmp_path / "rm" / "head.safetensors").is_file()
@@ -294,5 +295,5 @@ def test_embed_mlp_caches_embeddings(texts, tiny_bert, tmp_path):
 
 
 def test_embed_mlp_needs_an_encoder(texts):
-    with pytest.raises(PrefnoiseError, match="--encoder"):
+    with option_error("^--model embed\\+mlp needs --encoder", "needs encoder="):
         fit_reward_model(texts, backend="embed+mlp")

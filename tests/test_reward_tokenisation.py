@@ -13,15 +13,11 @@ import torch
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
 from prefnoise.reward import load_reward_model, save_reward_model, score_table
-from prefnoise.reward.models import (
-    CONFIG_FILE,
-    PooledReward,
-    SequenceReward,
-    describe_truncation,
-    encode_pairs,
-    new_transformer,
-)
-from prefnoise.reward.train import FitResult
+from prefnoise.reward.fitting import FitResult
+from prefnoise.reward.models import CONFIG_FILE
+from prefnoise.reward.networks import PooledReward, SequenceReward
+from prefnoise.reward.tokens import describe_truncation, encode_pairs
+from prefnoise.reward.transformer import new_transformer
 from tests.tiny_models import EOS, WORDS, make_tiny_causal_lm, make_tiny_encoder
 
 LONG_PROMPT = " ".join(WORDS[i % len(WORDS)] for i in range(60))  # far more than 16 tokens

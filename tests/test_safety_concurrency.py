@@ -331,6 +331,21 @@ def test_manifest_lists_path_size_and_sha256(tmp_path):
     assert manifest_problems(out) == ["sub/y.txt (not written by prefnoise)"]
 
 
+def test_a_sub_directory_that_cannot_be_listed_is_no_ownership(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    write_marker(out, "fit-reward", live=False)
+    (out / "private").mkdir()
+    (out / "private" / "secret.txt").write_text("x")
+    (out / "private").chmod(0)
+    try:
+        if os.access(out / "private", os.R_OK):
+            pytest.skip("running as a user that reads everything")
+        assert manifest_problems(out) == ["private (cannot be listed)"]
+    finally:
+        (out / "private").chmod(0o755)
+
+
 def test_a_live_run_directory_owns_what_training_keeps_writing(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

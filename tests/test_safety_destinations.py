@@ -182,7 +182,7 @@ def test_align_refuses_a_foreign_directory_and_ref_cache(tmp_path, text_path, lm
 
 def test_failed_align_before_a_checkpoint_leaves_nothing(tmp_path, text_path, lm_path, monkeypatch):
     """An interruption after align created --out: the directory is removed again and the message is true."""
-    import prefnoise.align as A
+    import prefnoise.policy.trainer as A
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -196,7 +196,7 @@ def test_failed_align_before_a_checkpoint_leaves_nothing(tmp_path, text_path, lm
 
 
 def test_failed_align_keeps_checkpoints_and_says_so(tmp_path, text_path, lm_path, monkeypatch):
-    import prefnoise.align as A
+    import prefnoise.policy.trainer as A
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

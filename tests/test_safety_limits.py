@@ -188,7 +188,8 @@ def test_the_file_size_limit_is_one_line_and_leaves_nothing(tmp_path):
                  preexec_fn=_limit(resource.RLIMIT_FSIZE, 20_000))
     assert result.returncode == 2
     line = error_line(result)
-    assert "a file grew past the file-size limit while being written; the limit (ulimit -f) is 20.0 KB" in line
+    assert ("file too large: it grew past the file-size limit while being written; "
+            "the limit (ulimit -f) is 20.0 KB") in line
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

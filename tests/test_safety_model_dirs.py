@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from prefnoise import hf
 from prefnoise.cli import app
 from prefnoise.errors import PrefnoiseError
-from prefnoise.reward.models import FeatureMLP
+from prefnoise.reward.networks import FeatureMLP
 from prefnoise.reward.synthetic import feature_pairs
 from tests.conftest import make_pairs
 from tests.tiny_models import make_tiny_causal_lm, make_tiny_encoder, pattern_pairs, pattern_texts
@@ -324,8 +324,8 @@ def test_damaged_encoder_copy_in_an_embed_mlp_reward_dir(built, tmp_path):
 
 def test_pooled_head_missing_or_misshapen(built, tmp_path):
     from prefnoise.reward import save_reward_model
-    from prefnoise.reward.models import new_transformer
-    from prefnoise.reward.train import FitResult
+    from prefnoise.reward.fitting import FitResult
+    from prefnoise.reward.transformer import new_transformer
 
     pooled = tmp_path / "pooled"
     model = new_transformer(built["bert"], max_length=24, head="pooled")

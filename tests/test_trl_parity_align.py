@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from prefnoise import columns as C
 from prefnoise.data import read_table
-from prefnoise.logprobs import TokenizeSettings, collate_pairs, pad_token_id, tokenize_pairs, uses_chat_template
+from prefnoise.policy.logprobs import TokenizeSettings, collate_pairs, pad_token_id, tokenize_pairs, uses_chat_template
 from tests.tiny_models import pattern_pairs
 
 datasets = pytest.importorskip("datasets")

@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 from prefnoise import columns as C
 from prefnoise.data import read_table
-from prefnoise.reward.models import encode_pairs, new_transformer
-from prefnoise.reward.train import _prepare_sides
+from prefnoise.reward.scoring import prepare_sides as _prepare_sides
+from prefnoise.reward.tokens import encode_pairs
+from prefnoise.reward.transformer import new_transformer
 from tests.tiny_models import pattern_pairs
 
 pytest.importorskip("trl")
@@ -159,7 +160,7 @@ def test_conversational_response_alone_too_long_is_cut_from_the_right(chat_lm, t
 
 def test_fit_reward_and_score_a_conversational_table_through_the_cli(chat_lm, tmp_path, monkeypatch):
     from prefnoise.cli import app
-    from prefnoise.reward import models
+    from prefnoise.reward import transformer as models
 
     templated = []
     real = models.encode_chat_pairs

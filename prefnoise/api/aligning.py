@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefnoise import columns as C
-from prefnoise.api.tables import (
-    NOTHING_WRITTEN,
-    ProgressBar,
-    Table,
-    check_api_options,
-    gather_input_options,
-    input_table,
-    no_bar,
-    path_of,
-    split_options,
-)
+from prefnoise.api.tables import NOTHING_WRITTEN, ProgressBar, Table, input_table, no_bar, path_of, split_options
 from prefnoise.errors import PrefnoiseError
-from prefnoise.outputs import releases_outputs
+from prefnoise.options.align import AlignConfig
+from prefnoise.options.training import INPUT_DEFAULTS, keyword_signature
+from prefnoise.outputs import check_output_dir, check_output_file, releases_outputs
 
 
 @dataclass
@@ -33,41 +26,25 @@ class AlignResult:
 
 
 @releases_outputs
-def align(
-    data: Table,
-    *,
-    model: str,
-    out: str | Path | None = None,
-    dry_run: bool = False,
-    overwrite: bool = False,
-    prompt_col: str = C.PROMPT,
-    chosen_col: str = C.CHOSEN,
-    rejected_col: str = C.REJECTED,
-    layout: str = "auto",
-    drop_invalid: bool = False,
-    progress_bar: ProgressBar | None = None,
-    **options: Any,
-) -> AlignResult:
+def align(data: Table, *, model: str, out: str | Path | None = None, options: AlignConfig | None = None,
+          dry_run: bool = False, overwrite: bool = False, progress_bar: ProgressBar | None = None,
+          **keywords: Any) -> AlignResult:
     """``prefnoise align``: fine-tune the local causal LM ``model`` with SymPO (default) or a DPO-family loss.
 
     Every training option of the CLI is a keyword with its parameter name (``loss``, ``beta``, ``clip``
     (0 turns it off), ``lr``, ``epochs``, ``max_steps``, ``lora_r``, ``seed`` ...: the fields of
-    :class:`prefnoise.align.AlignConfig`). ``out`` is required unless ``dry_run`` (which returns the plan).
-    A run that fails or is interrupted removes what it wrote into a new ``out`` unless it left checkpoints.
+    :class:`prefnoise.options.align.AlignConfig`), or ``options``, an AlignConfig; besides them the input
+    options (``prompt_col``, ``layout``, ``drop_invalid``, ...). ``out`` is required unless ``dry_run``
+    (which returns the plan). A run that fails or is interrupted removes what it wrote into a new ``out``
+    unless it left checkpoints.
     """
-    from prefnoise.align import AlignConfig, check_config, prepare, train
-    from prefnoise.outputs import check_output_dir, check_output_file
+    from prefnoise.policy import prepare, train  # heavy: torch, transformers
 
-    input_options, options = split_options(options, others="AlignConfig")
-    check_api_options(options)
-    known = {f.name for f in dataclasses.fields(AlignConfig)} - {"model", "out"}
-    unknown = sorted(set(options) - known)
+    input_options, align_options = split_options(keywords, others="AlignConfig")
+    unknown = sorted(set(align_options) - {f.name for f in dataclasses.fields(AlignConfig)})
     if unknown:
-        raise PrefnoiseError(f"align: unknown option {unknown[0]!r}; options are: {', '.join(sorted(known))}")
-    if "clip" in options:
-        options["clip"] = options["clip"] or None  # the CLI's 0 turns the clip off
-    cfg = AlignConfig(model=str(model), out=str(out or ""), **options)
-    check_config(cfg)  # a missing cdpo/rdpo rate or a bad option fails before anything is read
+        raise PrefnoiseError(f"align: unknown option {unknown[0]!r}; options are: {', '.join(sorted(KNOWN))}")
+    cfg = options or AlignConfig(model=str(model), out=str(out or ""), **align_options)
     if not out and not dry_run:
         raise PrefnoiseError("--out DIR is required (or use --dry-run to only print the plan)")
     if cfg.resume and overwrite:
@@ -78,29 +55,38 @@ def align(
     state = None
     if out and not dry_run:
         state = check_output_dir(out, command="align", inputs=[source, model], overwrite=overwrite, resume=cfg.resume)
-    src = input_table(
-        data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
-    )
-    frame = src.collect()
-    name = source if source is not None else src.name
+    src = input_table(data, input_options)
+    frame, name = src.collect(), source if source is not None else src.name
     if dry_run:
         plan = dataclasses.asdict(prepare(cfg, frame, source=name).plan)
         return AlignResult({"dry_run": True, "input": name, **plan}, True)
-    before = _listing(Path(out))
+    with cleaned_up_on_failure(Path(out), state), (progress_bar or no_bar)("aligning", None) as advance:
+        summary = train(cfg, frame, source=name, on_progress=advance)
+    return AlignResult(summary)
+
+
+KNOWN = {f.name for f in dataclasses.fields(AlignConfig)} - {"model", "out"}
+align.__signature__ = keyword_signature(  # type: ignore[attr-defined]
+    align, AlignConfig, before=("model", "out"), inputs=INPUT_DEFAULTS)
+
+
+@contextlib.contextmanager
+def cleaned_up_on_failure(out: Path, state: str | None) -> Iterator[None]:
+    """On an error or interruption inside: remove what the run wrote into a new ``out`` unless it left
+    checkpoints, and say what became of ``out`` (on the error)."""
+    before = _listing(out)
     try:
-        with (progress_bar or no_bar)("aligning", None) as advance:
-            summary = train(cfg, frame, source=name, on_progress=advance)
+        yield
     except BaseException as error:
         if is_main_process():
             interrupted = isinstance(error, KeyboardInterrupt) or type(error).__name__ == "Terminated"
-            untouched = state is None or _listing(Path(out)) == before
-            note = NOTHING_WRITTEN if untouched else clean_up_failed_run(Path(out), state=state, resumable=interrupted)
+            untouched = state is None or _listing(out) == before
+            note = NOTHING_WRITTEN if untouched else clean_up_failed_run(out, state=state, resumable=interrupted)
             if interrupted:
                 error.prefnoise_note = note  # type: ignore[union-attr]
             elif isinstance(error, PrefnoiseError) and not untouched:
                 error.message = f"{error.message}; {note}"
         raise
-    return AlignResult(summary)
 
 
 def _listing(out: Path) -> dict[str, int] | None:
@@ -114,7 +100,7 @@ def clean_up_failed_run(out: Path, *, state: str | None, resumable: bool = True)
     """After an interrupted or failed run: if this run created ``out`` (``state`` 'missing' or 'empty'
     before it started) and left no checkpoint, remove what it wrote; say what became of ``out``.
     ``resumable``: the run stopped from outside (a signal), so continuing it makes sense."""
-    from prefnoise.align import CHECKPOINTS_DIR, latest_checkpoint
+    from prefnoise.training import CHECKPOINTS_DIR, latest_checkpoint  # heavy: torch
 
     if latest_checkpoint(out / CHECKPOINTS_DIR) is not None:
         hint = "continue with --resume" if resumable else "start over with --overwrite and other options"
@@ -134,6 +120,6 @@ def clean_up_failed_run(out: Path, *, state: str | None, resumable: bool = True)
 
 def is_main_process() -> bool:
     """Whether this is the main process of a data-parallel run (always True for a single process)."""
-    from accelerate import PartialState
+    from accelerate import PartialState  # heavy: accelerate loads torch
 
     return PartialState().is_main_process

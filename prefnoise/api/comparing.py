@@ -92,7 +92,8 @@ def compare_losses(
     with (progress_bar or no_bar)("cells", cells) as advance:
         done = (lambda cell: (advance(1), on_cell(cell))) if on_cell else (lambda cell: advance(1))
         rows = run_grid(frame, options, _fitter(fit_options), cache, done)
-    summary = {"command": COMMAND, "input": path_of(data) or table_label(data), "rows": frame.height,
+    summary = {"command": COMMAND, "input": path_of(data) or table_label(data), "output": None if out is None
+               else str(out), "rows": frame.height,
                **summarize(rows, options), "options": dataclasses.asdict(options)}
     if out is not None:
         _write(Path(out), rows, summary, options, command)

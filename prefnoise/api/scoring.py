@@ -152,11 +152,11 @@ def _summary(
 
 def _with_truncation(result: ScoreResult) -> ScoreResult:
     """``result`` with its count of sequences cut to max_length and the one-line note on them."""
-    from prefnoise.reward.models import describe_truncation
+    from prefnoise.reward.tokens import describe_truncation  # heavy: torch
 
     truncation = getattr(result.model, "truncation", [])
     result.summary["truncated_sequences"] = sum(s["truncated"] for s in truncation)
-    result.truncation_note = describe_truncation(truncation, result.model.config.get("max_length") or 0)
+    result.truncation_note = describe_truncation(truncation, result.model.config.get("max_length") or 0, saved=True)
     return result
 
 

@@ -29,17 +29,21 @@ from prefnoise.cli.common import (
     cli_errors,
     console,
     emit_json,
+    options_from,
     progress,
+    register_options,
     show_progress,
 )
+from prefnoise.loss_names import POLICY_LOSS_NAMES as POLICY_LOSSES
+from prefnoise.options.align import DEVICES, AlignConfig
+from prefnoise.options.training import SCHEDULES
 
-# Spelled here (not imported) so that `prefnoise --help` does not pay for importing torch.
-POLICY_LOSSES = ("sympo", "dpo", "cdpo", "rdpo", "ipo", "ropo", "hinge", "drdpo")
-SCHEDULES = ("linear", "cosine", "constant")
-DEVICES = ("auto", "cpu", "cuda")
 LOSS = "Loss"
 TRAIN = "Training"
 OUTPUT = "Output"
+
+
+register_options("align", AlignConfig)
 
 
 @app.command("align")
@@ -169,23 +173,15 @@ def align_command(
     config: ConfigOption = None,
 ) -> None:
     """Fine-tune a causal LM on preference pairs with SymPO (default) or a DPO-family loss."""
-    from prefnoise import api
-    from prefnoise.api.aligning import is_main_process
+    from prefnoise import api  # the API imports polars and more: not for --help
+    from prefnoise.api.aligning import is_main_process  # the API imports polars and more: not for --help
 
+    options = options_from(AlignConfig, {**locals(), "out": out or ""})
     result = api.align(
-        source, model=model, out=out, dry_run=dry_run, overwrite=overwrite, prompt_col=prompt_col,
+        source, model=model, out=out, options=options, dry_run=dry_run, overwrite=overwrite, prompt_col=prompt_col,
         chosen_col=chosen_col, rejected_col=rejected_col, layout=layout, drop_invalid=drop_invalid,
         chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col, split=split, config=config,
         progress_bar=functools.partial(progress, enabled=show_progress(json_output)),
-        loss=loss, symmetric_loss=symmetric_loss, beta=beta, clip=clip, label_smoothing=label_smoothing,
-        noise_rate=noise_rate, tau=tau, alpha=alpha, beta_prime=beta_prime, lr=lr, weight_decay=weight_decay,
-        warmup_steps=warmup_steps, schedule=schedule, max_grad_norm=max_grad_norm, batch_size=batch_size,
-        batching=batching, max_tokens_per_batch=max_tokens_per_batch, grad_accum=grad_accum, epochs=epochs,
-        max_steps=max_steps, seed=seed, max_length=max_length, max_prompt_length=max_prompt_length, lora_r=lora_r,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout, save_adapter=save_adapter, save_every=save_every,
-        resume=resume, report_to=report_to,
-        ref_cache=ref_cache, val_fraction=val_fraction, eval_every=eval_every, log_every=log_every,
-        precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
     )
     summary = result.summary
     if dry_run:

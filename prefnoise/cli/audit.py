@@ -43,6 +43,7 @@ from prefnoise.options.audit import AuditOptions
 
 register_options("audit", AuditOptions)
 
+
 @app.command("audit")
 @cli_errors
 def audit_command(

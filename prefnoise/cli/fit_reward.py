@@ -36,9 +36,12 @@ from prefnoise.cli.common import (
     console,
     emit_json,
     log_console,
+    options_from,
+    register_options,
     show_progress,
 )
 from prefnoise.loss_names import MARGIN_LOSS_NAMES
+from prefnoise.options.fit_reward import FitRewardConfig
 
 
 @contextlib.contextmanager
@@ -87,6 +90,9 @@ def training_progress(enabled: bool) -> Iterator[dict[str, Callable]]:
             "on_embed_start": on_embed_start,
             "on_embed": lambda n: bar.advance(task("embedding", "texts"), n),
         }
+
+
+register_options("fit-reward", FitRewardConfig)
 
 
 @app.command("fit-reward")
@@ -219,22 +225,15 @@ def fit_reward_command(
     config: ConfigOption = None,
 ) -> None:
     """Train a reward model r(prompt, response) with a margin loss; print validation accuracy vs clean labels last."""
-    from prefnoise import api
-    from prefnoise.reward.models import describe_truncation
+    from prefnoise import api  # the API imports polars and more: not for --help
+    from prefnoise.reward.tokens import describe_truncation  # heavy: torch
 
+    options = options_from(FitRewardConfig, locals())
     with training_progress(show_progress(json_output)) as callbacks:
         fitted = api.fit_reward(
-            data, out, loss=loss, model=model, encoder=encoder, margin_scale=margin_scale, eps=eps, tau=tau,
-            alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            val_fraction=val_fraction, early_stopping=early_stopping, device=device, max_length=max_length,
-            hidden=hidden, layers=layers, dropout=dropout, output_clip=output_clip, cache_dir=cache_dir,
-            embed_features=embed_features, head=head, schedule=schedule, warmup=warmup, grad_accum=grad_accum,
-            max_grad_norm=max_grad_norm, precision=precision, lora_r=lora_r, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, log_every=log_every, save_every=save_every, resume=resume,
-            report_to=report_to, overwrite=overwrite,
-            seed=seed, prompt_col=prompt_col, chosen_col=chosen_col, rejected_col=rejected_col, layout=layout,
-            drop_invalid=drop_invalid, chosen_score_col=chosen_score_col, rejected_score_col=rejected_score_col,
-            split=split, config=config, **callbacks,
+            data, out, options=options, overwrite=overwrite, prompt_col=prompt_col, chosen_col=chosen_col,
+            rejected_col=rejected_col, layout=layout, drop_invalid=drop_invalid, chosen_score_col=chosen_score_col,
+            rejected_score_col=rejected_score_col, split=split, config=config, **callbacks,
         )
     result, backend = fitted.fit, fitted.model.backend
     if not result.is_main:  # other data-parallel processes: the main one writes

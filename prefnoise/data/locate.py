@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from prefnoise import hub as hubs
 from prefnoise.atomic import register_temporary
@@ -138,8 +139,34 @@ def _sniff_format(path: Path) -> str:
 
 def spool_stdin() -> Path:
     """Copy standard input to a temporary file (Parquet needs to seek to its footer)."""
-    fd, name = tempfile.mkstemp(prefix="prefnoise-stdin-")
-    path = register_temporary(name)  # removed when the command ends, also on a signal
+    return _spool(sys.stdin.buffer, prefix="prefnoise-stdin-", suffix="")
+
+
+def open_stream_input(path: Path, name: str) -> Path:
+    """``path`` itself, or when it is a FIFO or socket (readable once, front to back, never seekable)
+    a temporary copy read from it once as a stream, keeping its table suffixes (``.jsonl.gz``) so the
+    format is known; readers then seek (Parquet's footer) and read it more than once. A device is
+    refused: it may never end."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return path  # missing or unreadable: reported where the source is opened
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise PrefnoiseError(f"{name}: is a device, not a table file; pass a file, a FIFO, or - for stdin")
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return path
+    suffix = "".join(s for s in path.suffixes if s.lower() in _TABLE_SUFFIXES)
+    with open(path, "rb") as stream:
+        return _spool(stream, prefix="prefnoise-stream-", suffix=suffix)
+
+
+_TABLE_SUFFIXES = {".parquet", ".pq", ".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".gz", ".zst", ".bz2"}
+
+
+def _spool(stream: BinaryIO, *, prefix: str, suffix: str) -> Path:
+    """Copy ``stream`` to a temporary file, removed when the command ends (also on a signal)."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix)
+    path = register_temporary(name)
     with os.fdopen(fd, "wb") as handle:
-        shutil.copyfileobj(sys.stdin.buffer, handle)
+        shutil.copyfileobj(stream, handle)
     return path

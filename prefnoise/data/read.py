@@ -21,6 +21,7 @@ from prefnoise.data.canonical import LAYOUTS, canonicalize
 from prefnoise.data.locate import (
     check_saved_dataset,
     detect_format,
+    open_stream_input,
     parquet_files,
     pick_saved_split,
     resolve_hub,
@@ -58,7 +59,7 @@ class PreferenceSource:
         if layout not in LAYOUTS:
             raise PrefnoiseError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
         self.name = "<stdin>" if str(source) == STDIN else str(source)
-        path = spool_stdin() if str(source) == STDIN else Path(source)
+        path = spool_stdin() if str(source) == STDIN else open_stream_input(Path(source), self.name)
         self.split, self.config = split, config
         self._hub_cached: Callable[[], Any] | None = None
         hub = resolve_hub(str(source), path, split=split, config=config)

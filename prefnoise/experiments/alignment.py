@@ -100,7 +100,7 @@ def run_alignment(
     on_cell: Callable[[dict[str, Any]], None] | None = None,
 ) -> pl.DataFrame:
     """Run the grid; one row per (kind, rate, loss, seed) with held-out clean and noisy implicit-reward accuracy."""
-    from prefnoise.align import AlignConfig, train
+    from prefnoise.policy import AlignConfig, train
 
     unknown = sorted(set(config.losses) - set(LOSSES))
     if unknown:

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from prefnoise.errors import PrefnoiseError
-from prefnoise.reward.models import MLPRewardModel, clip_reward
+from prefnoise.reward.models import MLPRewardModel
+from prefnoise.reward.networks import clip_reward
 
 SIDE = 28  # MNIST images are 28×28
 MNIST_EXTRA = "pip install 'prefnoise[mnist]'"

@@ -18,7 +18,7 @@ def backend_of(model: str | None, has_features: bool) -> tuple[str, str | None]:
         return "mlp", None
     if model in ("mlp", "embed+mlp"):
         return model, None
-    from prefnoise.reward.external import looks_like_hub_id, resolve_model
+    from prefnoise.reward.transformer import looks_like_hub_id, resolve_model  # heavy (torch): a model directory
 
     if not Path(model).exists() and looks_like_hub_id(model):  # a hub id: its snapshot in the local cache
         model = str(resolve_model(model, "--model"))

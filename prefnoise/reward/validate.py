@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import polars as pl
-import torch
 
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
@@ -94,57 +93,3 @@ def check_finite_features(
         )
     return frame.filter(~bad), dropped
 
-
-def check_finite_number(
-    flag: str,
-    value: float | None,
-    *,
-    low: float | None = None,
-    low_open: bool = False,
-    high: float | None = None,
-    high_open: bool = True,
-    allow_none: bool = False,
-) -> None:
-    """PrefnoiseError unless ``value`` is a finite number in the given range (or None when allowed).
-
-    ``nan > 0`` is False but so is ``nan <= 0``, so every range check here starts with math.isfinite.
-    """
-    if value is None and allow_none:
-        return
-    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    in_range = finite
-    if in_range and low is not None:
-        in_range = value > low if low_open else value >= low
-    if in_range and high is not None:
-        in_range = value < high if high_open else value <= high
-    if in_range:
-        return
-    bounds = ""
-    if low is not None and high is not None:
-        bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        bounds = f"{'>' if low_open else '>='} {low:g}"
-    elif high is not None:
-        bounds = f"{'<' if high_open else '<='} {high:g}"
-    want = bounds if finite else f"a finite number {bounds}".rstrip()
-    if allow_none:
-        want += " (or unset)"
-    raise PrefnoiseError(f"{flag} must be {want}, got {value}")
-
-
-def nonfinite_name(value: float) -> str:
-    """nan, inf or -inf: how a message writes a non-finite number."""
-    return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
-
-
-def first_nonfinite_parameter(module: torch.nn.Module) -> str | None:
-    """The name of the first trainable parameter holding a NaN or ±inf (one device sync), or None."""
-    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-    if not named:
-        return None
-    # under FSDP a parameter is a DTensor: this process checks its own shard
-    local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]
-    finite = torch.stack([torch.isfinite(p.detach()).all() for p in local]).cpu()
-    if bool(finite.all()):
-        return None
-    return named[int((~finite).nonzero()[0, 0])][0]

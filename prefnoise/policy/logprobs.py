@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import inspect
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,9 +104,6 @@ def _keeps_logits_by_mask(model: torch.nn.Module) -> bool:
     """Whether ``model`` (unwrapped from DDP and peft) has a ``logits_to_keep`` argument that accepts a
     boolean mask: its modeling module slices with transformers' ``slice_logits_to_keep`` (a few older
     models slice by hand and would fail on a mask); the caller also checks the logits' shape."""
-    import inspect
-    import sys
-
     inner = getattr(model, "module", model)  # DistributedDataParallel
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
     if not hasattr(sys.modules.get(type(inner).__module__), "slice_logits_to_keep"):
@@ -191,7 +190,7 @@ def fixed_template_clock(chat_date: str | None) -> Iterator[None]:
     transformers' ``strftime_now`` reads ``datetime.now()`` of its own module at render time (and
     callables cannot be passed as template variables), so that name is swapped for the duration.
     """
-    from transformers.utils import chat_template_utils
+    from transformers.utils import chat_template_utils  # heavy: transformers
 
     real = getattr(chat_template_utils, "datetime", None)
     if chat_date is None or not isinstance(real, type):  # another transformers: date_string only

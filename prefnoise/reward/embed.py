@@ -1,0 +1,260 @@
+"""The ``embed+mlp`` backend: a frozen encoder embeds each (prompt, response) once (cached on disk);
+an MLP is trained on the embeddings, optionally with length features."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from prefnoise.data import file_fingerprint
+from prefnoise.errors import PrefnoiseError
+from prefnoise.hf import from_pretrained, quiet_transformers
+from prefnoise.reward.cache import EmbeddingCache
+from prefnoise.reward.models import (
+    EMBED_INPUTS,
+    ENCODER_DIR,
+    FLUSH_EVERY,
+    LENGTH,
+    POOLINGS,
+    MLPRewardModel,
+    new_mlp,
+    parse_embed_features,
+)
+from prefnoise.reward.networks import mean_pool
+from prefnoise.reward.tokens import check_reward_model_dir, encode_pairs, load_tokenizer, pad_batch, tokenize_pairs
+
+
+def length_features(responses: Sequence[str]) -> np.ndarray:
+    """float32 (n, 2): ln(1 + characters) and ln(1 + whitespace-separated words) of each response.
+
+    Response length predicts preference labels on real data (longer answers win more often); the
+    logs keep the two numbers on the scale of the embedding entries.
+    """
+    return np.array(
+        [[np.log1p(len(r)), np.log1p(len(r.split()))] for r in responses], dtype=np.float32
+    ).reshape(len(responses), 2)
+
+
+def pool_states(states: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
+    """(n, hidden) pooled ``states``: ``mean`` over the attended positions or ``cls`` (position 0)."""
+    if pooling == "mean":
+        return mean_pool(states, attention_mask)
+    if pooling == "cls":
+        return states[:, 0]
+    raise PrefnoiseError(f"unknown pooling {pooling!r}; use {' or '.join(POOLINGS)}")
+
+
+class Encoder:
+    """A frozen HF encoder that embeds (prompt, response) pairs or responses, with an on-disk cache.
+
+    Each forward pass stores every pooling (mean and cls) in the cache, keyed by the text and by
+    :meth:`part_fingerprint` (encoder files, max length, input and pooling), so an embedding is
+    computed once across folds, losses, feature sets and runs.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_length: int,
+        batch_size: int = 64,
+        cache_dir: str | Path | None = None,
+        what: str = "--encoder",
+    ) -> None:
+        from transformers import AutoModel  # heavy: loaded when an encoder is
+
+        self.path = check_reward_model_dir(path, what)
+        self.tokenizer = load_tokenizer(self.path, what)
+        self.model = from_pretrained(AutoModel, self.path, what=what, dtype=torch.float32).eval()
+        self.model.requires_grad_(False)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self._fingerprint: str | None = None
+        self.forward_calls = 0  # encoder forward passes run by this object (the cache's tests count them)
+
+    @property
+    def dim(self) -> int:
+        """Embedding width."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the encoder's files plus the embedding settings (the joint-mean cache key)."""
+        if self._fingerprint is None:
+            # "untrunc": the tokenizer's own truncation/padding is off (see _untruncated); "keepend":
+            # prompts are cut from the left (encode_pairs). Caches without them hold damaged vectors.
+            self._fingerprint = file_fingerprint(self.path) + f"-len{self.max_length}-mean-keepend-untrunc"
+        return self._fingerprint
+
+    def part_fingerprint(self, inputs: str, pooling: str) -> str:
+        """The cache key of one (input, pooling) part; joint-mean keeps :attr:`fingerprint` itself."""
+        if (inputs, pooling) == ("joint", "mean"):
+            return self.fingerprint
+        return f"{self.fingerprint}|{inputs}-{pooling}"
+
+    def missing(self, prompts: Sequence[str], responses: Sequence[str], inputs: str = "joint") -> int:
+        """How many distinct texts :meth:`embed` would have to run the encoder on (cache misses)."""
+
+        prompts = _inputs_prompts(prompts, inputs)
+        cache = EmbeddingCache.open(self.cache_dir, self.part_fingerprint(inputs, "mean"))
+        return len({key for key in cache.keys_for(prompts, responses) if key not in cache})
+
+    @torch.no_grad()
+    def embed(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        *,
+        device: torch.device,
+        on_progress: Callable[[int], None] | None = None,
+        pooling: str = "mean",
+        inputs: str = "joint",
+    ) -> np.ndarray:
+        """float32 array (n, dim) of embeddings, reusing and extending the cache.
+
+        ``inputs``: joint (prompt and response as a text pair) or response (the response alone);
+        ``pooling``: mean or cls. ``on_progress(k)`` advances by the texts the encoder has just run
+        on (cached texts are not counted; :meth:`missing` gives the total beforehand).
+        """
+
+        if inputs not in EMBED_INPUTS:
+            raise PrefnoiseError(f"unknown encoder input {inputs!r}; use {' or '.join(EMBED_INPUTS)}")
+        pool_states(torch.zeros(1, 1, 1), torch.ones(1, 1), pooling)  # validates pooling
+        prompts = _inputs_prompts(prompts, inputs)
+        caches = {p: EmbeddingCache.open(self.cache_dir, self.part_fingerprint(inputs, p)) for p in POOLINGS}
+        cache = caches[pooling]
+        keys = cache.keys_for(prompts, responses)
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if key not in cache:
+                first.setdefault(key, i)
+        missing = list(first.values())
+        if missing:
+            self.model.to(device)
+            new: dict[str, dict[str, np.ndarray]] = {p: {} for p in POOLINGS}
+            for start in range(0, len(missing), self.batch_size):
+                rows = missing[start : start + self.batch_size]
+                ids = tokenize_pairs(
+                    self.tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows], self.max_length
+                )
+                batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
+                states = self.model(**batch).last_hidden_state.float()
+                self.forward_calls += 1
+                for name in POOLINGS:
+                    pooled = pool_states(states, batch["attention_mask"], name).cpu().numpy()
+                    for i, vector in zip(rows, pooled):
+                        new[name][keys[i]] = vector
+                if on_progress is not None:
+                    on_progress(len(rows))
+                if sum(len(v) for v in new.values()) >= FLUSH_EVERY:  # an interrupted run keeps its work
+                    for name in POOLINGS:
+                        caches[name].add(new[name])
+                    new = {p: {} for p in POOLINGS}
+            for name in POOLINGS:
+                if new[name]:
+                    caches[name].add(new[name])
+        return cache.lookup(keys, self.dim)
+
+    def save(self, directory: Path) -> None:
+        """Copy the encoder and its tokenizer into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        with quiet_transformers():
+            self.model.save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory))
+
+
+def _inputs_prompts(prompts: Sequence[str], inputs: str) -> list[str]:
+    """The prompts the encoder reads for ``inputs``: as given (joint) or empty (response alone)."""
+    return list(prompts) if inputs == "joint" else [""] * len(prompts)
+
+
+def embed_feature_dim(parts: Sequence[str], encoder_dim: int) -> int:
+    """Width of the concatenated ``parts`` (each encoder part ``encoder_dim``, length 2)."""
+    return sum(2 if part == LENGTH else encoder_dim for part in parts)
+
+
+class EmbedMLPRewardModel(MLPRewardModel):
+    """The ``embed+mlp`` backend: an MLP (or, with 0 layers, a linear head) on frozen-encoder features."""
+
+    backend = "embed+mlp"
+
+    def __init__(self, module: nn.Module, config: dict[str, Any], encoder: Encoder) -> None:
+        super().__init__(module, config)
+        self.encoder = encoder
+        # counts of the latest prepare call: what the encoder's --max-length cut (see encode_pairs)
+        self.last_truncation: dict[str, int] | None = None
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The feature parts the MLP reads (see :func:`parse_embed_features`)."""
+        return parse_embed_features(self.config.get("embed_features"))
+
+    def _encoder_parts(self) -> list[tuple[str, str]]:
+        return [tuple(part.split("-")) for part in self.parts if part != LENGTH]  # type: ignore[misc]
+
+    def to_embed(self, prompts: Sequence[str], responses: Sequence[str]) -> int:
+        """How many encoder forward texts :meth:`prepare` of these rows will run (cache misses)."""
+        inputs = dict.fromkeys(i for i, _ in self._encoder_parts())
+        return sum(self.encoder.missing(prompts, responses, i) for i in inputs)
+
+    def prepare(self, prompts, responses, features, *, device, on_progress=None):
+        inputs = [i for i, _ in self._encoder_parts()]
+        self.last_truncation = None if not inputs else encode_pairs(  # every row, cached ones too
+            self.encoder.tokenizer, _inputs_prompts(prompts, "joint" if "joint" in inputs else "response"),
+            responses, self.encoder.max_length)[1]
+        blocks = []
+        for part in self.parts:
+            if part == LENGTH:
+                blocks.append(length_features(responses))
+                continue
+            inputs, pooling = part.split("-")
+            blocks.append(
+                self.encoder.embed(
+                    prompts, responses, device=device, on_progress=on_progress, pooling=pooling, inputs=inputs
+                )
+            )
+        return torch.as_tensor(np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0])
+
+    def save(self, directory: Path) -> None:
+        self.encoder.save(directory / ENCODER_DIR)
+        super().save(directory)
+
+
+def new_embed_mlp(
+    encoder_path: str | Path,
+    *,
+    max_length: int,
+    hidden: int,
+    layers: int,
+    dropout: float,
+    output_clip: float | None,
+    cache_dir: str | Path | None = None,
+    embed_batch_size: int = 64,
+    embed_features: str | Sequence[str] | None = None,
+) -> EmbedMLPRewardModel:
+    """An ``embed+mlp`` reward model on the frozen local encoder at ``encoder_path``.
+
+    ``embed_features``: the parts the MLP reads (:func:`parse_embed_features`; default joint-mean);
+    ``layers`` 0 makes the head linear (a Bradley–Terry logistic regression on the features under
+    the sigmoid loss).
+    """
+    parts = parse_embed_features(embed_features)
+    encoder = Encoder(encoder_path, max_length=max_length, batch_size=embed_batch_size, cache_dir=cache_dir)
+    mlp = new_mlp(
+        embed_feature_dim(parts, encoder.dim), hidden=hidden, layers=layers, dropout=dropout, output_clip=output_clip
+    )
+    config = {
+        **mlp.config,
+        "backend": "embed+mlp",
+        "encoder": str(encoder.path),
+        "encoder_fingerprint": encoder.fingerprint,
+        "max_length": max_length,
+        "embed_features": list(parts),
+    }
+    return EmbedMLPRewardModel(mlp.module, config, encoder)

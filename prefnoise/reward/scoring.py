@@ -1,0 +1,262 @@
+"""Score tables with a reward model: per pair (chosen_reward, rejected_reward) or per response (reward).
+
+Numbers stay finite: NaN/inf feature vectors are refused (or dropped with ``drop_invalid``), and a model
+whose rewards are NaN or inf is refused as damaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from prefnoise import columns as C
+from prefnoise.batching import longest_first
+from prefnoise.errors import PrefnoiseError
+from prefnoise.metrics import tie_half_accuracy
+from prefnoise.reward.models import RewardModel
+from prefnoise.reward.validate import check_finite_features
+from prefnoise.training import resolve_device
+
+Progress = Callable[[int], None]
+EVAL_BATCH = {"mlp": 8192, "embed+mlp": 8192, "transformer": 32}
+RESPONSE = "response"
+
+
+@dataclass
+class Runtime:
+    """Device and data-parallel layout of this process."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
+
+
+def scoring_runtime(device: str) -> Runtime:
+    """This (single) process's device for scoring, with bf16 autocast on CUDA (training takes its
+    layout from :func:`prefnoise.training.make_accelerator`)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return Runtime(dev, autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+    return Runtime(dev)
+
+
+def feature_array(df: pl.DataFrame, column: str) -> np.ndarray | None:
+    """float32 (n, d) array of the fixed-size vectors in ``column`` (None when absent)."""
+    if column not in df.columns:
+        return None
+    series = df[column]
+    if series.null_count():
+        raise PrefnoiseError(f"column {column!r} has {series.null_count()} null vectors; fill or drop those rows")
+    if isinstance(series.dtype, pl.List):
+        lengths = series.list.len().unique()
+        if lengths.len() != 1:
+            raise PrefnoiseError(f"column {column!r}: vectors have different lengths {sorted(lengths.to_list())[:5]}")
+        series = series.list.to_array(int(lengths[0]))
+    if not isinstance(series.dtype, pl.Array):
+        raise PrefnoiseError(f"column {column!r} must hold fixed-size float vectors, not {series.dtype}")
+    return series.to_numpy().astype(np.float32, copy=False)
+
+
+def prompt_messages_of(model: RewardModel, df: pl.DataFrame) -> dict[str, Any]:
+    """``prompt_messages=`` for ``model.prepare`` when the table is conversational (transformer backend)."""
+    if model.backend != "transformer" or C.PROMPT_MESSAGES not in df.columns:
+        return {}
+    return {"prompt_messages": df[C.PROMPT_MESSAGES].to_list()}
+
+
+def prepare_sides(
+    model: RewardModel,
+    df: pl.DataFrame,
+    device: torch.device,
+    on_progress: Progress | None,
+    on_embed_start: Callable[[int], None] | None = None,
+) -> list[Any]:
+    """Prepared inputs of the chosen and the rejected responses of every row.
+
+    Text backends leave what they had to cut in ``model.truncation`` (a list, one entry per side).
+    embed+mlp first announces ``on_embed_start(total)``, the texts the encoder must run on (cache
+    misses of both sides), and then advances ``on_progress`` by the texts embedded.
+    """
+    prompts = df[C.PROMPT].to_list()
+    if on_embed_start is not None and hasattr(model, "to_embed"):
+        on_embed_start(model.to_embed(prompts + prompts, df[C.CHOSEN].to_list() + df[C.REJECTED].to_list()))
+    wants_features = model.backend == "mlp"
+    chat = prompt_messages_of(model, df)
+    sides, truncation = [], []
+    for side in (C.CHOSEN, C.REJECTED):
+        sides.append(
+            model.prepare(
+                prompts,
+                df[side].to_list(),
+                feature_array(df, f"{side}_{C.FEATURES}") if wants_features else None,
+                device=device,
+                on_progress=on_progress,
+                **chat,
+            )
+        )
+        if getattr(model, "last_truncation", None) is not None:
+            truncation.append(dict(model.last_truncation))
+    model.truncation = truncation
+    return sides
+
+
+def eval_batches(index: np.ndarray, size: int, lengths: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+    """Batches of positions into ``index``: consecutive, or (given each row's ``lengths``) longest first,
+    so that a text backend pads little (``prefnoise.batching.longest_first``; callers put results back
+    by position)."""
+    if lengths is None:
+        for start in range(0, len(index), size):
+            yield np.arange(start, min(start + size, len(index)))
+        return
+    for batch in longest_first(range(len(index)), [lengths[i] for i in index], size):
+        yield np.asarray(batch, dtype=np.int64)
+
+
+def side_lengths(model: RewardModel, sides: Sequence[Any]) -> list[int] | None:
+    """Per row, the padded width of its sides (the longest side's tokens) for a text backend, else None
+    (feature vectors have no padding)."""
+    if model.backend != "transformer" or not sides or not isinstance(sides[0], list):
+        return None
+    return [max(len(side[i]) for side in sides) for i in range(len(sides[0]))]
+
+
+@torch.no_grad()
+def pair_rewards(
+    model: RewardModel,
+    sides: Sequence[Any],
+    index: np.ndarray,
+    runtime: Runtime,
+    batch_size: int,
+    on_progress: Progress | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) float32 CPU rewards of rows ``index``, in eval mode."""
+    module = model.module
+    was_training = module.training
+    module.eval()
+    chosen, rejected = torch.zeros(len(index)), torch.zeros(len(index))
+    for positions in eval_batches(index, batch_size, side_lengths(model, sides)):
+        rows = index[positions]
+        with runtime.autocast():
+            rewards = module(**model.batch(sides, rows, runtime.device)).float()
+        rewards = rewards.reshape(len(sides), len(rows)).cpu()
+        chosen[positions] = rewards[0]
+        rejected[positions] = rewards[1] if len(sides) > 1 else rewards[0]
+        if on_progress is not None:
+            on_progress(len(rows))
+    module.train(was_training)
+    return chosen, rejected
+
+
+def pairwise_accuracy(margin: Tensor, chosen_better: Tensor) -> float:
+    """Agreement of the margins' signs with the label, by the project's one rule
+    (:func:`prefnoise.metrics.tie_half_accuracy`: a predicted tie counts 1/2)."""
+    sign = np.where(chosen_better.detach().cpu().numpy(), 1.0, -1.0)
+    return tie_half_accuracy(margin.detach().float().cpu().numpy(), sign)
+
+
+def check_finite_rewards(rewards: Sequence[Tensor], rows: np.ndarray, model_name: str | None = None) -> None:
+    """PrefnoiseError when any reward is NaN or ±inf: a model that produces them is damaged or diverged.
+
+    ``rewards``: per side, one reward per row; ``rows``: the 1-based row number of each row.
+    """
+    bad = torch.stack([~torch.isfinite(r) for r in rewards]) if rewards else torch.zeros(0, 0, dtype=torch.bool)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return
+    first = int(bad.any(dim=0).nonzero()[0, 0])
+    prefix = f"{model_name}: " if model_name else ""
+    raise PrefnoiseError(
+        f"{prefix}the model produced non-finite rewards for {n_bad} responses (first at row {int(rows[first])}); "
+        "the model is damaged or diverged; train it again with `prefnoise fit-reward`"
+    )
+
+
+def checked_features(
+    model: RewardModel, df: pl.DataFrame, columns: Sequence[str], source: str, drop_invalid: bool
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """``df`` with finite feature vectors (when ``model`` reads them), and each kept row's 1-based number."""
+    if model.backend != "mlp":
+        return df, np.arange(1, df.height + 1)
+    numbered = df.with_row_index("__row", offset=1)
+    numbered, _ = check_finite_features(numbered, source, drop_invalid, columns=columns)
+    return numbered.drop("__row"), numbered["__row"].to_numpy()
+
+
+def score_table(
+    model: RewardModel,
+    df: pl.DataFrame,
+    batch_size: int | None = None,
+    *,
+    device: str = "auto",
+    on_progress: Progress | None = None,
+    drop_invalid: bool = False,
+    source: str = "data",
+    model_name: str | None = None,
+    on_embed: Progress | None = None,
+) -> pl.DataFrame:
+    """``df`` with float32 ``chosen_reward`` and ``rejected_reward`` from ``model``.
+
+    ``on_progress(n)`` advances by rows scored; ``on_embed(n)`` by texts embed+mlp's encoder ran on.
+
+    Feature vectors (mlp) must be finite: a bad row raises PrefnoiseError naming ``source``, or with
+    ``drop_invalid`` is left out of the result. Non-finite rewards (a damaged model, e.g. NaN
+    weights) raise PrefnoiseError naming ``model_name``.
+    """
+    df, rows = checked_features(model, df, (C.chosen(C.FEATURES), C.rejected(C.FEATURES)), source, drop_invalid)
+    runtime = scoring_runtime(device)
+    model.module.to(runtime.device)
+    sides = prepare_sides(model, df, runtime.device, on_embed)
+    chosen, rejected = pair_rewards(
+        model, sides, np.arange(df.height), runtime, batch_size or EVAL_BATCH[model.backend], on_progress
+    )
+    check_finite_rewards([chosen, rejected], rows, model_name)
+    return df.with_columns(
+        pl.Series(C.chosen(C.REWARD), chosen.numpy(), dtype=pl.Float32),
+        pl.Series(C.rejected(C.REWARD), rejected.numpy(), dtype=pl.Float32),
+    )
+
+
+def score_responses(
+    model: RewardModel,
+    df: pl.DataFrame,
+    batch_size: int | None = None,
+    *,
+    device: str = "auto",
+    on_progress: Progress | None = None,
+    drop_invalid: bool = False,
+    source: str = "data",
+    model_name: str | None = None,
+    on_embed: Progress | None = None,
+) -> pl.DataFrame:
+    """``df`` (one row per prompt, response) with a float32 ``reward`` column from ``model``.
+
+    Finite features and finite rewards are checked as in :func:`score_table`.
+    """
+    missing = [c for c in (C.PROMPT, RESPONSE) if c not in df.columns]
+    if model.backend == "mlp":
+        missing = [c for c in (C.FEATURES,) if c not in df.columns]
+    if missing:
+        raise PrefnoiseError(f"--responses needs column(s) {', '.join(missing)}; columns are {', '.join(df.columns)}")
+    df, numbers = checked_features(model, df, (C.FEATURES,), source, drop_invalid)
+    runtime = scoring_runtime(device)
+    model.module.to(runtime.device)
+    n = df.height
+    prompts = df[C.PROMPT].to_list() if C.PROMPT in df.columns else [""] * n
+    responses = df[RESPONSE].to_list() if RESPONSE in df.columns else [""] * n
+    side = model.prepare(
+        prompts, responses, feature_array(df, C.FEATURES), device=runtime.device, on_progress=on_embed,
+        **prompt_messages_of(model, df)
+    )
+    rewards, _ = pair_rewards(
+        model, [side], np.arange(n), runtime, batch_size or EVAL_BATCH[model.backend], on_progress
+    )
+    check_finite_rewards([rewards], numbers, model_name)
+    return df.with_columns(pl.Series(C.REWARD, rewards.numpy(), dtype=pl.Float32))
