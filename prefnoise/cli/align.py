@@ -68,6 +68,11 @@ def align_command(
         float | None, typer.Option("--noise-rate", help="rdpo (required): the flip rate ε in [0, 0.5).",
                                    rich_help_panel=LOSS)
     ] = None,
+    noise_rate_from: Annotated[
+        str | None, typer.Option("--noise-rate-from", metavar="AUDIT.json", help="cdpo/rdpo: ε from an audit's "
+                                 "--json file (its estimate and interval go into the run's summary).",
+                                 rich_help_panel=LOSS)
+    ] = None,
     tau: Annotated[
         float | None, typer.Option("--tau", help="ipo: target 1/(2τ) of the per-token averaged log-ratio margin "
                                    "(default β).", rich_help_panel=LOSS)
