@@ -10,7 +10,9 @@ import errno
 import functools
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,13 +56,7 @@ def atomic_path(dest: str | Path, *, directory: bool = False, command: str | Non
     dest = Path(dest)
     parent = dest.parent if str(dest.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    prefix = temporary_prefix(dest)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
-        os.close(fd)
-        tmp = Path(name)
+    tmp = _new_temporary(parent, temporary_prefix(dest), directory=directory)
     try:
         apply_umask(tmp, directory=directory)
         yield tmp
@@ -75,8 +71,28 @@ def atomic_path(dest: str | Path, *, directory: bool = False, command: str | Non
         if claim_of(dest) is not None:
             release_claim(dest)  # the command fails: it will not write this output
         raise
+    _TEMPORARY.discard(tmp)  # published: the name is the output's now
     if claim_of(dest) is not None:
         release_claim(dest)  # published: the command is done with this output
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+
+
+def _new_temporary(parent: Path, prefix: str, *, directory: bool) -> Path:
+    """A new temporary file or directory in ``parent``, registered for removal before any signal can
+    interrupt between its creation and its registration (a SIGTERM there left it behind)."""
+    main = threading.current_thread() is threading.main_thread()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if main else None
+    try:
+        if directory:
+            return register_temporary(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
+        os.close(fd)
+        return register_temporary(name)
+    finally:
+        if blocked is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending signal is raised now: cleaned up
 
 
 RENAME_NOREPLACE = 1

@@ -13,6 +13,9 @@ import numpy as np
 import polars as pl
 import pytest
 
+# one worker runs these one after another: two corrupt runs killed at once on 2 cores made the timing flaky
+pytestmark = pytest.mark.xdist_group("signals")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
