@@ -72,6 +72,8 @@ def atomic_path(dest: str | Path, *, directory: bool = False, command: str | Non
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if claim_of(dest) is not None:
+            release_claim(dest)  # the command fails: it will not write this output
         raise
     if claim_of(dest) is not None:
         release_claim(dest)  # published: the command is done with this output

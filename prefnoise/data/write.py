@@ -25,9 +25,10 @@ from prefnoise.data.conversational import to_conversational
 from prefnoise.data.provenance import METADATA_KEY, HistoryEntry
 from prefnoise.data.schema import DEFAULT_BATCH_SIZE, STDIN, drop_internal, first_error_line, to_polars
 from prefnoise.errors import PrefnoiseError
-from prefnoise.outputs import check_output_file
+from prefnoise.outputs import check_output_file, releases_outputs
 
 
+@releases_outputs
 def write_table(
     data: pl.DataFrame | Iterable[pl.DataFrame],
     dest: str | Path,
