@@ -313,7 +313,7 @@ def test_cli_json_has_rate_annotators_breakdowns_and_suspects(voted):
     schema = json.loads((ROOT / "docs" / "schemas" / "audit.json").read_text(encoding="utf-8"))
     jsonschema.Draft202012Validator(schema).validate(report)  # the --json contract holds with annotators
     python = pn.audit(frame, annotators=["h0", "h1"], position_col="shown_first", by="longer", bootstrap=50)
-    without_input = {k: v for k, v in report.items() if k not in ("input", "schema_version")}  # the CLI adds it
+    without_input = {k: v for k, v in report.items() if k not in ("input", "schema_version")}
     assert {k: v for k, v in python.summary.items() if k != "input"} == without_input
     estimate = invoke("audit", path, "--annotators", "h0,h1", "--estimate-only")
     assert estimate.exit_code == 0 and float(estimate.stdout) == pytest.approx(python.estimate.rate, abs=0.05)

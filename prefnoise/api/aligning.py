@@ -12,6 +12,8 @@ from typing import Any
 
 from prefnoise.api.tables import NOTHING_WRITTEN, ProgressBar, Table, input_table, no_bar, path_of, split_options
 from prefnoise.errors import PrefnoiseError
+from prefnoise.loss_names import POLICY_RATE_OPTIONS
+from prefnoise.noise_audit.handoff import AuditEstimate, read_audit_estimate
 from prefnoise.options.align import AlignConfig
 from prefnoise.options.training import INPUT_DEFAULTS, keyword_signature
 from prefnoise.outputs import check_output_dir, check_output_file, releases_outputs
@@ -44,7 +46,7 @@ def align(data: Table, *, model: str, out: str | Path | None = None, options: Al
     unknown = sorted(set(align_options) - {f.name for f in dataclasses.fields(AlignConfig)})
     if unknown:
         raise PrefnoiseError(f"align: unknown option {unknown[0]!r}; options are: {', '.join(sorted(KNOWN))}")
-    cfg = options or AlignConfig(model=str(model), out=str(out or ""), **align_options)
+    cfg, audit = with_audit_rate(options or AlignConfig(model=str(model), out=str(out or ""), **align_options))
     if not out and not dry_run:
         raise PrefnoiseError("--out DIR is required (or use --dry-run to only print the plan)")
     if cfg.resume and overwrite:
@@ -61,8 +63,21 @@ def align(data: Table, *, model: str, out: str | Path | None = None, options: Al
         plan = dataclasses.asdict(prepare(cfg, frame, source=name).plan)
         return AlignResult({"dry_run": True, "input": name, **plan}, True)
     with cleaned_up_on_failure(Path(out), state), (progress_bar or no_bar)("aligning", None) as advance:
-        summary = train(cfg, frame, source=name, on_progress=advance)
+        summary = train(cfg, frame, source=name, on_progress=advance,
+                        notes={"noise_rate_from": audit.provenance()} if audit else None)
     return AlignResult(summary)
+
+
+def with_audit_rate(cfg: AlignConfig) -> tuple[AlignConfig, AuditEstimate | None]:
+    """``cfg`` with cdpo's/rdpo's ε read from ``cfg.noise_rate_from`` (an audit's --json file), and the
+    estimate; ``cfg`` unchanged without that file. Giving the rate as well is an error."""
+    if cfg.noise_rate_from is None:
+        return cfg, None
+    option = POLICY_RATE_OPTIONS[cfg.loss]
+    if getattr(cfg, option) is not None:
+        raise PrefnoiseError(f"--{option.replace('_', '-')} and --noise-rate-from both give ε; pass one of them")
+    audit = read_audit_estimate(cfg.noise_rate_from)
+    return cfg.replace(**{option: audit.rate}), audit
 
 
 KNOWN = {f.name for f in dataclasses.fields(AlignConfig)} - {"model", "out"}

@@ -64,6 +64,10 @@ NoiseRateOption = Annotated[
     float | None, typer.Option("--noise-rate", help="rdpo (required): the flip rate ε in [0, 0.5).",
                                rich_help_panel=LOSS)
 ]
+NoiseRateFromOption = Annotated[
+    str | None, typer.Option("--noise-rate-from", metavar="AUDIT.json", help="cdpo/rdpo: ε from an audit's "
+                             "--json file (its estimate and interval go into the run's summary).", rich_help_panel=LOSS)
+]
 TauOption = Annotated[
     float | None, typer.Option("--tau", help="ipo: target 1/(2τ) of the per-token averaged log-ratio margin "
                                "(default β).", rich_help_panel=LOSS)
@@ -172,6 +176,7 @@ def align_command(
     clip: ClipOption = AlignConfig.clip,
     label_smoothing: LabelSmoothingOption = AlignConfig.label_smoothing,
     noise_rate: NoiseRateOption = AlignConfig.noise_rate,
+    noise_rate_from: NoiseRateFromOption = AlignConfig.noise_rate_from,
     tau: TauOption = AlignConfig.tau,
     alpha: AlphaOption = AlignConfig.alpha,
     beta_prime: BetaPrimeOption = AlignConfig.beta_prime,

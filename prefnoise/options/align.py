@@ -46,6 +46,7 @@ class AlignConfig(Options):
     clip: float | None = 10.0  # SymPO's bound on each implicit reward
     label_smoothing: float | None = None  # cdpo's ε: required for cdpo, no default
     noise_rate: float | None = None  # rdpo's ε: required for rdpo, no default
+    noise_rate_from: str | None = None  # cdpo/rdpo: take ε from an audit's --json file instead
     tau: float | None = None  # ipo; None means β
     alpha: float = 14.0  # ropo
     beta_prime: float = 1.0  # drdpo's β′ (Dr. DPO's default)
@@ -79,7 +80,7 @@ class AlignConfig(Options):
     report_to: str = "none"  # trackers logging under out/runs
 
     def __post_init__(self) -> None:
-        for name in ("model", "out", "ref_cache"):
+        for name in ("model", "out", "ref_cache", "noise_rate_from"):
             if isinstance(getattr(self, name), Path):
                 object.__setattr__(self, name, str(getattr(self, name)))
         if self.clip == 0:  # the CLI's 0 turns the clip off
@@ -98,8 +99,13 @@ class AlignConfig(Options):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise OptionError(name, f"must be a finite number, got {value}")
         check_integers(self, INTEGERS)
+        if self.noise_rate_from is not None and self.loss not in POLICY_RATE_OPTIONS:
+            raise RuleError("noise_rate_from", f"noise_rate_from= applies to the losses that need a flip rate "
+                            f"({', '.join(POLICY_RATE_OPTIONS)}), not loss={self.loss!r}",
+                            f"--noise-rate-from applies to --loss {' or '.join(POLICY_RATE_OPTIONS)}, "
+                            f"not --loss {self.loss}")
         missing = missing_rate(self.loss, dataclasses.asdict(self), POLICY_RATE_OPTIONS)
-        if missing:
+        if missing and self.noise_rate_from is None:  # the API reads the rate from the audit before training
             name = POLICY_RATE_OPTIONS[self.loss]
             raise RuleError(name, missing.replace(f"--loss {self.loss}", f"loss={self.loss!r}")
                             .replace(flag_of(name), f"{name}="), missing)

@@ -64,11 +64,13 @@ SUMMARY_FILE = "summary.json"
 
 def train(cfg: AlignConfig, frame: pl.DataFrame, *, source: str = "data",
           on_progress: Callable[[int], None] | None = None,
-          on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          on_log: Callable[[dict[str, Any]], None] | None = None,
+          notes: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the policy on ``frame`` (canonical pairs) and save it under ``cfg.out``; return the summary.
 
     ``on_progress(n)`` advances by n optimizer steps; ``on_log(record)`` sees each metrics record
-    (an exception it raises stops training, as an interruption would).
+    (an exception it raises stops training, as an interruption would); ``notes`` join the summary (e.g.
+    where ε came from).
     """
     check_environment(cfg)  # before the accelerator: --report-to must name an installed tracker
     spec = RunSpec(ALIGN_COMMAND, asdict(cfg), free=RESUME_FREE, legacy=LEGACY_OPTIONS,
@@ -91,7 +93,7 @@ def train(cfg: AlignConfig, frame: pl.DataFrame, *, source: str = "data",
     if task.start_step == 0:
         task.evaluate(0)
     fit(task, run, Cadence(cfg.log_every, cfg.eval_every, cfg.save_every), task.start_step)
-    summary = task.finish(started)
+    summary = task.finish(started, notes or {})
     run.end()
     return summary
 
@@ -191,7 +193,7 @@ class PolicyTask:
     def write_extra(self, directory: Path) -> None:
         """align's checkpoints need nothing beyond accelerate's state."""
 
-    def finish(self, started: float) -> dict[str, Any]:
+    def finish(self, started: float, notes: dict[str, Any]) -> dict[str, Any]:
         """Check the final weights, evaluate, save the model and the summary; return the summary."""
         from accelerate.utils import gather_object  # heavy: accelerate's utils load torch.distributed
 
@@ -215,7 +217,7 @@ class PolicyTask:
             "ref_cache": str(self.cache_path), "ref_cache_hit": self.cache_hit,
             "weights_agree": len(set(digests)) == 1,  # every process ends with the same weights
             "train": self.last_train, "val": final_eval,
-            "seconds": round(time.perf_counter() - started, 3),
+            "seconds": round(time.perf_counter() - started, 3), **notes,
         }
         if self.run.main:
             atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
