@@ -214,6 +214,7 @@ def throughput(args, work: Path) -> dict:
     import torch
 
     from prefnoise.policy import trainer as align
+    from prefnoise.policy.plan import resolve_precision
 
     shape = dict(TINY if args.tiny else FULL)
     max_length = args.max_length or (64 if args.tiny else 1024)
@@ -264,7 +265,7 @@ def throughput(args, work: Path) -> dict:
                     "mean_sequence_tokens": round(float(lengths.mean()), 1),
                     "max_sequence_tokens": int(lengths.max()), "truncated_pairs": summary["truncated_rows"]},
         "loss": args.loss, "batch_size_pairs": args.batch_size, "batching": getattr(cfg, "batching", None),
-        "precision": align.resolve_precision(cfg, args.device == "cuda"),
+        "precision": resolve_precision(cfg, args.device == "cuda"),
         "warmup_steps": args.warmup, "measured_steps": args.steps,
         "seconds": seconds, "tokens": tokens, "padded_tokens": padded,
         "tokens_per_s": tokens / seconds, "padded_tokens_per_s": padded / seconds,

@@ -54,6 +54,7 @@ from prefnoise.policy.objective import (
 )
 from prefnoise.policy.plan import Prepared, check_environment, prepare, step_rows
 from prefnoise.policy.reference import reference_of
+from prefnoise.resources import check_fits_in_memory
 from prefnoise.training import CHECKPOINTS_DIR, METRICS_FILE, Trainer
 from prefnoise.training.loop import Cadence, Step, fit
 from prefnoise.training.run import Run, RunSpec
@@ -78,6 +79,11 @@ def train(cfg: AlignConfig, frame: pl.DataFrame, *, source: str = "data",
     run = Run(spec, cfg.out, device=cfg.device, precision=cfg.precision, report_to=cfg.report_to, resume=cfg.resume)
     prepared = prepare(cfg, frame, source=source, processes=run.accelerator.num_processes,
                        chat_date=run.saved.get("chat_date") if run.saved else None)
+    if run.accelerator.device.type == "cpu":  # before the model is loaded: a run that cannot fit stops here
+        plan = prepared.plan
+        check_fits_in_memory(plan.memory_estimate_bytes, f"align on {cfg.model} ({plan.parameters:,} parameters, "
+                             f"{plan.trainable_parameters:,} trained)", "lower --batch-size or --max-length, or train "
+                             "LoRA adapters (--lora-r) with --gradient-checkpointing")
     started = time.perf_counter()
     # What a checkpoint must match to be resumed, besides the options: the data and the model.
     run_state = {"chat_date": prepared.pairs.settings.chat_date, "data": data_fingerprint(prepared.pairs),
