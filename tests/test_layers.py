@@ -133,3 +133,48 @@ def _function_local_imports() -> list[tuple[str, int, str, bool]]:
 def test_function_local_imports_say_why():
     missing = [where for where, _, _, reason in _function_local_imports() if not reason]
     assert missing == [], f"{len(missing)} function-local imports without a one-line reason: {missing[:20]}"
+
+
+# --------------------------------------------------------------------------- sizes (docs/architecture.md)
+
+MAX_FUNCTION_LINES = 80  # signature and docstring included: end_lineno - lineno + 1
+MAX_MODULE_LINES = 600
+# "path:function" or "path" -> why it may be longer; each one is listed in docs/architecture.md too.
+SIZE_EXCEPTIONS: dict[str, str] = {}
+
+
+def _oversized(package: Path) -> list[tuple[str, int]]:
+    """(``path`` or ``path:function``, lines) of every module and function in ``package`` over the limits."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        name = path.relative_to(package.parent).as_posix()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            found.append((name, len(text.splitlines())))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append((f"{name}:{node.name}", lines))
+    return found
+
+
+def test_no_function_over_80_lines_and_no_module_over_600():
+    assert [(where, n) for where, n in _oversized(PACKAGE) if where not in SIZE_EXCEPTIONS] == []
+
+
+def test_every_size_exception_is_still_needed_and_documented():
+    oversized = {where for where, _ in _oversized(PACKAGE)}
+    architecture = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    for where, reason in SIZE_EXCEPTIONS.items():
+        assert reason and where in oversized, f"{where} is within the limits now: drop its exception"
+        assert where.split(":")[-1] in architecture, f"list {where} with its reason in docs/architecture.md"
+
+
+def test_the_size_check_finds_a_long_function_and_a_long_module(tmp_path):
+    package = tmp_path / "big"
+    package.mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(79))  # 79 lines + the def line: exactly 80
+    (package / "fits.py").write_text(f"def at_the_limit():\n{body}")
+    (package / "long.py").write_text(f"def over_it():\n{body}    return x0\n" + "\n" * 520)
+    assert _oversized(package) == [("big/long.py", 601), ("big/long.py:over_it", 81)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,10 @@ import polars as pl
 
 from prefnoise import columns as C
 from prefnoise.api.tables import (
+    InputTable,
     ProgressBar,
     Table,
+    build_options,
     gather_input_options,
     input_table,
     no_bar,
@@ -46,39 +47,16 @@ def audit(
     out: str | Path | None = None,
     options: AuditOptions | None = None,
     *,
-    annotators: list[str] | str | None = None,
-    votes: str | Path | None = None,
-    position_col: str | None = None,
-    by: list[str] | str | None = None,
-    gold: str | None = None,
-    folds: int = 5,
-    refits: int = 3,
-    reward_col: str | None = None,
-    margin_col: str | None = None,
-    loss: str = "sigmoid",
-    model: str | None = None,
-    encoder: str | None = None,
-    embed_features: str | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    hidden: int = 256,
-    max_length: int | None = None,
-    head: str | None = None,
-    device: str = "auto",
-    bootstrap: int = 200,
-    show_suspects: int = 10,
-    show_text: bool = False,
-    plot: str | Path | None = None,
-    fix: str | None = None,
-    threshold: float = 0.5,
-    overwrite: bool = False,
-    seed: int = C.DEFAULT_SEED,
-    prompt_col: str = C.PROMPT,
-    chosen_col: str = C.CHOSEN,
-    rejected_col: str = C.REJECTED,
-    layout: str = "auto",
-    drop_invalid: bool = False,
+    annotators: list[str] | str | None = None, votes: str | Path | None = None, position_col: str | None = None,
+    by: list[str] | str | None = None, gold: str | None = None, folds: int = 5, refits: int = 3,
+    reward_col: str | None = None, margin_col: str | None = None, loss: str = "sigmoid", model: str | None = None,
+    encoder: str | None = None, embed_features: str | None = None, epochs: int | None = None,
+    batch_size: int | None = None, lr: float | None = None, hidden: int = 256, max_length: int | None = None,
+    head: str | None = None, device: str = "auto", bootstrap: int = 200, show_suspects: int = 10,
+    show_text: bool = False, plot: str | Path | None = None, fix: str | None = None, threshold: float = 0.5,
+    overwrite: bool = False, seed: int = C.DEFAULT_SEED,
+    prompt_col: str = C.PROMPT, chosen_col: str = C.CHOSEN, rejected_col: str = C.REJECTED,
+    layout: str = "auto", drop_invalid: bool = False,
     progress_bar: ProgressBar | None = None,
     **input_options: Any,
 ) -> AuditResult:
@@ -91,44 +69,55 @@ def audit(
     undetermined (``result.estimate.identifiable`` False) the summary's rate is None with a reason, and
     ``fix`` ("drop" or "swap", with ``out``) refuses with a PrefnoiseError of exit code 4.
     """
-    given = locals()
-    # pulls scipy and torch's reward models: loaded only when audit runs
-    from prefnoise.noise_audit.run import run_audit
-
-    options = options or AuditOptions(**{f.name: given[f.name] for f in dataclasses.fields(AuditOptions)})
-    _check_outputs(options, out, plot)
+    options = build_options(AuditOptions, options, locals())
+    _check_outputs(options, [path_of(data), options.votes], out, plot, overwrite)
     started = time.time()  # the history entry's duration covers the folds, not only the writing
-    inputs = [path_of(data), options.votes]
-    check_output_file(out, inputs=inputs, overwrite=overwrite)
-    check_output_file(plot, inputs=inputs, overwrite=overwrite, flag="--plot", suffix=".png")
-    check_distinct_outputs({"--out": out, "--plot": plot})
     src = input_table(
         data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
     )
-    vote_table = None if options.votes is None else raw_lazy(options.votes).collect()
-    fits = not (options.with_annotators or options.given_margins)
-    bar = (progress_bar or no_bar)("cross-fitting folds", options.folds * options.refits) if fits else None
-    with bar or contextlib.nullcontext() as advance:
-        outcome = run_audit(src.collect(), options, name=src.name, votes=vote_table, drop_invalid=drop_invalid,
-                            on_fold=advance)
+    outcome = _run(src, options, drop_invalid, progress_bar or no_bar)
     if out is not None:
-        entry = new_history_entry("audit", outcome.parameters, seed=options.seed, source=src.source)
-        entry.started = started
-        entry.extra["noise_estimate"] = outcome.history_estimate
-        if options.fix is not None:
-            entry.extra["fixed_pairs"] = outcome.summary["fixed"]
-        write_table(outcome.table, out, entry=entry, overwrite=overwrite)
+        _write_table(outcome, src, options, out, started, overwrite)
     if plot is not None:
-
         margin_histogram(outcome.table["oof_margin"].to_numpy(), getattr(outcome.estimate, "mixture", None), plot)
-    outcome.summary["input"] = src.name
-    outcome.summary["output"] = output_name(out)
+    outcome.summary.update(input=src.name, output=output_name(out))
     return AuditResult(outcome.table, outcome.estimate, outcome.summary)
 
 
-def _check_outputs(options: AuditOptions, out: str | Path | None, plot: str | Path | None) -> None:
-    """What the outputs need: --fix writes the cleaned table to --out; --plot draws margins."""
+def _check_outputs(
+    options: AuditOptions, inputs: list[Any], out: str | Path | None, plot: str | Path | None, overwrite: bool
+) -> None:
+    """What the outputs need (--fix writes the cleaned table to --out; --plot draws margins), and that
+    neither output is an input, a file prefnoise did not write, or the other output."""
     if options.fix is not None and out is None:
         raise PrefnoiseError("--fix needs --out for the cleaned table")
     if plot is not None and options.with_annotators:
         raise PrefnoiseError("--plot draws out-of-fold margins, and an audit with annotators has none; drop --plot")
+    check_output_file(out, inputs=inputs, overwrite=overwrite)
+    check_output_file(plot, inputs=inputs, overwrite=overwrite, flag="--plot", suffix=".png")
+    check_distinct_outputs({"--out": out, "--plot": plot})
+
+
+def _run(src: InputTable, options: AuditOptions, drop_invalid: bool, progress_bar: ProgressBar) -> Any:
+    """The audit of ``src``'s pairs (its table, estimate, summary), under a bar when fold models are fitted."""
+    # pulls scipy and torch's reward models: loaded only when audit runs
+    from prefnoise.noise_audit.run import run_audit
+
+    votes = None if options.votes is None else raw_lazy(options.votes).collect()
+    fits = not (options.with_annotators or options.given_margins)
+    bar = progress_bar("cross-fitting folds", options.folds * options.refits) if fits else None
+    with bar or contextlib.nullcontext() as advance:
+        return run_audit(src.collect(), options, name=src.name, votes=votes, drop_invalid=drop_invalid,
+                         on_fold=advance)
+
+
+def _write_table(
+    outcome: Any, src: InputTable, options: AuditOptions, out: str | Path, started: float, overwrite: bool
+) -> None:
+    """Write the audited (or fixed) table to ``out`` with its history entry (``started``: time.time())."""
+    entry = new_history_entry("audit", outcome.parameters, seed=options.seed, source=src.source)
+    entry.started = started
+    entry.extra["noise_estimate"] = outcome.history_estimate
+    if options.fix is not None:
+        entry.extra["fixed_pairs"] = outcome.summary["fixed"]
+    write_table(outcome.table, out, entry=entry, overwrite=overwrite)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -23,18 +23,25 @@ from prefnoise.cli.common import (
     ChosenColOption,
     ChosenScoreColOption,
     ConfigOption,
+    DeviceOption,
     DropInvalidOption,
+    EncoderOption,
+    HiddenOption,
     JsonOption,
     LayoutOption,
     OverwriteOption,
+    PairsArgument,
     PromptColOption,
     RejectedColOption,
     RejectedScoreColOption,
+    RewardModelOption,
     SeedOption,
     SplitOption,
     cli_errors,
     console,
     emit_json,
+    input_options,
+    options_from,
     progress,
     register_options,
     reports_to_stderr,
@@ -44,120 +51,128 @@ from prefnoise.cli.common import (
 from prefnoise.errors import PrefnoiseError
 from prefnoise.options.audit import AuditOptions
 
+AnnotatorsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--annotators",
+        help="COL[,COL...]: columns holding other annotators' votes on each pair ('chosen'/'rejected'/'tie', "
+        "1/-1/0 or true/false = prefers chosen; null = not annotated). Audits the table's labels with "
+        "Dawid-Skene instead of fold models.",
+    ),
+]
+VotesOption = Annotated[
+    str | None, typer.Option("--votes", help="A long table of votes (pair_id, annotator, vote), as --annotators.")
+]
+PositionColOption = Annotated[
+    str | None,
+    typer.Option(
+        "--position-col",
+        help="With annotators: column saying which response was shown first ('chosen'/'rejected', 1/-1, "
+        "true = chosen first); adds position bias and a position breakdown.",
+    ),
+]
+ByOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--by",
+        help="With annotators: flip rates per group, as corrupt's rules: longer, column:NAME, compare:NAME "
+        "(repeat for several).",
+    ),
+]
+GoldOption = Annotated[
+    str | None,
+    typer.Option(
+        "--gold",
+        help="COL: trusted votes on a random subset of pairs (as --annotators' encodings; null elsewhere). The "
+        "gold pairs correct the fold models' margins (prediction-powered inference); the gold-only interval "
+        "is shown beside it.",
+    ),
+]
+FoldsOption = Annotated[int, typer.Option("--folds", help="Cross-fitting folds (split by pair_id hash).")]
+RefitsOption = Annotated[
+    int, typer.Option("--refits", help="Independent cross-fits (other folds and seeds), pooled into ε̂'s interval.")
+]
+RewardColOption = Annotated[
+    str | None,
+    typer.Option(
+        "--reward-col",
+        help="Use precomputed rewards chosen_COL − rejected_COL (e.g. 'reward' from `prefnoise score`) as the "
+        "margins instead of fitting fold models; valid only for out-of-sample predictions.",
+    ),
+]
+MarginColOption = Annotated[
+    str | None,
+    typer.Option("--margin-col", help="Use a precomputed margin column (reward(chosen) − reward(rejected))."),
+]
+LossOption = Annotated[str, typer.Option("--loss", help="Margin loss of the fold models (a symmetric one is robust).")]
+HeadOption = Annotated[
+    str | None, typer.Option("--head", help="transformer --model: sequence-classification or pooled (as fit-reward).")
+]
+EmbedFeaturesOption = Annotated[
+    str | None,
+    typer.Option("--embed-features", help="embed+mlp: what the MLP reads (as fit-reward's --embed-features)."),
+]
+EpochsOption = Annotated[int | None, typer.Option("--epochs", help="Epochs per fold model (fit-reward's default).")]
+PairsPerStepOption = Annotated[int | None, typer.Option("--batch-size", help="Pairs per step.")]
+LrOption = Annotated[float | None, typer.Option("--lr", help="Learning rate.")]
+MaxLengthOption = Annotated[int | None, typer.Option("--max-length", help="Token limit (text backends).")]
+BootstrapOption = Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for ε̂'s interval.")]
+ShowSuspectsOption = Annotated[int, typer.Option("--show-suspects", help="How many of the most suspect pairs to list.")]
+ShowTextOption = Annotated[bool, typer.Option("--show-text", help="Include prompt and responses of the listed pairs.")]
+PlotOption = Annotated[
+    Path | None, typer.Option("--plot", help="Histogram of out-of-fold margins with the fitted mixture (PNG).")
+]
+FixOption = Annotated[str | None, typer.Option("--fix", help="With --out: 'drop' suspects or 'swap' them back.")]
+ThresholdOption = Annotated[float, typer.Option("--threshold", help="--fix acts on pairs with suspicion above this.")]
+EstimateOnlyOption = Annotated[
+    bool,
+    typer.Option(
+        "--estimate-only", help="Print only ε̂ (for align --noise-rate $(...)); exit 4 when it is undetermined."
+    ),
+]
+OutTableOption = Annotated[
+    str | None,
+    typer.Option("--out", help="Write the table with fold, oof_margin and suspicion columns (- for stdout)."),
+]
+
+
 register_options("audit", AuditOptions)
 
 
 @app.command("audit")
 @cli_errors
 def audit_command(
-    data: Annotated[
-        str, typer.Argument(metavar="DATA", help="Preference table (Parquet, JSONL, CSV, saved dataset, or -).")
-    ],
-    out: Annotated[
-        str | None,
-        typer.Option("--out", help="Write the table with fold, oof_margin and suspicion columns (- for stdout)."),
-    ] = None,
-    annotators: Annotated[
-        str | None,
-        typer.Option(
-            "--annotators",
-            help="COL[,COL...]: columns holding other annotators' votes on each pair ('chosen'/'rejected'/'tie', "
-            "1/-1/0 or true/false = prefers chosen; null = not annotated). Audits the table's labels with "
-            "Dawid-Skene instead of fold models.",
-        ),
-    ] = None,
-    votes: Annotated[
-        str | None,
-        typer.Option("--votes", help="A long table of votes (pair_id, annotator, vote), as --annotators."),
-    ] = None,
-    position_col: Annotated[
-        str | None,
-        typer.Option(
-            "--position-col",
-            help="With annotators: column saying which response was shown first ('chosen'/'rejected', 1/-1, "
-            "true = chosen first); adds position bias and a position breakdown.",
-        ),
-    ] = None,
-    by: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--by",
-            help="With annotators: flip rates per group, as corrupt's rules: longer, column:NAME, compare:NAME "
-            "(repeat for several).",
-        ),
-    ] = None,
-    gold: Annotated[
-        str | None,
-        typer.Option(
-            "--gold",
-            help="COL: trusted votes on a random subset of pairs (as --annotators' encodings; null elsewhere). The "
-            "gold pairs correct the fold models' margins (prediction-powered inference); the gold-only interval "
-            "is shown beside it.",
-        ),
-    ] = None,
-    folds: Annotated[int, typer.Option("--folds", help="Cross-fitting folds (split by pair_id hash).")] = 5,
-    refits: Annotated[
-        int,
-        typer.Option("--refits", help="Independent cross-fits (other folds and seeds), pooled into ε̂'s interval."),
-    ] = 3,
-    reward_col: Annotated[
-        str | None,
-        typer.Option(
-            "--reward-col",
-            help="Use precomputed rewards chosen_COL − rejected_COL (e.g. 'reward' from `prefnoise score`) as the "
-            "margins instead of fitting fold models; valid only for out-of-sample predictions.",
-        ),
-    ] = None,
-    margin_col: Annotated[
-        str | None,
-        typer.Option("--margin-col", help="Use a precomputed margin column (reward(chosen) − reward(rejected))."),
-    ] = None,
-    loss: Annotated[
-        str, typer.Option("--loss", help="Margin loss of the fold models (a symmetric one is robust).")
-    ] = "sigmoid",
-    model: Annotated[
-        str | None,
-        typer.Option("--model", help="mlp (default with feature columns), embed+mlp, or a local HF model directory."),
-    ] = None,
-    encoder: Annotated[str | None, typer.Option("--encoder", help="embed+mlp: local HF encoder directory.")] = None,
-    head: Annotated[
-        str | None,
-        typer.Option("--head", help="transformer --model: sequence-classification or pooled (as fit-reward)."),
-    ] = None,
-    embed_features: Annotated[
-        str | None,
-        typer.Option("--embed-features", help="embed+mlp: what the MLP reads (as fit-reward's --embed-features)."),
-    ] = None,
-    epochs: Annotated[
-        int | None, typer.Option("--epochs", help="Epochs per fold model (fit-reward's default).")
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Pairs per step.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
-    hidden: Annotated[int, typer.Option("--hidden", help="MLP hidden width.")] = 256,
-    max_length: Annotated[int | None, typer.Option("--max-length", help="Token limit (text backends).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for ε̂'s interval.")] = 200,
-    show_suspects: Annotated[
-        int, typer.Option("--show-suspects", help="How many of the most suspect pairs to list.")
-    ] = 10,
-    show_text: Annotated[
-        bool, typer.Option("--show-text", help="Include prompt and responses of the listed pairs.")
-    ] = False,
-    plot: Annotated[
-        Path | None, typer.Option("--plot", help="Histogram of out-of-fold margins with the fitted mixture (PNG).")
-    ] = None,
-    fix: Annotated[str | None, typer.Option("--fix", help="With --out: 'drop' suspects or 'swap' them back.")] = None,
-    threshold: Annotated[
-        float, typer.Option("--threshold", help="--fix acts on pairs with suspicion above this.")
-    ] = 0.5,
-    estimate_only: Annotated[
-        bool,
-        typer.Option(
-            "--estimate-only", help="Print only ε̂ (for align --noise-rate $(...)); exit 4 when it is undetermined."
-        ),
-    ] = False,
+    data: PairsArgument,
+    out: OutTableOption = None,
+    annotators: AnnotatorsOption = AuditOptions.annotators,
+    votes: VotesOption = AuditOptions.votes,
+    position_col: PositionColOption = AuditOptions.position_col,
+    by: ByOption = AuditOptions.by,
+    gold: GoldOption = AuditOptions.gold,
+    folds: FoldsOption = AuditOptions.folds,
+    refits: RefitsOption = AuditOptions.refits,
+    reward_col: RewardColOption = AuditOptions.reward_col,
+    margin_col: MarginColOption = AuditOptions.margin_col,
+    loss: LossOption = AuditOptions.loss,
+    model: RewardModelOption = AuditOptions.model,
+    encoder: EncoderOption = AuditOptions.encoder,
+    head: HeadOption = AuditOptions.head,
+    embed_features: EmbedFeaturesOption = AuditOptions.embed_features,
+    epochs: EpochsOption = AuditOptions.epochs,
+    batch_size: PairsPerStepOption = AuditOptions.batch_size,
+    lr: LrOption = AuditOptions.lr,
+    hidden: HiddenOption = AuditOptions.hidden,
+    max_length: MaxLengthOption = AuditOptions.max_length,
+    device: DeviceOption = AuditOptions.device,
+    bootstrap: BootstrapOption = AuditOptions.bootstrap,
+    show_suspects: ShowSuspectsOption = AuditOptions.show_suspects,
+    show_text: ShowTextOption = AuditOptions.show_text,
+    plot: PlotOption = None,
+    fix: FixOption = AuditOptions.fix,
+    threshold: ThresholdOption = AuditOptions.threshold,
+    estimate_only: EstimateOnlyOption = False,
     overwrite: OverwriteOption = False,
-    seed: SeedOption = C.DEFAULT_SEED,
+    seed: SeedOption = AuditOptions.seed,
     json_output: JsonOption = False,
     prompt_col: PromptColOption = C.PROMPT,
     chosen_col: ChosenColOption = C.CHOSEN,
@@ -174,31 +189,25 @@ def audit_command(
     Exit 4 with --estimate-only or --fix when ε̂ is undetermined (the fold models cannot tell flips from
     their own mistakes); the JSON report then has "rate": null and a "reason".
     """
-    quiet = estimate_only or json_output
-    options = AuditOptions(
-        folds=folds, refits=refits, reward_col=reward_col, margin_col=margin_col, loss=loss, model=model,
-        encoder=encoder, head=head, embed_features=embed_features, epochs=epochs, batch_size=batch_size, lr=lr,
-        hidden=hidden, max_length=max_length, device=device, annotators=annotators, votes=votes,
-        position_col=position_col, by=tuple(by) if by else None, gold=gold, bootstrap=bootstrap,
-        show_suspects=show_suspects, show_text=show_text, fix=fix, threshold=threshold, seed=seed,
-    )
     result = api.audit(
-        data, out, options, plot=plot, overwrite=overwrite, prompt_col=prompt_col, chosen_col=chosen_col,
-        rejected_col=rejected_col, layout=layout, drop_invalid=drop_invalid, chosen_score_col=chosen_score_col,
-        rejected_score_col=rejected_score_col, split=split, config=config,
-        progress_bar=functools.partial(progress, enabled=show_progress(quiet)),
+        data, out, options_from(AuditOptions, locals()), plot=plot, overwrite=overwrite,
+        progress_bar=functools.partial(progress, enabled=show_progress(estimate_only or json_output)),
+        **input_options(locals()),
     )
-    estimate = result.estimate
     if estimate_only:
-        if not estimate.identifiable:
-            raise PrefnoiseError(f"flip rate undetermined: {estimate.reason}", exit_code=A.UNDETERMINED_EXIT)
-        typer.echo(f"{estimate.rate:.4f}")
-        return
-    if json_output:
+        _print_estimate(result.estimate)
+    elif json_output:
         emit_json(result.summary, to_stderr=out == "-")
-        return
-    reports_to_stderr(out == "-")
-    _print_report(result.summary)
+    else:
+        reports_to_stderr(out == "-")
+        _print_report(result.summary)
+
+
+def _print_estimate(estimate: Any) -> None:
+    """ε̂ alone, on stdout (--estimate-only); exit 4 when it is undetermined."""
+    if not estimate.identifiable:
+        raise PrefnoiseError(f"flip rate undetermined: {estimate.reason}", exit_code=A.UNDETERMINED_EXIT)
+    typer.echo(f"{estimate.rate:.4f}")
 
 
 def _print_report(report: dict) -> None:

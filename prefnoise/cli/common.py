@@ -413,6 +413,16 @@ InputArgument = Annotated[
 OutArgument = Annotated[
     str, typer.Argument(metavar="OUT", help="Output .parquet (or no extension), .jsonl or .csv; - for stdout.")
 ]
+PairsArgument = Annotated[
+    str, typer.Argument(metavar="DATA", help="Preference table (Parquet, JSONL, CSV, saved dataset, or -).")
+]
+# The reward-model options fit-reward and audit's fold models share.
+RewardModelOption = Annotated[
+    str | None,
+    typer.Option("--model", help="mlp (default with feature columns), embed+mlp, or a local HF model directory."),
+]
+EncoderOption = Annotated[str | None, typer.Option("--encoder", help="embed+mlp: local HF encoder directory.")]
+HiddenOption = Annotated[int, typer.Option("--hidden", help="MLP hidden width.")]
 
 
 # The input options every table-reading command shares (the parameters of open_input); the rest of a
