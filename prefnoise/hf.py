@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from prefnoise.errors import PrefnoiseError
+from prefnoise.resources import check_fits_in_memory
 
 CONFIG_FILE = "config.json"
 CUSTOM_CODE_KEY = "auto_map"
@@ -282,6 +283,9 @@ def check_weights(cls: Any, path: str | Path, what: str, config: Any) -> bool:
                 f"{what} {path}: weights do not match config.json ({key} is {shape} in the weights, "
                 f"{expected[match]} by config.json); restore the matching files"
             )
+    parameters = sum(tensor.numel() for tensor in model.state_dict().values())
+    check_fits_in_memory(parameters * 4, f"{what} {path} ({parameters:,} parameters in float32)",
+                         "use a smaller model, or a machine with more memory", doing="to load")
     return True
 
 

@@ -53,12 +53,12 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} PB"
 
 
-def check_fits_in_memory(needed: int, what: str, advice: str) -> None:
+def check_fits_in_memory(needed: int, what: str, advice: str, *, doing: str = "to train") -> None:
     """PrefnoiseError (exit 2) with the estimate when ``needed`` bytes exceed what this process may allocate."""
     free = available_memory()
     if needed > free:
         raise PrefnoiseError(
-            f"{what} needs about {human_bytes(needed)} of memory to train, and {human_bytes(free)} is available; "
+            f"{what} needs about {human_bytes(needed)} of memory {doing}, and {human_bytes(free)} is available; "
             + advice
         )
 

@@ -90,12 +90,3 @@ def test_bad_hand_offs_are_one_line_exit_2_nothing_written(lm_path, data_path, t
     assert_one_line_error(done, *fragments)
     assert_nothing_written(out)
 
-
-def test_align_on_cpu_refuses_a_run_its_memory_estimate_says_cannot_fit(lm_path, data_path, tmp_path, monkeypatch):
-    monkeypatch.setattr("prefnoise.resources.available_memory", lambda: 1000)  # 1 KB left
-    out = tmp_path / "run"
-    done = invoke("align", data_path, "--model", lm_path, "--out", out, "--max-steps", "1", *SMALL)
-    line = assert_one_line_error(done, "needs about", "of memory to train, and 1.0 KB is available",
-                                 "lower --batch-size or --max-length")
-    assert "parameters" in line
-    assert_nothing_written(out)
