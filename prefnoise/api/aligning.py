@@ -14,6 +14,7 @@ from prefnoise.api.tables import NOTHING_WRITTEN, ProgressBar, Table, input_tabl
 from prefnoise.errors import PrefnoiseError
 from prefnoise.loss_names import POLICY_RATE_OPTIONS
 from prefnoise.noise_audit.handoff import AuditEstimate, read_audit_estimate
+from prefnoise.options import flag_of
 from prefnoise.options.align import AlignConfig
 from prefnoise.options.training import INPUT_DEFAULTS, keyword_signature
 from prefnoise.outputs import check_output_dir, check_output_file, releases_outputs
@@ -75,7 +76,7 @@ def with_audit_rate(cfg: AlignConfig) -> tuple[AlignConfig, AuditEstimate | None
         return cfg, None
     option = POLICY_RATE_OPTIONS[cfg.loss]
     if getattr(cfg, option) is not None:
-        raise PrefnoiseError(f"--{option.replace('_', '-')} and --noise-rate-from both give ε; pass one of them")
+        raise PrefnoiseError(f"{flag_of(option)} and --noise-rate-from both give ε; pass one of them")
     audit = read_audit_estimate(cfg.noise_rate_from)
     return cfg.replace(**{option: audit.rate}), audit
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from prefnoise.experiments.loss_comparison import (
     run_grid,
     summarize,
 )
+from prefnoise.jsonvalues import strict_json_value
 from prefnoise.loss_names import SYMMETRIC_LOSS_NAMES
 from prefnoise.options import ComparisonOptions
 from prefnoise.outputs import check_output_dir
@@ -117,7 +119,7 @@ def _cell_cache(out: str | Path, frame: pl.DataFrame, options: ComparisonOptions
                    "rate_neg": options.rate_neg, "test_fraction": options.test_fraction,
                    "split_by": options.split_by, "seed": options.seed,
                    "fit": {k: str(v) for k, v in sorted(fit_options.items())}}
-    key = data_digest(pl.DataFrame({"k": [str(sorted(fingerprint.items()))]}))[:12]
+    key = hashlib.blake2b(json.dumps(fingerprint, sort_keys=True).encode(), digest_size=6).hexdigest()
     return CellCache(out.parent / f".{out.name}.cells-{key}", fingerprint)
 
 
@@ -125,6 +127,7 @@ def _write(out: Path, rows: pl.DataFrame, summary: dict, options: ComparisonOpti
     with atomic_path(out, directory=True, command=COMMAND) as tmp:
         rows.write_parquet(tmp / "results.parquet")
         (tmp / "results.md").write_text(comparison_markdown(summary, options, command), encoding="utf-8")
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / "summary.json").write_text(json.dumps(strict_json_value(summary), indent=2, default=str,
+                                                     allow_nan=False) + "\n", encoding="utf-8")
         robustness_figure(figure_frame(summary), tmp / "robustness.png", symmetric_losses=SYMMETRIC_LOSS_NAMES,
                           y_label=summary["metric"], title="held-out agreement (95% interval over prompts and seeds)")

@@ -6,8 +6,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
-import numbers
 import os
 import re
 import signal
@@ -35,6 +33,7 @@ from prefnoise.atomic import remove_temporary_files, user_umask
 from prefnoise.cli.app import DEBUG_ENV
 from prefnoise.cli.streams import check_utf8_names, printable_name
 from prefnoise.errors import PrefnoiseError, PrefnoiseWarning
+from prefnoise.jsonvalues import strict_json_value
 from prefnoise.options import OPTION_RANGES, SEED_MAX, OptionError, Options, check_options  # noqa: F401  (re-exported for the CLI modules)
 from prefnoise.outputs import release_claims
 from prefnoise.resources import resource_limit_message
@@ -284,22 +283,6 @@ def register_options(command: str, cls: type[OptionsT]) -> type[OptionsT]:
 def options_from(cls: type[OptionsT], values: dict[str, Any]) -> OptionsT:
     """``cls`` built from a command's parameters (``locals()``): every field has a flag of the same name."""
     return cls(**{item.name: values[item.name] for item in dataclasses.fields(cls)})
-
-
-def strict_json_value(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, ±inf) replaced by None, so it is valid JSON."""
-    if isinstance(value, dict):
-        return {str(k): strict_json_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict_json_value(v) for v in value]
-    if isinstance(value, bool | int | str) or value is None:
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        number = float(value)
-        return number if math.isfinite(number) else None
-    return value
 
 
 # The version of every --json object's shape (docs/schemas/<command>.json); raise it on a breaking change.

@@ -26,6 +26,7 @@ from prefnoise.cli.common import (
     show_progress,
 )
 from prefnoise.cli.fit_reward import fit_reward_command
+from prefnoise.experiments.loss_comparison import headline
 from prefnoise.options import ComparisonOptions
 
 DATA_COMMAND = "data"
@@ -95,7 +96,7 @@ def data_command(
 
 
 def _print(summary: dict[str, Any], out: Path) -> None:
-    key = "true_agreement" if summary["metric"].startswith("agreement with the true") else "label_agreement"
+    key = headline(summary)
     rates = sorted({cell["rate"] for cell in summary["cells"]})
     table = Table(title=f"held-out {summary['metric']} (95% intervals over prompts and seeds)")
     table.add_column("loss")

@@ -30,6 +30,7 @@ from prefnoise.metrics.paired import Estimate, cluster_codes, two_stage_mean, ve
 from prefnoise.noise import NoiseSpec, corrupt_frame
 from prefnoise.options import ComparisonOptions
 
+TRUE_METRIC, LABEL_METRIC = "agreement with the true order", "agreement with the labels"
 # fit_cell(noisy train, test, loss, seed) -> the model's rewards on the test rows: shape (n, 2), chosen then rejected
 FitCell = Callable[[pl.DataFrame, pl.DataFrame, str, int], np.ndarray]
 
@@ -186,7 +187,7 @@ def summarize(rows: pl.DataFrame, options: ComparisonOptions) -> dict[str, Any]:
                                 "difference": estimate.value, "low": estimate.low, "high": estimate.high,
                                 "test_pairs": estimate.pairs, "seeds": estimate.seeds,
                                 "verdict": verdict(loss, options.reference, estimate)})
-    return {"metric": "agreement with the true order" if metric == "true_outcome" else "agreement with the labels",
+    return {"metric": TRUE_METRIC if metric == "true_outcome" else LABEL_METRIC,
             "cells": cells, "comparisons": comparisons}
 
 
@@ -226,9 +227,14 @@ def _over_seeds(values: list[float]) -> dict[str, float]:
             "high": mean + half if half is not None else float("nan")}
 
 
+def headline(summary: dict[str, Any]) -> str:
+    """The cell key of the summary's headline metric: ``true_agreement`` or ``label_agreement``."""
+    return "true_agreement" if summary["metric"] == TRUE_METRIC else "label_agreement"
+
+
 def comparison_markdown(summary: dict[str, Any], options: ComparisonOptions, command: str) -> str:
     """The results as a Markdown report: the agreement table, the verdicts, the command."""
-    key = "true_agreement" if summary["metric"].startswith("agreement with the true") else "label_agreement"
+    key = headline(summary)
     lines = [f"# Which loss survives this noise ({summary['metric']})", "", f"Command: `{command}`", "",
              "| loss | " + " | ".join(f"rate {r:g}" for r in options.rates) + " |",
              "|---|" + "---|" * len(options.rates)]
@@ -243,6 +249,6 @@ def comparison_markdown(summary: dict[str, Any], options: ComparisonOptions, com
 
 def figure_frame(summary: dict[str, Any]) -> pl.DataFrame:
     """Mean and half-interval per (loss, rate) in the shape :func:`robustness_figure` draws."""
-    key = "true_agreement" if summary["metric"].startswith("agreement with the true") else "label_agreement"
+    key = headline(summary)
     return pl.DataFrame([{"kind": "injected", "loss": c["loss"], "rate": c["rate"], "mean": c[key]["value"],
                           "std": (c[key]["high"] - c[key]["low"]) / 2} for c in summary["cells"]])
