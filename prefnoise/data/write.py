@@ -18,11 +18,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from polars.exceptions import PanicException
-from polars.io.plugins import register_io_source
 
 from prefnoise import __version__
 from prefnoise.atomic import atomic_path
-from prefnoise.data.conversational import MESSAGE_COLUMNS, to_conversational
+from prefnoise.data.conversational import to_conversational
 from prefnoise.data.provenance import METADATA_KEY, HistoryEntry
 from prefnoise.data.schema import DEFAULT_BATCH_SIZE, STDIN, drop_internal, first_error_line, to_polars
 from prefnoise.errors import PrefnoiseError
@@ -69,16 +68,15 @@ def write_table(
     rows = 0
     try:
         with atomic_path(target) as tmp:
-            writer: _BackgroundWriter | _SinkWriter | None = None
+            writer: _BackgroundWriter | None = None
             message_types: dict[str, pa.DataType] = {}
             try:
                 for frame in frames:
-                    batch = _writable(drop_internal(frame), message_types)
+                    table = to_conversational(drop_internal(frame).to_arrow(), message_types)
                     if writer is None:
-                        schema = batch.schema if isinstance(batch, pa.Table) else batch.head(0).to_arrow().schema
-                        writer = _parquet_writer(tmp, schema, row_group_size)
-                    writer.put(batch)
-                    rows += len(batch)
+                        writer = _BackgroundWriter(tmp, table.schema, row_group_size)
+                    writer.put(table)
+                    rows += table.num_rows
                 if writer is None:
                     raise PrefnoiseError("no rows to write: every input row was filtered out")
                 record = entry.to_dict(rows_out=rows) if isinstance(entry, HistoryEntry) else entry
@@ -153,101 +151,6 @@ def _write_text_table(frames: Iterable[pl.DataFrame], dest: Path, kind: str) -> 
     return rows
 
 
-def _writable(frame: pl.DataFrame, message_types: dict[str, pa.DataType]) -> pl.DataFrame | pa.Table:
-    """A batch as the Parquet writers take it: the frame itself, or a conversational one as an Arrow
-    table in TRL's format (:func:`to_conversational`)."""
-    if all(helper in frame.columns for helper, _ in MESSAGE_COLUMNS):
-        return to_conversational(frame.to_arrow(), message_types)
-    return frame
-
-
-def _parquet_writer(path: Path, schema: pa.Schema, row_group_size: int) -> _BackgroundWriter | _SinkWriter:
-    """polars' multi-threaded Parquet encoder when it can store ``schema`` exactly, else pyarrow's."""
-    try:
-        empty = pl.from_arrow(schema.empty_table())
-        assert isinstance(empty, pl.DataFrame)
-        empty.lazy().sink_parquet(io.BytesIO(), arrow_schema=schema)
-    except Exception:  # a type polars cannot write as the table's own Arrow type: pyarrow writes it
-        return _BackgroundWriter(path, schema, row_group_size)
-    return _SinkWriter(path, schema, empty.schema, row_group_size)
-
-
-class _SinkAborted(Exception):
-    """Stops a _SinkWriter's polars sink without a file (the run failed)."""
-
-
-_ABORT = object()
-
-
-class _SinkWriter:
-    """polars' ``sink_parquet`` on a thread of its own, fed Arrow tables through a small queue.
-
-    polars encodes and compresses the columns of a row group on every core (pyarrow's writer uses
-    one), with pyarrow's zstd level and the tables' own Arrow schema stored in the file, so a reader
-    gets the same types and values as from :class:`_BackgroundWriter`. The queue bound keeps at most
-    two batches waiting; the key-value metadata is handed over when the last table is in.
-    """
-
-    def __init__(self, path: Path, schema: pa.Schema, frame_schema: pl.Schema, row_group_size: int) -> None:
-        self.schema, self.frame_schema = schema, frame_schema
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=2)
-        self.metadata: dict[str, str] = {}
-        self.error: BaseException | None = None
-        source = register_io_source(self._frames, schema=frame_schema)
-        self.thread = threading.Thread(
-            target=self._run, args=(source, path, row_group_size), name="prefnoise-parquet-sink", daemon=True
-        )
-        self.thread.start()
-
-    def _frames(self, with_columns: Any, predicate: Any, n_rows: Any, batch_size: Any) -> Iterable[pl.DataFrame]:
-        while (frame := self.queue.get()) is not None:
-            if frame is _ABORT:
-                raise _SinkAborted
-            yield frame
-
-    def _run(self, source: pl.LazyFrame, path: Path, row_group_size: int) -> None:
-        try:
-            source.sink_parquet(
-                path, compression="zstd", compression_level=pa.Codec.default_compression_level("zstd"),
-                row_group_size=row_group_size, metadata=lambda _context: self.metadata, arrow_schema=self.schema,
-            )
-        except BaseException as error:  # re-raised in the caller's thread
-            self.error = error
-
-    def put(self, batch: pl.DataFrame | pa.Table | None | object) -> None:
-        """Queue one batch (cast to the file's schema) for writing; re-raise a writer failure."""
-        if isinstance(batch, pl.DataFrame) and batch.schema != self.frame_schema:
-            batch = batch.to_arrow()  # cast as pyarrow's writer does, so both refuse the same batches
-        if isinstance(batch, pa.Table):
-            batch = pl.from_arrow(batch if batch.schema == self.schema else batch.cast(self.schema))
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put(batch, timeout=0.1)
-                return
-            except queue.Full:
-                if not self.thread.is_alive():
-                    raise self.error or PrefnoiseError("the Parquet writer stopped") from None
-
-    def finish(self, metadata: dict[bytes, str]) -> None:
-        """Hand over the key-value metadata, then wait for every queued table and the file's footer."""
-        self.metadata = {key.decode(): value for key, value in metadata.items()}
-        self.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        """Stop the sink (if still running) without finishing the file."""
-        if self.thread.is_alive():
-            try:
-                self.put(_ABORT)
-            except BaseException:  # noqa: S110 - the sink failed already; nothing left to stop
-                pass
-            self.thread.join()
-
-
 class _BackgroundWriter:
     """A ParquetWriter fed through a small queue by a thread of its own.
 
@@ -272,11 +175,10 @@ class _BackgroundWriter:
                 except BaseException as error:  # re-raised in the caller's thread
                     self.error = error
 
-    def put(self, batch: pl.DataFrame | pa.Table) -> None:
-        """Queue one batch (cast to the file's schema) for writing; re-raise a writer failure."""
+    def put(self, table: pa.Table) -> None:
+        """Queue one table (cast to the file's schema) for writing; re-raise a writer failure."""
         if self.error is not None:
             raise self.error
-        table = batch.to_arrow() if isinstance(batch, pl.DataFrame) else batch
         self.queue.put(table if table.schema == self.schema else table.cast(self.schema))
 
     def finish(self, metadata: dict[bytes, str]) -> None:
