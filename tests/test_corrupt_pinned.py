@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from cli_helpers import invoke
 
+from prefnoise.data import content_pair_ids
+from prefnoise.data.canonical import content_pair_id_column
 from prefnoise.data.provenance import METADATA_KEY
 
 NAME = "ultrafeedback-binarized-trl-eval200.jsonl.gz"
@@ -63,3 +65,17 @@ def test_given_pair_ids_asymmetric_flips_are_pinned(tmp_path):
     assert result.exit_code == 0, result.output
     schema, rows, groups = _parquet_digest(out)
     assert (rows, groups) == ("3a9c2e04bc7fb559dc167e36c334a5b86384ae68fb1ff75c1b9ea7280b6563d1", 1)
+
+
+def test_content_id_column_equals_the_per_row_ids():
+    texts = ["", " ", "a", "ab", "é中🙂", "x\x00y", "p" * 2047, "q" * 2048, "r" * 5000]
+    prompts = pl.Series([texts[i % len(texts)] for i in range(40)] + [None])
+    chosens = pl.Series([texts[(i * 3 + 1) % len(texts)] for i in range(40)] + ["c"])
+    rejecteds = pl.Series([texts[(i * 7 + 2) % len(texts)] for i in range(40)] + [None])
+    for start, length in ((0, 41), (5, 20), (40, 1), (3, 0)):
+        p, c, r = (s.slice(start, length) for s in (prompts, chosens, rejecteds))
+        ids = content_pair_id_column(p, c, r)
+        assert (ids.name, ids.dtype) == ("pair_id", pl.String)
+        assert ids.to_list() == content_pair_ids(p.fill_null(""), c.fill_null(""), r.fill_null(""))
+    one = content_pair_id_column(pl.Series(["p"]), pl.Series(["c"]), pl.Series(["r"]))
+    assert one.to_list() == ["f8450577b67a39a8"]
