@@ -178,10 +178,9 @@ class InputTable:
         """Row count when it is free to get (None for a file whose format does not record it)."""
         return self.source.total_rows() if self.source is not None else self._frame.height
 
-    def batches(self, *, read_ahead: bool = False) -> Iterator[pl.DataFrame]:
-        """Validated canonical batches (one for an in-memory table); ``read_ahead``: read the next ones
-        on a thread meanwhile (a file's only)."""
-        return self.source.batches(read_ahead=read_ahead) if self.source is not None else iter([self._frame])
+    def batches(self) -> Iterator[pl.DataFrame]:
+        """Validated canonical batches (one for an in-memory table)."""
+        return self.source.batches() if self.source is not None else iter([self._frame])
 
     def collect(self) -> pl.DataFrame:
         """The whole canonical table."""

@@ -133,13 +133,11 @@ class PreferenceSource:
             self._schema = first.schema
         return self._schema
 
-    def batches(self, *, read_ahead: bool = False) -> Iterator[pl.DataFrame]:
-        """Validated canonical batches; raises PrefnoiseError naming the file and rows at fault.
-        With ``read_ahead`` the next record batches are read and checked on a thread (see
-        :class:`ReadAhead`) while the caller works on this one; close the iterator when done early."""
+    def batches(self) -> Iterator[pl.DataFrame]:
+        """Validated canonical batches; raises PrefnoiseError naming the file and rows at fault."""
         self.rows_read = 0
         self.dropped = {}
-        return self._canonical_batches(count=True, read_ahead=read_ahead)
+        return self._canonical_batches(count=True)
 
     def collect(self) -> pl.DataFrame:
         """The whole validated table in memory."""
@@ -334,13 +332,9 @@ class PreferenceSource:
             except (pa.ArrowException, OSError) as error:
                 raise self._read_error(label, error) from None
 
-    def _canonical_batches(self, *, count: bool, read_ahead: bool = False) -> Iterator[pl.DataFrame]:
-        with ReadAhead(self._arrow_batches()) if read_ahead else contextlib.nullcontext(self._arrow_batches()) as arrow:
-            yield from self._canonicalized(arrow, count=count)
-
-    def _canonicalized(self, record_batches: Iterable[pa.RecordBatch], *, count: bool) -> Iterator[pl.DataFrame]:
+    def _canonical_batches(self, *, count: bool) -> Iterator[pl.DataFrame]:
         offset = 0
-        for record_batch in record_batches:
+        for record_batch in self._arrow_batches():
             if record_batch.num_rows == 0:
                 continue
             frame = to_polars(record_batch, self.name)
