@@ -23,7 +23,7 @@ from prefnoise.api.tables import (
     path_of,
     raw_frame,
 )
-from prefnoise.data import ReadAhead, new_history_entry, write_table
+from prefnoise.data import new_history_entry, write_table
 from prefnoise.errors import PrefnoiseError
 from prefnoise.noise import CorruptionStats, NoiseSpec, corrupt_batches, corrupt_step, exact_thresholds
 from prefnoise.noise import corrupt_frame as corrupt_polars
@@ -99,16 +99,12 @@ def _corrupt_input(
     stats = CorruptionStats()
     with progress_bar("corrupting", src.total_rows()) as advance:
         thresholds = exact_thresholds(src.batches(), spec, name=src.name) if spec.exact else None
-        # the next batches are read and canonicalized on a thread while this one is flipped and written
-        with ReadAhead(src.batches()) as read_ahead:
-            inputs = PairIdCheck(src.name, reread=src.batches).watch(read_ahead)
-            batches = corrupt_batches(
-                inputs, spec, stats=stats, thresholds=thresholds, on_progress=advance, name=src.name
-            )
-            if out is not None:
-                write_table(batches, out, entry=entry, overwrite=overwrite)
-                return None, stats
-            frames = list(batches)
+        inputs = PairIdCheck(src.name, reread=src.batches).watch(src.batches())
+        batches = corrupt_batches(inputs, spec, stats=stats, thresholds=thresholds, on_progress=advance, name=src.name)
+        if out is not None:
+            write_table(batches, out, entry=entry, overwrite=overwrite)
+            return None, stats
+        frames = list(batches)
     if not frames:
         raise PrefnoiseError("no rows left: every input row was filtered out")
     return (pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]), stats

@@ -37,7 +37,7 @@ from prefnoise.data.provenance import (
     read_history,
     read_provenance,
 )
-from prefnoise.data.read import PreferenceSource, ReadAhead, open_source, read_table
+from prefnoise.data.read import PreferenceSource, open_source, read_table
 from prefnoise.data.schema import DEFAULT_BATCH_SIZE, check_batch, first_error_line, to_polars
 from prefnoise.data.write import OUTPUT_FORMATS, output_format, write_table
 
@@ -51,7 +51,6 @@ __all__ = [
     "ColumnMap",
     "HistoryEntry",
     "PreferenceSource",
-    "ReadAhead",
     "canonicalize",
     "check_batch",
     "content_pair_ids",

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -386,65 +384,3 @@ def open_source(
 def read_table(source: str | Path, **options: Any) -> pl.DataFrame:
     """Read a whole preference table into memory, validated and canonical."""
     return open_source(source, **options).collect()
-
-
-class ReadAhead:
-    """Iterate ``batches`` on a thread of its own, at most ``depth`` batches ahead of the consumer.
-
-    Reading (pyarrow releases the GIL while it decodes) and canonicalizing the next batches then
-    overlap with the consumer's work on the current one. An error in the reader is re-raised, as is,
-    where the consumer takes the next batch. Use it as a context manager: leaving it stops the reader
-    and closes ``batches`` in the reader's thread.
-    """
-
-    _DONE = object()
-
-    def __init__(self, batches: Iterator[Any], depth: int = 2) -> None:
-        self._batches = batches
-        self._queue: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="prefnoise-read-ahead", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            for item in self._batches:
-                if not self._offer((item, None)):
-                    return
-            self._offer((self._DONE, None))
-        except BaseException as error:  # re-raised in the consumer's thread
-            self._offer((None, error))
-        finally:
-            close = getattr(self._batches, "close", None)
-            if close is not None:
-                close()
-
-    def _offer(self, entry: tuple[Any, BaseException | None]) -> bool:
-        """Queue ``entry`` unless the consumer has stopped; True when it was queued."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            item, error = self._queue.get()
-            if error is not None:
-                raise error
-            if item is self._DONE:
-                return
-            yield item
-
-    def close(self) -> None:
-        """Stop the reader and wait (briefly: a read blocked on stdin is left to its daemon thread)."""
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-
-    def __enter__(self) -> ReadAhead:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
