@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -64,8 +65,19 @@ def _run_window(
     session: RaySession, window: list[tuple[pl.DataFrame, BlockInfo]], work: Callable[..., Any],
     setup: tuple[Any, ...] | None, num_gpus: float,
 ) -> Iterator[Any]:
-    """One Ray Data execution over ``window``'s blocks; yields the results in order."""
+    """One Ray Data execution over ``window``'s blocks; yields the results in order (Ray's own warnings about
+    its configuration, e.g. fewer blocks than workers, are not the user's to act on: silenced)."""
     ray = require_ray()
+    with warnings.catch_warnings():  # not around a yield: the filter must not outlive the window
+        warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+        results = list(_execute(ray, session, window, work, setup, num_gpus))
+    yield from results
+
+
+def _execute(
+    ray: Any, session: RaySession, window: list[tuple[pl.DataFrame, BlockInfo]], work: Callable[..., Any],
+    setup: tuple[Any, ...] | None, num_gpus: float,
+) -> Iterator[Any]:
     dataset = ray.data.from_arrow([_pack(item) for item in window])
     common = {"batch_size": None, "batch_format": "pyarrow", "zero_copy_batch": True}
     if num_gpus:
