@@ -28,6 +28,8 @@ from tests.ray_helpers import RAY_CPUS, Scaler, ray_test, tag_block
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.xdist_group("ray")  # the whole module on the worker holding the one local Ray
+
 
 # --------------------------------------------------------------------------- options
 

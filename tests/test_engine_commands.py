@@ -25,6 +25,8 @@ from tests.cli_helpers import assert_one_line_error, invoke
 from tests.conftest import ROOT, SAMPLE, make_pairs
 from tests.ray_helpers import ray_test
 
+pytestmark = pytest.mark.xdist_group("ray")  # the whole module on the worker holding the one local Ray
+
 REAL = ROOT.parent / "shared" / "data" / "real"
 ULTRAFEEDBACK = REAL / "ultrafeedback-binarized-cleaned-1k.jsonl.gz"
 HH = REAL / "hh-rlhf-harmless-base-test.jsonl.gz"
