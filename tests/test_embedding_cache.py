@@ -76,7 +76,9 @@ def _must_not_run(encoder: Encoder) -> None:
 # --- one encoder pass per distinct text -------------------------------------------------------------
 
 
-def test_the_encoder_runs_once_per_distinct_text(minilm_path, fresh, tmp_path):
+def test_the_encoder_runs_once_per_distinct_text(minilm_path, fresh, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "FILL_CHUNK", 3)  # lookups and reads in several chunks
+    monkeypatch.setattr(store_module, "READ_CHUNK", 2)
     texts = [TEXTS[i] for i in (0, 1, 0, 2, 1, 0, 3, 3, 2, 0)]  # 10 rows, 4 distinct texts
     encoder = _encoder(minilm_path, tmp_path)
     assert encoder.missing([""] * 10, texts, "response") == 4

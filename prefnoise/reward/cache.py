@@ -25,6 +25,7 @@ from prefnoise.locks import note
 from prefnoise.reward.store import VectorStore, row_key, store_for
 
 CACHE_ENV = "PREFNOISE_CACHE_DIR"
+FILL_CHUNK = 8192  # keys looked up at once: the vectors held beside the caller's array stay this few
 _HEX_KEY = re.compile(r"^[0-9a-f]{32}$")
 
 # vectors this process computed but could not store (the database was set aside): by (database, fingerprint)
@@ -84,19 +85,28 @@ class EmbeddingCache:
         return key in self.memory or bool(self._read([key], None))
 
     def missing(self, keys: Sequence[str], dim: int | None = None) -> list[str]:
-        """The distinct ``keys`` not cached (in first-seen order)."""
-        found = self._read(keys, dim)
-        return [key for key in dict.fromkeys(keys) if key not in found]
+        """The distinct ``keys`` not cached (in first-seen order), read FILL_CHUNK keys at a time."""
+        unique = list(dict.fromkeys(keys))
+        absent: list[str] = []
+        for start in range(0, len(unique), FILL_CHUNK):
+            chunk = unique[start : start + FILL_CHUNK]
+            found = self._read(chunk, dim)
+            absent += [key for key in chunk if key not in found]
+        return absent
 
     def fill(self, keys: Sequence[str], out: np.ndarray) -> np.ndarray:
-        """Copy the cached vector of each ``keys[i]`` into ``out[i]``; bool mask of the rows filled."""
-        found = self._read(keys, out.shape[1])
+        """Copy the cached vector of each ``keys[i]`` into ``out[i]``; bool mask of the rows filled.
+
+        Reads FILL_CHUNK keys at a time, so memory beyond ``out`` stays bounded.
+        """
         filled = np.zeros(len(keys), dtype=bool)
-        for i, key in enumerate(keys):
-            vector = found.get(key)
-            if vector is not None:
-                out[i] = vector
-                filled[i] = True
+        for start in range(0, len(keys), FILL_CHUNK):
+            found = self._read(keys[start : start + FILL_CHUNK], out.shape[1])
+            for i, key in enumerate(keys[start : start + FILL_CHUNK], start):
+                vector = found.get(key)
+                if vector is not None:
+                    out[i] = vector
+                    filled[i] = True
         return filled
 
     def add(self, new: dict[str, np.ndarray]) -> None:
@@ -126,7 +136,7 @@ class EmbeddingCache:
                 damaged.append(db_key)
             else:
                 found[wanted[db_key]] = vector
-        if set(damaged) - self.damaged:
+        if damaged and not self.damaged:  # said once per part and call
             note(f"embedding cache {self.store.path}: {len(damaged)} rows failed their check and are computed again")
         self.damaged.update(damaged)
         return found

@@ -79,7 +79,9 @@ class VectorStore:
         """An initialised connection (raises sqlite3/OS errors, or StoreUnavailable for a foreign database)."""
         if self._connection is not None and self._pid == os.getpid():
             return self._connection
-        self._pid, self._connection = os.getpid(), None  # a forked child never reuses its parent's connection
+        if self._connection is not None:  # forked: the parent's connection is neither used nor closed here
+            _INHERITED.append(self._connection)
+        self._pid, self._connection = os.getpid(), None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(
             str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
@@ -226,6 +228,7 @@ def _check_ours(connection: sqlite3.Connection) -> None:
 
 
 _STORES: dict[tuple[str, int], VectorStore] = {}
+_INHERITED: list[sqlite3.Connection] = []  # a forked child's copies of its parent's connections, kept unclosed
 _STORES_LOCK = threading.Lock()
 
 
