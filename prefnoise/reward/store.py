@@ -1,7 +1,7 @@
 """The embedding cache's store: one SQLite database per cache directory, safe for many processes.
 
 ``<cache_dir>/embeddings.sqlite3`` in WAL mode (readers never wait for a writer; writers queue on a
-busy timeout) with one table ``vectors(key, vector, digest)``: ``key`` is 16 bytes of blake2b over the
+busy timeout) with one table ``vectors(id, key, vector, digest)``: ``key`` is 16 bytes of blake2b over the
 encoder part's fingerprint and the text, ``vector`` the float32 bytes, ``digest`` 8 bytes of blake2b
 over key and vector. Inserts are ``INSERT OR IGNORE`` in one transaction per batch, so two processes
 embedding the same texts both succeed and the first vector stays. A row whose digest does not match
@@ -32,10 +32,13 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 120.0  # a writer waits this long for another process's transaction before giving up
 READ_CHUNK = 500  # keys per SELECT (below SQLite's 999-variable floor; bounds the rows held at once)
 WRITE_CHUNK = 4096  # rows per INSERT batch inside one transaction
+JOURNAL_LIMIT = 4 << 20  # bytes the write-ahead log is cut back to after a checkpoint
 
+# A rowid table (rows appended in order, vectors up to ~4 KB stored inline) with a unique index on the
+# 16-byte key: keyed WITHOUT ROWID, a 1.5 KB vector would spill to an overflow page and double the file.
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, vector BLOB NOT NULL, digest BLOB NOT NULL)"
-    " WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE, vector BLOB NOT NULL,"
+    " digest BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS imported (file TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, rows INTEGER)",
 )
 
@@ -91,6 +94,7 @@ class VectorStore:
             _check_ours(connection)
             connection.execute("PRAGMA journal_mode = WAL")  # kept as it is where the file system refuses WAL
             connection.execute("PRAGMA synchronous = NORMAL")
+            connection.execute(f"PRAGMA journal_size_limit = {JOURNAL_LIMIT}")
             connection.execute("BEGIN IMMEDIATE")
             try:
                 _check_ours(connection)  # again, under the write lock: another process may have just made it
@@ -164,9 +168,9 @@ class VectorStore:
                 try:
                     for start in range(0, len(records), WRITE_CHUNK):
                         chunk = records[start : start + WRITE_CHUNK]
-                        connection.executemany("INSERT OR IGNORE INTO vectors VALUES (?, ?, ?)",
+                        connection.executemany("INSERT OR IGNORE INTO vectors (key, vector, digest) VALUES (?, ?, ?)",
                                                [r for r in chunk if r[0] not in replace])
-                        connection.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?)",
+                        connection.executemany("INSERT OR REPLACE INTO vectors (key, vector, digest) VALUES (?, ?, ?)",
                                                [r for r in chunk if r[0] in replace])
                     connection.execute("COMMIT")
                 except BaseException:
