@@ -149,7 +149,8 @@ class EmbeddingCache:
             lengths = frame["embedding"].list.len().unique().to_list()
             if len(lengths) > 1 or (dim is not None and lengths and lengths[0] != dim):
                 raise ValueError(f"vectors of width {lengths}, expected {dim}")
-            matrix = np.asarray(frame["embedding"].to_list(), dtype=np.float32).reshape(len(keys), -1)
+            width = lengths[0] if lengths else 0
+            matrix = np.asarray(frame["embedding"].to_list(), dtype=np.float32).reshape(len(keys), width)
         except Exception as error:  # a damaged old cache is only a cache: its vectors are computed again
             note(f"embedding cache: ignored the old cache file {old} ({str(error).splitlines()[0][:120]}); "
                  "its embeddings are computed again (prefnoise leaves the file in place)")
