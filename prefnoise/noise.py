@@ -255,12 +255,15 @@ def _utf8_words(ids: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[array.offset : array.offset + n + 1]
     lengths = np.diff(offsets)
     n_words = int(-(-lengths.max() // 8)) if n else 0
-    padded = np.zeros((n, max(n_words, 1) * 8), dtype=np.uint8)
-    if n and lengths.sum():
-        data = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[0] : offsets[-1]]
-        rows = np.repeat(np.arange(n), lengths)
-        cols = np.arange(len(data)) - np.repeat(offsets[:-1] - offsets[0], lengths)
-        padded[rows, cols] = data
+    width = max(n_words, 1) * 8
+    if not (n and lengths.sum()):
+        return np.zeros((n, width), dtype=np.uint8).view("<u8")[:, :n_words], lengths
+    # one gather of each row's first `width` bytes (past the end: zero padding), then zero what is not its own
+    text = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[0] : offsets[-1]]
+    data = np.concatenate([text, np.zeros(width, np.uint8)])
+    columns = np.arange(width, dtype=np.int64)
+    padded = data[(offsets[:-1] - offsets[0])[:, None] + columns]
+    padded[columns >= lengths[:, None]] = 0
     return padded.view("<u8")[:, :n_words], lengths
 
 
