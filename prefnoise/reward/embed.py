@@ -77,6 +77,9 @@ class Encoder:
         self.cache_dir = cache_dir
         self._fingerprint: str | None = None
         self.forward_calls = 0  # encoder forward passes run by this object (the cache's tests count them)
+        # where the encoder batches of cache misses run: here (None) or on Ray actors (--engine ray; an
+        # object with ``embeddings(batches)`` yielding :meth:`pooled`'s result per batch, in order)
+        self.remote: Any = None
 
     @property
     def dim(self) -> int:
@@ -136,19 +139,17 @@ class Encoder:
                 first.setdefault(key, i)
         missing = list(first.values())
         if missing:
-            self.model.to(device)
+            if self.remote is None:
+                self.model.to(device)
             new: dict[str, dict[str, np.ndarray]] = {p: {} for p in POOLINGS}
-            for start in range(0, len(missing), self.batch_size):
-                rows = missing[start : start + self.batch_size]
-                ids = tokenize_pairs(
-                    self.tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows], self.max_length
-                )
-                batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
-                states = self.model(**batch).last_hidden_state.float()
-                self.forward_calls += 1
+            batches = [missing[start : start + self.batch_size] for start in range(0, len(missing), self.batch_size)]
+            pairs = (([prompts[i] for i in rows], [responses[i] for i in rows]) for rows in batches)
+            runs = self.remote.embeddings(pairs, len(batches)) if self.remote is not None else (
+                self.pooled(batch_prompts, batch_responses, device) for batch_prompts, batch_responses in pairs
+            )
+            for rows, pooled in zip(batches, runs, strict=True):
                 for name in POOLINGS:
-                    pooled = pool_states(states, batch["attention_mask"], name).cpu().numpy()
-                    for i, vector in zip(rows, pooled):
+                    for i, vector in zip(rows, pooled[name]):
                         new[name][keys[i]] = vector
                 if on_progress is not None:
                     on_progress(len(rows))
@@ -160,6 +161,16 @@ class Encoder:
                 if new[name]:
                     caches[name].add(new[name])
         return cache.lookup(keys, self.dim)
+
+    @torch.no_grad()
+    def pooled(self, prompts: Sequence[str], responses: Sequence[str], device: torch.device) -> dict[str, np.ndarray]:
+        """One encoder batch: float32 (n, dim) embeddings of the (prompt, response) pairs, per pooling
+        (the unit of work :meth:`embed` runs here or, with :attr:`remote`, on Ray actors)."""
+        ids = tokenize_pairs(self.tokenizer, prompts, responses, self.max_length)
+        batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
+        states = self.model(**batch).last_hidden_state.float()
+        self.forward_calls += 1
+        return {name: pool_states(states, batch["attention_mask"], name).cpu().numpy() for name in POOLINGS}
 
     def save(self, directory: Path) -> None:
         """Copy the encoder and its tokenizer into ``directory``."""
