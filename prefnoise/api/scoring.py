@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,10 @@ from prefnoise.api.tables import (
     table_label,
 )
 from prefnoise.data import new_history_entry, read_history, write_table
+from prefnoise.engine import ray_session
 from prefnoise.errors import PrefnoiseError
 from prefnoise.heldout import agreement_summary, mark_seen, read_training_pairs
-from prefnoise.options import ScoreOptions
+from prefnoise.options import EngineOptions, ScoreOptions
 from prefnoise.outputs import check_output_file, releases_outputs
 
 
@@ -74,6 +77,7 @@ def score(
     prompt_col: str = C.PROMPT, chosen_col: str = C.CHOSEN, rejected_col: str = C.REJECTED,
     layout: str = "auto", drop_invalid: bool = False,
     progress_bar: ProgressBar | None = None,
+    engine: EngineOptions | None = None,
     **input_options: Any,
 ) -> ScoreResult:
     """``prefnoise score``: add ``chosen_reward``/``rejected_reward`` (``reward`` with ``responses``).
@@ -82,6 +86,9 @@ def score(
     (num_labels=1, as TRL's RewardTrainer saves it), or what :func:`fit_reward` returned. Options:
     :class:`prefnoise.options.ScoreOptions`. Rows the model trained or validated on are marked
     (``in_training``/``in_validation``); ``summary`` is ``score --json``'s (agreement, held out where known).
+    ``engine``: :class:`prefnoise.options.EngineOptions`; with ``engine="ray"`` the network batches run on Ray
+    actors (encoder batches of embed+mlp, eval batches of a transformer; docs/distributed.md) and the
+    output equals the one-process run byte for byte.
     """
 
     options = build_options(ScoreOptions, options, locals())
@@ -92,13 +99,41 @@ def score(
     reward_model, splits, model_name = _reward_model(model, options.cache_dir)
     inputs = gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
     frame, history, entry = _scoring_input(data, options, model_name, inputs)
-    scored = _scored(reward_model, frame, options, drop_invalid, table_label(data), model_name, progress_bar)
+    with _remote_forward(engine, model, reward_model, options):
+        on_driver = options if engine is None or not engine.distributed else replace(options, device="cpu")
+        scored = _scored(reward_model, frame, on_driver, drop_invalid, table_label(data), model_name, progress_bar)
     if splits is not None and not options.responses:
         scored = mark_seen(scored, splits)  # in_training / in_validation travel on to rank-check --group-by
     rows = write_table(scored, out, entry=entry, history=history, overwrite=overwrite) if out else scored.height
     summary = _summary(table_label(data), reward_model, scored, model_name, rows, out, options.responses, started)
     summary.update({} if options.responses else agreement_summary(scored))
     return _with_truncation(ScoreResult(scored, reward_model, summary))
+
+
+@contextlib.contextmanager
+def _remote_forward(
+    engine: EngineOptions | None, model: Any, reward_model: Any, options: ScoreOptions
+) -> Iterator[None]:
+    """With ``--engine ray``, the model's network batches run on Ray actors for the block: embed+mlp's encoder
+    batches, a transformer's eval batches (the mlp backend's head is cheap and stays here)."""
+    if engine is None or not engine.distributed:
+        yield
+        return
+    from prefnoise.reward.remote import RemoteForward, encoder_source, reward_source  # torch: only when scoring
+
+    with ray_session(engine) as session:
+        holder = reward_model.encoder if reward_model.backend == "embed+mlp" else reward_model
+        if reward_model.backend == "embed+mlp":
+            source = encoder_source(reward_model.encoder, options.device)
+        elif reward_model.backend == "transformer":
+            source = reward_source(model, options.device, options.cache_dir)
+        else:
+            source = None
+        holder.remote = None if source is None else RemoteForward(session, source)
+        try:
+            yield
+        finally:
+            holder.remote = None
 
 
 def _scoring_input(data: Table, options: ScoreOptions, model_name: str, inputs: dict[str, Any]) -> tuple:
