@@ -5,8 +5,9 @@ embedding cache, the MLP head, writing), and only hands its network batches out:
 cache misses (:meth:`prefnoise.reward.embed.Encoder.embed`) and reward-model eval batches
 (:func:`prefnoise.reward.scoring.pair_rewards`). Each batch is exactly the batch the local engine would
 run, so every embedding and reward equals the one-process run bit for bit; results come back in order
-(:func:`prefnoise.engine.map_blocks`). Each actor loads the model once per Ray Data execution, on its GPU
-when the cluster has GPUs, else on CPU; ``trust_remote_code`` stays off (the loaders never pass it).
+(:func:`prefnoise.engine.map_blocks`). Each actor loads the model once per pass (one Ray Data execution: an
+encoder call, or a table's eval batches), on its GPU when the cluster has GPUs, else on CPU;
+``trust_remote_code`` stays off (the loaders never pass it).
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ import polars as pl
 import torch
 
 from prefnoise.engine import BlockInfo, RaySession, map_blocks, ray_session, require_ray
+from prefnoise.engine.blocks import WINDOW_PER_WORKER
 from prefnoise.errors import PrefnoiseError
 from prefnoise.options import EngineOptions
 from prefnoise.reward.embed import ENCODER_ENGINE
 from prefnoise.reward.tokens import pad_batch
 
 BATCH = "batch"  # a block's column: which network batch of the block the row belongs to
-MAX_BATCHES_PER_BLOCK = 64  # network batches sent to an actor at once (amortises the transfer)
-BLOCKS_PER_WORKER = 4  # small inputs are cut so that every worker gets a few blocks
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,9 @@ class RemoteForward:
         yield from self._run(frames)
 
     def _per_block(self, total: int) -> int:
-        return max(1, min(MAX_BATCHES_PER_BLOCK, math.ceil(total / (BLOCKS_PER_WORKER * self.session.workers))))
+        """Network batches per block: the whole pass in one window of map_blocks (a few blocks per worker), so
+        the actors start and load the model once per pass; the driver then holds the pass's inputs twice."""
+        return max(1, math.ceil(total / (WINDOW_PER_WORKER * self.session.workers)))
 
     def _run(self, frames: Iterable[pl.DataFrame]) -> Iterator[Any]:
         for results in map_blocks(self.session, frames, _Worker, setup=(self.source,), num_gpus=self.num_gpus):
