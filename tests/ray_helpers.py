@@ -46,6 +46,8 @@ def tag_block(frame: pl.DataFrame, info) -> tuple[list[int], int, int]:
     """(values of column a, block index, row offset); a PrefnoiseError for an empty block."""
     if frame.height == 0:
         raise PrefnoiseError(f"block {info.index} is empty", exit_code=2)
+    if frame["a"].min() < 0:
+        return 1 // 0  # a bug in the work, not the user's input
     return frame["a"].to_list(), info.index, info.row_offset
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from prefnoise.engine import (
     RAY_MISSING,
+    BlockFailed,
     is_remote,
     local_path,
     map_blocks,
@@ -88,6 +89,7 @@ def test_blocks_come_back_in_input_order_with_their_offsets(ray_cluster):
     results = list(map_blocks(ray_cluster, frames, tag_block))
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     assert results == [(f["a"].to_list(), i, offsets[i]) for i, f in enumerate(frames)]
+    assert list(map_blocks(ray_cluster, frames, tag_block, window=None)) == results  # one execution
     scaled = list(map_blocks(ray_cluster, frames[:3], Scaler, setup=(10,)))
     assert scaled == [[0, 10, 20], [30], [40, 50, 60, 70]]
 
@@ -99,6 +101,8 @@ def test_a_prefnoise_error_in_a_block_is_raised_on_the_driver_at_its_block(ray_c
     with pytest.raises(PrefnoiseError, match=r"^block 1 is empty$") as caught:
         list(results)
     assert caught.value.exit_code == 2
+    with pytest.raises(BlockFailed, match=r"^block 1: ZeroDivisionError: integer division or modulo by zero$"):
+        list(map_blocks(ray_cluster, [frames[0], pl.DataFrame({"a": [-1]})], tag_block))
 
 
 # --------------------------------------------------------------------------- URIs

@@ -6,7 +6,7 @@ block, results back in input order), :func:`readable_path` / :func:`writable_pat
 filesystem URI as a local path with the local safety rules).
 """
 
-from prefnoise.engine.blocks import BlockInfo, map_blocks
+from prefnoise.engine.blocks import BlockFailed, BlockInfo, map_blocks
 from prefnoise.engine.session import RAY_MISSING, RaySession, ray_session, require_ray
 from prefnoise.engine.uris import (
     check_remote_output,
@@ -20,6 +20,7 @@ from prefnoise.engine.uris import (
 
 __all__ = [
     "RAY_MISSING",
+    "BlockFailed",
     "BlockInfo",
     "RaySession",
     "check_remote_output",

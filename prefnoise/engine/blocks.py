@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,14 @@ class _Apply:
         try:
             return _pack((self.work(frame, info), None))
         except PrefnoiseError as error:
-            return _pack((None, (error.message, error.exit_code)))
+            return _pack((None, (True, error.message, error.exit_code)))
+        except Exception as error:  # a bug, not the user's: exit 3 on the driver, naming the block and the type
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            return _pack((None, (False, f"block {info.index}: {type(error).__name__}: {reason}", 3)))
+
+
+class BlockFailed(RuntimeError):
+    """An unexpected error of ``work`` on a Ray worker (an internal error: the CLI exits 3 and names it)."""
 
 
 def _apply_function(batch: pa.Table, work: Callable[..., Any]) -> pa.Table:
@@ -64,8 +72,19 @@ def _run_window(
     session: RaySession, window: list[tuple[pl.DataFrame, BlockInfo]], work: Callable[..., Any],
     setup: tuple[Any, ...] | None, num_gpus: float,
 ) -> Iterator[Any]:
-    """One Ray Data execution over ``window``'s blocks; yields the results in order."""
+    """One Ray Data execution over ``window``'s blocks; yields the results in order (Ray's own warnings about
+    its configuration, e.g. fewer blocks than workers, are not the user's to act on: silenced)."""
     ray = require_ray()
+    with warnings.catch_warnings():  # not around a yield: the filter must not outlive the window
+        warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+        results = list(_execute(ray, session, window, work, setup, num_gpus))
+    yield from results
+
+
+def _execute(
+    ray: Any, session: RaySession, window: list[tuple[pl.DataFrame, BlockInfo]], work: Callable[..., Any],
+    setup: tuple[Any, ...] | None, num_gpus: float,
+) -> Iterator[Any]:
     dataset = ray.data.from_arrow([_pack(item) for item in window])
     common = {"batch_size": None, "batch_format": "pyarrow", "zero_copy_batch": True}
     if num_gpus:
@@ -82,7 +101,8 @@ def _run_window(
         for start in range(block.num_rows):
             result, error = _unpack(block.slice(start, 1))
             if error is not None:
-                raise PrefnoiseError(*error)
+                expected, message, code = error
+                raise PrefnoiseError(message, code) if expected else BlockFailed(message)
             yield result
 
 
@@ -93,23 +113,26 @@ def map_blocks(
     *,
     setup: tuple[Any, ...] | None = None,
     num_gpus: float = 0,
+    window: int | None = WINDOW_PER_WORKER,
 ) -> Iterator[Any]:
     """``work(frame, info)`` of each frame of ``frames`` (info: its :class:`BlockInfo`), run by Ray Data on
     the session's workers, yielded in input order.
 
     ``work`` must be picklable (a module-level function or class). With ``setup`` it is a class built once
     per Ray actor as ``work(*setup)`` (load a model once) and then called per block; ``num_gpus`` per actor
-    or task. ``frames`` are read lazily, a window of a few blocks per worker at a time, so memory stays
-    bounded however long the input; a PrefnoiseError of ``work`` is raised here at its block.
+    or task. ``frames`` are read lazily, ``window`` blocks per worker at a time (one Ray Data execution
+    each: actors are built again per window), so memory stays bounded however long the input; ``window=None``
+    runs every block in one execution (``frames`` are then all read first). A PrefnoiseError of ``work`` is
+    raised here at its block; any other error as :class:`BlockFailed`.
     """
-    window_size = max(WINDOW_PER_WORKER * session.workers, 2)
+    window_size = max(window * session.workers, 2) if window is not None else None
     offset, index = 0, 0
     iterator = iter(frames)
     while True:
-        window = []
+        blocks = []
         for frame in itertools.islice(iterator, window_size):
-            window.append((frame, BlockInfo(index=index, row_offset=offset)))
+            blocks.append((frame, BlockInfo(index=index, row_offset=offset)))
             index, offset = index + 1, offset + frame.height
-        if not window:
+        if not blocks:
             return
-        yield from _run_window(session, window, work, setup, num_gpus)
+        yield from _run_window(session, blocks, work, setup, num_gpus)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,10 +83,14 @@ def ray_session(options: EngineOptions) -> Iterator[RaySession]:
     and shut down (disconnected) at the end. Nothing is printed on stdout."""
     ray = require_ray()
     started = not ray.is_initialized()
-    if started:
-        _init(ray, options)
+    with warnings.catch_warnings():  # Ray's deprecation notes about its own settings are not the user's
+        warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+        if started:
+            _init(ray, options)
     try:
-        _quiet_ray_data(ray)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+            _quiet_ray_data(ray)
         cpus = int(ray.cluster_resources().get("CPU", 1)) or 1
         workers = min(options.workers, cpus) if options.workers else cpus
         yield RaySession(workers=max(workers, 1), started=started, address=options.ray_address)
