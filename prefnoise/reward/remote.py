@@ -24,13 +24,13 @@ import polars as pl
 import torch
 
 from prefnoise.engine import BlockInfo, RaySession, map_blocks, ray_session, require_ray
-from prefnoise.engine.blocks import WINDOW_PER_WORKER
 from prefnoise.errors import PrefnoiseError
 from prefnoise.options import EngineOptions
 from prefnoise.reward.embed import ENCODER_ENGINE
 from prefnoise.reward.tokens import pad_batch
 
 BATCH = "batch"  # a block's column: which network batch of the block the row belongs to
+BLOCKS_PER_WORKER = 4  # a pass is cut into a few blocks per worker (a slow block holds up little)
 
 
 @dataclass(frozen=True)
@@ -110,12 +110,14 @@ class RemoteForward:
         yield from self._run(frames)
 
     def _per_block(self, total: int) -> int:
-        """Network batches per block: the whole pass in one window of map_blocks (a few blocks per worker), so
-        the actors start and load the model once per pass; the driver then holds the pass's inputs twice."""
-        return max(1, math.ceil(total / (WINDOW_PER_WORKER * self.session.workers)))
+        """Network batches per block: a few blocks per worker."""
+        return max(1, math.ceil(total / (BLOCKS_PER_WORKER * self.session.workers)))
 
     def _run(self, frames: Iterable[pl.DataFrame]) -> Iterator[Any]:
-        for results in map_blocks(self.session, frames, _Worker, setup=(self.source,), num_gpus=self.num_gpus):
+        # one Ray Data execution per pass: the actors start and load the model once (the driver holds the
+        # pass's inputs as blocks meanwhile, beside the table it holds anyway)
+        for results in map_blocks(self.session, frames, _Worker, setup=(self.source,), num_gpus=self.num_gpus,
+                                  window=None):
             yield from results
 
 
