@@ -77,10 +77,10 @@ def main() -> None:
         with ray_session(EngineOptions(engine="ray", workers=2)):
             for r in range(args.rounds):
                 for name, workers in (("local", None), ("ray 1 worker", 1), ("ray 2 workers", 2)):
-                    out = root / f"{name.replace(' ', '-')}.jsonl"
+                    out = root / f"{name.replace(' ', '-')}-{r}.jsonl"  # JSON lines are never overwritten
                     times[name].append(_timed(model, data, out, root / f"cache-{r}-{name}", workers))
                     print(f"round {r + 1} {name}: {times[name][-1]:.2f} s", flush=True)
-        outputs = {(root / f"{name.replace(' ', '-')}.jsonl").read_bytes() for name in times}
+        outputs = {path.read_bytes() for path in root.glob("*.jsonl")}
         assert len(outputs) == 1, "the engines wrote different outputs"
     best = {name: min(values) for name, values in times.items()}
     print(f"\n{args.backend}, {args.rows} pairs, best of {args.rounds} (the outputs are byte-identical):")
