@@ -105,12 +105,11 @@ def test_score_transformer_on_ray_equals_local_byte_for_byte(ray_cluster, gpt2_m
 @ray_test
 def test_score_in_memory_model_on_ray_is_a_one_line_error(ray_cluster, gpt2_model):
     from prefnoise.errors import PrefnoiseError
-    from prefnoise.options import EngineOptions
     from prefnoise.reward import load_reward_model
 
     model = load_reward_model(gpt2_model)
     with pytest.raises(PrefnoiseError, match="directory or hub id"):
-        api.score(model, pattern_pairs(4, seed=0), engine=EngineOptions(engine="ray"))
+        api.score(model, pattern_pairs(4, seed=0), engine="ray", workers=2)
 
 
 def _flat(value, prefix: str = "") -> dict:

@@ -11,6 +11,7 @@ from typing import Any
 import polars as pl
 
 from prefnoise import columns as C
+from prefnoise.api.engines import engine_of
 from prefnoise.api.tables import (
     InputTable,
     ProgressBar,
@@ -59,7 +60,7 @@ def audit(
     prompt_col: str = C.PROMPT, chosen_col: str = C.CHOSEN, rejected_col: str = C.REJECTED,
     layout: str = "auto", drop_invalid: bool = False,
     progress_bar: ProgressBar | None = None,
-    engine: EngineOptions | None = None,
+    engine: str | EngineOptions = "local", ray_address: str | None = None, workers: int | None = None,
     **input_options: Any,
 ) -> AuditResult:
     """``prefnoise audit``: estimate the flip rate of the table's labels and score each pair's suspicion.
@@ -69,17 +70,18 @@ def audit(
     (``reward_col``/``margin_col``), or ``folds`` × ``refits`` cross-fitted reward models; with ``gold`` (a column
     of trusted votes on a random subset) the gold pairs correct those margins. When the rate is
     undetermined (``result.estimate.identifiable`` False) the summary's rate is None with a reason, and
-    ``fix`` ("drop" or "swap", with ``out``) refuses with a PrefnoiseError of exit code 4. ``engine``
-    (:class:`prefnoise.options.EngineOptions`): with ``engine="ray"`` the embedding stage (embed+mlp's encoder
-    batches) runs on Ray actors, with the same embeddings and so the same estimate (docs/distributed.md).
+    ``fix`` ("drop" or "swap", with ``out``) refuses with a PrefnoiseError of exit code 4. ``engine="ray"``
+    (``ray_address``, ``workers``: docs/distributed.md) runs the embedding stage (embed+mlp's encoder batches)
+    on Ray actors, with the same embeddings and so the same estimate.
     """
     options = build_options(AuditOptions, options, locals())
+    engine_options = engine_of(engine, ray_address, workers)
     _check_outputs(options, [path_of(data), options.votes], out, plot, overwrite)
     started = time.time()  # the history entry's duration covers the folds, not only the writing
     src = input_table(
         data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
     )
-    outcome = _run(src, options, drop_invalid, progress_bar or no_bar, engine)
+    outcome = _run(src, options, drop_invalid, progress_bar or no_bar, engine_options)
     if out is not None:
         _write_table(outcome, src, options, out, started, overwrite)
     if plot is not None:

@@ -11,6 +11,7 @@ from typing import Any
 import polars as pl
 
 from prefnoise import columns as C
+from prefnoise.api.engines import engine_of
 from prefnoise.api.scoring import score
 from prefnoise.api.tables import (
     ProgressBar,
@@ -65,7 +66,7 @@ def rank_check(
     chosen_score_col: str | None = None, rejected_score_col: str | None = None, split: str | None = None,
     config: str | None = None,
     progress_bar: ProgressBar | None = None,
-    engine: EngineOptions | None = None,
+    engine: str | EngineOptions = "local", ray_address: str | None = None, workers: int | None = None,
     **input_options: Any,
 ) -> RankCheckResult:
     """``prefnoise rank-check``: pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho of a
@@ -74,18 +75,19 @@ def rank_check(
     Options: :class:`prefnoise.options.RankCheckOptions`. ``chosen_score_col``/``rejected_score_col`` map the
     true reward. With ``model``, ``data`` is scored first (:func:`score`; input options such as ``prompt_col``
     or ``drop_invalid`` then apply). Failed ``min_*`` gates go to ``result.failures``; ``plot`` writes a PNG.
-    ``engine`` (:class:`prefnoise.options.EngineOptions`): with ``engine="ray"`` the model's batches and the
-    prompt buckets' statistics run on Ray; the numbers equal one process's to 1e-12 (docs/distributed.md).
+    ``engine="ray"`` (``ray_address``, ``workers``: docs/distributed.md) runs the model's batches and the prompt
+    buckets' statistics on Ray; the numbers equal one process's to 1e-12.
     """
 
     options = build_options(RankCheckOptions, options, locals())
+    engine_options = engine_of(engine, ray_address, workers)
     check_output_file(plot, inputs=[path_of(data)], overwrite=overwrite, flag="--plot", suffix=".png")
     label = str(data) if _is_path(data) else table_label(data)  # as given (the CLI's JSON keeps '-')
     sources = {"chosen_score_col": chosen_score_col, "rejected_score_col": rejected_score_col, "split": split,
                "config": config}
-    with _buckets_on(engine) as (map_buckets, min_buckets):
+    with _buckets_on(engine_options) as (map_buckets, min_buckets):
         scoring = {**input_options, **({"drop_invalid": True} if drop_invalid else {})}
-        lazy = _rewards(data, options, sources, scoring, engine)
+        lazy = _rewards(data, options, sources, scoring, engine_options)
         memory = DEFAULT_MEMORY_RESPONSES if options.memory_responses is None else options.memory_responses
         with (progress_bar or no_bar)("rank-check %", 100) as advance:
             report = rank_report(
@@ -101,10 +103,10 @@ def rank_check(
 
 
 @contextlib.contextmanager
-def _buckets_on(engine: EngineOptions | None) -> Iterator[tuple[Any, int]]:
+def _buckets_on(engine: EngineOptions) -> Iterator[tuple[Any, int]]:
     """(``map_buckets``, ``min_buckets``) for :func:`rank_report`: here (None, 1), or with ``--engine ray``
     the prompt buckets on the Ray workers, a few per worker, inside one Ray session."""
-    if engine is None or not engine.distributed:
+    if not engine.distributed:
         yield None, 1
         return
     with ray_session(engine) as session:
