@@ -4,6 +4,7 @@ an MLP is trained on the embeddings, optionally with length features."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ from prefnoise.reward.models import (
 )
 from prefnoise.reward.networks import mean_pool
 from prefnoise.reward.tokens import check_reward_model_dir, encode_pairs, load_tokenizer, pad_batch, tokenize_pairs
+
+# --engine ray: gives an Encoder the runner of its encoder batches on Ray actors (None: they run here); set for
+# a block by prefnoise.reward.remote.embedding_on, so every encoder a command builds inside it embeds on Ray
+ENCODER_ENGINE: ContextVar[Callable[[Encoder], Any] | None] = ContextVar("encoder_engine", default=None)
 
 
 def length_features(responses: Sequence[str]) -> np.ndarray:
@@ -78,6 +83,9 @@ class Encoder:
         self._fingerprint: str | None = None
         self.forward_calls = 0  # encoder forward passes run by this object (the cache's tests count them)
         self.texts_encoded = 0  # distinct texts those passes embedded
+        # where the encoder batches of cache misses run: here (None) or on Ray actors (--engine ray; an object
+        # with ``embeddings(batches, total)`` yielding :meth:`pooled`'s result per batch, in order)
+        self.remote: Any = None
 
     @property
     def dim(self) -> int:
@@ -141,21 +149,23 @@ class Encoder:
         return out
 
     def _encode(self, prompts, responses, rows_of, out, caches, pooling, device, on_progress) -> None:
-        """Run the encoder once per key of ``rows_of``, fill its rows of ``out`` and store every pooling."""
-        self.model.to(device)
+        """Run the encoder once per key of ``rows_of`` (here, or on Ray actors under ``--engine ray``), fill its
+        rows of ``out`` and store every pooling."""
+        engine = ENCODER_ENGINE.get()
+        remote = self.remote if self.remote is not None or engine is None else engine(self)
+        if remote is None:
+            self.model.to(device)
         firsts = [(key, rows[0]) for key, rows in rows_of.items()]
+        batches = [firsts[start : start + self.batch_size] for start in range(0, len(firsts), self.batch_size)]
+        pairs = (([prompts[i] for _, i in rows], [responses[i] for _, i in rows]) for rows in batches)
+        runs = remote.embeddings(pairs, len(batches)) if remote is not None else (
+            self.pooled(batch_prompts, batch_responses, device) for batch_prompts, batch_responses in pairs
+        )
         new: dict[str, dict[str, np.ndarray]] = {p: {} for p in POOLINGS}
-        for start in range(0, len(firsts), self.batch_size):
-            batch_rows = firsts[start : start + self.batch_size]
-            ids = tokenize_pairs(self.tokenizer, [prompts[i] for _, i in batch_rows],
-                                 [responses[i] for _, i in batch_rows], self.max_length)
-            batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
-            states = self.model(**batch).last_hidden_state.float()
-            self.forward_calls += 1
+        for batch_rows, pooled in zip(batches, runs, strict=True):
             self.texts_encoded += len(batch_rows)
             for name in POOLINGS:
-                pooled = pool_states(states, batch["attention_mask"], name).cpu().numpy()
-                for (key, _), vector in zip(batch_rows, pooled):
+                for (key, _), vector in zip(batch_rows, pooled[name]):
                     new[name][key] = vector
                     if name == pooling:
                         out[rows_of[key]] = vector
@@ -167,6 +177,16 @@ class Encoder:
                 new = {p: {} for p in POOLINGS}
         for name in POOLINGS:
             caches[name].add(new[name])
+
+    @torch.no_grad()
+    def pooled(self, prompts: Sequence[str], responses: Sequence[str], device: torch.device) -> dict[str, np.ndarray]:
+        """One encoder batch: float32 (n, dim) embeddings of the (prompt, response) pairs, per pooling
+        (the unit of work :meth:`embed` runs here or, with :attr:`remote`, on Ray actors)."""
+        ids = tokenize_pairs(self.tokenizer, prompts, responses, self.max_length)
+        batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
+        states = self.model(**batch).last_hidden_state.float()
+        self.forward_calls += 1
+        return {name: pool_states(states, batch["attention_mask"], name).cpu().numpy() for name in POOLINGS}
 
     def save(self, directory: Path) -> None:
         """Copy the encoder and its tokenizer into ``directory``."""

@@ -18,9 +18,11 @@ finds it (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -65,8 +67,12 @@ class TransformerRewardModel(RewardModel):
             on_progress(len(ids))
         return ids
 
+    def sequences(self, sides: Sequence[Any], index: np.ndarray) -> list[list[int]]:
+        """The token ids of rows ``index`` of every prepared side, side after side (what :meth:`batch` pads)."""
+        return [side[i] for side in sides for i in index]
+
     def batch(self, sides, index, device):
-        rows = [side[i] for side in sides for i in index]
+        rows = self.sequences(sides, index)
         return {k: v.to(device) for k, v in pad_batch(rows, self.tokenizer.pad_token_id).items()}
 
     def save(self, directory: Path) -> None:
