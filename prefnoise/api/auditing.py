@@ -58,6 +58,7 @@ def audit(
     prompt_col: str = C.PROMPT, chosen_col: str = C.CHOSEN, rejected_col: str = C.REJECTED,
     layout: str = "auto", drop_invalid: bool = False,
     progress_bar: ProgressBar | None = None,
+    reuse_margins: bool = False,
     **input_options: Any,
 ) -> AuditResult:
     """``prefnoise audit``: estimate the flip rate of the table's labels and score each pair's suspicion.
@@ -67,7 +68,9 @@ def audit(
     (``reward_col``/``margin_col``), or ``folds`` × ``refits`` cross-fitted reward models; with ``gold`` (a column
     of trusted votes on a random subset) the gold pairs correct those margins. When the rate is
     undetermined (``result.estimate.identifiable`` False) the summary's rate is None with a reason, and
-    ``fix`` ("drop" or "swap", with ``out``) refuses with a PrefnoiseError of exit code 4.
+    ``fix`` ("drop" or "swap", with ``out``) refuses with a PrefnoiseError of exit code 4. ``reuse_margins``:
+    take the fold models' margins of a previous audit of the same input when data and every option that
+    shapes them match (``summary["margins_note"]`` says whether they were reused, or why not).
     """
     options = build_options(AuditOptions, options, locals())
     _check_outputs(options, [path_of(data), options.votes], out, plot, overwrite)
@@ -75,7 +78,7 @@ def audit(
     src = input_table(
         data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
     )
-    outcome = _run(src, options, drop_invalid, progress_bar or no_bar)
+    outcome = _run(src, options, drop_invalid, progress_bar or no_bar, reuse_margins)
     if out is not None:
         _write_table(outcome, src, options, out, started, overwrite)
     if plot is not None:
@@ -98,7 +101,8 @@ def _check_outputs(
     check_distinct_outputs({"--out": out, "--plot": plot})
 
 
-def _run(src: InputTable, options: AuditOptions, drop_invalid: bool, progress_bar: ProgressBar) -> Any:
+def _run(src: InputTable, options: AuditOptions, drop_invalid: bool, progress_bar: ProgressBar,
+         reuse_margins: bool = False) -> Any:
     """The audit of ``src``'s pairs (its table, estimate, summary), under a bar when fold models are fitted."""
     # pulls scipy and torch's reward models: loaded only when audit runs
     from prefnoise.noise_audit.run import run_audit
@@ -108,7 +112,7 @@ def _run(src: InputTable, options: AuditOptions, drop_invalid: bool, progress_ba
     bar = progress_bar("cross-fitting folds", options.folds * options.refits) if fits else None
     with bar or contextlib.nullcontext() as advance:
         return run_audit(src.collect(), options, name=src.name, votes=votes, drop_invalid=drop_invalid,
-                         on_fold=advance)
+                         on_fold=advance, reuse_margins=reuse_margins)
 
 
 def _write_table(
