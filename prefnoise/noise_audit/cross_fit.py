@@ -103,8 +103,8 @@ def stacked_cross_fits(
     MLPs the stack can train exactly as separate fits (``prefnoise.reward.folds.stackable``)."""
     # pulls torch: loaded only when a reward model runs
     from prefnoise.reward import fold_of_pair_id
-    from prefnoise.reward.folds import fit_stacked, stackable, stacked_margins
-    from prefnoise.reward.task import prepared_features
+    from prefnoise.reward.folds import fit_stacked, stackable, stacked_margins  # pulls torch, as above
+    from prefnoise.reward.task import prepared_features  # pulls torch, as above
 
     _check_folds(frame, folds)
     config = fit_reward_config(**{"loss": "sigmoid", **(fit_options or {}), "device": device}).for_backend()
