@@ -10,7 +10,7 @@ Two cases:
   pairs, linear true reward, 20% symmetric flips) through the ``mlp`` backend (the same MLP that
   embed+mlp trains on its embeddings; there is no 10k-pair real slice here).
 
-    PYTHONPATH=. .venv/bin/python bench/audit_speed.py --encoder PATH [--cases 1k,10k] [--repeats 3]
+    PYTHONPATH=. .venv/bin/python bench/audit_speed.py --encoder PATH [--cases 1k,10k] [--repeats 3] [--epochs N]
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real"
-UF = REAL / "ultrafeedback-binarized-trl-train1000.jsonl.gz"
+UF = "../shared/data/real/ultrafeedback-binarized-trl-train1000.jsonl.gz"  # from the main checkout
 
 
 def synthetic_table(directory: Path, pairs: int) -> Path:
@@ -51,21 +50,29 @@ def timed(command: list[str], env: dict[str, str]) -> float:
     return seconds
 
 
-def run_case(name: str, tag: str, data: Path, model: list[str], repeats: int, work: Path, env: dict[str, str]) -> None:
+def run_case(name: str, tag: str, data: Path, model: list[str], repeats: int, work: Path, env: dict[str, str],
+             *, warm_up: bool, before: str | None = None) -> None:
     prefnoise = [sys.executable, "-m", "prefnoise", "-q"]
     fit = [*prefnoise, "fit-reward", str(data), *model, "--out", str(work / f"fit-{tag}"), "--overwrite"]
     audit = [*prefnoise, "audit", str(data), *model, "--json"]
     print(f"## {name}: {data.name}", flush=True)
     print("  fit-reward: " + " ".join(fit[3:]), flush=True)
     print("  audit:      " + " ".join(audit[3:]), flush=True)
-    timed(audit, env)  # warm-up: fills the embedding cache (embed+mlp), untimed
-    ratios = []
+    if warm_up:
+        timed(audit, env)  # fills the embedding cache (embed+mlp), untimed
+    ratios, old = [], []
     for repeat in range(repeats):
         one_fit = timed(fit, env)
         full = timed(audit, env)
         ratios.append(full / one_fit)
-        print(f"  run {repeat + 1}: fit-reward {one_fit:.1f} s, audit {full:.1f} s, ratio {ratios[-1]:.2f}", flush=True)
-    print(f"  median ratio audit / fit-reward: {statistics.median(ratios):.2f}", flush=True)
+        line = f"  run {repeat + 1}: fit-reward {one_fit:.1f} s, audit {full:.1f} s, ratio {ratios[-1]:.2f}"
+        if before is not None:  # the same audit by the code in ``before`` (one fit per fold model)
+            earlier = timed(audit, {**env, "PYTHONPATH": before})
+            old.append(earlier / one_fit)
+            line += f"; audit of {before}: {earlier:.1f} s, ratio {old[-1]:.2f}"
+        print(line, flush=True)
+    print(f"  median ratio audit / fit-reward: {statistics.median(ratios):.2f}"
+          + (f" (the code in {before}: {statistics.median(old):.2f})" if old else ""), flush=True)
 
 
 def main() -> None:
@@ -74,23 +81,26 @@ def main() -> None:
     parser.add_argument("--cases", default="1k,10k")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=10_000, help="pairs of the synthetic case")
+    parser.add_argument("--uf", default=UF, help="the UltraFeedback slice of the 1k case")
+    parser.add_argument("--before", help="a checkout whose audit to time too (its PYTHONPATH), e.g. main's")
+    parser.add_argument("--epochs", type=int, help="epochs of both commands (default: the backends' 50)")
     args = parser.parse_args()
     print(f"load before: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="audit-speed-") as tmp:
         work = Path(tmp)
         env = {**os.environ, "PREFNOISE_CACHE_DIR": str(work / "cache")}
         cases = args.cases.split(",")
+        epochs = ["--epochs", str(args.epochs)] if args.epochs else []
         if "1k" in cases:
             if args.encoder is None:
                 sys.exit("the 1k case needs --encoder PATH (a local MiniLM directory)")
-            model = ["--drop-invalid", "--model", "embed+mlp", "--encoder", args.encoder]
-            run_case("1k real UltraFeedback, embed+mlp (embeddings cached)", "1k", UF.resolve(), model, args.repeats,
-                     work, env)
+            model = ["--drop-invalid", "--model", "embed+mlp", "--encoder", args.encoder, *epochs]
+            run_case("1k real UltraFeedback, embed+mlp (embeddings cached)", "1k", Path(args.uf).resolve(), model,
+                     args.repeats, work, env, warm_up=True, before=args.before)
         if "10k" in cases:
             data = synthetic_table(work, args.pairs)
-            run_case(f"{args.pairs // 1000}k SYNTHETIC 384-d features, mlp", "10k", data, ["--model", "mlp"],
-                     args.repeats,
-                     work, env)
+            run_case(f"{args.pairs // 1000}k SYNTHETIC 384-d features, mlp", "10k", data, ["--model", "mlp", *epochs],
+                     args.repeats, work, env, warm_up=False, before=args.before)
     print(f"load after: {os.getloadavg()}", flush=True)
 
 
