@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-UF = "../shared/data/real/ultrafeedback-binarized-trl-train1000.jsonl.gz"  # from the main checkout
+from shared_data import ULTRAFEEDBACK_TRAIN
+
 
 
 def synthetic_table(directory: Path, pairs: int) -> Path:
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--cases", default="1k,10k")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=10_000, help="pairs of the synthetic case")
-    parser.add_argument("--uf", default=UF, help="the UltraFeedback slice of the 1k case")
+    parser.add_argument("--uf", default=str(ULTRAFEEDBACK_TRAIN), help="the UltraFeedback slice of the 1k case")
     parser.add_argument("--before", help="a checkout whose audit to time too (its PYTHONPATH), e.g. main's")
     parser.add_argument("--epochs", type=int, help="epochs of both commands (default: the backends' 50)")
     args = parser.parse_args()
