@@ -27,7 +27,6 @@ from pathlib import Path
 from shared_data import ULTRAFEEDBACK_TRAIN
 
 
-
 def synthetic_table(directory: Path, pairs: int) -> Path:
     """A generated table of ``pairs`` pairs with 384-d feature vectors and 20% symmetric flips."""
     from prefnoise.data import canonicalize, write_table
