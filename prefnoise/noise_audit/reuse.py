@@ -11,9 +11,9 @@ are the table's, in order, with finite margins; anything else recomputes, and sa
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,10 @@ def margins_fingerprint(frame: pl.DataFrame, parameters: dict[str, Any]) -> str:
     """Hex digest of the table (every column, in order) and of ``parameters`` (folds, refits, seed, the fit
     options and device), with the content of any encoder or model directory they name and the version."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"prefnoise {__version__}\0".encode())
-    for column in frame.columns:
-        digest.update(column.encode() + b"\0" + str(frame[column].dtype).encode() + b"\0")
-        digest.update(pickle.dumps(frame[column].to_list(), protocol=4))
+    digest.update(f"prefnoise {__version__} polars {pl.__version__}\0".encode())
+    buffer = io.BytesIO()  # the table's columns, names and types as one Arrow IPC stream (one chunk each)
+    frame.rechunk().write_ipc(buffer, compression="uncompressed")
+    digest.update(buffer.getbuffer())
     digest.update(json.dumps(parameters, sort_keys=True, default=str).encode())
     for key in ("encoder_path", "model_path"):
         path = parameters.get(key)
