@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,14 +41,17 @@ def synthetic_table(directory: Path, pairs: int) -> Path:
     return path
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
-    """Wall seconds of ``command`` (a failure stops the benchmark with its stderr)."""
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of ``command`` (a failure stops the benchmark with its stderr).
+    On a shared machine the CPU seconds move less with the load than the wall time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode not in (0, 4):  # 4: the flip rate undetermined (audit still ran every fold model)
         sys.exit(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    return seconds
+    return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def run_case(name: str, tag: str, data: Path, model: list[str], repeats: int, work: Path, env: dict[str, str],
@@ -60,19 +64,24 @@ def run_case(name: str, tag: str, data: Path, model: list[str], repeats: int, wo
     print("  audit:      " + " ".join(audit[3:]), flush=True)
     if warm_up:
         timed(audit, env)  # fills the embedding cache (embed+mlp), untimed
-    ratios, old = [], []
+    ratios, cpu_ratios, old = [], [], []
     for repeat in range(repeats):
-        one_fit = timed(fit, env)
-        full = timed(audit, env)
+        one_fit, fit_cpu = timed(fit, env)
+        full, full_cpu = timed(audit, env)
         ratios.append(full / one_fit)
-        line = f"  run {repeat + 1}: fit-reward {one_fit:.1f} s, audit {full:.1f} s, ratio {ratios[-1]:.2f}"
+        cpu_ratios.append(full_cpu / fit_cpu)
+        line = (f"  run {repeat + 1}: fit-reward {one_fit:.1f} s ({fit_cpu:.1f} s CPU), audit {full:.1f} s "
+                f"({full_cpu:.1f} s CPU), ratio {ratios[-1]:.2f} wall, {cpu_ratios[-1]:.2f} CPU")
         if before is not None:  # the same audit by the code in ``before`` (one fit per fold model)
-            earlier = timed(audit, {**env, "PYTHONPATH": before})
-            old.append(earlier / one_fit)
-            line += f"; audit of {before}: {earlier:.1f} s, ratio {old[-1]:.2f}"
+            earlier, earlier_cpu = timed(audit, {**env, "PYTHONPATH": before})
+            old.append((earlier / one_fit, earlier_cpu / fit_cpu))
+            line += f"; audit of {before}: {earlier:.1f} s ({earlier_cpu:.1f} s CPU), ratio {old[-1][0]:.2f} wall, " \
+                    f"{old[-1][1]:.2f} CPU"
         print(line, flush=True)
-    print(f"  median ratio audit / fit-reward: {statistics.median(ratios):.2f}"
-          + (f" (the code in {before}: {statistics.median(old):.2f})" if old else ""), flush=True)
+    print(f"  median ratio audit / fit-reward: {statistics.median(ratios):.2f} wall, "
+          f"{statistics.median(cpu_ratios):.2f} CPU" + (
+              f" (the code in {before}: {statistics.median(o[0] for o in old):.2f} wall, "
+              f"{statistics.median(o[1] for o in old):.2f} CPU)" if old else ""), flush=True)
 
 
 def main() -> None:
@@ -81,6 +90,7 @@ def main() -> None:
     parser.add_argument("--cases", default="1k,10k")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=10_000, help="pairs of the synthetic case")
+    parser.add_argument("--cache-dir", help="an embedding cache to use (default: a fresh one, filled first)")
     parser.add_argument("--uf", default=str(ULTRAFEEDBACK_TRAIN), help="the UltraFeedback slice of the 1k case")
     parser.add_argument("--before", help="a checkout whose audit to time too (its PYTHONPATH), e.g. main's")
     parser.add_argument("--epochs", type=int, help="epochs of both commands (default: the backends' 50)")
@@ -88,7 +98,7 @@ def main() -> None:
     print(f"load before: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="audit-speed-") as tmp:
         work = Path(tmp)
-        env = {**os.environ, "PREFNOISE_CACHE_DIR": str(work / "cache")}
+        env = {**os.environ, "PREFNOISE_CACHE_DIR": args.cache_dir or str(work / "cache")}
         cases = args.cases.split(",")
         epochs = ["--epochs", str(args.epochs)] if args.epochs else []
         if "1k" in cases:
@@ -96,7 +106,7 @@ def main() -> None:
                 sys.exit("the 1k case needs --encoder PATH (a local MiniLM directory)")
             model = ["--drop-invalid", "--model", "embed+mlp", "--encoder", args.encoder, *epochs]
             run_case("1k real UltraFeedback, embed+mlp (embeddings cached)", "1k", Path(args.uf).resolve(), model,
-                     args.repeats, work, env, warm_up=True, before=args.before)
+                     args.repeats, work, env, warm_up=args.cache_dir is None, before=args.before)
         if "10k" in cases:
             data = synthetic_table(work, args.pairs)
             run_case(f"{args.pairs // 1000}k SYNTHETIC 384-d features, mlp", "10k", data, ["--model", "mlp", *epochs],
