@@ -3,7 +3,8 @@
 Generates bench/corrupt.py's dataset once (with and without pair_id) and runs its ``--run`` variants,
 each in its own subprocess, interleaved (copy, A, B, A without ids, B without ids) for ``--rounds``
 rounds; ``PYTHONPATH`` picks the checkout. On a shared machine interleaving keeps load drift from
-favouring one side. Prints one JSON line per run, with the 1-minute load average before and after.
+favouring one side. Prints one JSON line per run: wall and CPU seconds (user + system, every thread),
+peak RSS, and the 1-minute load average before and after.
 
     .venv/bin/python bench/corrupt_ab.py --rows 2000000 --a . --b ../main --data /tmp/bench-ab
 """
@@ -52,6 +53,7 @@ def main() -> None:
             )
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             record = {"round": round_, "variant": variant, "tree": tree, "seconds": round(result["seconds"], 2),
+                      "cpu_seconds": round(result["cpu_seconds"], 2),
                       "peak_rss_mb": round(result["peak_rss_mb"]), "load1_before": round(load, 1),
                       "load1_after": round(os.getloadavg()[0], 1)}
             print(json.dumps(record), flush=True)

@@ -7,7 +7,10 @@ import hashlib
 import os
 from collections.abc import Iterable
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from prefnoise import columns as C
 from prefnoise.data.conversational import from_conversational, is_conversational
@@ -32,6 +35,36 @@ def content_pair_ids(prompts: Iterable[str], chosens: Iterable[str], rejecteds: 
             digest.update(data)
         ids.append(digest.hexdigest())
     return ids
+
+
+def content_pair_id_column(prompts: pl.Series, chosens: pl.Series, rejecteds: pl.Series) -> pl.Series:
+    """:func:`content_pair_ids` of three text columns (null read as empty text), as a ``pair_id`` Series.
+
+    The same digests, with the per-row work cut to one blake2b call: each row's length-prefixed
+    fields are joined by Arrow kernels first, and the digests are turned to hex with numpy."""
+    fields = []
+    for texts in (prompts, chosens, rejecteds):
+        array = texts.fill_null("").to_arrow().cast(pa.large_binary())
+        array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+        n = len(array)
+        lengths = np.diff(np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + n + 1])
+        prefix_offsets = pa.py_buffer(np.arange(n + 1, dtype=np.int64) * 8)
+        prefixes = pa.Array.from_buffers(
+            pa.large_binary(), n, [None, prefix_offsets, pa.py_buffer(lengths.astype("<u8"))]
+        )
+        fields += [prefixes, array]
+    joined = pc.binary_join_element_wise(*fields, pa.scalar(b"", pa.large_binary()))
+    n = len(joined)
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64)[joined.offset : joined.offset + n + 1]
+    if n == 0:
+        return pl.Series(C.PAIR_ID, [], dtype=pl.String)
+    data, blake2b, starts, ends = memoryview(joined.buffers()[2]), hashlib.blake2b, offsets[:-1], offsets[1:]
+    digests = b"".join([blake2b(data[a:b], digest_size=8).digest() for a, b in zip(starts.tolist(), ends.tolist())])
+    raw = np.frombuffer(digests, dtype=np.uint8)
+    hex_text = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)[np.stack([raw >> 4, raw & 15], axis=1).ravel()]
+    hex_offsets = pa.py_buffer(np.arange(n + 1, dtype=np.int64) * 16)
+    ids = pa.Array.from_buffers(pa.large_string(), n, [None, hex_offsets, pa.py_buffer(hex_text)])
+    return pl.Series(C.PAIR_ID, ids, dtype=pl.String)
 
 
 def canonicalize(
@@ -60,10 +93,7 @@ def canonicalize(
     _check_required(frame, name, columns)
     frame = _coerce_types(frame, name)
     if C.PAIR_ID not in frame.columns:
-        ids = content_pair_ids(
-            frame[C.PROMPT].fill_null(""), frame[C.CHOSEN].fill_null(""), frame[C.REJECTED].fill_null("")
-        )
-        frame = frame.with_columns(pl.Series(C.PAIR_ID, ids, dtype=pl.String))
+        frame = frame.with_columns(content_pair_id_column(frame[C.PROMPT], frame[C.CHOSEN], frame[C.REJECTED]))
     for column in C.REQUIRED:
         text = pl.col(column)
         invalid[f"null or empty '{column}'"] = text.is_null() | (text.str.strip_chars() == "")

@@ -54,7 +54,7 @@ class Encoder:
 
     Each forward pass stores every pooling (mean and cls) in the cache, keyed by the text and by
     :meth:`part_fingerprint` (encoder files, max length, input and pooling), so an embedding is
-    computed once across folds, losses, feature sets and runs.
+    computed once across folds, losses, feature sets, runs and concurrent processes.
     """
 
     def __init__(
@@ -77,6 +77,7 @@ class Encoder:
         self.cache_dir = cache_dir
         self._fingerprint: str | None = None
         self.forward_calls = 0  # encoder forward passes run by this object (the cache's tests count them)
+        self.texts_encoded = 0  # distinct texts those passes embedded
 
     @property
     def dim(self) -> int:
@@ -98,12 +99,14 @@ class Encoder:
             return self.fingerprint
         return f"{self.fingerprint}|{inputs}-{pooling}"
 
+    def cache(self, inputs: str, pooling: str) -> EmbeddingCache:
+        """The embedding cache of one (input, pooling) part in :attr:`cache_dir`."""
+        return EmbeddingCache.open(self.cache_dir, self.part_fingerprint(inputs, pooling), dim=self.dim)
+
     def missing(self, prompts: Sequence[str], responses: Sequence[str], inputs: str = "joint") -> int:
         """How many distinct texts :meth:`embed` would have to run the encoder on (cache misses)."""
-
-        prompts = _inputs_prompts(prompts, inputs)
-        cache = EmbeddingCache.open(self.cache_dir, self.part_fingerprint(inputs, "mean"))
-        return len({key for key in cache.keys_for(prompts, responses) if key not in cache})
+        cache = self.cache(inputs, "mean")
+        return len(cache.missing(cache.keys_for(_inputs_prompts(prompts, inputs), responses), self.dim))
 
     @torch.no_grad()
     def embed(
@@ -119,47 +122,51 @@ class Encoder:
         """float32 array (n, dim) of embeddings, reusing and extending the cache.
 
         ``inputs``: joint (prompt and response as a text pair) or response (the response alone);
-        ``pooling``: mean or cls. ``on_progress(k)`` advances by the texts the encoder has just run
-        on (cached texts are not counted; :meth:`missing` gives the total beforehand).
+        ``pooling``: mean or cls. The encoder runs once per distinct text the cache lacks.
+        ``on_progress(k)`` advances by the texts the encoder has just run on (cached texts are not
+        counted; :meth:`missing` gives the total beforehand).
         """
-
         if inputs not in EMBED_INPUTS:
             raise PrefnoiseError(f"unknown encoder input {inputs!r}; use {' or '.join(EMBED_INPUTS)}")
         pool_states(torch.zeros(1, 1, 1), torch.ones(1, 1), pooling)  # validates pooling
         prompts = _inputs_prompts(prompts, inputs)
-        caches = {p: EmbeddingCache.open(self.cache_dir, self.part_fingerprint(inputs, p)) for p in POOLINGS}
-        cache = caches[pooling]
-        keys = cache.keys_for(prompts, responses)
-        first: dict[str, int] = {}
-        for i, key in enumerate(keys):
-            if key not in cache:
-                first.setdefault(key, i)
-        missing = list(first.values())
-        if missing:
-            self.model.to(device)
-            new: dict[str, dict[str, np.ndarray]] = {p: {} for p in POOLINGS}
-            for start in range(0, len(missing), self.batch_size):
-                rows = missing[start : start + self.batch_size]
-                ids = tokenize_pairs(
-                    self.tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows], self.max_length
-                )
-                batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
-                states = self.model(**batch).last_hidden_state.float()
-                self.forward_calls += 1
-                for name in POOLINGS:
-                    pooled = pool_states(states, batch["attention_mask"], name).cpu().numpy()
-                    for i, vector in zip(rows, pooled):
-                        new[name][keys[i]] = vector
-                if on_progress is not None:
-                    on_progress(len(rows))
-                if sum(len(v) for v in new.values()) >= FLUSH_EVERY:  # an interrupted run keeps its work
-                    for name in POOLINGS:
-                        caches[name].add(new[name])
-                    new = {p: {} for p in POOLINGS}
+        caches = {p: self.cache(inputs, p) for p in POOLINGS}
+        keys = caches[pooling].keys_for(prompts, responses)
+        out = np.zeros((len(keys), self.dim), dtype=np.float32)
+        rows_of: dict[str, list[int]] = {}  # each text the cache lacks -> the rows that hold it
+        for i in np.flatnonzero(~caches[pooling].fill(keys, out)):
+            rows_of.setdefault(keys[i], []).append(int(i))
+        if rows_of:
+            self._encode(prompts, responses, rows_of, out, caches, pooling, device, on_progress)
+        return out
+
+    def _encode(self, prompts, responses, rows_of, out, caches, pooling, device, on_progress) -> None:
+        """Run the encoder once per key of ``rows_of``, fill its rows of ``out`` and store every pooling."""
+        self.model.to(device)
+        firsts = [(key, rows[0]) for key, rows in rows_of.items()]
+        new: dict[str, dict[str, np.ndarray]] = {p: {} for p in POOLINGS}
+        for start in range(0, len(firsts), self.batch_size):
+            batch_rows = firsts[start : start + self.batch_size]
+            ids = tokenize_pairs(self.tokenizer, [prompts[i] for _, i in batch_rows],
+                                 [responses[i] for _, i in batch_rows], self.max_length)
+            batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
+            states = self.model(**batch).last_hidden_state.float()
+            self.forward_calls += 1
+            self.texts_encoded += len(batch_rows)
             for name in POOLINGS:
-                if new[name]:
+                pooled = pool_states(states, batch["attention_mask"], name).cpu().numpy()
+                for (key, _), vector in zip(batch_rows, pooled):
+                    new[name][key] = vector
+                    if name == pooling:
+                        out[rows_of[key]] = vector
+            if on_progress is not None:
+                on_progress(len(batch_rows))
+            if sum(len(v) for v in new.values()) >= FLUSH_EVERY:  # an interrupted run keeps its work
+                for name in POOLINGS:
                     caches[name].add(new[name])
-        return cache.lookup(keys, self.dim)
+                new = {p: {} for p in POOLINGS}
+        for name in POOLINGS:
+            caches[name].add(new[name])
 
     def save(self, directory: Path) -> None:
         """Copy the encoder and its tokenizer into ``directory``."""
