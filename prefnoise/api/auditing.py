@@ -61,6 +61,7 @@ def audit(
     layout: str = "auto", drop_invalid: bool = False,
     progress_bar: ProgressBar | None = None,
     engine: str | EngineOptions = "local", ray_address: str | None = None, workers: int | None = None,
+    reuse_margins: bool = False,
     **input_options: Any,
 ) -> AuditResult:
     """``prefnoise audit``: estimate the flip rate of the table's labels and score each pair's suspicion.
@@ -72,7 +73,9 @@ def audit(
     undetermined (``result.estimate.identifiable`` False) the summary's rate is None with a reason, and
     ``fix`` ("drop" or "swap", with ``out``) refuses with a PrefnoiseError of exit code 4. ``engine="ray"``
     (``ray_address``, ``workers``: docs/distributed.md) runs the embedding stage (embed+mlp's encoder batches)
-    on Ray actors, with the same embeddings and so the same estimate.
+    on Ray actors, with the same embeddings and so the same estimate. ``reuse_margins``: take the fold
+    models' margins of a previous audit of the same input when data and every option that shapes them match
+    (``summary["margins_note"]`` says whether they were reused, or why not).
     """
     options = build_options(AuditOptions, options, locals())
     engine_options = engine_of(engine, ray_address, workers)
@@ -81,7 +84,7 @@ def audit(
     src = input_table(
         data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
     )
-    outcome = _run(src, options, drop_invalid, progress_bar or no_bar, engine_options)
+    outcome = _run(src, options, drop_invalid, progress_bar or no_bar, engine_options, reuse_margins)
     if out is not None:
         _write_table(outcome, src, options, out, started, overwrite)
     if plot is not None:
@@ -106,7 +109,7 @@ def _check_outputs(
 
 def _run(
     src: InputTable, options: AuditOptions, drop_invalid: bool, progress_bar: ProgressBar,
-    engine: EngineOptions | None = None,
+    engine: EngineOptions | None = None, reuse_margins: bool = False,
 ) -> Any:
     """The audit of ``src``'s pairs (its table, estimate, summary), under a bar when fold models are fitted."""
     # pulls scipy and torch's reward models: loaded only when audit runs
@@ -118,7 +121,7 @@ def _run(
     bar = progress_bar("cross-fitting folds", options.folds * options.refits) if fits else None
     with embedding_on(engine, options.device), bar or contextlib.nullcontext() as advance:
         return run_audit(src.collect(), options, name=src.name, votes=votes, drop_invalid=drop_invalid,
-                         on_fold=advance)
+                         on_fold=advance, reuse_margins=reuse_margins)
 
 
 def _write_table(

@@ -47,6 +47,7 @@ from prefnoise.cli.common import (
     input_options,
     options_from,
     progress,
+    quiet_requested,
     register_engine,
     register_options,
     reports_to_stderr,
@@ -201,8 +202,11 @@ def audit_command(
     result = api.audit(
         data, out, options_from(AuditOptions, locals()), plot=plot, overwrite=overwrite,
         progress_bar=functools.partial(progress, enabled=show_progress(estimate_only or json_output)),
-        engine=engine_options(locals()), **input_options(locals()),
+        engine=engine_options(locals()), reuse_margins=estimate_only or fix is not None,
+        **input_options(locals()),
     )
+    if result.summary.get("margins_note") and not quiet_requested():
+        typer.echo(f"audit: {result.summary['margins_note']}", err=True)
     if estimate_only:
         _print_estimate(result.estimate)
     elif json_output:
