@@ -99,10 +99,11 @@ def corrupt_command(
 ) -> None:
     """Flip preference labels with a controlled noise model; record which rows in `flipped`."""
 
+    running = engine_options(locals())  # checked first: --workers 0 is refused as such, whatever the noise flags
     summary = api.corrupt(
         source, dest, options_from(CorruptOptions, locals()), overwrite=overwrite,
         progress_bar=functools.partial(progress, enabled=show_progress(json_output)), **input_options(locals()),
-        engine=engine_options(locals()),
+        engine=running,
     ).summary
     if json_output:
         emit_json(summary, to_stderr=dest == "-")
