@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from prefnoise.data import file_fingerprint
 from prefnoise.errors import PrefnoiseError
 from prefnoise.hf import from_pretrained, quiet_transformers
+from prefnoise.resources import check_inference_fits
 from prefnoise.reward.cache import EmbeddingCache
 from prefnoise.reward.models import (
     EMBED_INPUTS,
@@ -138,12 +139,17 @@ class Encoder:
         if missing:
             self.model.to(device)
             new: dict[str, dict[str, np.ndarray]] = {p: {} for p in POOLINGS}
+            checked = 0  # the largest batch (tokens) whose memory was checked
             for start in range(0, len(missing), self.batch_size):
                 rows = missing[start : start + self.batch_size]
                 ids = tokenize_pairs(
                     self.tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows], self.max_length
                 )
                 batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
+                if batch["input_ids"].numel() > checked:  # before the pass allocates: one line, not killed
+                    checked = batch["input_ids"].numel()
+                    check_inference_fits(self.model.config, checked, f"the encoder {self.path}'s batch",
+                                         "lower --max-length", device=device)
                 states = self.model(**batch).last_hidden_state.float()
                 self.forward_calls += 1
                 for name in POOLINGS:
