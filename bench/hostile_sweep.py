@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 LEFTOVER_MARKS = (".tmp-", "prefnoise-lock", "prefnoise-result", ".partial")
+# Not prefnoise's: torch makes its (empty) compile-cache directory in TMPDIR when transformers loads a model.
+LIBRARY_TMP = ("torchinductor_",)
 
 
 @dataclass
@@ -423,8 +425,9 @@ def output_cases(ws: Path) -> list[Case]:
              expect=frozenset({2})),
         Case("reproduce DATA --out == DATA", ["reproduce", "data", src, "--out", src, "--seeds", "1"],
              expect=frozenset({2})),
-        Case("align --out is the model dir", ["align", str(inp / "pattern.parquet"), "--model", str(ws / "models" / "lm"),
-                                              "--out", str(ws / "models" / "lm"), "--max-steps", "1", "--device", "cpu"],
+        Case("align --out is the model dir", ["align", str(inp / "pattern.parquet"), "--model",
+                                              str(ws / "models" / "lm"), "--out", str(ws / "models" / "lm"),
+                                              "--max-steps", "1", "--device", "cpu"],
              expect=frozenset({2})),
         Case("align --out == DATA", ["align", str(inp / "pattern.parquet"), "--model", str(ws / "models" / "lm"),
                                      "--out", str(inp / "pattern.parquet"), "--max-steps", "1"], expect=frozenset({2})),
@@ -502,7 +505,8 @@ def model_cases(ws: Path) -> list[Case]:
     out.append(Case("rank-check --model rm_tf_truncated", ["rank-check", str(inp / "pattern.parquet"), "--model",
                                                            str(models / "rm_tf_truncated")], expect=frozenset({2})))
     out.append(Case("audit --model lm_truncated", ["audit", str(inp / "pattern.parquet"), "--model",
-                                                   str(models / "lm_truncated"), "--folds", "2"], expect=frozenset({2})))
+                                                   str(models / "lm_truncated"), "--folds", "2"],
+                    expect=frozenset({2})))
     out.append(Case("fit-reward embed+mlp --encoder lm_no_tokenizer",
                     ["fit-reward", str(inp / "pattern.parquet"), "--model", "embed+mlp", "--encoder",
                      str(models / "lm_no_tokenizer"), "--out", "rm", "--epochs", "1"], expect=frozenset({2})))
@@ -772,8 +776,9 @@ def run_case(case: Case, ws: Path, index: int) -> tuple[Case, list[str], str]:
             try:
                 proc.stdin.write(case.stdin)
                 proc.stdin.close()
-            except (BrokenPipeError, OSError):
+            except (BrokenPipeError, OSError, ValueError):
                 pass
+            proc.stdin = None  # communicate() must not flush it again
     if case.kill is not None:
         time.sleep(case.kill[0])
         for proc in procs:
@@ -801,7 +806,8 @@ def run_case(case: Case, ws: Path, index: int) -> tuple[Case, list[str], str]:
         now = after.get(path) if not path.startswith(str(d)) else (sha(Path(path)) if Path(path).is_file() else None)
         if now != digest:
             problems.append(f"changed: {Path(path).relative_to(ws)}")
-    left = leftovers(d) + [f"TMPDIR/{p}" for p in os.listdir(tmpdir)] + [f"inputs/{p}" for p in leftovers(ws / "inputs")]
+    left = leftovers(d) + [f"TMPDIR/{p}" for p in os.listdir(tmpdir) if not p.startswith(LIBRARY_TMP)]
+    left += [f"inputs/{p}" for p in leftovers(ws / "inputs")]
     if left:
         problems.append(f"left behind: {', '.join(sorted(left)[:5])}")
     transcript = " | ".join(f"rc={rc} {err.decode('utf-8', 'replace').strip()[-300:]!r}" for rc, _, err in results)
