@@ -78,3 +78,12 @@ def test_a_lock_that_cannot_be_created_names_the_output(tmp_path):
     assert "prefnoise-lock" not in line
     long_name = tmp_path / ("x" * 250 + ".csv")
     assert_one_line_error(invoke("corrupt", src, long_name, "--rate", "0.1"), "the name is too long")
+
+
+def test_split_names_test_not_out_when_test_is_the_input(tmp_path):
+    from tests.cli_helpers import assert_one_line_error, invoke
+
+    src = tmp_path / "pairs.csv"
+    src.write_text("prompt,chosen,rejected\n" + "".join(f"q{i},a{i},b{i}\n" for i in range(10)))
+    line = assert_one_line_error(invoke("split", src, tmp_path / "train.parquet", src), "TEST ", "is the input")
+    assert "OUT" not in line
