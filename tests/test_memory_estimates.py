@@ -118,3 +118,17 @@ def test_embed_mlp_refuses_an_encoder_batch_that_cannot_fit(data_path, tmp_path,
                   "--epochs", "1", "--max-length", "32", "--cache-dir", tmp_path / "cache", "--hidden", "4")
     assert_one_line_error(done, "the encoder", "tokens) needs about", "for its activations", "lower --max-length")
     assert_nothing_written(out)
+
+
+def test_on_cuda_the_device_memory_is_what_is_available(monkeypatch):
+    import torch
+
+    from prefnoise.errors import PrefnoiseError
+    from prefnoise.resources import check_fits_in_memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 80_000))  # 1 KB free on the device
+    monkeypatch.setattr("prefnoise.resources.available_memory", lambda: 10**12)  # plenty on the CPU
+    with pytest.raises(PrefnoiseError, match="needs about 1.5 KB of memory to train, and 1.0 KB is available"):
+        check_fits_in_memory(1500, "x", "lower it", device=torch.device("cuda", 0))
+    check_fits_in_memory(1500, "x", "lower it", device=torch.device("cuda", 0), held=600)  # weights already there
+    check_fits_in_memory(1500, "x", "lower it", device=torch.device("cpu"))
