@@ -3,6 +3,7 @@ it found, real processes where the rule is about a process."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -87,3 +88,20 @@ def test_split_names_test_not_out_when_test_is_the_input(tmp_path):
     src.write_text("prompt,chosen,rejected\n" + "".join(f"q{i},a{i},b{i}\n" for i in range(10)))
     line = assert_one_line_error(invoke("split", src, tmp_path / "train.parquet", src), "TEST ", "is the input")
     assert "OUT" not in line
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_libraries_load_exits_with_its_code_and_one_line(tmp_path, sig, code):
+    # before, the CLI's handlers were not installed yet: SIGTERM killed the process raw (-15) and Ctrl-C
+    # printed a KeyboardInterrupt traceback from inside pyarrow's import
+    src = tmp_path / "pairs.csv"
+    src.write_text("prompt,chosen,rejected\n" + "".join(f"q{i},a{i},b{i}\n" for i in range(10)))
+    out = tmp_path / "o.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "prefnoise", "corrupt", str(src), str(out), "--rate", "0.1"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.25)  # importing polars, pyarrow and the CLI takes a second or more
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and err.count("\n") == 1 and "no output was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.csv"]
