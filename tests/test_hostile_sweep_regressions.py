@@ -105,3 +105,18 @@ def test_a_signal_while_the_libraries_load_exits_with_its_code_and_one_line(tmp_
     assert proc.returncode == code, err
     assert "Traceback" not in err and err.count("\n") == 1 and "no output was written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.csv"]
+
+
+def test_a_working_directory_that_is_not_utf8_is_one_line_not_an_internal_error(tmp_path, monkeypatch):
+    import os
+
+    from tests.cli_helpers import assert_one_line_error, invoke
+
+    src = tmp_path / "pairs.csv"
+    src.write_text("prompt,chosen,rejected\n" + "".join(f"q{i},a{i},b{i}\n" for i in range(10)))
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.mkdir(odd)
+    monkeypatch.chdir(os.fsdecode(odd))
+    assert_one_line_error(invoke("corrupt", src, "o.parquet", "--rate", "0.1"), "current directory",
+                          "caf\\xe9 is not valid UTF-8", "run prefnoise from another directory")
+    assert os.listdir(odd) == []
