@@ -103,5 +103,5 @@ def _check_working_directory() -> None:
     if _has_surrogates(cwd):
         raise PrefnoiseError(
             f"the current directory {printable_name(cwd)} is not valid UTF-8, which the table libraries cannot "
-            "open or write under; run prefnoise from another directory (absolute paths work from anywhere)"
+            "open or write under; run prefnoise from another directory"
         )
