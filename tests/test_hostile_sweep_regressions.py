@@ -120,3 +120,16 @@ def test_a_working_directory_that_is_not_utf8_is_one_line_not_an_internal_error(
     assert_one_line_error(invoke("corrupt", src, "o.parquet", "--rate", "0.1"), "current directory",
                           "caf\\xe9 is not valid UTF-8", "run prefnoise from another directory")
     assert os.listdir(odd) == []
+
+
+def test_votes_read_as_text_accept_the_numbers_and_name_the_stray_value():
+    import polars as pl
+
+    from prefnoise.errors import PrefnoiseError
+    from prefnoise.noise_audit.votes import CHOSEN, MISSING, REJECTED, TIE, vote_codes
+
+    # a CSV vote column with one "nan" is read as strings: "1"/"-1"/"0"/"true" are still votes
+    codes = vote_codes(pl.Series(["1", "-1", "0", " TRUE ", "false", None]), "vote")
+    assert codes.tolist() == [CHOSEN, REJECTED, TIE, CHOSEN, REJECTED, MISSING]
+    with pytest.raises(PrefnoiseError, match=r"column 'vote', row 3: vote 'nan' is not an accepted vote"):
+        vote_codes(pl.Series(["1", "-1", "nan"]), "vote")

@@ -17,7 +17,10 @@ from prefnoise.errors import PrefnoiseError
 # Vote codes, relative to the table's orientation; MISSING marks a pair the annotator did not vote on.
 CHOSEN, REJECTED, TIE, MISSING = 0, 1, 2, 3
 ENCODINGS = "'chosen'/'rejected'/'tie', 1/-1/0 or true/false (true prefers chosen), null when not annotated"
-_WORDS = {"chosen": CHOSEN, "rejected": REJECTED, "tie": TIE}
+_WORDS = {"chosen": CHOSEN, "rejected": REJECTED, "tie": TIE,
+          # the numbers and booleans as text: a CSV column with one stray value is read as strings
+          "1": CHOSEN, "-1": REJECTED, "0": TIE, "1.0": CHOSEN, "-1.0": REJECTED, "0.0": TIE,
+          "true": CHOSEN, "false": REJECTED}
 _NUMBERS = {1.0: CHOSEN, -1.0: REJECTED, 0.0: TIE}
 
 # The long table of votes (--votes FILE): one row per vote.
