@@ -93,8 +93,8 @@ def _check_outputs(data: Table, train_out: str | Path | None, test_out: str | Pa
         return
     if STDIO in (str(train_out), str(test_out)):
         raise PrefnoiseError("TRAIN and TEST must be files (two tables cannot share stdout)")
-    for dest in (train_out, test_out):
-        check_output_file(dest, inputs=[path_of(data)], overwrite=overwrite)
+    for flag, dest in (("TRAIN", train_out), ("TEST", test_out)):
+        check_output_file(dest, inputs=[path_of(data)], overwrite=overwrite, flag=flag)
     check_distinct_outputs({"TRAIN": train_out, "TEST": test_out})
 
 

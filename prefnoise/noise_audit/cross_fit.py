@@ -148,7 +148,7 @@ def given_margins(frame: pl.DataFrame, *, reward_col: str | None = None, margin_
     needed = [margin_col] if margin_col is not None else [C.chosen(reward_col), C.rejected(reward_col)]
     missing = [name for name in needed if name not in frame.columns]
     if missing:
-        raise PrefnoiseError(f"column {missing[0]!r} not found; the table has {', '.join(frame.columns)}")
+        raise PrefnoiseError(f"column {missing[0]!r} not found; the table has {C.name_list(frame.columns)}")
     values = []
     for name in needed:
         try:

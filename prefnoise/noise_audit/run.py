@@ -131,7 +131,7 @@ def breakdown_sides(frame: pl.DataFrame, rules: tuple[str, ...]) -> dict[str, tu
         missing = [c for c in needed if c not in frame.columns]
         if missing:
             raise PrefnoiseError(
-                f"--by {rule}: column {missing[0]!r} not found; the table has {', '.join(frame.columns)}"
+                f"--by {rule}: column {missing[0]!r} not found; the table has {C.name_list(frame.columns)}"
             )
         sides[rule] = B.rule_sides(frame, rule)
     return sides
@@ -155,7 +155,7 @@ def gold_breakdowns(frame: pl.DataFrame, options: AuditOptions) -> list[dict[str
 def _chosen_first(frame: pl.DataFrame, column: str) -> np.ndarray:
     """Whether ``chosen`` was shown first, from the ``--position-col`` column."""
     if column not in frame.columns:
-        raise PrefnoiseError(f"--position-col: column {column!r} not found; the table has {', '.join(frame.columns)}")
+        raise PrefnoiseError(f"--position-col: column {column!r} not found; the table has {C.name_list(frame.columns)}")
     return V.position_codes(frame[column], column)
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from prefnoise.data import file_fingerprint
 from prefnoise.errors import PrefnoiseError
 from prefnoise.hf import from_pretrained, quiet_transformers
+from prefnoise.resources import check_inference_fits
 from prefnoise.reward.cache import EmbeddingCache
 from prefnoise.reward.models import (
     EMBED_INPUTS,
@@ -184,6 +185,11 @@ class Encoder:
         (the unit of work :meth:`embed` runs here or, with :attr:`remote`, on Ray actors)."""
         ids = tokenize_pairs(self.tokenizer, prompts, responses, self.max_length)
         batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
+        tokens = batch["input_ids"].numel()
+        if tokens > getattr(self, "_checked_tokens", 0):  # before the pass allocates: one line, not killed
+            self._checked_tokens = tokens
+            check_inference_fits(self.model.config, tokens, f"the encoder {self.path}'s batch", "lower --max-length",
+                                 device=device)
         states = self.model(**batch).last_hidden_state.float()
         self.forward_calls += 1
         return {name: pool_states(states, batch["attention_mask"], name).cpu().numpy() for name in POOLINGS}

@@ -254,7 +254,7 @@ def score_responses(
     if model.backend == "mlp":
         missing = [c for c in (C.FEATURES,) if c not in df.columns]
     if missing:
-        raise PrefnoiseError(f"--responses needs column(s) {', '.join(missing)}; columns are {', '.join(df.columns)}")
+        raise PrefnoiseError(f"--responses needs column(s) {', '.join(missing)}; columns are {C.name_list(df.columns)}")
     df, numbers = checked_features(model, df, (C.FEATURES,), source, drop_invalid)
     runtime = scoring_runtime(device)
     model.module.to(runtime.device)

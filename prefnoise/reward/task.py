@@ -39,7 +39,7 @@ from prefnoise.reward.scoring import (
     prepare_sides,
     side_lengths,
 )
-from prefnoise.reward.transformer import add_lora, merge_lora, new_transformer
+from prefnoise.reward.transformer import add_lora, check_training_fits, merge_lora, new_transformer
 from prefnoise.training import Trainer, nonfinite_name, reshard, resolve_device, split_by_pair_id
 from prefnoise.training.loop import Step
 from prefnoise.training.run import Run
@@ -233,6 +233,10 @@ class RewardTask:
         self.sides = prepare_sides(self.model, df, self.runtime.device, callbacks.on_embed,
                                    callbacks.on_embed_start)
         self.lengths = side_lengths(self.model, self.sides)  # text backends train on length-grouped batches
+        if self.model.backend == "transformer":  # before the optimizer and the first batch allocate
+            check_training_fits(self.model, [self.lengths[i] for i in self.train_index], config.batch_size,
+                                precision=config.precision, device=self.runtime.device,
+                                early_stopping=config.early_stopping is not None)
         self.clean = ~torch.as_tensor(df[C.FLIPPED].fill_null(False).to_numpy()) if C.FLIPPED in df.columns \
             else None
         self.entry = get_margin_loss(config.loss)
