@@ -10,6 +10,8 @@ UltraFeedback's ``metadata.score_chosen``/``score_rejected``, ``chosen_model``/`
 
 from __future__ import annotations
 
+from typing import Any
+
 PROMPT = "prompt"
 CHOSEN = "chosen"
 REJECTED = "rejected"
@@ -73,3 +75,14 @@ def struct_partner(name: str, names: list[str] | tuple[str, ...]) -> str | None:
         if name.endswith("_" + this) and len(name) > len(this) + 1:
             candidates.append(name[: -len(this)] + other)
     return next((c for c in candidates if c in names and c != name), None)
+
+
+SHOWN_NAMES = 20  # column names an error message lists before "and N more"
+
+
+def name_list(names: Any, limit: int = SHOWN_NAMES) -> str:
+    """``names`` joined by commas for an error line, the first ``limit`` then "... and N more"."""
+    names = [str(name) for name in names]
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])}, ... and {len(names) - limit} more"

@@ -112,10 +112,15 @@ def split_table(
     """
 
     SplitOptions(test_fraction=test_fraction, by=by, seed=seed)  # OptionError for a bad fraction or unit
+    mask = pl.Series(held_out_mask(frame, test_fraction=test_fraction, by=by, seed=seed))
+    return frame.filter(~mask), frame.filter(mask)
+
+
+def held_out_mask(frame: pl.DataFrame, *, test_fraction: float, by: str, seed: int) -> np.ndarray:
+    """Which rows of ``frame`` go to the test side of :func:`split_table` (row by row, so any block of rows
+    gets the same answer as the whole table)."""
     if by == "prompt":  # a fixed-size digest, so long prompts cost no more than short ones
         keys = [hashlib.blake2b(p.encode("utf-8"), digest_size=8).hexdigest() for p in frame[C.PROMPT].to_list()]
     else:
         keys = frame[C.PAIR_ID].cast(pl.String).to_list()
-    test = uniform_draws(keys, seed, stream=f"split-by-{by}") < test_fraction
-    mask = pl.Series(test)
-    return frame.filter(~mask), frame.filter(mask)
+    return uniform_draws(keys, seed, stream=f"split-by-{by}") < test_fraction

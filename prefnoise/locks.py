@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -89,6 +90,31 @@ def _make_parents(directory: Path) -> list[Path]:
     return missing
 
 
+def _cannot_write(flag: str, dest: str | Path, directory: Path, error: OSError) -> PrefnoiseError:
+    reason = (error.strerror or type(error).__name__).lower()
+    return PrefnoiseError(f"{flag} {dest}: cannot write in {directory} ({reason}); give a writable place")
+
+
+def _open_parents(path: Path, dest: str | Path, flag: str) -> list[Path]:
+    """:func:`_make_parents` of the lock's directory, failing in one line that names the output."""
+    try:
+        return _make_parents(path.parent)
+    except OSError as error:
+        raise _cannot_write(flag, dest, path.parent, error) from None
+
+
+def _open_lock(path: Path, dest: str | Path, flag: str, created: list[Path]) -> int:
+    """A descriptor of the lock file ``path``, created if missing; one line naming the output when it cannot be."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        _remove_empty(created)
+        if error.errno == errno.ENAMETOOLONG:
+            raise PrefnoiseError(f"{flag} {str(dest)[:60]}...: the name is too long for the file system; "
+                                 "give a shorter name") from None
+        raise _cannot_write(flag, dest, path.parent, error) from None
+
+
 def holds_lock(dest: str | Path) -> bool:
     """Whether this process holds the lock of output ``dest``."""
     return lock_file_of(dest) in _HELD
@@ -102,9 +128,9 @@ def acquire(dest: str | Path, *, flag: str = "OUT") -> bool:
     path = lock_file_of(dest)
     if path in _HELD or not is_main_rank():
         return False
-    created = _make_parents(path.parent)
+    created = _open_parents(path, dest, flag)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = _open_lock(path, dest, flag, created)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -341,13 +341,24 @@ def exact_thresholds(batches: Iterable[pl.DataFrame], spec: NoiseSpec, *, name: 
     draws: dict[str, list[np.ndarray]] = {}
     offset = 0
     for frame in batches:
-        height = frame.height
-        frame, _ = usable_rows(frame, spec, offset, name)  # counted by corrupt_batches, on the second pass
-        offset += height
-        u = uniform_draws(frame[C.PAIR_ID], spec.seed, stream=spec.stream(spec.kind))
-        groups = flip_groups(frame, spec)
-        for group in np.unique(groups):
-            draws.setdefault(str(group), []).append(u[groups == group])
+        for group, values in exact_draws(frame, spec, offset, name).items():
+            draws.setdefault(group, []).append(values)
+        offset += frame.height
+    return thresholds_of_draws(draws, spec)
+
+
+def exact_draws(
+    frame: pl.DataFrame, spec: NoiseSpec, row_offset: int = 0, name: str | None = None
+) -> dict[str, np.ndarray]:
+    """The draws of ``frame``'s usable pairs by summary group (one batch's share of :func:`exact_thresholds`)."""
+    frame, _ = usable_rows(frame, spec, row_offset, name)  # counted by corrupt_batches, on the second pass
+    u = uniform_draws(frame[C.PAIR_ID], spec.seed, stream=spec.stream(spec.kind))
+    groups = flip_groups(frame, spec)
+    return {str(group): u[groups == group] for group in np.unique(groups)}
+
+
+def thresholds_of_draws(draws: dict[str, list[np.ndarray]], spec: NoiseSpec) -> dict[str, float]:
+    """Per group, the exact-flip threshold of all its draws (listed batch by batch)."""
     rates = {ALL: spec.rate, POSITIVE: spec.rate_pos, NEGATIVE: spec.rate_neg}
     thresholds = {}
     for group, parts in draws.items():
@@ -488,13 +499,14 @@ def corrupt_batches(
     thresholds: dict[str, float] | None = None,
     on_progress: Callable[[int], None] | None = None,
     name: str | None = None,
+    row_offset: int = 0,
 ) -> Iterator[pl.DataFrame]:
     """Yield each batch with the pairs chosen by ``spec`` flipped; counts go into ``stats``.
 
     Pairs whose score (or orientation value) is null, NaN or infinite stop the run with an error
     naming the input (``name``), the column and the row, or with ``spec.drop_invalid`` are left out
-    and counted in ``stats.dropped``."""
-    offset = 0
+    and counted in ``stats.dropped`` (rows are counted from ``row_offset``, the rows before the first batch)."""
+    offset = row_offset
     for frame in batches:
         height = frame.height
         frame, dropped = usable_rows(frame, spec, offset, name)

@@ -4,11 +4,42 @@ from __future__ import annotations
 
 import errno
 import resource
+from typing import Any
 
 from prefnoise.errors import PrefnoiseError
 
-# Training keeps, per float32 parameter, the weight, its gradient and Adam's two moments.
-BYTES_PER_TRAINED_PARAMETER = 16
+# Training keeps, per float32 parameter, the weight; per trained one also its gradient and Adam's two moments.
+WEIGHT_BYTES = 4
+TRAINING_STATE_BYTES = 12  # gradient + Adam's first and second moments, float32
+# A transformer layer keeps about 20 activations of width ``hidden`` per token for the backward pass
+# (attention inputs, projections, the MLP's wide intermediate, norms); gradient checkpointing keeps ~10%.
+ACTIVATIONS_PER_TOKEN_LAYER = 20
+CHECKPOINTED_SHARE = 0.1
+LOGIT_BYTES = 8  # a vocabulary logit in float32 and its gradient
+
+
+def activation_bytes(tokens: int, layers: int, hidden: int, element_bytes: int, *,
+                     checkpointing: bool = False, vocab: int = 0) -> int:
+    """Bytes of the activations a pass over ``tokens`` tokens keeps: tokens × layers × hidden × 20 ×
+    ``element_bytes`` (a tenth with gradient checkpointing), plus ``vocab`` float32 logits with their
+    gradient per token. An inference pass keeps one layer's at a time (``layers=1``)."""
+    per_layer = hidden * ACTIVATIONS_PER_TOKEN_LAYER * element_bytes * (CHECKPOINTED_SHARE if checkpointing else 1.0)
+    return int(tokens * (layers * per_layer + vocab * LOGIT_BYTES))
+
+
+def training_memory_bytes(parameters: int, trainable: int, activations: int = 0, *, weight_copies: int = 0) -> int:
+    """Peak bytes of training a model: float32 weights of all ``parameters``, gradient and Adam's two
+    moments of the ``trainable`` ones, the batch's ``activations`` (:func:`activation_bytes`), and
+    ``weight_copies`` extra float32 copies of the weights (an early-stopping snapshot)."""
+    return int((1 + weight_copies) * WEIGHT_BYTES * parameters + TRAINING_STATE_BYTES * trainable + activations)
+
+
+def model_dims(config: Any) -> tuple[int, int]:
+    """(hidden width, layers) of a Hugging Face model ``config`` (0 where it does not say)."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "d_model", 0)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) \
+        or getattr(config, "num_layers", 0)
+    return int(hidden or 0), int(layers or 0)
 
 
 def mlp_parameters(input_dim: int, hidden: int, layers: int) -> int:
@@ -53,9 +84,22 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} PB"
 
 
-def check_fits_in_memory(needed: int, what: str, advice: str, *, doing: str = "to train") -> None:
-    """PrefnoiseError (exit 2) with the estimate when ``needed`` bytes exceed what this process may allocate."""
-    free = available_memory()
+def available_memory_on(device: Any = None) -> int:
+    """Bytes still free where a model lives: :func:`available_memory` for the CPU (``None`` or a cpu
+    device), the device's free memory for a CUDA device."""
+    if device is None or getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return available_memory()
+    import torch  # reason: torch is heavy and only a CUDA run gets here
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def check_fits_in_memory(needed: int, what: str, advice: str, *, doing: str = "to train", device: Any = None,
+                         held: int = 0) -> None:
+    """PrefnoiseError (exit 2) with the estimate when ``needed`` bytes exceed what this process may allocate
+    on ``device`` (None: the CPU); ``held``: bytes of the estimate already allocated there (loaded weights)."""
+    free = available_memory_on(device) + held
     if needed > free:
         raise PrefnoiseError(
             f"{what} needs about {human_bytes(needed)} of memory {doing}, and {human_bytes(free)} is available; "
@@ -63,11 +107,19 @@ def check_fits_in_memory(needed: int, what: str, advice: str, *, doing: str = "t
         )
 
 
+def check_inference_fits(config: Any, tokens: int, what: str, advice: str, *, device: Any = None) -> None:
+    """Refuse, with the estimate, a forward pass without gradients over ``tokens`` tokens of the model
+    ``config`` describes (one layer's activations at a time; its weights are already loaded)."""
+    hidden, _ = model_dims(config)
+    check_fits_in_memory(activation_bytes(tokens, 1, hidden, WEIGHT_BYTES), f"{what} ({tokens:,} tokens)", advice,
+                         doing="for its activations", device=device)
+
+
 def check_mlp_fits(input_dim: int, hidden: int, layers: int) -> None:
     """Refuse, with the estimate, an MLP reward model whose training state cannot fit in memory."""
     parameters = mlp_parameters(input_dim, hidden, layers)
     check_fits_in_memory(
-        parameters * BYTES_PER_TRAINED_PARAMETER,
+        training_memory_bytes(parameters, parameters),
         f"an MLP of {layers} layers of width {hidden} on {input_dim} features ({parameters:,} parameters)",
         "lower --hidden or --layers",
     )

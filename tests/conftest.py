@@ -8,6 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from tests.ray_helpers import ray_cluster  # noqa: F401  (the session's one local Ray, for Ray tests)
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "pairs.parquet"
 REAL_HH = ROOT.parent / "shared" / "data" / "real" / "hh-rlhf-harmless-base-test.jsonl.gz"

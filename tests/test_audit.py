@@ -187,13 +187,13 @@ def test_audit_history_records_the_duration_of_the_folds(tmp_path, monkeypatch):
 
     from prefnoise.noise_audit import cross_fit
 
-    real = cross_fit.out_of_fold_margins
+    real = cross_fit.stacked_cross_fits  # the fold models of every refit, trained as one stack
 
     def slow(*args, **kwargs):
         time.sleep(0.5)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cross_fit, "out_of_fold_margins", slow)
+    monkeypatch.setattr(cross_fit, "stacked_cross_fits", slow)
     data = tmp_path / "pairs.parquet"
     canonicalize(make_feature_pairs(200, seed=1))[0].write_parquet(data)
     out = tmp_path / "audited.parquet"

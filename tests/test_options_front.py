@@ -14,15 +14,17 @@ import typer
 
 import prefnoise as pn
 from prefnoise.cli import app
-from prefnoise.cli.common import COMMAND_OPTIONS, INPUT_OPTIONS
+from prefnoise.cli.common import COMMAND_OPTIONS, ENGINE_COMMANDS, INPUT_OPTIONS
 from prefnoise.options import (
     CorruptOptions,
+    EngineOptions,
     OptionError,
     RankCheckOptions,
     ReproduceAlignmentOptions,
     ReproduceSyntheticOptions,
     ScoreOptions,
     SplitOptions,
+    flag_of,
 )
 from tests.cli_helpers import assert_one_line_error, invoke
 from tests.conftest import make_pairs
@@ -88,13 +90,26 @@ def test_every_options_field_is_a_flag_of_the_same_name_and_the_reverse():
     for path, cls in COMMAND_OPTIONS.items():
         command = _command(path)
         flags = {p.name for p in command.params if p.param_type_name == "option"}
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)} | (ENGINE_FIELDS if path in ENGINE_COMMANDS else set())
         assert fields - flags == set(), (path, "fields without a flag")
         lent = {p.name for p in _command(BORROWED[path]).params} if path in BORROWED else set()
         assert flags - fields - set(CLI_ONLY) - lent == set(), (path, "flags that are not options fields")
+        assert path in ENGINE_COMMANDS or not flags & ENGINE_FIELDS, (path, "engine flags: register_engine(path)")
         for param in command.params:  # the flag is the field's name spelled the CLI's way
             if param.param_type_name == "option" and param.name in fields:
                 assert "--" + param.name.replace("_", "-") in param.opts, (path, param.opts)
+
+
+ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineOptions)}
+
+
+def test_the_engine_flags_are_engine_options_fields_with_their_defaults():
+    assert ENGINE_FIELDS == {"engine", "ray_address", "workers"}
+    for path in ENGINE_COMMANDS:
+        params = {p.name: p for p in _command(path).params}
+        for item in dataclasses.fields(EngineOptions):
+            assert params[item.name].default == item.default, (path, item.name)
+            assert flag_of(item.name) in params[item.name].opts, (path, params[item.name].opts)
 
 
 # Where a command's flag or API keyword default differs from its field's, on purpose.

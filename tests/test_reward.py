@@ -20,6 +20,7 @@ from prefnoise.reward import (
     score_table,
     split_by_pair_id,
 )
+from prefnoise.reward.store import store_for
 from prefnoise.reward.synthetic import feature_pairs
 from prefnoise.reward.transformer import new_transformer
 from tests.conftest import make_pairs
@@ -272,11 +273,14 @@ def test_embed_mlp_caches_embeddings(texts, tiny_bert, tmp_path):
         val_fraction=0.0,
         device="cpu",
     )
-    files = list(cache.glob("embeddings-*.parquet"))
-    assert len(files) == 2  # one encoder pass stores both poolings (mean, which the model reads, and cls)
-    for file in files:
-        stored = pl.read_parquet(file)
-        assert stored.height == 128 and stored["embedding"].list.len().unique().to_list() == [32]
+    assert list(cache.iterdir()) and not list(cache.glob("embeddings-*.parquet"))  # one SQLite store, no Parquet
+    encoder = result.model.encoder
+    prompts, responses = texts[C.PROMPT].to_list() * 2, texts[C.CHOSEN].to_list() + texts[C.REJECTED].to_list()
+    for pooling in ("mean", "cls"):  # one encoder pass stores both poolings (mean, which the model reads, and cls)
+        part = encoder.cache("joint", pooling)
+        keys = part.keys_for(prompts, responses)
+        assert len(set(keys)) == 128 and part.missing(keys, 32) == [] and part.lookup(keys, 32).shape == (128, 32)
+    assert store_for(cache).count() == 256
     scored = score_table(result.model, texts, device="cpu")
     assert float((scored[C.chosen(C.REWARD)] > scored[C.rejected(C.REWARD)]).mean()) >= 0.9
 

@@ -11,6 +11,7 @@ from typing import Any
 import polars as pl
 
 from prefnoise import columns as C
+from prefnoise.api.engines import engine_of
 from prefnoise.api.tables import (
     InputTable,
     ProgressBar,
@@ -27,6 +28,7 @@ from prefnoise.data import new_history_entry, write_table
 from prefnoise.errors import PrefnoiseError
 from prefnoise.experiments.figures import margin_histogram
 from prefnoise.options.audit import AuditOptions
+from prefnoise.options.engine import EngineOptions
 from prefnoise.outputs import check_distinct_outputs, check_output_file, releases_outputs
 
 
@@ -58,6 +60,8 @@ def audit(
     prompt_col: str = C.PROMPT, chosen_col: str = C.CHOSEN, rejected_col: str = C.REJECTED,
     layout: str = "auto", drop_invalid: bool = False,
     progress_bar: ProgressBar | None = None,
+    engine: str | EngineOptions = "local", ray_address: str | None = None, workers: int | None = None,
+    reuse_margins: bool = False,
     **input_options: Any,
 ) -> AuditResult:
     """``prefnoise audit``: estimate the flip rate of the table's labels and score each pair's suspicion.
@@ -67,15 +71,20 @@ def audit(
     (``reward_col``/``margin_col``), or ``folds`` × ``refits`` cross-fitted reward models; with ``gold`` (a column
     of trusted votes on a random subset) the gold pairs correct those margins. When the rate is
     undetermined (``result.estimate.identifiable`` False) the summary's rate is None with a reason, and
-    ``fix`` ("drop" or "swap", with ``out``) refuses with a PrefnoiseError of exit code 4.
+    ``fix`` ("drop" or "swap", with ``out``) refuses with a PrefnoiseError of exit code 4. ``engine="ray"``
+    (``ray_address``, ``workers``: docs/distributed.md) runs the embedding stage (embed+mlp's encoder batches)
+    on Ray actors, with the same embeddings and so the same estimate. ``reuse_margins``: take the fold
+    models' margins of a previous audit of the same input when data and every option that shapes them match
+    (``summary["margins_note"]`` says whether they were reused, or why not).
     """
     options = build_options(AuditOptions, options, locals())
+    engine_options = engine_of(engine, ray_address, workers)
     _check_outputs(options, [path_of(data), options.votes], out, plot, overwrite)
     started = time.time()  # the history entry's duration covers the folds, not only the writing
     src = input_table(
         data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
     )
-    outcome = _run(src, options, drop_invalid, progress_bar or no_bar)
+    outcome = _run(src, options, drop_invalid, progress_bar or no_bar, engine_options, reuse_margins)
     if out is not None:
         _write_table(outcome, src, options, out, started, overwrite)
     if plot is not None:
@@ -98,17 +107,21 @@ def _check_outputs(
     check_distinct_outputs({"--out": out, "--plot": plot})
 
 
-def _run(src: InputTable, options: AuditOptions, drop_invalid: bool, progress_bar: ProgressBar) -> Any:
+def _run(
+    src: InputTable, options: AuditOptions, drop_invalid: bool, progress_bar: ProgressBar,
+    engine: EngineOptions | None = None, reuse_margins: bool = False,
+) -> Any:
     """The audit of ``src``'s pairs (its table, estimate, summary), under a bar when fold models are fitted."""
     # pulls scipy and torch's reward models: loaded only when audit runs
     from prefnoise.noise_audit.run import run_audit
+    from prefnoise.reward.remote import embedding_on  # same: torch
 
     votes = None if options.votes is None else raw_lazy(options.votes).collect()
     fits = not (options.with_annotators or options.given_margins)
     bar = progress_bar("cross-fitting folds", options.folds * options.refits) if fits else None
-    with bar or contextlib.nullcontext() as advance:
+    with embedding_on(engine, options.device), bar or contextlib.nullcontext() as advance:
         return run_audit(src.collect(), options, name=src.name, votes=votes, drop_invalid=drop_invalid,
-                         on_fold=advance)
+                         on_fold=advance, reuse_margins=reuse_margins)
 
 
 def _write_table(

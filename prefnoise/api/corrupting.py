@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import polars as pl
 
 from prefnoise import columns as C
+from prefnoise.api.engines import engine_of, engine_paths, engine_session, name_input
 from prefnoise.api.tables import (
     InputTable,
     ProgressBar,
@@ -24,6 +26,8 @@ from prefnoise.api.tables import (
     raw_frame,
 )
 from prefnoise.data import new_history_entry, write_table
+from prefnoise.engine import RaySession
+from prefnoise.engine.corrupt import corrupt_on_ray, exact_thresholds_on_ray
 from prefnoise.errors import PrefnoiseError
 from prefnoise.noise import CorruptionStats, NoiseSpec, corrupt_batches, corrupt_step, exact_thresholds
 from prefnoise.noise import corrupt_frame as corrupt_polars
@@ -59,6 +63,7 @@ def corrupt(
     prompt_col: str = C.PROMPT, chosen_col: str = C.CHOSEN, rejected_col: str = C.REJECTED,
     layout: str = "auto", drop_invalid: bool = False,
     progress_bar: ProgressBar | None = None,
+    engine: str = "local", ray_address: str | None = None, workers: int | None = None,
     **input_options: Any,
 ) -> CorruptResult:
     """``prefnoise corrupt``: flip labels with a controlled noise model; record which rows in ``flipped``.
@@ -67,16 +72,25 @@ def corrupt(
     keywords). With ``out`` the table is streamed to that file batch by batch (memory stays flat; ``table``
     is then None); without it the noisy table is returned. ``summary`` is ``corrupt --json``'s object
     (flips per group with intervals). Input options (``prompt_col``, ..., ``split``, ``config``) as the CLI's.
+    ``engine="ray"`` corrupts blocks on a Ray cluster (``ray_address`` joins one, ``workers`` sizes a local one;
+    paths may then be filesystem URIs): the same output and summary, byte for byte (docs/distributed.md).
     """
 
     options = build_options(CorruptOptions, options, locals())
-    if out is not None:
-        check_output_file(out, inputs=[path_of(data)], overwrite=overwrite)
+    engine_options = engine_of(engine, ray_address, workers)
     started = time.perf_counter()
-    src = input_table(
-        data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
-    )
-    table, stats = _corrupt_input(src, options, out, overwrite, drop_invalid, progress_bar or no_bar)
+    with engine_paths(engine_options, data, [out], overwrite=overwrite) as (local_data, (local_out,)):
+        if local_out is not None:
+            check_output_file(local_out, inputs=[path_of(local_data)], overwrite=overwrite)
+        src = input_table(
+            local_data,
+            gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options),
+        )
+        name_input(src, data)
+        with engine_session(engine_options) as session:
+            table, stats = _corrupt_input(
+                src, options, local_out, overwrite, drop_invalid, progress_bar or no_bar, session
+            )
     elapsed = time.perf_counter() - started
     summary = {
         "input": src.name, "output": output_name(out), "noise": options.noise, **stats.to_dict(),
@@ -88,9 +102,10 @@ def corrupt(
 
 def _corrupt_input(
     src: InputTable, options: CorruptOptions, out: str | Path | None, overwrite: bool, drop_invalid: bool,
-    progress_bar: ProgressBar,
+    progress_bar: ProgressBar, session: RaySession | None = None,
 ) -> tuple[pl.DataFrame | None, CorruptionStats]:
-    """Corrupt ``src`` batch by batch into ``out`` (returning no table) or into memory."""
+    """Corrupt ``src`` batch by batch into ``out`` (returning no table) or into memory; with ``session``
+    each batch is corrupted on the Ray cluster."""
 
     # each corrupt step of the data's history draws afresh
     spec = noise_spec(options, drop_invalid=drop_invalid, step=corrupt_step(src.history))
@@ -98,9 +113,15 @@ def _corrupt_input(
     entry = new_history_entry("corrupt", spec.parameters(), seed=options.seed, source=src.source)
     stats = CorruptionStats()
     with progress_bar("corrupting", src.total_rows()) as advance:
-        thresholds = exact_thresholds(src.batches(), spec, name=src.name) if spec.exact else None
+        thresholds = None
+        if spec.exact:
+            thresholds = (
+                exact_thresholds(src.batches(), spec, name=src.name) if session is None
+                else exact_thresholds_on_ray(session, src.batches(), spec, name=src.name)
+            )
         inputs = PairIdCheck(src.name, reread=src.batches).watch(src.batches())
-        batches = corrupt_batches(inputs, spec, stats=stats, thresholds=thresholds, on_progress=advance, name=src.name)
+        corrupting = corrupt_batches if session is None else functools.partial(corrupt_on_ray, session)
+        batches = corrupting(inputs, spec, stats=stats, thresholds=thresholds, on_progress=advance, name=src.name)
         if out is not None:
             write_table(batches, out, entry=entry, overwrite=overwrite)
             return None, stats

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from prefnoise import columns as C
+from prefnoise.api.engines import engine_of
 from prefnoise.api.fitting import FitRewardResult
 from prefnoise.api.tables import (
     STDIO,
@@ -28,7 +31,7 @@ from prefnoise.api.tables import (
 from prefnoise.data import new_history_entry, read_history, write_table
 from prefnoise.errors import PrefnoiseError
 from prefnoise.heldout import agreement_summary, mark_seen, read_training_pairs
-from prefnoise.options import ScoreOptions
+from prefnoise.options import EngineOptions, ScoreOptions
 from prefnoise.outputs import check_output_file, releases_outputs
 
 
@@ -74,6 +77,7 @@ def score(
     prompt_col: str = C.PROMPT, chosen_col: str = C.CHOSEN, rejected_col: str = C.REJECTED,
     layout: str = "auto", drop_invalid: bool = False,
     progress_bar: ProgressBar | None = None,
+    engine: str | EngineOptions = "local", ray_address: str | None = None, workers: int | None = None,
     **input_options: Any,
 ) -> ScoreResult:
     """``prefnoise score``: add ``chosen_reward``/``rejected_reward`` (``reward`` with ``responses``).
@@ -82,9 +86,13 @@ def score(
     (num_labels=1, as TRL's RewardTrainer saves it), or what :func:`fit_reward` returned. Options:
     :class:`prefnoise.options.ScoreOptions`. Rows the model trained or validated on are marked
     (``in_training``/``in_validation``); ``summary`` is ``score --json``'s (agreement, held out where known).
+    ``engine="ray"`` (``ray_address``, ``workers``: docs/distributed.md) runs the network batches on Ray actors
+    (encoder batches of embed+mlp, eval batches of a transformer); the output equals the one-process run's
+    byte for byte.
     """
 
     options = build_options(ScoreOptions, options, locals())
+    engine_options = engine_of(engine, ray_address, workers)
     if out is not None:
         model_input = str(model) if isinstance(model, str | Path) else None
         check_output_file(out, inputs=[model_input, path_of(data)], overwrite=overwrite)
@@ -92,13 +100,30 @@ def score(
     reward_model, splits, model_name = _reward_model(model, options.cache_dir)
     inputs = gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
     frame, history, entry = _scoring_input(data, options, model_name, inputs)
-    scored = _scored(reward_model, frame, options, drop_invalid, table_label(data), model_name, progress_bar)
+    with _remote_forward(engine_options, model, reward_model, options):
+        on_driver = replace(options, device="cpu") if engine_options.distributed else options
+        scored = _scored(reward_model, frame, on_driver, drop_invalid, table_label(data), model_name, progress_bar)
     if splits is not None and not options.responses:
         scored = mark_seen(scored, splits)  # in_training / in_validation travel on to rank-check --group-by
     rows = write_table(scored, out, entry=entry, history=history, overwrite=overwrite) if out else scored.height
     summary = _summary(table_label(data), reward_model, scored, model_name, rows, out, options.responses, started)
     summary.update({} if options.responses else agreement_summary(scored))
     return _with_truncation(ScoreResult(scored, reward_model, summary))
+
+
+@contextlib.contextmanager
+def _remote_forward(engine: EngineOptions, model: Any, reward_model: Any, options: ScoreOptions) -> Iterator[None]:
+    """With ``--engine ray``, the model's network batches run on Ray actors for the block: embed+mlp's encoder
+    batches, a transformer's eval batches (the mlp backend's head is cheap and stays here)."""
+    from prefnoise.reward.remote import RemoteForward, embedding_on, reward_source  # torch: only when scoring
+
+    with embedding_on(engine, options.device) as session:
+        if session is not None and reward_model.backend == "transformer":
+            reward_model.remote = RemoteForward(session, reward_source(model, options.device, options.cache_dir))
+        try:
+            yield
+        finally:
+            reward_model.remote = None
 
 
 def _scoring_input(data: Table, options: ScoreOptions, model_name: str, inputs: dict[str, Any]) -> tuple:

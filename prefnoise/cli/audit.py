@@ -26,23 +26,29 @@ from prefnoise.cli.common import (
     DeviceOption,
     DropInvalidOption,
     EncoderOption,
+    EngineOption,
     HiddenOption,
     JsonOption,
     LayoutOption,
     OverwriteOption,
     PairsArgument,
     PromptColOption,
+    RayAddressOption,
     RejectedColOption,
     RejectedScoreColOption,
     RewardModelOption,
     SeedOption,
     SplitOption,
+    WorkersOption,
     cli_errors,
     console,
     emit_json,
+    engine_options,
     input_options,
     options_from,
     progress,
+    quiet_requested,
+    register_engine,
     register_options,
     reports_to_stderr,
     safe,
@@ -137,6 +143,7 @@ OutTableOption = Annotated[
 
 
 register_options("audit", AuditOptions)
+register_engine("audit")
 
 
 @app.command("audit")
@@ -183,6 +190,9 @@ def audit_command(
     rejected_score_col: RejectedScoreColOption = None,
     split: SplitOption = None,
     config: ConfigOption = None,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Cross-fit reward models, estimate the flip rate ε̂ and score each pair's suspicion.
 
@@ -192,8 +202,11 @@ def audit_command(
     result = api.audit(
         data, out, options_from(AuditOptions, locals()), plot=plot, overwrite=overwrite,
         progress_bar=functools.partial(progress, enabled=show_progress(estimate_only or json_output)),
+        engine=engine_options(locals()), reuse_margins=estimate_only or fix is not None,
         **input_options(locals()),
     )
+    if result.summary.get("margins_note") and not quiet_requested():
+        typer.echo(f"audit: {result.summary['margins_note']}", err=True)
     if estimate_only:
         _print_estimate(result.estimate)
     elif json_output:

@@ -35,6 +35,7 @@ from prefnoise.cli.streams import check_utf8_names, printable_name
 from prefnoise.errors import PrefnoiseError, PrefnoiseWarning
 from prefnoise.jsonvalues import strict_json_value
 from prefnoise.options import OPTION_RANGES, SEED_MAX, OptionError, Options, check_options  # noqa: F401  (re-exported for the CLI modules)
+from prefnoise.options.engine import ENGINES, EngineOptions
 from prefnoise.outputs import release_claims
 from prefnoise.resources import resource_limit_message
 
@@ -285,6 +286,21 @@ def options_from(cls: type[OptionsT], values: dict[str, Any]) -> OptionsT:
     return cls(**{item.name: values[item.name] for item in dataclasses.fields(cls)})
 
 
+# Commands that take the engine flags (--engine, --ray-address, --workers: EngineOptions's fields) beside
+# their own options object; the flag/field parity test counts those flags as EngineOptions's.
+ENGINE_COMMANDS: set[str] = set()
+
+
+def register_engine(command: str) -> None:
+    """Record that ``command`` takes the engine flags (EngineOptions), for the flag/field parity test."""
+    ENGINE_COMMANDS.add(command)
+
+
+def engine_options(values: dict[str, Any]) -> EngineOptions:
+    """The EngineOptions of a command's parameters (``locals()`` with ``engine``, ``ray_address``, ``workers``)."""
+    return options_from(EngineOptions, values)
+
+
 # The version of every --json object's shape (docs/schemas/<command>.json); raise it on a breaking change.
 JSON_SCHEMA_VERSION = 1
 
@@ -398,6 +414,34 @@ OutArgument = Annotated[
 ]
 PairsArgument = Annotated[
     str, typer.Argument(metavar="DATA", help="Preference table (Parquet, JSONL, CSV, saved dataset, or -).")
+]
+# The engine flags (EngineOptions), spelled once for every command that can run on Ray.
+EngineOption = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help=f"Where the work runs: {', '.join(ENGINES)} (ray: Ray Data on a local or joined cluster; "
+        "needs pip install 'prefnoise[ray]'; docs/distributed.md).",
+        rich_help_panel="Engine",
+    ),
+]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="--engine ray: join this running cluster (auto, ray://HOST:10001, HOST:6379) instead of "
+        "starting a local one.",
+        rich_help_panel="Engine",
+    ),
+]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="--engine ray: CPU slots of the local cluster, and at most that many blocks at once "
+        "(default: every CPU).",
+        rich_help_panel="Engine",
+    ),
 ]
 # The reward-model options fit-reward and audit's fold models share.
 RewardModelOption = Annotated[

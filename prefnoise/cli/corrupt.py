@@ -16,22 +16,27 @@ from prefnoise.cli.common import (
     ChosenScoreColOption,
     ConfigOption,
     DropInvalidOption,
+    EngineOption,
     InputArgument,
     JsonOption,
     LayoutOption,
     OutArgument,
     OverwriteOption,
     PromptColOption,
+    RayAddressOption,
     RejectedColOption,
     RejectedScoreColOption,
     SeedOption,
     SplitOption,
+    WorkersOption,
     cli_errors,
     console,
     emit_json,
+    engine_options,
     input_options,
     options_from,
     progress,
+    register_engine,
     register_options,
     reports_to_stderr,
     show_progress,
@@ -59,6 +64,7 @@ ForceOption = Annotated[bool, typer.Option("--force", help="Allow rates that lea
 
 
 register_options("corrupt", CorruptOptions)
+register_engine("corrupt")
 
 
 @app.command("corrupt")
@@ -87,12 +93,17 @@ def corrupt_command(
     rejected_score_col: RejectedScoreColOption = None,
     split: SplitOption = None,
     config: ConfigOption = None,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Flip preference labels with a controlled noise model; record which rows in `flipped`."""
 
+    running = engine_options(locals())  # checked first: --workers 0 is refused as such, whatever the noise flags
     summary = api.corrupt(
         source, dest, options_from(CorruptOptions, locals()), overwrite=overwrite,
         progress_bar=functools.partial(progress, enabled=show_progress(json_output)), **input_options(locals()),
+        engine=running,
     ).summary
     if json_output:
         emit_json(summary, to_stderr=dest == "-")

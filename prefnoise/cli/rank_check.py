@@ -17,18 +17,23 @@ from prefnoise.cli.app import app
 from prefnoise.cli.common import (
     ChosenScoreColOption,
     ConfigOption,
+    EngineOption,
     JsonOption,
     OverwriteOption,
+    RayAddressOption,
     RejectedScoreColOption,
     SeedOption,
     SplitOption,
+    WorkersOption,
     cli_errors,
     emit_json,
+    engine_options,
     input_options,
     one_line,
     options_from,
     progress,
     quiet_requested,
+    register_engine,
     register_options,
     safe,
     show_progress,
@@ -93,6 +98,7 @@ ScoringDropInvalidOption = Annotated[
 
 
 register_options("rank-check", RankCheckOptions)
+register_engine("rank-check")
 
 
 @app.command("rank-check")
@@ -124,13 +130,16 @@ def rank_check_command(
     device: ScoringDeviceOption = RankCheckOptions.device,
     batch_size: ScoringBatchSizeOption = RankCheckOptions.batch_size,
     drop_invalid: ScoringDropInvalidOption = False,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Pairwise agreement, rank preservation, Kendall's tau-b and Spearman's rho of a learned reward."""
 
     result = api.rank_check(
         source, options_from(RankCheckOptions, locals()), plot=plot,
         overwrite=overwrite, progress_bar=functools.partial(progress, enabled=show_progress(json_output)),
-        **input_options(locals()),
+        engine=engine_options(locals()), **input_options(locals()),
     )
     if json_output:
         emit_json(result.summary)

@@ -19,20 +19,25 @@ from prefnoise.cli.common import (
     ConfigOption,
     DeviceOption,
     DropInvalidOption,
+    EngineOption,
     JsonOption,
     LayoutOption,
     OutArgument,
     OverwriteOption,
     PromptColOption,
+    RayAddressOption,
     RejectedColOption,
     RejectedScoreColOption,
     SplitOption,
+    WorkersOption,
     cli_errors,
     console,
     emit_json,
+    engine_options,
     input_options,
     options_from,
     progress,
+    register_engine,
     register_options,
     reports_to_stderr,
     show_progress,
@@ -56,6 +61,7 @@ ResponsesOption = Annotated[
 CacheDirOption = Annotated[Path | None, typer.Option("--cache-dir", help="embed+mlp embedding cache.")]
 
 register_options("score", ScoreOptions)
+register_engine("score")
 
 
 @app.command("score")
@@ -86,12 +92,16 @@ def score_command(
     rejected_score_col: RejectedScoreColOption = None,
     split: SplitOption = None,
     config: ConfigOption = None,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Add chosen_reward/rejected_reward (or `reward` with --responses) from a trained reward model."""
 
     result = api.score(
         model_dir, data, dest, options_from(ScoreOptions, locals()), overwrite=overwrite,
-        progress_bar=functools.partial(progress, enabled=show_progress(json_output)), **input_options(locals()),
+        progress_bar=functools.partial(progress, enabled=show_progress(json_output)), engine=engine_options(locals()),
+        **input_options(locals()),
     )
     summary = result.summary
     if json_output:

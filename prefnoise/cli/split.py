@@ -14,20 +14,25 @@ from prefnoise.cli.common import (
     ChosenScoreColOption,
     ConfigOption,
     DropInvalidOption,
+    EngineOption,
     InputArgument,
     JsonOption,
     LayoutOption,
     OverwriteOption,
     PromptColOption,
+    RayAddressOption,
     RejectedColOption,
     RejectedScoreColOption,
     SeedOption,
     SplitOption,
+    WorkersOption,
     cli_errors,
     console,
     emit_json,
+    engine_options,
     input_options,
     options_from,
+    register_engine,
     register_options,
     reports_to_stderr,
 )
@@ -38,6 +43,7 @@ TestFractionOption = Annotated[float, typer.Option("--test-fraction", help="Shar
 
 
 register_options("split", SplitOptions)
+register_engine("split")
 
 
 @app.command("split")
@@ -60,12 +66,15 @@ def split_command(
     rejected_score_col: RejectedScoreColOption = None,
     split: SplitOption = None,
     config: ConfigOption = None,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Split a table into training and held-out parts, prompt-disjoint by default; provenance recorded."""
 
     summary = api.split(
         source, train_dest, test_dest, options_from(SplitOptions, locals()), overwrite=overwrite,
-        **input_options(locals()),
+        **input_options(locals()), engine=engine_options(locals()),
     ).summary
     data_on_stdout = "-" in (train_dest, test_dest)
     if json_output:

@@ -90,3 +90,18 @@ def check_utf8_names(values: dict[str, object]) -> None:
                     f"{printable_name(text)}: the name is not valid UTF-8, which the table libraries cannot open "
                     "or write; rename it (an input may also be piped in: prefnoise COMMAND - ... < FILE)"
                 )
+    _check_working_directory()
+
+
+def _check_working_directory() -> None:
+    """PrefnoiseError when the current directory's path is not valid UTF-8: relative names resolve inside
+    it (temporary files are made beside the output by absolute path), which the table libraries cannot open."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # a deleted working directory: relative names fail later, naming the file
+        return
+    if _has_surrogates(cwd):
+        raise PrefnoiseError(
+            f"the current directory {printable_name(cwd)} is not valid UTF-8, which the table libraries cannot "
+            "open or write under; run prefnoise from another directory"
+        )

@@ -132,7 +132,7 @@ def _check_required(frame: pl.DataFrame, name: str, columns: ColumnMap) -> None:
             hint = "chosen/rejected look like full transcripts: split them with --layout hh"
     raise PrefnoiseError(
         f"{name}: missing required column(s) {', '.join(repr(m) for m in missing)}; "
-        f"columns are: {', '.join(c for c in frame.columns if c != '__row')}; {hint}"
+        f"columns are: {C.name_list(c for c in frame.columns if c != '__row')}; {hint}"
     )
 
 

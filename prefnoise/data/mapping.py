@@ -65,7 +65,7 @@ def resolve_path(schema: pl.Schema | dict[str, pl.DataType], path: str, *, what:
     if path in schema:
         return [path]
     if not path or "." not in path:
-        raise PrefnoiseError(f"no column {path!r} ({what}); columns are: {', '.join(_visible(schema))}")
+        raise PrefnoiseError(f"no column {path!r} ({what}); columns are: {C.name_list(_visible(schema))}")
     names: dict[str, pl.DataType] = dict(schema)
     parts: list[str] = []
     rest = path
@@ -76,7 +76,7 @@ def resolve_path(schema: pl.Schema | dict[str, pl.DataType], path: str, *, what:
             field_name = rest.split(".", 1)[0]
             inside = f"struct {'.'.join(parts)!r} has no field" if parts else "no column"
             raise PrefnoiseError(
-                f"{inside} {field_name!r} (path {path!r}, {what}); {where} are: {', '.join(_visible(names))}"
+                f"{inside} {field_name!r} (path {path!r}, {what}); {where} are: {C.name_list(_visible(names))}"
             )
         parts.append(match)
         rest = rest[len(match) + 1 :]

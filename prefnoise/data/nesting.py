@@ -4,6 +4,7 @@ prefnoise refuses such input first, in one line naming the file and line (or col
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -70,10 +71,31 @@ class DepthCheckedJson:
         self._backslashes = 0  # run of backslashes ending the previous block
         self._lines = 0  # newlines before the current block
         self._position = 0
+        self._reading = 0  # reads in progress (pyarrow's read-ahead calls from its IO threads)
+        self._last_read = time.monotonic()
 
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes (all when negative), checked."""
-        if self.error is not None:
+        self._reading += 1
+        try:
+            return self._read(size)
+        finally:
+            self._reading -= 1
+            self._last_read = time.monotonic()
+
+    def wait_idle(self, quiet: float = 0.05, limit: float = 2.0) -> None:
+        """Wait until no read is in progress and none came for ``quiet`` seconds (at most ``limit``).
+
+        When parsing stops early (a parse error, a nesting error), pyarrow's read-ahead may still call
+        :meth:`read` from its IO thread; if that call comes while Python exits, the thread is torn down
+        inside C++ and the process aborts ("terminate called without an active exception").
+        """
+        end = time.monotonic() + limit
+        while time.monotonic() < end and (self._reading or time.monotonic() - self._last_read < quiet):
+            time.sleep(quiet / 5)
+
+    def _read(self, size: int) -> bytes:
+        if self.error is not None or self.closed:
             return b""
         data = self.inner.read() if size is None or size < 0 else self.inner.read(size)
         data = bytes(data)
@@ -132,15 +154,20 @@ def read_json_checked(stream: pa.NativeFile, label: str, options: pa_json.ReadOp
     """The record batches of JSON lines ``stream``, each line checked for nesting first: a
     PrefnoiseError naming ``label`` and the line when one nests more than :data:`MAX_NESTING` levels."""
     checked = DepthCheckedJson(stream, label)
+    finished = False
     try:
         for batch in pa_json.open_json(pa.PythonFile(checked, mode="r"), read_options=options):
             if checked.error is not None:
                 break
             yield batch
+        finished = checked.error is None
     except pa.ArrowException:
         if checked.error is None:
             raise
     finally:
+        checked.closed = True  # read-ahead still pending gets end of file
+        if not finished:
+            checked.wait_idle()
         checked.close()
     if checked.error is not None:
         raise checked.error

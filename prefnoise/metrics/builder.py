@@ -9,9 +9,11 @@ fit in one bucket, sends its responses on to buckets by ranges of the true rewar
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +25,22 @@ from prefnoise.errors import PrefnoiseError
 from prefnoise.metrics.agreement import NO_PAIR, grow, outcome_index, pair_outcome, signed_margin
 from prefnoise.metrics.global_ranks import GlobalRanks, cut_points, value_bucket
 from prefnoise.metrics.names import PRED_COL, PROMPT_COL, TRUE_COL
-from prefnoise.metrics.rankstats import Orders, grouped_stats, orders
+from prefnoise.metrics.rankstats import grouped_stats, orders
 from prefnoise.metrics.results import RankMetrics, RankReport
 from prefnoise.metrics.spill import Buckets
 from prefnoise.metrics.tables import finite_rows
 from prefnoise.metrics.totals import PromptTotals, dense_codes, metrics_per_split
 
 _SAMPLE = 200_000  # responses sampled to choose the reward ranges of the buckets
+
+Bucket = dict[str, np.ndarray] | pl.DataFrame  # one prompt bucket's fields
+MapBuckets = Callable[[Callable[[Any, Any], Any], Iterable[dict[str, np.ndarray]]], Iterable[Any]]
+
+
+def _map_here(work: Callable[[Any, Any], Any], buckets: Iterable[dict[str, np.ndarray]]) -> Iterator[Any]:
+    """``work`` of each bucket in this process, in order (the local engine)."""
+    for bucket in buckets:
+        yield work(bucket, None)
 
 
 class _SplitCodes:
@@ -87,11 +98,17 @@ class ReportBuilder:
         memory_responses: int,
         temp_dir: str | Path | None,
         on_progress: Callable[[int], None] | None,
+        map_buckets: MapBuckets | None = None,
+        min_buckets: int = 1,
     ) -> None:
+        """``map_buckets(work, buckets)``: ``work(bucket, None)`` of each prompt bucket, in bucket order
+        (default: here, one after another; an engine runs them on its workers); ``min_buckets``: cut the
+        table into at least that many prompt buckets (so an engine's workers each get some)."""
+        self.map_buckets = map_buckets or _map_here
         self.layout, self.has_true, self.worst, self.rows_expected = layout, has_true, worst, rows
         self.temp_dir, self.memory_responses = temp_dir, memory_responses
         self.responses_expected = rows * (2 if layout == "pairs" and has_true else 1)
-        self.n_buckets = n_buckets = max(1, math.ceil(self.responses_expected / memory_responses))
+        self.n_buckets = n_buckets = max(1, min_buckets, math.ceil(self.responses_expected / memory_responses))
         self.coders = [_SplitCodes(None)] + [_SplitCodes(name) for name in splits]
         self.columns = range(len(self.coders))
         self.rows = [np.zeros(0, dtype=np.int64) for _ in self.columns]
@@ -254,7 +271,9 @@ class ReportBuilder:
             self.progress.at(1, (i + 1) / self.n_buckets)
 
     def _prompt_pass(self, totals: PromptTotals, sizes: list[int]) -> list[dict[str, np.ndarray]]:
-        """Per-prompt statistics bucket by bucket; returns the statistics over all responses."""
+        """Per-prompt statistics bucket by bucket (each bucket's partial statistics, computed by
+        :func:`prompt_bucket_stats` here or on the engine's workers, are added in bucket order);
+        returns the statistics over all responses."""
         one_bucket = self.n_buckets == 1
         x_bounds = y_bounds = np.zeros(0)
         if not one_bucket:
@@ -263,23 +282,19 @@ class ReportBuilder:
         fields = [("x", "f8"), ("y", "f8")] + [(f"c{j}", "i4") for j in self.columns if j]
         fields += [(f"k{j}", "?") for j in self.columns]
         x_buckets = self.stack.enter_context(Buckets(fields, 2 * len(x_bounds) + 1, self.temp_dir))
+        settings = BucketSettings(tuple(sizes), self.layout, self.worst, one_bucket)
+        buckets = (rec for rec in map(self.prompt_buckets.read, range(self.n_buckets)) if len(rec["prompt"]))
         result: list[dict[str, np.ndarray]] = []
-        for i in range(self.n_buckets):
-            rec = self.prompt_buckets.read(i)
-            if len(rec["prompt"]):
-                codes, keeps, ranked = self._prompt_bucket(rec, totals, sizes)
-                if one_bucket:
-                    for j in self.columns:
-                        stats = grouped_stats(ranked, codes[j], keeps[j])
-                        result.append({n: _spread(v, stats["code"], sizes[j]) for n, v in stats.items() if n != "code"})
-                else:
-                    columns = {"x": rec["x"], "y": rec["y"]}
-                    columns |= {f"c{j}": codes[j] for j in self.columns if j}
-                    columns |= {
-                        f"k{j}": np.ones(len(rec["x"]), bool) if keeps[j] is None else keeps[j] for j in self.columns
-                    }
-                    x_buckets.add(columns, value_bucket(x_bounds, rec["x"]))
-            self.progress.at(1, (i + 1) / self.n_buckets)
+        done = 0
+        for part in self.map_buckets(functools.partial(prompt_bucket_stats, settings=settings), buckets):
+            totals.merge(part.totals)
+            self.worst_frames += part.worst
+            if one_bucket:
+                result = part.global_stats
+            else:
+                x_buckets.add(part.columns, value_bucket(x_bounds, part.columns["x"]))
+            done += 1
+            self.progress.at(1, done / self.n_buckets)
         self.prompt_buckets.close()
         if one_bucket:
             return result or [_empty_stats(size) for size in sizes]
@@ -293,34 +308,68 @@ class ReportBuilder:
             progress=lambda stage, fraction: self.progress.at(2 + stage, fraction),
         ).run(x_buckets)
 
-    def _prompt_bucket(
-        self, rec: dict[str, np.ndarray], totals: PromptTotals, sizes: list[int]
-    ) -> tuple[list[np.ndarray], list[np.ndarray | None], Orders]:
-        """Per-prompt statistics of one bucket; returns each column's codes and kept rows, and the
-        bucket's sort orders."""
-        prompt = dense_codes(rec["prompt"])
-        first = first_rows(prompt, rec["text"]) if "text" in rec else None
-        if first is not None:  # "first" means first in the table: put the rows back in table order
-            order = np.argsort(rec["order"], kind="stable")
-            for name in rec:
-                rec[name] = rec[name][order]
-            prompt = prompt[order]
-            first = first_rows(prompt, rec["text"])
-        codes = [rec[f"c{j}"].astype(np.int64) if j else np.zeros(len(prompt), dtype=np.int64) for j in self.columns]
-        keeps: list[np.ndarray | None] = []
-        ranked = orders(rec["x"], rec["y"])
-        for j in self.columns:
-            group = prompt * sizes[j] + codes[j]
-            keep = first if j == 0 or first is None else first_rows(group, rec["text"])
-            keeps.append(keep)
-            stats = grouped_stats(ranked, group, keep)
-            stats["split"] = stats["code"] % sizes[j]
-            totals.add_prompts(j, stats, sizes[j])
-            if "out" in rec:
-                totals.add_pair_outcomes(j, group, rec["out"], sizes[j])
-        if self.worst and self.layout == "long":
-            self.worst_frames.append(_worst(_long_pairs(rec), self.worst))
-        return codes, keeps, ranked
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """What :func:`prompt_bucket_stats` needs besides a bucket: codes per split column, the layout,
+    how many worst pairs to keep, and whether the bucket is the whole table."""
+
+    sizes: tuple[int, ...]
+    layout: str
+    worst: int
+    whole_table: bool
+
+
+@dataclass
+class BucketStats:
+    """One prompt bucket's partial statistics: per-prompt totals (summed over buckets by
+    :meth:`PromptTotals.merge`), long-table worst-pair candidates, and either the statistics over all
+    responses (``global_stats``, when the bucket is the whole table) or the kept responses with their
+    codes (``columns``, for :class:`GlobalRanks`)."""
+
+    totals: PromptTotals
+    worst: list[pl.DataFrame]
+    global_stats: list[dict[str, np.ndarray]]
+    columns: dict[str, np.ndarray]
+
+
+def prompt_bucket_stats(bucket: Bucket, info: Any = None, *, settings: BucketSettings) -> BucketStats:
+    """The partial statistics of one prompt bucket (every response of its prompts; ``bucket`` holds the
+    bucket's fields, as arrays or a frame's columns). A pure function of the bucket, so buckets may run
+    anywhere and in any order; ``info`` (an engine's block position) is not needed."""
+    rec = {name: np.asarray(bucket[name]) for name in (bucket if isinstance(bucket, dict) else bucket.columns)}
+    sizes = list(settings.sizes)
+    columns = range(len(sizes))
+    totals = PromptTotals(sizes)
+    prompt = dense_codes(rec["prompt"])
+    first = first_rows(prompt, rec["text"]) if "text" in rec else None
+    if first is not None:  # "first" means first in the table: put the rows back in table order
+        order = np.argsort(rec["order"], kind="stable")
+        rec = {name: values[order] for name, values in rec.items()}
+        prompt = prompt[order]
+        first = first_rows(prompt, rec["text"])
+    codes = [rec[f"c{j}"].astype(np.int64) if j else np.zeros(len(prompt), dtype=np.int64) for j in columns]
+    keeps: list[np.ndarray | None] = []
+    ranked = orders(rec["x"], rec["y"])
+    for j in columns:
+        group = prompt * sizes[j] + codes[j]
+        keep = first if j == 0 or first is None else first_rows(group, rec["text"])
+        keeps.append(keep)
+        stats = grouped_stats(ranked, group, keep)
+        stats["split"] = stats["code"] % sizes[j]
+        totals.add_prompts(j, stats, sizes[j])
+        if "out" in rec:
+            totals.add_pair_outcomes(j, group, rec["out"], sizes[j])
+    worst = [_worst(_long_pairs(rec), settings.worst)] if settings.worst and settings.layout == "long" else []
+    if settings.whole_table:
+        global_stats = []
+        for j in columns:
+            stats = grouped_stats(ranked, codes[j], keeps[j])
+            global_stats.append({n: _spread(v, stats["code"], sizes[j]) for n, v in stats.items() if n != "code"})
+        return BucketStats(totals, worst, global_stats, {})
+    kept = {"x": rec["x"], "y": rec["y"]} | {f"c{j}": codes[j] for j in columns if j}
+    kept |= {f"k{j}": np.ones(len(rec["x"]), bool) if keeps[j] is None else keeps[j] for j in columns}
+    return BucketStats(totals, worst, [], kept)
 
 
 def _spread(values: np.ndarray, codes: np.ndarray, size: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from prefnoise import columns as C
 from prefnoise.data import score_hint
 from prefnoise.errors import PrefnoiseError
 from prefnoise.metrics.agreement import agreements_from_cells, outcome_index, pair_cells
-from prefnoise.metrics.builder import ReportBuilder
+from prefnoise.metrics.builder import MapBuckets, ReportBuilder
 from prefnoise.metrics.names import Frame
 from prefnoise.metrics.rankstats import rank_stats, tau_b
 from prefnoise.metrics.results import Agreement, Preservation, RankReport
@@ -88,13 +88,17 @@ def rank_report(
     memory_responses: int = DEFAULT_MEMORY_RESPONSES,
     temp_dir: str | Path | None = None,
     on_progress: Callable[[int], None] | None = None,
+    map_buckets: MapBuckets | None = None,
+    min_buckets: int = 1,
 ) -> RankReport:
     """Every rank metric of ``data`` (pair or long table), overall and split by ``flipped`` (when
     present) and by each ``group_by`` column, plus the ``worst`` most wrongly ranked pairs.
 
     Reads only the columns it needs, in batches, and holds about ``memory_responses`` responses
     at a time (larger tables spill to buckets under ``temp_dir``). ``on_progress`` receives
-    percentage points of the work as they are done (100 in all).
+    percentage points of the work as they are done (100 in all). ``map_buckets`` and ``min_buckets``
+    let an engine compute the prompt buckets' partial statistics on its workers (see
+    :class:`~prefnoise.metrics.builder.ReportBuilder`); the report is the same to 1e-12.
 
     ``true`` names the true reward; None means the default ``score``, and a pair table without
     ``chosen_score``/``rejected_score`` then falls back to the labels as the reference (the report's
@@ -114,7 +118,8 @@ def rank_report(
     projected, reference_true, note = _projection(lazy, names, layout, pred, true, splits, worst)
     rows = projected.select(pl.len()).collect().item()
     with ReportBuilder(
-        layout, reference_true is not None, splits, worst, rows, memory_responses, temp_dir, on_progress
+        layout, reference_true is not None, splits, worst, rows, memory_responses, temp_dir, on_progress,
+        map_buckets, min_buckets,
     ) as builder:
         for batch in projected.collect_batches(chunk_size=_READ_ROWS):
             builder.add_rows(batch)

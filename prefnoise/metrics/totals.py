@@ -29,6 +29,16 @@ class PromptTotals:
         self.cells: list[list[pl.DataFrame]] = [[] for _ in self.sizes]
         self.pair_cells: list[list[pl.DataFrame]] = [[] for _ in self.sizes]  # pair tables' outcomes per prompt
 
+    def merge(self, other: PromptTotals) -> None:
+        """Add ``other``'s totals (another bucket's prompts) to these: sums and the cell tables."""
+        for name in ("prompts", "preserved", "unordered", "tau_sum", "tau_count", "rho_sum", "rho_count",
+                     "n_prompts", "true_ties"):
+            for mine, theirs in zip(getattr(self, name), getattr(other, name), strict=True):
+                mine += theirs
+        for name in ("cells", "pair_cells"):
+            for mine, theirs in zip(getattr(self, name), getattr(other, name), strict=True):
+                mine.extend(theirs)
+
     def add_pair_outcomes(self, j: int, group: np.ndarray, out: np.ndarray, size: int) -> None:
         """A pair table's outcomes summed per (prompt, split) ``group`` code: one cluster each."""
         mine = out != NO_PAIR

@@ -12,6 +12,7 @@ from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
 from prefnoise.heldout import IN_TRAINING, IN_VALIDATION, unseen_mask
 from prefnoise.noise_audit.names import FOLD, MARGIN
+from prefnoise.options.fit_reward import fit_reward_config
 
 
 def out_of_fold_margins(
@@ -22,15 +23,19 @@ def out_of_fold_margins(
     fit_options: dict[str, Any] | None = None,
     device: str = "auto",
     on_fold: Callable[[int], None] | None = None,
+    stacked: bool = True,
 ) -> pl.DataFrame:
-    """``frame`` with ``fold`` and ``oof_margin``: each pair scored by a model fitted on the other folds."""
+    """``frame`` with ``fold`` and ``oof_margin``: each pair scored by a model fitted on the other folds
+    (MLP fold models trained as one stack when ``stacked`` and the options allow it)."""
     # pulls torch: loaded only when a reward model runs
     from prefnoise.reward import fit_reward_model, fold_of_pair_id, score_table
 
-    if folds < 2:
-        raise PrefnoiseError(f"--folds must be at least 2, got {folds}")
-    if frame.height < 2 * folds:
-        raise PrefnoiseError(f"{frame.height} pairs are too few for {folds} folds; use fewer --folds")
+    _check_folds(frame, folds)
+    together = stacked_cross_fits(frame, folds=folds, seeds=[seed], fit_options=fit_options, device=device,
+                                  on_fold=on_fold) if stacked else None
+    if together is not None:
+        return frame.with_columns(pl.Series(FOLD, together[0][0], dtype=pl.Int32),
+                                  pl.Series(MARGIN, together[1][0], dtype=pl.Float64))
     options = {"loss": "sigmoid", **(fit_options or {})}
     fold = np.asarray(fold_of_pair_id(frame[C.PAIR_ID], folds, seed))
     margins = np.full(frame.height, np.nan)
@@ -58,19 +63,80 @@ def cross_fitted_margins(
     fit_options: dict[str, Any] | None = None,
     device: str = "auto",
     on_fold: Callable[[int], None] | None = None,
+    stacked: bool = True,
 ) -> tuple[pl.DataFrame, np.ndarray]:
     """``refits`` independent cross-fits: ``frame`` with the first one's ``fold`` and the mean ``oof_margin``
-    over refits, and the (refits × pairs) matrix of out-of-fold margins, one row per refit."""
+    over refits, and the (refits × pairs) matrix of out-of-fold margins, one row per refit.
+
+    MLP fold models (``mlp``, ``embed+mlp``) train together as one stack on features prepared once
+    (:mod:`prefnoise.reward.folds`) when the options allow it and ``stacked``; otherwise one fit per fold."""
     if refits < 1:
         raise PrefnoiseError(f"--refits must be at least 1, got {refits}")
+    seeds = [refit_seed(seed, r) for r in range(refits)]
+    together = stacked_cross_fits(frame, folds=folds, seeds=seeds, fit_options=fit_options, device=device,
+                                  on_fold=on_fold) if stacked else None
+    if together is not None:
+        fold, margins = together
+        return frame.with_columns(pl.Series(FOLD, fold[0], dtype=pl.Int32),
+                                  pl.Series(MARGIN, margins.mean(axis=0), dtype=pl.Float64)), margins
     runs = [
         out_of_fold_margins(
-            frame, folds=folds, seed=refit_seed(seed, r), fit_options=fit_options, device=device, on_fold=on_fold
+            frame, folds=folds, seed=s, fit_options=fit_options, device=device, on_fold=on_fold, stacked=False
         )
-        for r in range(refits)
+        for s in seeds
     ]
     margins = np.stack([run[MARGIN].to_numpy() for run in runs])
     return runs[0].with_columns(pl.Series(MARGIN, margins.mean(axis=0), dtype=pl.Float64)), margins
+
+
+def stacked_cross_fits(
+    frame: pl.DataFrame,
+    *,
+    folds: int,
+    seeds: list[int],
+    fit_options: dict[str, Any] | None,
+    device: str,
+    on_fold: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """One cross-fit per seed of ``seeds``, every fold model of every cross-fit trained in one stack:
+    (fold of each pair, out-of-fold margins), each (len(seeds) × pairs); None when the fold models are not
+    MLPs the stack can train exactly as separate fits (``prefnoise.reward.folds.stackable``)."""
+    # pulls torch: loaded only when a reward model runs
+    from prefnoise.reward import fold_of_pair_id
+    from prefnoise.reward.folds import fit_stacked, stackable, stacked_margins  # pulls torch, as above
+    from prefnoise.reward.task import prepared_features  # pulls torch, as above
+
+    _check_folds(frame, folds)
+    config = fit_reward_config(**{"loss": "sigmoid", **(fit_options or {}), "device": device}).for_backend()
+    if stackable(config) is not None:
+        return None
+    sides = prepared_features(config, frame)
+    assignments = np.stack([np.asarray(fold_of_pair_id(frame[C.PAIR_ID], folds, s)) for s in seeds])
+    members = [(r, k) for r in range(len(seeds)) for k in range(folds)]
+    rows = [np.flatnonzero(assignments[r] != k) for r, k in members]
+    groups: dict[int, list[int]] = {}  # members with the same steps per epoch share a stack
+    for i, train in enumerate(rows):
+        groups.setdefault(-(-len(train) // config.batch_size), []).append(i)
+    margins = np.full(assignments.shape, np.nan)
+    for group in groups.values():
+        stack = fit_stacked(config, sides, [rows[i] for i in group], [seeds[members[i][0]] + members[i][1]
+                                                                       for i in group])
+        scored = stacked_margins(stack, sides)
+        for j, i in enumerate(group):
+            r, k = members[i]
+            held_out = assignments[r] == k
+            margins[r, held_out] = scored[j, held_out]
+        if on_fold is not None:
+            on_fold(len(group))
+    return assignments, margins
+
+
+def _check_folds(frame: pl.DataFrame, folds: int) -> None:
+    """PrefnoiseError when ``folds`` cannot cross-fit ``frame``."""
+    if folds < 2:
+        raise PrefnoiseError(f"--folds must be at least 2, got {folds}")
+    if frame.height < 2 * folds:
+        raise PrefnoiseError(f"{frame.height} pairs are too few for {folds} folds; use fewer --folds")
 
 
 def given_margins(frame: pl.DataFrame, *, reward_col: str | None = None, margin_col: str | None = None) -> pl.DataFrame:
@@ -82,7 +148,7 @@ def given_margins(frame: pl.DataFrame, *, reward_col: str | None = None, margin_
     needed = [margin_col] if margin_col is not None else [C.chosen(reward_col), C.rejected(reward_col)]
     missing = [name for name in needed if name not in frame.columns]
     if missing:
-        raise PrefnoiseError(f"column {missing[0]!r} not found; the table has {', '.join(frame.columns)}")
+        raise PrefnoiseError(f"column {missing[0]!r} not found; the table has {C.name_list(frame.columns)}")
     values = []
     for name in needed:
         try:

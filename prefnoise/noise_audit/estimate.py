@@ -56,6 +56,7 @@ MAX_INTERVAL_WIDTH = 0.25  # a wider 95% interval says too little to act on
 MIN_CONFIDENT_PAIRS = 100  # pairs with |m| above the cut, per cross-fit
 PROFILE_DROP = 1.9207  # χ²₁(0.95)/2: own-error slopes within this log-likelihood of the best are plausible
 SLOPES = np.geomspace(0.01, 1000.0, 101)  # own-error slopes k the profile tries, per unit of the cut t
+_BOOT_CELLS = 4_000_000  # resampled margins held at once by the bootstrap (32 MB of float64)
 _GROUPS = 400  # above this many pairs on a side of the cut, the slope fit uses quantile groups of |m|
 UNDETERMINED_EXIT = 4  # the CLI's exit code for `--estimate-only` and `--fix` when ε̂ is undetermined
 HELP_MORE = "a stronger reward model (a better backend, more epochs) or more pairs would help"
@@ -158,6 +159,25 @@ def mirror_tail_rate(margins: np.ndarray, tail_quantile: float = 0.5) -> float:
     if not confident.any():
         return 0.5
     return float((m[confident] < 0).mean())
+
+
+def bootstrap_tail_rates(
+    margins: np.ndarray, draws: int, rng: np.random.Generator, tail_quantile: float = 0.5
+) -> np.ndarray:
+    """:func:`mirror_tail_rate` of ``draws`` pair resamples of ``margins`` (each the next ``rng.integers(0, n, n)``
+    draw, so the same numbers as one resample at a time), computed a block of resamples at a time."""
+    m = np.asarray(margins, dtype=np.float64)
+    rates = np.empty(draws)
+    block = max(1, _BOOT_CELLS // max(m.size, 1))
+    for start in range(0, draws, block):
+        count = min(block, draws - start)
+        sample = m[rng.integers(0, m.size, (count, m.size))]
+        magnitude = np.abs(sample)
+        confident = magnitude > np.quantile(magnitude, tail_quantile, axis=1)[:, None]
+        kept = confident.sum(axis=1)
+        negative = ((sample < 0) & confident).sum(axis=1)
+        rates[start : start + count] = np.where(kept > 0, negative / np.maximum(kept, 1), 0.5)
+    return rates
 
 
 def own_error_share(slope: float | np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -282,9 +302,7 @@ def estimate_noise_rate(
     if n_boot > 0 and determined:
         lows, highs = [], []
         for m, fit in zip(sets, fits):  # within each refit: pairs resampled, its bias anywhere in its range
-            draws = np.array(
-                [mirror_tail_rate(m[rng.integers(0, m.size, m.size)], tail_quantile) for _ in range(n_boot)]
-            )
+            draws = bootstrap_tail_rates(m, n_boot, rng, tail_quantile)
             lows.append(corrected_rate(draws, fit.bias_high))
             highs.append(corrected_rate(draws, fit.bias_low))
         low = float(np.quantile(np.concatenate(lows), 0.025))

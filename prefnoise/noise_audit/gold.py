@@ -40,6 +40,7 @@ import numpy as np
 import polars as pl
 from scipy.stats import binomtest, norm
 
+from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
 from prefnoise.noise_audit import votes as V
 from prefnoise.noise_audit.estimate import fit_mirror_mixture
@@ -155,7 +156,7 @@ def gold_estimate_of(frame: pl.DataFrame, gold_col: str, margin_col: str = MARGI
     """``gold_noise_rate`` of a scored table: the gold votes in ``gold_col``, the out-of-fold margins in
     ``margin_col``."""
     if gold_col not in frame.columns:
-        raise PrefnoiseError(f"--gold: column {gold_col!r} not found; the table has {', '.join(frame.columns)}")
+        raise PrefnoiseError(f"--gold: column {gold_col!r} not found; the table has {C.name_list(frame.columns)}")
     return gold_noise_rate(label_wrong_score(frame[margin_col].to_numpy()), gold_wrong(frame[gold_col], gold_col))
 
 

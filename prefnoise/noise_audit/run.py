@@ -14,13 +14,14 @@ import polars as pl
 from prefnoise import columns as C
 from prefnoise.errors import PrefnoiseError
 from prefnoise.noise_audit import breakdowns as B
+from prefnoise.noise_audit import reuse as R
 from prefnoise.noise_audit import votes as V
 from prefnoise.noise_audit.annotators import AnnotatorAudit, audit_with_annotators
 from prefnoise.noise_audit.cross_fit import cross_fitted_margins, given_margins
 from prefnoise.noise_audit.estimate import UNDETERMINED_EXIT, NoiseEstimate, estimate_noise_rate
 from prefnoise.noise_audit.fix import add_suspicion, clean_table, most_suspect
 from prefnoise.noise_audit.gold import GoldEstimate, gold_evidence, gold_wrong
-from prefnoise.noise_audit.names import CONSENSUS, MARGIN, SUSPICION
+from prefnoise.noise_audit.names import CONSENSUS, FOLD, MARGIN, SUSPICION
 from prefnoise.noise_audit.ranking import auroc, precision_at
 from prefnoise.options.audit import AuditOptions
 
@@ -48,14 +49,18 @@ def run_audit(
     votes: pl.DataFrame | None = None,
     drop_invalid: bool = False,
     on_fold: Callable[[int], None] | None = None,
+    reuse_margins: bool = False,
 ) -> AuditOutcome:
     """Audit ``frame`` (``name`` in messages): with ``options.annotators`` and/or ``votes`` (the long table
     ``options.votes`` names, already read), Dawid–Skene; otherwise margins given or cross-fitted. ``fix``
-    refuses with exit code 4 when the rate is undetermined."""
+    refuses with exit code 4 when the rate is undetermined. Fold-model margins are kept for later runs
+    (:mod:`prefnoise.noise_audit.reuse`); ``reuse_margins`` reads them back when data and options match (the
+    summary's ``margins_note`` says whether they were)."""
     if options.with_annotators:
         scored, estimate, extra, parameters = _annotator_evidence(frame, options, votes)
     else:
-        scored, estimate, extra, parameters = _margin_evidence(frame, options, name, drop_invalid, on_fold)
+        scored, estimate, extra, parameters = _margin_evidence(frame, options, name, drop_invalid, on_fold,
+                                                               reuse_margins)
     if options.fix is not None and not estimate.identifiable:
         raise PrefnoiseError(
             f"--fix: the flip rate is undetermined, so suspicion has no calibration; nothing written "
@@ -126,7 +131,7 @@ def breakdown_sides(frame: pl.DataFrame, rules: tuple[str, ...]) -> dict[str, tu
         missing = [c for c in needed if c not in frame.columns]
         if missing:
             raise PrefnoiseError(
-                f"--by {rule}: column {missing[0]!r} not found; the table has {', '.join(frame.columns)}"
+                f"--by {rule}: column {missing[0]!r} not found; the table has {C.name_list(frame.columns)}"
             )
         sides[rule] = B.rule_sides(frame, rule)
     return sides
@@ -150,7 +155,7 @@ def gold_breakdowns(frame: pl.DataFrame, options: AuditOptions) -> list[dict[str
 def _chosen_first(frame: pl.DataFrame, column: str) -> np.ndarray:
     """Whether ``chosen`` was shown first, from the ``--position-col`` column."""
     if column not in frame.columns:
-        raise PrefnoiseError(f"--position-col: column {column!r} not found; the table has {', '.join(frame.columns)}")
+        raise PrefnoiseError(f"--position-col: column {column!r} not found; the table has {C.name_list(frame.columns)}")
     return V.position_codes(frame[column], column)
 
 
@@ -186,12 +191,13 @@ def _margin_evidence(
     name: str,
     drop_invalid: bool,
     on_fold: Callable[[int], None] | None,
+    reuse_margins: bool = False,
 ) -> tuple[pl.DataFrame, NoiseEstimate | GoldEstimate, dict[str, Any], dict[str, Any]]:
     """The table with out-of-fold margins and suspicion, ε̂, its summary part and parameters."""
     # reason: prefnoise.reward imports torch, which only the fold-model path needs
     from prefnoise.reward import check_finite_features
-    from prefnoise.reward.backend import backend_of  # pulls torch: loaded only when a reward model runs
 
+    note = None
     if options.given_margins:
         scored = given_margins(frame, reward_col=options.reward_col, margin_col=options.margin_col)
         margins = scored[MARGIN].to_numpy()
@@ -199,19 +205,7 @@ def _margin_evidence(
         parameters: dict[str, Any] = {"reward_col": options.reward_col, "margin_col": options.margin_col}
     else:
         frame, _ = check_finite_features(frame, name, drop_invalid)
-        backend, model_path = backend_of(options.model, C.chosen(C.FEATURES) in frame.columns)
-        fit_options = {
-            "loss": options.loss, "backend": backend, "model_path": model_path, "encoder_path": options.encoder,
-            "embed_features": options.embed_features, "epochs": options.epochs, "batch_size": options.batch_size,
-            "lr": options.lr, "hidden": options.hidden, "max_length": options.max_length, "val_fraction": 0.0,
-            "head": options.head,
-        }
-        scored, margins = cross_fitted_margins(
-            frame, folds=options.folds, refits=options.refits, seed=options.seed, fit_options=fit_options,
-            device=options.device, on_fold=on_fold,
-        )
-        parameters = {"folds": options.folds, "refits": options.refits,
-                      **{k: v for k, v in fit_options.items() if v is not None}}
+        scored, margins, backend, parameters, note = _fold_margins(frame, options, name, reuse_margins, on_fold)
     estimate = estimate_noise_rate(margins, n_boot=options.bootstrap, seed=options.seed)
     if options.gold is not None:  # the gold pairs correct the models' scores; the single-label verdict stays beside
         scored, gold, extra = gold_evidence(scored, options.gold)
@@ -219,7 +213,8 @@ def _margin_evidence(
                  "refits": None if options.given_margins else options.refits,
                  "loss": None if options.given_margins else options.loss, "backend": backend,
                  "margins_from": _margins_from(options.reward_col, options.margin_col), **extra,
-                 "model_only": estimate.to_dict(), "breakdowns": gold_breakdowns(scored, options)}
+                 "model_only": estimate.to_dict(), "breakdowns": gold_breakdowns(scored, options),
+                 **({"margins_note": note} if note is not None else {})}
         extra["noise_rate"] = {"mixture": None, **extra["noise_rate"]}  # the --json contract's key
         return scored, gold, extra, {**parameters, "gold": options.gold}
     given = options.given_margins
@@ -227,9 +222,40 @@ def _margin_evidence(
         "input": None, "pairs": frame.height, "folds": None if given else options.folds,
         "refits": None if given else options.refits, "loss": None if given else options.loss, "backend": backend,
         "margins_from": _margins_from(options.reward_col, options.margin_col), "identifiable": estimate.identifiable,
-        "noise_rate": estimate.to_dict(),
+        "noise_rate": estimate.to_dict(), **({"margins_note": note} if note is not None else {}),
     }
     return add_suspicion(scored, estimate.mixture), estimate, extra, parameters
+
+
+def _fold_margins(
+    frame: pl.DataFrame, options: AuditOptions, name: str, reuse: bool, on_fold: Callable[[int], None] | None
+) -> tuple[pl.DataFrame, np.ndarray, str, dict[str, Any], str | None]:
+    """Cross-fitted margins (kept for later runs, or with ``reuse`` read back when they match): the table with
+    ``fold`` and ``oof_margin``, the (refits × pairs) margins, the backend, the parameters and a note (reuse only)."""
+    from prefnoise.reward.backend import backend_of  # pulls torch: loaded only when a reward model runs
+
+    backend, model_path = backend_of(options.model, C.chosen(C.FEATURES) in frame.columns)
+    fit_options = {
+        "loss": options.loss, "backend": backend, "model_path": model_path, "encoder_path": options.encoder,
+        "embed_features": options.embed_features, "epochs": options.epochs, "batch_size": options.batch_size,
+        "lr": options.lr, "hidden": options.hidden, "max_length": options.max_length, "val_fraction": 0.0,
+        "head": options.head,
+    }
+    parameters = {"folds": options.folds, "refits": options.refits,
+                  **{k: v for k, v in fit_options.items() if v is not None}}
+    fingerprint = R.margins_fingerprint(frame, {**parameters, "seed": options.seed, "device": options.device})
+    slot = R.slot_path(name)
+    kept, note = R.read_kept_margins(slot, fingerprint, frame) if reuse else (None, None)
+    if kept is not None:
+        scored = frame.with_columns(pl.Series(FOLD, kept.fold, dtype=pl.Int32),
+                                    pl.Series(MARGIN, kept.margins.mean(axis=0), dtype=pl.Float64))
+        return scored, kept.margins, backend, parameters, note
+    scored, margins = cross_fitted_margins(
+        frame, folds=options.folds, refits=options.refits, seed=options.seed, fit_options=fit_options,
+        device=options.device, on_fold=on_fold,
+    )
+    R.keep_margins(slot, fingerprint, frame, scored[FOLD].to_numpy(), margins)
+    return scored, margins, backend, parameters, note
 
 
 def _margins_from(reward_col: str | None, margin_col: str | None) -> str:

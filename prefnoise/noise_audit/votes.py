@@ -17,7 +17,10 @@ from prefnoise.errors import PrefnoiseError
 # Vote codes, relative to the table's orientation; MISSING marks a pair the annotator did not vote on.
 CHOSEN, REJECTED, TIE, MISSING = 0, 1, 2, 3
 ENCODINGS = "'chosen'/'rejected'/'tie', 1/-1/0 or true/false (true prefers chosen), null when not annotated"
-_WORDS = {"chosen": CHOSEN, "rejected": REJECTED, "tie": TIE}
+_WORDS = {"chosen": CHOSEN, "rejected": REJECTED, "tie": TIE,
+          # the numbers and booleans as text: a CSV column with one stray value is read as strings
+          "1": CHOSEN, "-1": REJECTED, "0": TIE, "1.0": CHOSEN, "-1.0": REJECTED, "0.0": TIE,
+          "true": CHOSEN, "false": REJECTED}
 _NUMBERS = {1.0: CHOSEN, -1.0: REJECTED, 0.0: TIE}
 
 # The long table of votes (--votes FILE): one row per vote.
@@ -65,7 +68,7 @@ def annotator_columns(frame: pl.DataFrame, names: list[str]) -> np.ndarray:
         raise PrefnoiseError(f"--annotators names column {duplicated[0]!r} twice")
     for name in names:
         if name not in frame.columns:
-            raise PrefnoiseError(f"--annotators: column {name!r} not found; the table has {', '.join(frame.columns)}")
+            raise PrefnoiseError(f"--annotators: column {name!r} not found; the table has {C.name_list(frame.columns)}")
         if name in (C.PAIR_ID, C.PROMPT, C.CHOSEN, C.REJECTED):
             raise PrefnoiseError(f"--annotators: column {name!r} is part of the pair, not a vote")
     codes = np.stack([vote_codes(frame[name], name) for name in names], axis=1)
@@ -89,7 +92,7 @@ def long_votes(votes: pl.DataFrame, pair_ids: pl.Series, *, source: str = "--vot
     if missing:
         raise PrefnoiseError(
             f"{source}: column {missing[0]!r} not found; a votes table has columns {VOTE_PAIR}, {VOTE_ANNOTATOR}, "
-            f"{VOTE} (it has {', '.join(votes.columns)})"
+            f"{VOTE} (it has {C.name_list(votes.columns)})"
         )
     if votes.height == 0:
         raise PrefnoiseError(f"{source}: the votes table has no rows")

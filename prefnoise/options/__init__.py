@@ -2,6 +2,7 @@
 
 from prefnoise.options.compare import ComparisonOptions
 from prefnoise.options.corrupt import CorruptOptions
+from prefnoise.options.engine import EngineOptions
 from prefnoise.options.ranges import OPTION_RANGES, SEED_MAX, OptionError, Options, check_option, check_options, flag_of
 from prefnoise.options.rank_check import RankCheckOptions
 from prefnoise.options.reproduce import ReproduceAlignmentOptions, ReproduceSyntheticOptions
@@ -13,6 +14,7 @@ __all__ = [
     "SEED_MAX",
     "ComparisonOptions",
     "CorruptOptions",
+    "EngineOptions",
     "OptionError",
     "Options",
     "RankCheckOptions",

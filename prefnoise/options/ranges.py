@@ -73,6 +73,7 @@ OPTION_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "test_pairs": (10, True, 10**8, True),  # generated pairs held in memory
     "warmup": (0, True, 1, False),  # fit-reward: a share of the steps
     "pairs": (40, True, 10**8, True),  # generated pairs held in memory
+    "workers": (1, True, 4096, True),  # --engine ray: CPU slots of a local cluster; more is no machine
 }
 
 
@@ -116,6 +117,7 @@ CAPPED = frozenset({
     "train_pairs",
     "test_pairs",
     "pairs",
+    "workers",
 })
 
 

@@ -23,6 +23,7 @@ from prefnoise.policy.logprobs import (
     uses_chat_template,
 )
 from prefnoise.policy.models import check_causal_lm, count_parameters, load_tokenizer
+from prefnoise.resources import activation_bytes, model_dims, training_memory_bytes
 from prefnoise.training import check_report_to, split_by_pair_id
 from prefnoise.training import resolve_precision as resolve_precision_of
 
@@ -93,15 +94,12 @@ def make_plan(cfg: AlignConfig, pairs: TokenizedPairs, val_mask: np.ndarray, con
     longest = max(len(p) + max(len(c), len(r)) for p, c, r in
                   zip(pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids, strict=True))
     act_bytes = 2 if resolve_precision(cfg, cuda_available()) == "bf16" else 4
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    hidden, layers = model_dims(config)
     tokens_per_micro = 2 * cfg.batch_size * longest if cfg.max_tokens_per_batch is None \
         else max(cfg.max_tokens_per_batch, 2 * longest)  # a pair over the budget trains alone
-    # weights (fp32) + grads and two Adam moments for trainable ones; activations ~ 20·d per
-    # token per layer (less with checkpointing); logits in fp32 with their gradient.
-    per_layer = hidden * 20 * act_bytes * (0.1 if cfg.gradient_checkpointing else 1.0)
-    activations = tokens_per_micro * (layers * per_layer + config.vocab_size * 8)
-    memory = int(4 * params + 12 * trainable + activations)
+    activations = activation_bytes(tokens_per_micro, layers, hidden, act_bytes,
+                                   checkpointing=cfg.gradient_checkpointing, vocab=config.vocab_size)
+    memory = training_memory_bytes(params, trainable, activations)
     return Plan(len(pairs), train_rows, len(pairs) - train_rows, pairs.truncated_rows,
                 pairs.token_count(), longest, processes, micro_per_epoch, steps, params, trainable,
                 memory, pairs.settings.chat_template, pairs.settings.chat_date, cfg.batching,

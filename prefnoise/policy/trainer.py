@@ -79,11 +79,12 @@ def train(cfg: AlignConfig, frame: pl.DataFrame, *, source: str = "data",
     run = Run(spec, cfg.out, device=cfg.device, precision=cfg.precision, report_to=cfg.report_to, resume=cfg.resume)
     prepared = prepare(cfg, frame, source=source, processes=run.accelerator.num_processes,
                        chat_date=run.saved.get("chat_date") if run.saved else None)
-    if run.accelerator.device.type == "cpu":  # before the model is loaded: a run that cannot fit stops here
-        plan = prepared.plan
+    device = run.accelerator.device
+    if device.type == "cpu" or run.accelerator.num_processes == 1:  # before the model is loaded: a run that
+        plan = prepared.plan  # cannot fit stops here (FSDP shards the estimate over processes: not checked)
         check_fits_in_memory(plan.memory_estimate_bytes, f"align on {cfg.model} ({plan.parameters:,} parameters, "
                              f"{plan.trainable_parameters:,} trained)", "lower --batch-size or --max-length, or train "
-                             "LoRA adapters (--lora-r) with --gradient-checkpointing")
+                             "LoRA adapters (--lora-r) with --gradient-checkpointing", device=device)
     started = time.perf_counter()
     # What a checkpoint must match to be resumed, besides the options: the data and the model.
     run_state = {"chat_date": prepared.pairs.settings.chat_date, "data": data_fingerprint(prepared.pairs),

@@ -5,7 +5,7 @@ save_reward_model(result, "rm/", history=[...])
 scored = score_table(load_reward_model("rm/"), df)   # + chosen_reward / rejected_reward
 
 Modules: ``models`` (the base, mlp, reward_config.json), ``embed`` (embed+mlp), ``transformer`` (HF models,
-also ones prefnoise did not train), ``networks``, ``tokens``, ``loading``, ``cache`` (embeddings),
+also ones prefnoise did not train), ``networks``, ``tokens``, ``loading``, ``cache`` and ``store`` (embeddings),
 ``task`` (training one), ``fitting`` (fit_reward_model), ``scoring``, ``validate`` (finite features).
 """
 

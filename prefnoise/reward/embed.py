@@ -4,6 +4,7 @@ an MLP is trained on the embeddings, optionally with length features."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from prefnoise.data import file_fingerprint
 from prefnoise.errors import PrefnoiseError
 from prefnoise.hf import from_pretrained, quiet_transformers
+from prefnoise.resources import check_inference_fits
 from prefnoise.reward.cache import EmbeddingCache
 from prefnoise.reward.models import (
     EMBED_INPUTS,
@@ -27,6 +29,10 @@ from prefnoise.reward.models import (
 )
 from prefnoise.reward.networks import mean_pool
 from prefnoise.reward.tokens import check_reward_model_dir, encode_pairs, load_tokenizer, pad_batch, tokenize_pairs
+
+# --engine ray: gives an Encoder the runner of its encoder batches on Ray actors (None: they run here); set for
+# a block by prefnoise.reward.remote.embedding_on, so every encoder a command builds inside it embeds on Ray
+ENCODER_ENGINE: ContextVar[Callable[[Encoder], Any] | None] = ContextVar("encoder_engine", default=None)
 
 
 def length_features(responses: Sequence[str]) -> np.ndarray:
@@ -54,7 +60,7 @@ class Encoder:
 
     Each forward pass stores every pooling (mean and cls) in the cache, keyed by the text and by
     :meth:`part_fingerprint` (encoder files, max length, input and pooling), so an embedding is
-    computed once across folds, losses, feature sets and runs.
+    computed once across folds, losses, feature sets, runs and concurrent processes.
     """
 
     def __init__(
@@ -77,6 +83,10 @@ class Encoder:
         self.cache_dir = cache_dir
         self._fingerprint: str | None = None
         self.forward_calls = 0  # encoder forward passes run by this object (the cache's tests count them)
+        self.texts_encoded = 0  # distinct texts those passes embedded
+        # where the encoder batches of cache misses run: here (None) or on Ray actors (--engine ray; an object
+        # with ``embeddings(batches, total)`` yielding :meth:`pooled`'s result per batch, in order)
+        self.remote: Any = None
 
     @property
     def dim(self) -> int:
@@ -98,12 +108,14 @@ class Encoder:
             return self.fingerprint
         return f"{self.fingerprint}|{inputs}-{pooling}"
 
+    def cache(self, inputs: str, pooling: str) -> EmbeddingCache:
+        """The embedding cache of one (input, pooling) part in :attr:`cache_dir`."""
+        return EmbeddingCache.open(self.cache_dir, self.part_fingerprint(inputs, pooling), dim=self.dim)
+
     def missing(self, prompts: Sequence[str], responses: Sequence[str], inputs: str = "joint") -> int:
         """How many distinct texts :meth:`embed` would have to run the encoder on (cache misses)."""
-
-        prompts = _inputs_prompts(prompts, inputs)
-        cache = EmbeddingCache.open(self.cache_dir, self.part_fingerprint(inputs, "mean"))
-        return len({key for key in cache.keys_for(prompts, responses) if key not in cache})
+        cache = self.cache(inputs, "mean")
+        return len(cache.missing(cache.keys_for(_inputs_prompts(prompts, inputs), responses), self.dim))
 
     @torch.no_grad()
     def embed(
@@ -119,47 +131,68 @@ class Encoder:
         """float32 array (n, dim) of embeddings, reusing and extending the cache.
 
         ``inputs``: joint (prompt and response as a text pair) or response (the response alone);
-        ``pooling``: mean or cls. ``on_progress(k)`` advances by the texts the encoder has just run
-        on (cached texts are not counted; :meth:`missing` gives the total beforehand).
+        ``pooling``: mean or cls. The encoder runs once per distinct text the cache lacks.
+        ``on_progress(k)`` advances by the texts the encoder has just run on (cached texts are not
+        counted; :meth:`missing` gives the total beforehand).
         """
-
         if inputs not in EMBED_INPUTS:
             raise PrefnoiseError(f"unknown encoder input {inputs!r}; use {' or '.join(EMBED_INPUTS)}")
         pool_states(torch.zeros(1, 1, 1), torch.ones(1, 1), pooling)  # validates pooling
         prompts = _inputs_prompts(prompts, inputs)
-        caches = {p: EmbeddingCache.open(self.cache_dir, self.part_fingerprint(inputs, p)) for p in POOLINGS}
-        cache = caches[pooling]
-        keys = cache.keys_for(prompts, responses)
-        first: dict[str, int] = {}
-        for i, key in enumerate(keys):
-            if key not in cache:
-                first.setdefault(key, i)
-        missing = list(first.values())
-        if missing:
+        caches = {p: self.cache(inputs, p) for p in POOLINGS}
+        keys = caches[pooling].keys_for(prompts, responses)
+        out = np.zeros((len(keys), self.dim), dtype=np.float32)
+        rows_of: dict[str, list[int]] = {}  # each text the cache lacks -> the rows that hold it
+        for i in np.flatnonzero(~caches[pooling].fill(keys, out)):
+            rows_of.setdefault(keys[i], []).append(int(i))
+        if rows_of:
+            self._encode(prompts, responses, rows_of, out, caches, pooling, device, on_progress)
+        return out
+
+    def _encode(self, prompts, responses, rows_of, out, caches, pooling, device, on_progress) -> None:
+        """Run the encoder once per key of ``rows_of`` (here, or on Ray actors under ``--engine ray``), fill its
+        rows of ``out`` and store every pooling."""
+        engine = ENCODER_ENGINE.get()
+        remote = self.remote if self.remote is not None or engine is None else engine(self)
+        if remote is None:
             self.model.to(device)
-            new: dict[str, dict[str, np.ndarray]] = {p: {} for p in POOLINGS}
-            for start in range(0, len(missing), self.batch_size):
-                rows = missing[start : start + self.batch_size]
-                ids = tokenize_pairs(
-                    self.tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows], self.max_length
-                )
-                batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
-                states = self.model(**batch).last_hidden_state.float()
-                self.forward_calls += 1
-                for name in POOLINGS:
-                    pooled = pool_states(states, batch["attention_mask"], name).cpu().numpy()
-                    for i, vector in zip(rows, pooled):
-                        new[name][keys[i]] = vector
-                if on_progress is not None:
-                    on_progress(len(rows))
-                if sum(len(v) for v in new.values()) >= FLUSH_EVERY:  # an interrupted run keeps its work
-                    for name in POOLINGS:
-                        caches[name].add(new[name])
-                    new = {p: {} for p in POOLINGS}
+        firsts = [(key, rows[0]) for key, rows in rows_of.items()]
+        batches = [firsts[start : start + self.batch_size] for start in range(0, len(firsts), self.batch_size)]
+        pairs = (([prompts[i] for _, i in rows], [responses[i] for _, i in rows]) for rows in batches)
+        runs = remote.embeddings(pairs, len(batches)) if remote is not None else (
+            self.pooled(batch_prompts, batch_responses, device) for batch_prompts, batch_responses in pairs
+        )
+        new: dict[str, dict[str, np.ndarray]] = {p: {} for p in POOLINGS}
+        for batch_rows, pooled in zip(batches, runs, strict=True):
+            self.texts_encoded += len(batch_rows)
             for name in POOLINGS:
-                if new[name]:
+                for (key, _), vector in zip(batch_rows, pooled[name]):
+                    new[name][key] = vector
+                    if name == pooling:
+                        out[rows_of[key]] = vector
+            if on_progress is not None:
+                on_progress(len(batch_rows))
+            if sum(len(v) for v in new.values()) >= FLUSH_EVERY:  # an interrupted run keeps its work
+                for name in POOLINGS:
                     caches[name].add(new[name])
-        return cache.lookup(keys, self.dim)
+                new = {p: {} for p in POOLINGS}
+        for name in POOLINGS:
+            caches[name].add(new[name])
+
+    @torch.no_grad()
+    def pooled(self, prompts: Sequence[str], responses: Sequence[str], device: torch.device) -> dict[str, np.ndarray]:
+        """One encoder batch: float32 (n, dim) embeddings of the (prompt, response) pairs, per pooling
+        (the unit of work :meth:`embed` runs here or, with :attr:`remote`, on Ray actors)."""
+        ids = tokenize_pairs(self.tokenizer, prompts, responses, self.max_length)
+        batch = {k: v.to(device) for k, v in pad_batch(ids, self.tokenizer.pad_token_id).items()}
+        tokens = batch["input_ids"].numel()
+        if tokens > getattr(self, "_checked_tokens", 0):  # before the pass allocates: one line, not killed
+            self._checked_tokens = tokens
+            check_inference_fits(self.model.config, tokens, f"the encoder {self.path}'s batch", "lower --max-length",
+                                 device=device)
+        states = self.model(**batch).last_hidden_state.float()
+        self.forward_calls += 1
+        return {name: pool_states(states, batch["attention_mask"], name).cpu().numpy() for name in POOLINGS}
 
     def save(self, directory: Path) -> None:
         """Copy the encoder and its tokenizer into ``directory``."""

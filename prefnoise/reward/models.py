@@ -43,6 +43,9 @@ class RewardModel:
     def __init__(self, module: nn.Module, config: dict[str, Any]) -> None:
         self.module = module
         self.config = config
+        # where scoring's eval batches run: here (None) or on Ray actors (--engine ray; a
+        # prefnoise.reward.remote.RemoteForward, for the transformer backend)
+        self.remote: Any = None
 
     def prepare(
         self,

