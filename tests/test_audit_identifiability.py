@@ -191,7 +191,7 @@ def test_given_margins_from_reward_or_margin_column():
     assert A.given_margins(frame, margin_col="m")[A.MARGIN].to_list() == [1.0, -2.0, 3.0, 0.5]
     with pytest.raises(PrefnoiseError, match="'chosen_score2' not found"):
         A.given_margins(frame, reward_col="score2")
-    with pytest.raises(PrefnoiseError, match="row 1: missing or not a finite number"):
+    with pytest.raises(PrefnoiseError, match="row 2: missing or not a finite number"):  # rows count from 1
         A.given_margins(frame.with_columns(pl.Series("m", [1.0, None, 2.0, 3.0])), margin_col="m")
 
 
@@ -199,7 +199,7 @@ def test_given_margins_refuse_rows_the_model_saw():
     frame = predictions_table(4, np.ones(4)).with_columns(
         pl.Series("in_training", [False, True, False, False]), pl.Series("in_validation", [False] * 4)
     )
-    with pytest.raises(PrefnoiseError, match="1 rows were seen by the model .* first row 1"):
+    with pytest.raises(PrefnoiseError, match="1 rows were seen by the model .* first row 2"):
         A.given_margins(frame, reward_col="reward")
 
 

@@ -133,3 +133,18 @@ def test_votes_read_as_text_accept_the_numbers_and_name_the_stray_value():
     assert codes.tolist() == [CHOSEN, REJECTED, TIE, CHOSEN, REJECTED, MISSING]
     with pytest.raises(PrefnoiseError, match=r"column 'vote', row 3: vote 'nan' is not an accepted vote"):
         vote_codes(pl.Series(["1", "-1", "nan"]), "vote")
+
+
+@pytest.mark.parametrize("value", ["/dev/zero", "subset"])
+def test_a_config_name_before_the_command_is_refused_not_ignored(tmp_path, value):
+    # before the command --config takes an options file; a hub config name there used to be dropped (exit 0)
+    src = tmp_path / "pairs.csv"
+    src.write_text("prompt,chosen,rejected\n" + "".join(f"q{i},a{i},b{i}\n" for i in range(10)))
+    out = tmp_path / "noisy.csv"
+    done = subprocess.run([sys.executable, "-m", "prefnoise", "--config", value, "corrupt", str(src), str(out),
+                           "--rate", "0.1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip() == (
+        f"Error: --config {value!r} before the command takes a .yaml/.yml options file; a hub dataset's config "
+        "name goes after the command (prefnoise COMMAND DATA --config NAME)"
+    )

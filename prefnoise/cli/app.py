@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from prefnoise import __version__
+from prefnoise.cli.config_file import is_options_file
+from prefnoise.errors import PrefnoiseError
 
 DEBUG_ENV = "PREFNOISE_DEBUG"
 QUIET_ENV = "PREFNOISE_QUIET"
@@ -70,3 +72,8 @@ def global_options(
         os.environ[DEBUG_ENV] = "1"
     if quiet:
         os.environ[QUIET_ENV] = "1"
+    if config is not None and not is_options_file(config):  # a hub config name here would be silently unused
+        raise PrefnoiseError(
+            f"--config {config!r} before the command takes a .yaml/.yml options file; a hub dataset's config "
+            "name goes after the command (prefnoise COMMAND DATA --config NAME)"
+        )

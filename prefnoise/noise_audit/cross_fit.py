@@ -157,14 +157,14 @@ def given_margins(frame: pl.DataFrame, *, reward_col: str | None = None, margin_
             raise PrefnoiseError(f"column {name!r} must hold numbers, it is {frame[name].dtype}") from None
         bad = (column.is_null() | ~column.is_finite()).arg_true()
         if bad.len():
-            raise PrefnoiseError(f"column {name!r}, row {int(bad[0])}: missing or not a finite number")
+            raise PrefnoiseError(f"column {name!r}, row {int(bad[0]) + 1}: missing or not a finite number")
         values.append(column.to_numpy())
     margin = values[0] if margin_col is not None else values[0] - values[1]
     seen = ~unseen_mask(frame)
     if seen.any():
         raise PrefnoiseError(
             f"{int(seen.sum())} rows were seen by the model that scored them ({IN_TRAINING}/{IN_VALIDATION} "
-            f"true, first row {int(np.flatnonzero(seen)[0])}); their margins are not out of sample: "
+            f"true, first row {int(np.flatnonzero(seen)[0]) + 1}); their margins are not out of sample: "
             "audit only held-out rows (filter on those columns) or score with a model that never saw them"
         )
     return frame.with_columns(pl.Series(MARGIN, margin, dtype=pl.Float64))
