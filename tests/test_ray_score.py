@@ -66,13 +66,16 @@ def assert_same_output(local: Path, ray: Path) -> None:
     assert untimed(local) == untimed(ray) and len(untimed(local)) >= 1
 
 
-def _score_both(model: Path, data: Path, tmp_path: Path, suffix: str, *extra: str) -> tuple[dict, dict]:
-    """``score`` run locally and on Ray (fresh embedding caches each); both --json summaries."""
+def _score_both(model: Path, data: Path, tmp_path: Path, suffix: str, *extra: str, workers: str = "2"
+                ) -> tuple[dict, dict]:
+    """``score`` run locally and on Ray with ``workers`` actors (fresh embedding caches each); both --json
+    summaries."""
     summaries = []
     for engine in ("local", "ray"):
         out = tmp_path / f"{engine}{suffix}"
+        on_ray = ("--workers", workers) if engine == "ray" else ()
         result = invoke("score", model, data, out, "--json", "--cache-dir", tmp_path / f"cache-{engine}",
-                        "--engine", engine, *extra)
+                        "--engine", engine, *on_ray, *extra)
         assert result.exit_code == 0, result.output
         summaries.append(json.loads(result.stdout))
     assert_same_output(tmp_path / f"local{suffix}", tmp_path / f"ray{suffix}")
@@ -90,7 +93,8 @@ def _score_both(model: Path, data: Path, tmp_path: Path, suffix: str, *extra: st
 def test_score_embed_mlp_on_ray_equals_local_byte_for_byte(ray_cluster, minilm_model, tmp_path):
     data = tmp_path / "pairs.parquet"
     _real_rows(30).write_parquet(data)  # 60 real responses, most longer than max_length 64: one encoder batch
-    local, ray = _score_both(minilm_model, data, tmp_path, ".jsonl")
+    # one actor: MiniLM loads in seconds per actor; several actors' order is the engine tests' and the GPT-2 test's
+    local, ray = _score_both(minilm_model, data, tmp_path, ".jsonl", workers="1")
     assert local == ray
     assert local["rows"] == 30 and local["truncated_sequences"] > 30  # the truncation counts are the same
 
@@ -211,7 +215,8 @@ def test_audit_embedding_stage_on_ray_gives_the_same_embeddings_and_estimate(ray
         monkeypatch.setenv("PREFNOISE_CACHE_DIR", str(tmp_path / f"cache-{engine}"))  # fresh: every text embedded
         result = invoke("audit", data, "--out", out, "--json", "--model", "embed+mlp", "--encoder",
                         minilm.get_model_path(), "--max-length", "64", "--folds", "2", "--refits", "1", "--epochs", "2",
-                        "--bootstrap", "50", "--device", "cpu", "--engine", engine)
+                        "--bootstrap", "50", "--device", "cpu", "--engine", engine,
+                        *(("--workers", "1") if engine == "ray" else ()))  # one MiniLM actor (as in the score test)
         assert result.exit_code == 0, result.output
         outputs.append((json.loads(result.stdout), out.read_bytes()))
         outputs[-1] += (_stored_vectors(tmp_path / f"cache-{engine}" / STORE_NAME),)
