@@ -132,3 +132,20 @@ def test_on_cuda_the_device_memory_is_what_is_available(monkeypatch):
         check_fits_in_memory(1500, "x", "lower it", device=torch.device("cuda", 0))
     check_fits_in_memory(1500, "x", "lower it", device=torch.device("cuda", 0), held=600)  # weights already there
     check_fits_in_memory(1500, "x", "lower it", device=torch.device("cpu"))
+
+
+def test_score_refuses_a_transformer_batch_that_cannot_fit(lm_path, data_path, tmp_path, monkeypatch):
+    # the largest eval batch's activations are checked before the first pass; the weights have their own check
+    model = tmp_path / "rm"
+    fitted = invoke("fit-reward", data_path, "--model", lm_path, "--out", model, "--epochs", "1", "--max-length", "32",
+                    "--lora-r", "2")
+    assert fitted.exit_code == 0, fitted.output
+    monkeypatch.setattr("prefnoise.resources.available_memory", lambda: 20_000)
+    monkeypatch.setattr("prefnoise.hf.check_fits_in_memory", lambda *a, **k: None)
+    out = tmp_path / "scored.parquet"
+    done = invoke("score", model, data_path, out, "--device", "cpu")
+    assert_one_line_error(done, "the reward model's largest scoring batch", "tokens) needs about",
+                          "for its activations", "lower --batch-size or --max-length")
+    assert_nothing_written(out)
+    monkeypatch.setattr("prefnoise.resources.available_memory", lambda: 10**12)
+    assert invoke("score", model, data_path, out, "--device", "cpu").exit_code == 0  # with room, it scores

@@ -20,6 +20,7 @@ from prefnoise import columns as C
 from prefnoise.batching import longest_first
 from prefnoise.errors import PrefnoiseError
 from prefnoise.metrics import tie_half_accuracy
+from prefnoise.resources import check_inference_fits
 from prefnoise.reward.models import RewardModel
 from prefnoise.reward.validate import check_finite_features
 from prefnoise.training import resolve_device
@@ -142,9 +143,11 @@ def pair_rewards(
     was_training = module.training
     module.eval()
     chosen, rejected = torch.zeros(len(index)), torch.zeros(len(index))
-    plan = list(eval_batches(index, batch_size, side_lengths(model, sides)))
+    lengths = side_lengths(model, sides)
+    plan = list(eval_batches(index, batch_size, lengths))
     remote = getattr(model, "remote", None)
     if remote is None:
+        _check_batches_fit(model, plan, index, lengths, len(sides), runtime)
         runs = (_forward(model, sides, index[positions], runtime) for positions in plan)
     else:  # the same batches on Ray actors (--engine ray), so every reward equals this process's
         runs = remote.rewards((model.sequences(sides, index[positions]) for positions in plan), len(plan))
@@ -157,6 +160,18 @@ def pair_rewards(
             on_progress(len(rows))
     module.train(was_training)
     return chosen, rejected
+
+
+def _check_batches_fit(model: RewardModel, plan: Sequence[np.ndarray], index: np.ndarray,
+                       lengths: Sequence[int] | None, n_sides: int, runtime: Runtime) -> None:
+    """Refuse, with the estimate, a transformer whose largest eval batch's activations cannot fit (before
+    the first pass allocates); its weights were checked when it loaded."""
+    config = getattr(getattr(model.module, "model", model.module), "config", None)  # the wrapped HF model's
+    if lengths is None or config is None or not plan:
+        return
+    tokens = max(n_sides * len(positions) * max(lengths[i] for i in index[positions]) for positions in plan)
+    check_inference_fits(config, tokens, "the reward model's largest scoring batch",
+                         "lower --batch-size or --max-length", device=runtime.device)
 
 
 def _forward(model: RewardModel, sides: Sequence[Any], rows: np.ndarray, runtime: Runtime) -> Tensor:
