@@ -55,7 +55,7 @@ def global_options(
             metavar="FILE.yaml",
             help=(
                 "Option defaults for the command from a YAML mapping (default < file < flag); may follow any "
-                "command. A value not ending in .yaml/.yml is a hub dataset's config name."
+                "command. After the command, a value not ending in .yaml/.yml is a hub dataset's config name."
             ),
         ),
     ] = None,
