@@ -33,9 +33,16 @@ from prefnoise import __version__, locks
 from prefnoise.errors import PrefnoiseError
 
 MARKER = ".prefnoise-output.json"
+CACHE_ENV = "PREFNOISE_CACHE_DIR"
 STDOUT = "-"
 PNG_SOFTWARE = "prefnoise"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def default_cache_dir() -> Path:
+    """Where prefnoise keeps its own caches (embeddings, audit margins): $PREFNOISE_CACHE_DIR, else
+    ~/.cache/prefnoise."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "prefnoise")
 
 
 def _resolved(path: str | Path) -> Path:

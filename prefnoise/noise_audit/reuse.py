@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,9 @@ from prefnoise import __version__
 from prefnoise import columns as C
 from prefnoise.atomic import atomic_path
 from prefnoise.data import file_fingerprint
+from prefnoise.outputs import default_cache_dir
 
 MARGINS_DIR = "audit-margins"
-
-
-def default_cache_dir() -> Path:
-    """$PREFNOISE_CACHE_DIR, else ~/.cache/prefnoise (where the embeddings are cached too)."""
-    return Path(os.environ.get("PREFNOISE_CACHE_DIR") or Path.home() / ".cache" / "prefnoise")
 
 
 def margins_fingerprint(frame: pl.DataFrame, parameters: dict[str, Any]) -> str:

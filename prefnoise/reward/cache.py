@@ -13,7 +13,6 @@ on every flush). Such a file is read into the database once, with a ``Note:``, a
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,19 +21,14 @@ import numpy as np
 import polars as pl
 
 from prefnoise.locks import note
+from prefnoise.outputs import default_cache_dir
 from prefnoise.reward.store import VectorStore, row_key, store_for
 
-CACHE_ENV = "PREFNOISE_CACHE_DIR"
 FILL_CHUNK = 8192  # keys looked up at once: the vectors held beside the caller's array stay this few
 _HEX_KEY = re.compile(r"^[0-9a-f]{32}$")
 
 # vectors this process computed but could not store (the database was set aside): by (database, fingerprint)
 _IN_MEMORY: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-
-
-def default_cache_dir() -> Path:
-    """$PREFNOISE_CACHE_DIR, else ~/.cache/prefnoise."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "prefnoise")
 
 
 def response_keys(prompts: Sequence[str], responses: Sequence[str]) -> list[str]:

@@ -169,7 +169,8 @@ def _check_batches_fit(model: RewardModel, plan: Sequence[np.ndarray], index: np
     config = getattr(getattr(model.module, "model", model.module), "config", None)  # the wrapped HF model's
     if lengths is None or config is None or not plan:
         return
-    tokens = max(n_sides * len(positions) * max(lengths[i] for i in index[positions]) for positions in plan)
+    widths = np.asarray(lengths)
+    tokens = max(n_sides * len(positions) * int(widths[index[positions]].max()) for positions in plan)
     check_inference_fits(config, tokens, "the reward model's largest scoring batch",
                          "lower --batch-size or --max-length", device=runtime.device)
 
