@@ -461,6 +461,16 @@ class CorruptionStats:
             count.flips += int(mask[sel].sum())
             count.expected_flips += float(probability[sel].sum())
 
+    def merge(self, part: CorruptionStats) -> None:
+        """Add another run's counts (a block corrupted elsewhere), in the order :meth:`add` adds a batch's."""
+        for reason, count in part.dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
+        for group, count in part.groups.items():
+            into = self.groups.setdefault(group, GroupCount())
+            into.rows += count.rows
+            into.flips += count.flips
+            into.expected_flips += count.expected_flips
+
     def to_dict(self) -> dict[str, object]:
         """JSON-ready summary."""
         return {

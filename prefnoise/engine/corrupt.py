@@ -18,7 +18,6 @@ from prefnoise.engine.blocks import BlockInfo, map_blocks
 from prefnoise.engine.session import RaySession
 from prefnoise.noise import (
     CorruptionStats,
-    GroupCount,
     NoiseSpec,
     corrupt_batches,
     exact_draws,
@@ -39,17 +38,6 @@ def corrupt_block(
 def draws_block(frame: pl.DataFrame, info: BlockInfo, *, spec: NoiseSpec, name: str | None) -> dict[str, np.ndarray]:
     """The block's usable draws by group (its share of the ``--exact`` thresholds)."""
     return exact_draws(frame, spec, info.row_offset, name)
-
-
-def merge_stats(total: CorruptionStats, part: CorruptionStats) -> None:
-    """Add ``part``'s counts to ``total`` in the order the local engine adds a batch's."""
-    for reason, count in part.dropped.items():
-        total.dropped[reason] = total.dropped.get(reason, 0) + count
-    for group, count in part.groups.items():
-        into = total.groups.setdefault(group, GroupCount())
-        into.rows += count.rows
-        into.flips += count.flips
-        into.expected_flips += count.expected_flips
 
 
 def exact_thresholds_on_ray(
@@ -77,7 +65,7 @@ def corrupt_on_ray(
     the same order, and the same counts in ``stats``."""
     work = functools.partial(corrupt_block, spec=spec, thresholds=thresholds, name=name)
     for frame, height, part in map_blocks(session, batches, work):
-        merge_stats(stats, part)
+        stats.merge(part)
         if frame is not None:
             yield frame
         if on_progress is not None:
