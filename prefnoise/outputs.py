@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from prefnoise import __version__, locks
 from prefnoise.errors import PrefnoiseError
@@ -108,16 +108,26 @@ def written_by_prefnoise(path: str | Path) -> bool:
         return False
     try:
         with open(path, "rb") as handle:
-            head = handle.read(8)
+            return stream_written_by_prefnoise(handle)
+    except OSError:  # an unreadable file is not one of ours
+        return False
+
+
+def stream_written_by_prefnoise(handle: BinaryIO) -> bool:
+    """Whether the seekable binary file ``handle`` (a local file, or a pyarrow filesystem's input file: only
+    the head and the Parquet footer are read) is one prefnoise wrote, as :func:`written_by_prefnoise`."""
+    try:
+        head = handle.read(8)
+        handle.seek(0)
         if head[:4] == b"PAR1":
             import pyarrow.parquet as pq  # only to read a Parquet footer; most checks never need it
 
             # tables carry b"prefnoise" (provenance), caches b"prefnoise.<what>"
-            return any(key.startswith(b"prefnoise") for key in (pq.read_metadata(path).metadata or {}))
+            return any(key.startswith(b"prefnoise") for key in (pq.read_metadata(handle).metadata or {}))
         if head == _PNG_MAGIC:
             from PIL import Image  # pillow comes with matplotlib: loaded only to read a PNG's tag
 
-            with Image.open(path) as image:
+            with Image.open(handle) as image:
                 return str(image.info.get("Software", "")).startswith(PNG_SOFTWARE)
     except Exception:  # an unreadable file is not one of ours
         return False
@@ -170,18 +180,26 @@ def _check_existing_file(path: Path, dest: str | Path, overwrite: bool, flag: st
     if path.is_dir():
         raise PrefnoiseError(f"{flag} {dest}: is a directory; give a file name")
     if path.exists() or path.is_symlink():
-        if path.suffix.lower() in (".jsonl", ".csv") and not path.is_dir():
-            raise PrefnoiseError(
-                f"{flag} {dest}: exists; JSON lines and CSV files carry no provenance, so prefnoise cannot tell "
-                "whether it wrote this one and never replaces it (even with --overwrite); remove it or use another name"
-            )
-        if not written_by_prefnoise(path):
-            raise PrefnoiseError(
-                f"{flag} {dest}: exists and was not written by prefnoise, which never replaces such files; "
-                "give another name"
-            )
-        if not overwrite:
-            raise PrefnoiseError(f"{flag} {dest}: exists (an earlier prefnoise output); pass --overwrite to replace it")
+        check_replaceable(dest, suffix=path.suffix, ours=lambda: written_by_prefnoise(path), overwrite=overwrite,
+                          flag=flag)
+
+
+def check_replaceable(dest: str | Path, *, suffix: str, ours: Callable[[], bool], overwrite: bool, flag: str) -> None:
+    """Raise PrefnoiseError unless the existing file ``dest`` (named by its ``suffix``) may be replaced: never a
+    JSON lines or CSV file (they carry no provenance), never one ``ours()`` does not prove prefnoise wrote, and
+    an earlier prefnoise output only with ``overwrite``. Local outputs and remote ones (prefnoise.engine.uris)."""
+    if suffix.lower() in (".jsonl", ".csv"):
+        raise PrefnoiseError(
+            f"{flag} {dest}: exists; JSON lines and CSV files carry no provenance, so prefnoise cannot tell "
+            "whether it wrote this one and never replaces it (even with --overwrite); remove it or use another name"
+        )
+    if not ours():
+        raise PrefnoiseError(
+            f"{flag} {dest}: exists and was not written by prefnoise, which never replaces such files; "
+            "give another name"
+        )
+    if not overwrite:
+        raise PrefnoiseError(f"{flag} {dest}: exists (an earlier prefnoise output); pass --overwrite to replace it")
 
 
 def check_distinct_outputs(outputs: dict[str, str | Path | None]) -> None:

@@ -191,8 +191,27 @@ def test_given_margins_from_reward_or_margin_column():
     assert A.given_margins(frame, margin_col="m")[A.MARGIN].to_list() == [1.0, -2.0, 3.0, 0.5]
     with pytest.raises(PrefnoiseError, match="'chosen_score2' not found"):
         A.given_margins(frame, reward_col="score2")
-    with pytest.raises(PrefnoiseError, match="row 2: missing or not a finite number"):  # rows count from 1
+    with pytest.raises(PrefnoiseError, match=r"^data: column 'm' has a missing value \(null\) at row 2; "):  # from 1
         A.given_margins(frame.with_columns(pl.Series("m", [1.0, None, 2.0, 3.0])), margin_col="m")
+
+
+def test_cli_non_finite_given_margins_name_the_file_row_and_column(tmp_path):
+    data = tmp_path / "scored.parquet"
+    table = predictions_table(5, np.array([1.0, -2.0, 3.0, 0.5, 2.0]))
+    table.with_columns(pl.Series("m", [1.0, -2.0, np.nan, 0.5, np.inf])).write_parquet(data)
+    result = runner.invoke(app, ["audit", str(data), "--margin-col", "m"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"Error: {data}: column 'm' has nan at row 3, and 1 more row(s); a margin needs a finite number in every "
+        "row: fix those scores or leave their rows out\n"
+    )
+    table.with_columns(pl.Series("rejected_reward", [0.0, 0.0, 0.0, -np.inf, 0.0])).write_parquet(data)
+    result = runner.invoke(app, ["audit", str(data), "--reward-col", "reward"])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"Error: {data}: column 'rejected_reward' has -inf at row 4; a margin needs a finite number in every row: "
+        "fix those scores or leave their rows out\n"
+    )
 
 
 def test_given_margins_refuse_rows_the_model_saw():

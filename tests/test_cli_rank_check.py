@@ -62,6 +62,31 @@ def test_bad_input_exits_2(tmp_path):
     assert runner.invoke(app, ["rank-check", str(data), "--group-by", "nope"]).exit_code == 2
 
 
+def test_a_table_without_one_finite_reward_names_the_file_its_first_row_and_column(tmp_path):
+    pairs = pl.read_parquet(scored_table(tmp_path / "d.parquet", n=6))
+    rewards = pairs.with_columns(
+        pl.Series("chosen_reward", [1.0, np.nan, 2.0, 3.0, 4.0, 5.0]),
+        pl.Series("rejected_reward", [np.inf, 0.0, np.nan, -np.inf, None, np.nan]),
+    )
+    rewards.write_parquet(tmp_path / "nan.parquet")
+    result = runner.invoke(app, ["rank-check", str(tmp_path / "nan.parquet")])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"Error: {tmp_path / 'nan.parquet'}: no rows with both a predicted and a reference reward to compare: all 6 "
+        "rows were skipped, the first at row 1, whose column 'rejected_reward' holds inf; every reward must be a "
+        "finite number\n"
+    )
+    pl.DataFrame({"prompt_id": ["p", "p"], "reward": [1.0, 2.0], "score": [None, float("-inf")]}).write_parquet(
+        tmp_path / "long.parquet")
+    result = runner.invoke(app, ["rank-check", str(tmp_path / "long.parquet"), "--long"])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"Error: {tmp_path / 'long.parquet'}: no rows with both a predicted and a reference reward to compare: all 2 "
+        "rows were skipped, the first at row 1, whose column 'score' holds a missing value (null); every reward "
+        "must be a finite number\n"
+    )
+
+
 def test_plot_is_a_png(tmp_path):
     data = scored_table(tmp_path / "d.parquet")
     out = tmp_path / "fig.png"

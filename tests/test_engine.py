@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from prefnoise.engine import (
@@ -22,6 +25,7 @@ from prefnoise.engine import (
     uri_scheme,
     writable_path,
 )
+from prefnoise.engine.session import RAY_OUTPUT, quiet_ray_warnings
 from prefnoise.errors import PrefnoiseError
 from prefnoise.options import EngineOptions, OptionError
 from tests.ray_helpers import RAY_CPUS, Scaler, ray_test, tag_block
@@ -138,21 +142,97 @@ def test_a_remote_input_is_read_through_a_private_copy(memfs):
         pass
 
 
-def test_a_remote_output_appears_whole_only_on_success_and_never_replaces_without_overwrite(memfs):
-    with writable_path("mem://out/x.csv", overwrite=False) as local:
-        Path(local).write_text("a\n1\n")
-        assert not (memfs / "out" / "x.csv").exists()  # nothing visible before the block ends
-    assert (memfs / "out" / "x.csv").read_text() == "a\n1\n"
-    with pytest.raises(PrefnoiseError, match=r"^OUT mem://out/x.csv: exists; pass --overwrite"):
-        with writable_path("mem://out/x.csv", overwrite=False):
+def _prefnoise_parquet(path: Path, value: int) -> None:
+    """A Parquet file as prefnoise writes them: its footer carries prefnoise's provenance key."""
+    table = pa.table({"a": [value]}).replace_schema_metadata({b"prefnoise": b"{}"})
+    pq.write_table(table, path)
+
+
+def test_a_remote_output_appears_whole_only_on_success_and_replaces_only_its_own_with_overwrite(memfs):
+    with writable_path("mem://out/x.parquet", overwrite=False) as local:
+        _prefnoise_parquet(Path(local), 1)
+        assert not (memfs / "out" / "x.parquet").exists()  # nothing visible before the block ends
+    assert pq.read_table(memfs / "out" / "x.parquet")["a"].to_pylist() == [1]
+    with pytest.raises(PrefnoiseError, match=r"^OUT mem://out/x.parquet: exists \(an earlier prefnoise output\); "
+                                             r"pass --overwrite to replace it$"):
+        with writable_path("mem://out/x.parquet", overwrite=False):
             pass
-    with pytest.raises(RuntimeError), writable_path("mem://out/x.csv", overwrite=True) as local:
-        Path(local).write_text("half")
+    with pytest.raises(RuntimeError), writable_path("mem://out/x.parquet", overwrite=True) as local:
+        _prefnoise_parquet(Path(local), 2)
         raise RuntimeError("the command failed")
-    assert (memfs / "out" / "x.csv").read_text() == "a\n1\n"  # a failed run leaves the old output
-    assert sorted(p.name for p in (memfs / "out").iterdir()) == ["x.csv"]  # and no temporary
-    with writable_path("mem://out/x.csv", overwrite=True) as local:
-        Path(local).write_text("b\n2\n")
-    assert (memfs / "out" / "x.csv").read_text() == "b\n2\n"
+    assert pq.read_table(memfs / "out" / "x.parquet")["a"].to_pylist() == [1]  # a failed run leaves the old one
+    assert sorted(p.name for p in (memfs / "out").iterdir()) == ["x.parquet"]  # and no temporary
+    with writable_path("mem://out/x.parquet", overwrite=True) as local:
+        _prefnoise_parquet(Path(local), 3)
+    assert pq.read_table(memfs / "out" / "x.parquet")["a"].to_pylist() == [3]
     with pytest.raises(PrefnoiseError, match="is a directory"), writable_path("mem://out", overwrite=True):
         pass
+
+
+def test_a_remote_file_prefnoise_cannot_prove_it_wrote_is_never_replaced_even_with_overwrite(memfs):
+    pq.write_table(pa.table({"a": [7]}), memfs / "theirs.parquet")  # a Parquet file without prefnoise's key
+    (memfs / "theirs.csv").write_text("a\n7\n")
+    (memfs / "theirs.jsonl").write_text('{"a": 7}\n')
+    before = {p.name: p.read_bytes() for p in memfs.iterdir()}
+    refusals = {
+        "theirs.parquet": r"^OUT mem://theirs.parquet: exists and was not written by prefnoise, which never replaces "
+                          r"such files; give another name$",
+        "theirs.csv": r"^OUT mem://theirs.csv: exists; JSON lines and CSV files carry no provenance, .* \(even with "
+                      r"--overwrite\); remove it or use another name$",
+        "theirs.jsonl": r"^OUT mem://theirs.jsonl: exists; JSON lines and CSV files carry no provenance",
+    }
+    for name, message in refusals.items():
+        with pytest.raises(PrefnoiseError, match=message) as caught:
+            with writable_path(f"mem://{name}", overwrite=True) as local:
+                Path(local).write_text("replacement")
+        assert caught.value.exit_code == 2
+    assert {p.name: p.read_bytes() for p in memfs.iterdir()} == before  # untouched, no temporary beside them
+
+
+def test_a_remote_output_changed_by_another_writer_during_the_run_is_not_replaced(memfs):
+    _prefnoise_parquet(memfs / "x.parquet", 1)
+    with pytest.raises(PrefnoiseError, match=r"^OUT mem://x.parquet: changed while this run wrote it; nothing was"):
+        with writable_path("mem://x.parquet", overwrite=True) as local:
+            _prefnoise_parquet(Path(local), 2)
+            _prefnoise_parquet(memfs / "x.parquet", 30)  # another run's output lands meanwhile (other size)
+    assert pq.read_table(memfs / "x.parquet")["a"].to_pylist() == [30]
+    with pytest.raises(PrefnoiseError, match=r"^OUT mem://y.parquet: changed while this run wrote it"):
+        with writable_path("mem://y.parquet", overwrite=True) as local:  # absent at the check, present at the end
+            _prefnoise_parquet(Path(local), 2)
+            _prefnoise_parquet(memfs / "y.parquet", 40)
+    assert pq.read_table(memfs / "y.parquet")["a"].to_pylist() == [40]
+
+
+# --------------------------------------------------------------------------- Ray's own output
+
+
+def test_rays_own_warnings_are_silenced_unless_ray_output_is_on():
+    def warn_as_ray_does() -> None:
+        warnings.warn_explicit("a note about Ray's settings", UserWarning, "ray/data/dataset.py", 1,
+                               module="ray.data.dataset")
+        warnings.warn("`ray_remote_args` is deprecated", DeprecationWarning, stacklevel=1)  # blamed on its caller
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_ray_warnings():
+            warn_as_ray_does()
+        assert seen == []
+        token = RAY_OUTPUT.set(True)
+        try:
+            with quiet_ray_warnings():
+                warn_as_ray_does()
+        finally:
+            RAY_OUTPUT.reset(token)
+    assert [str(w.message) for w in seen] == ["a note about Ray's settings", "`ray_remote_args` is deprecated"]
+
+
+def test_the_cli_lets_rays_output_through_only_under_debug(monkeypatch):
+    from prefnoise.cli.common import prefnoise_warnings_on_stderr  # the CLI's gate for other libraries' output
+
+    monkeypatch.delenv("PREFNOISE_DEBUG", raising=False)
+    with prefnoise_warnings_on_stderr():
+        assert RAY_OUTPUT.get() is False
+    monkeypatch.setenv("PREFNOISE_DEBUG", "1")
+    with prefnoise_warnings_on_stderr():
+        assert RAY_OUTPUT.get() is True
+    assert RAY_OUTPUT.get() is False  # reset when the command ends

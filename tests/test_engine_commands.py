@@ -241,8 +241,30 @@ def test_corrupt_on_ray_reads_and_writes_filesystem_uris(ray_cluster, tmp_path, 
     assert remote["flips"] == local["flips"]
     via_file = pn.corrupt(f"file://{bucket / 'in.parquet'}", tmp_path / "f.csv", rate=0.2, engine="ray").summary
     assert via_file["flips"] == local["flips"]
-    with pytest.raises(PrefnoiseError, match="exists; pass --overwrite"):
-        pn.corrupt("mem://in.parquet", "mem://out/noisy.csv", rate=0.2, engine="ray")
+    with pytest.raises(PrefnoiseError, match="exists; JSON lines and CSV files carry no provenance"):
+        pn.corrupt("mem://in.parquet", "mem://out/noisy.csv", rate=0.2, engine="ray", overwrite=True)
+
+
+@ray_test
+def test_overwrite_replaces_a_remote_output_only_when_prefnoise_wrote_it(ray_cluster, tmp_path, monkeypatch):
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    fs = pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem())
+    monkeypatch.setattr("prefnoise.engine.uris.filesystem_of", lambda uri: (fs, uri.split("://", 1)[1]))
+    make_pairs(60, seed=2).write_parquet(bucket / "in.parquet")
+    corrupt = ("corrupt", "mem://in.parquet", "mem://noisy.parquet", "--rate", "0.2", "--engine", "ray")
+    assert invoke(*corrupt).exit_code == 0
+    first = (bucket / "noisy.parquet").read_bytes()
+    assert_one_line_error(invoke(*corrupt, "--seed", "1"), "OUT mem://noisy.parquet: exists (an earlier prefnoise "
+                          "output); pass --overwrite to replace it")
+    assert invoke(*corrupt, "--seed", "1", "--overwrite").exit_code == 0  # its own earlier output: replaced
+    assert (bucket / "noisy.parquet").read_bytes() != first
+    pq.write_table(pq.read_table(bucket / "in.parquet").replace_schema_metadata(None), bucket / "noisy.parquet")
+    theirs = (bucket / "noisy.parquet").read_bytes()  # the same kind of file, without prefnoise's provenance
+    assert_one_line_error(invoke(*corrupt, "--overwrite"), "OUT mem://noisy.parquet: exists and was not written by "
+                          "prefnoise, which never replaces such files; give another name")
+    assert (bucket / "noisy.parquet").read_bytes() == theirs
+    assert sorted(p.name for p in bucket.iterdir()) == ["in.parquet", "noisy.parquet"]  # no temporary left
 
 
 def test_engine_flags_are_checked_before_any_work(tmp_path):

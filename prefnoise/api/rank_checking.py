@@ -94,7 +94,7 @@ def rank_check(
                 lazy, pred=options.pred, true=options.true, group_by=list(options.group_by), n_boot=options.bootstrap,
                 seed=options.seed, worst=options.show_worst, layout="long" if options.long else "auto",
                 memory_responses=memory, temp_dir=options.temp_dir, on_progress=advance,
-                map_buckets=map_buckets, min_buckets=min_buckets,
+                map_buckets=map_buckets, min_buckets=min_buckets, name=label,
             )
     gates = gate_results(report.overall, options.min_agreement, options.min_kendall, options.min_preservation)
     if plot is not None:

@@ -32,6 +32,7 @@ from rich.progress import (
 from prefnoise.atomic import remove_temporary_files, user_umask
 from prefnoise.cli.app import DEBUG_ENV
 from prefnoise.cli.streams import check_utf8_names, printable_name
+from prefnoise.engine.session import RAY_OUTPUT
 from prefnoise.errors import PrefnoiseError, PrefnoiseWarning
 from prefnoise.jsonvalues import strict_json_value
 from prefnoise.options import OPTION_RANGES, SEED_MAX, OptionError, Options, check_options  # noqa: F401  (re-exported for the CLI modules)
@@ -214,8 +215,9 @@ NOTHING_WRITTEN = "no output was written."
 @contextlib.contextmanager
 def prefnoise_warnings_on_stderr() -> Iterator[None]:
     """Print every :class:`PrefnoiseWarning` raised in the block as one ``Warning: ...`` line on stderr
-    (each time it is raised); other warnings (torch, transformers) only under ``--debug``, as Python
-    shows them: they would break the one-line rule of errors."""
+    (each time it is raised); other warnings (torch, transformers) and Ray's own log lines (--engine ray)
+    only under ``--debug``, as their libraries show them: they would break the one-line rule of errors."""
+    token = RAY_OUTPUT.set(debug_enabled())
     with warnings.catch_warnings():
         if not debug_enabled():
             warnings.simplefilter("ignore")
@@ -229,7 +231,10 @@ def prefnoise_warnings_on_stderr() -> Iterator[None]:
                 show(message, category, *args, **kwargs)
 
         warnings.showwarning = print_warning
-        yield
+        try:
+            yield
+        finally:
+            RAY_OUTPUT.reset(token)
 
 
 # --------------------------------------------------------------------------- option validation

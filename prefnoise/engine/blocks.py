@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import pickle
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from prefnoise.engine.session import RaySession, require_ray
+from prefnoise.engine.session import RaySession, quiet_ray_warnings, require_ray
 from prefnoise.errors import PrefnoiseError
 
 PAYLOAD = "payload"  # the one column of a block's row: the pickled (block, info) or (result, error)
@@ -73,10 +72,10 @@ def _run_window(
     setup: tuple[Any, ...] | None, num_gpus: float,
 ) -> Iterator[Any]:
     """One Ray Data execution over ``window``'s blocks; yields the results in order (Ray's own warnings about
-    its configuration, e.g. fewer blocks than workers, are not the user's to act on: silenced)."""
+    its configuration, e.g. fewer blocks than workers, are not the user's to act on: silenced unless
+    :data:`~prefnoise.engine.session.RAY_OUTPUT`)."""
     ray = require_ray()
-    with warnings.catch_warnings():  # not around a yield: the filter must not outlive the window
-        warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    with quiet_ray_warnings():  # not around a yield: the filter must not outlive the window
         results = list(_execute(ray, session, window, work, setup, num_gpus))
     yield from results
 
@@ -94,8 +93,11 @@ def _execute(
             _apply_function, fn_kwargs={"work": work}, concurrency=session.workers, **common
         )
     else:
+        # max_restarts=0: Ray Data's default (restart a dead actor forever, retry its blocks forever) would
+        # retry a block that kills its actor (out of memory) without end, and makes Ray's core print an
+        # error line on stderr for every actor whose constructor arguments sit in the object store
         mapped = dataset.map_batches(
-            _Apply, fn_constructor_args=(work, setup), concurrency=(1, session.workers), **common
+            _Apply, fn_constructor_args=(work, setup), concurrency=(1, session.workers), max_restarts=0, **common
         )
     for block in mapped.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         for start in range(block.num_rows):

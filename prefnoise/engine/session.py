@@ -11,6 +11,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from prefnoise.options.engine import EngineOptions
 
 RAY_MISSING = "--engine ray needs Ray: pip install 'prefnoise[ray]'"
 LOCAL = "local"  # ray.init's address for "start a new local cluster" (ignores RAY_ADDRESS)
+# Whether Ray's Python loggers and warnings reach stderr. Off: a library's noise is not the user's to act on
+# (the CLI turns it on with --debug). Ray Data's progress bars stay off either way (prefnoise draws its own),
+# and so does the forwarding of the workers' output (it would land on the command's stdout).
+RAY_OUTPUT: ContextVar[bool] = ContextVar("ray_output", default=False)
 
 
 def require_ray() -> Any:
@@ -43,14 +48,29 @@ class RaySession:
 
 
 def _quiet_ray_data(ray: Any) -> None:
-    """Ray Data without progress bars and start-up lines on the console (stdout stays the command's)."""
+    """Ray Data without progress bars and start-up lines on the console (stdout stays the command's); its
+    loggers quiet unless :data:`RAY_OUTPUT`."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.preserve_order = True  # blocks come back in input order: outputs equal local
-    with contextlib.suppress(AttributeError):  # an attribute of recent Ray Data only
-        context.print_on_execution_start = False
-    for name in ("ray", "ray.data", "ray._private", "ray.data._internal"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("print_on_execution_start", "enable_operator_progress_bars"):
+        with contextlib.suppress(AttributeError):  # attributes of recent Ray Data only
+            setattr(context, name, False)
+    if not RAY_OUTPUT.get():
+        for name in ("ray", "ray.data", "ray._private", "ray.data._internal"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def quiet_ray_warnings() -> Iterator[None]:
+    """Ray's Python warnings (deprecations of its own settings, fewer blocks than workers) silenced in the
+    block, unless :data:`RAY_OUTPUT`. Deprecations too when Ray attributes them to its caller: only Ray's
+    calls run in these blocks, and Ray's import puts its deprecations in front of any earlier filter."""
+    with warnings.catch_warnings():
+        if not RAY_OUTPUT.get():
+            warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+        yield
 
 
 def _runtime_env() -> dict[str, Any]:
@@ -63,8 +83,10 @@ def _runtime_env() -> dict[str, Any]:
 
 def _init(ray: Any, options: EngineOptions) -> None:
     """Start a local Ray with ``options.workers`` CPUs, or join ``options.ray_address``, quietly."""
-    quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False,
-             "configure_logging": True}
+    # log_to_driver stays off even with RAY_OUTPUT: the workers' stdout would land on the command's stdout;
+    # their output stays in Ray's session logs (/tmp/ray/session_latest/logs)
+    quiet = {"include_dashboard": False, "logging_level": logging.INFO if RAY_OUTPUT.get() else logging.ERROR,
+             "log_to_driver": False, "configure_logging": True}
     try:
         if options.ray_address is None:
             ray.init(address=LOCAL, num_cpus=options.workers, runtime_env=_runtime_env(), **quiet)
@@ -83,13 +105,11 @@ def ray_session(options: EngineOptions) -> Iterator[RaySession]:
     and shut down (disconnected) at the end. Nothing is printed on stdout."""
     ray = require_ray()
     started = not ray.is_initialized()
-    with warnings.catch_warnings():  # Ray's deprecation notes about its own settings are not the user's
-        warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    with quiet_ray_warnings():
         if started:
             _init(ray, options)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+        with quiet_ray_warnings():
             _quiet_ray_data(ray)
         cpus = int(ray.cluster_resources().get("CPU", 1)) or 1
         workers = min(options.workers, cpus) if options.workers else cpus

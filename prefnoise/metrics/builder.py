@@ -37,6 +37,26 @@ Bucket = dict[str, np.ndarray] | pl.DataFrame  # one prompt bucket's fields
 MapBuckets = Callable[[Callable[[Any, Any], Any], Iterable[dict[str, np.ndarray]]], Iterable[Any]]
 
 
+def _first_skipped(batch: pl.DataFrame, before: int, sources: dict[str, str]) -> tuple[int, str, str] | None:
+    """(row, 1-based after ``before`` rows; its input column, by ``sources``; what it holds) of the batch's
+    first row with a null, or a NaN or infinite float; None when there is none."""
+    first: tuple[int, str, str] | None = None
+    for column, dtype in batch.schema.items():
+        values = batch[column]
+        bad = (values.is_null() | ~values.is_finite()) if dtype.is_float() else values.is_null()
+        hits = bad.arg_true()
+        if hits.len() and (first is None or before + int(hits[0]) + 1 < first[0]):
+            first = (before + int(hits[0]) + 1, sources.get(column, column), _held(values[int(hits[0])]))
+    return first
+
+
+def _held(value: Any) -> str:
+    """A skipped value as a message says it: null, nan, inf or -inf."""
+    if value is None:
+        return "a missing value (null)"
+    return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+
+
 def _map_here(work: Callable[[Any, Any], Any], buckets: Iterable[dict[str, np.ndarray]]) -> Iterator[Any]:
     """``work`` of each bucket in this process, in order (the local engine)."""
     for bucket in buckets:
@@ -100,11 +120,17 @@ class ReportBuilder:
         on_progress: Callable[[int], None] | None,
         map_buckets: MapBuckets | None = None,
         min_buckets: int = 1,
+        *,
+        name: str = "data",
+        sources: dict[str, str] | None = None,
     ) -> None:
         """``map_buckets(work, buckets)``: ``work(bucket, None)`` of each prompt bucket, in bucket order
         (default: here, one after another; an engine runs them on its workers); ``min_buckets``: cut the
-        table into at least that many prompt buckets (so an engine's workers each get some)."""
+        table into at least that many prompt buckets (so an engine's workers each get some). ``name``: the
+        input in messages; ``sources``: each projected column's column in the input (messages name it)."""
         self.map_buckets = map_buckets or _map_here
+        self.name, self.sources = name, sources or {}
+        self.first_skipped: tuple[int, str, str] | None = None  # (row, 1-based; column; what it holds)
         self.layout, self.has_true, self.worst, self.rows_expected = layout, has_true, worst, rows
         self.temp_dir, self.memory_responses = temp_dir, memory_responses
         self.responses_expected = rows * (2 if layout == "pairs" and has_true else 1)
@@ -146,6 +172,8 @@ class ReportBuilder:
         floats = [name for name, dtype in clean.schema.items() if dtype.is_float()]
         if floats:
             clean = clean.filter(finite_rows(*floats))
+        if clean.height < batch.height and self.first_skipped is None:
+            self.first_skipped = _first_skipped(batch, self.rows_read - batch.height, self.sources)
         self.dropped += batch.height - clean.height
         n = clean.height
         if n:
@@ -208,12 +236,21 @@ class ReportBuilder:
         )
         self.worst_frames.append(_worst(frame, self.worst))
 
+    def _nothing_to_compare(self) -> str:
+        """The one-line error of a table without a single usable row, naming the first skipped one."""
+        message = f"{self.name}: no rows with both a predicted and a reference reward to compare"
+        if self.first_skipped is None:
+            return f"{message} (the table has no rows)"
+        row, column, what = self.first_skipped
+        return (f"{message}: all {self.rows_read:,} rows were skipped, the first at row {row}, whose column "
+                f"{column!r} holds {what}; every reward must be a finite number")
+
     # -- passes 2 to 4 and the report
 
     def report(self, *, pred: str, true: str | None, n_boot: int, seed: int) -> RankReport:
         """Finish the passes over the buckets and assemble the report."""
         if self.clean_rows == 0:
-            raise PrefnoiseError("no rows with both a predicted and a reference reward to compare")
+            raise PrefnoiseError(self._nothing_to_compare())
         sizes = [len(coder.labels) for coder in self.coders]
         per_prompt = PromptTotals(sizes)
         global_stats: list[dict[str, np.ndarray]] | None = None

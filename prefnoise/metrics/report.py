@@ -13,7 +13,7 @@ from prefnoise.data import score_hint
 from prefnoise.errors import PrefnoiseError
 from prefnoise.metrics.agreement import agreements_from_cells, outcome_index, pair_cells
 from prefnoise.metrics.builder import MapBuckets, ReportBuilder
-from prefnoise.metrics.names import Frame
+from prefnoise.metrics.names import PRED_COL, TRUE_COL, Frame
 from prefnoise.metrics.rankstats import rank_stats, tau_b
 from prefnoise.metrics.results import Agreement, Preservation, RankReport
 from prefnoise.metrics.tables import (
@@ -90,6 +90,7 @@ def rank_report(
     on_progress: Callable[[int], None] | None = None,
     map_buckets: MapBuckets | None = None,
     min_buckets: int = 1,
+    name: str = "data",
 ) -> RankReport:
     """Every rank metric of ``data`` (pair or long table), overall and split by ``flipped`` (when
     present) and by each ``group_by`` column, plus the ``worst`` most wrongly ranked pairs.
@@ -98,7 +99,8 @@ def rank_report(
     at a time (larger tables spill to buckets under ``temp_dir``). ``on_progress`` receives
     percentage points of the work as they are done (100 in all). ``map_buckets`` and ``min_buckets``
     let an engine compute the prompt buckets' partial statistics on its workers (see
-    :class:`~prefnoise.metrics.builder.ReportBuilder`); the report is the same to 1e-12.
+    :class:`~prefnoise.metrics.builder.ReportBuilder`); the report is the same to 1e-12. ``name``: the input
+    in messages (a table without one usable row is a PrefnoiseError naming it and its first skipped row).
 
     ``true`` names the true reward; None means the default ``score``, and a pair table without
     ``chosen_score``/``rejected_score`` then falls back to the labels as the reference (the report's
@@ -119,7 +121,7 @@ def rank_report(
     rows = projected.select(pl.len()).collect().item()
     with ReportBuilder(
         layout, reference_true is not None, splits, worst, rows, memory_responses, temp_dir, on_progress,
-        map_buckets, min_buckets,
+        map_buckets, min_buckets, name=name, sources=_sources(layout, pred, reference_true),
     ) as builder:
         for batch in projected.collect_batches(chunk_size=_READ_ROWS):
             builder.add_rows(batch)
@@ -145,6 +147,14 @@ def _check_columns(schema: pl.Schema, layout: str, pred: str, true: str, splits:
             )
     if worst > 0 and C.PAIR_ID in names and schema[C.PAIR_ID].is_nested():
         raise PrefnoiseError(f"column 'pair_id' has type {schema[C.PAIR_ID]}; expected text or integer ids")
+
+
+def _sources(layout: str, pred: str, true: str | None) -> dict[str, str]:
+    """Each projected column's column in the input (for messages)."""
+    if layout != "pairs":
+        return {PRED_COL: pred, TRUE_COL: C.SCORE if true is None else true}
+    named = {"_pc": C.chosen(pred), "_pr": C.rejected(pred), "_id": C.PAIR_ID}
+    return named | ({"_tc": C.chosen(true), "_tr": C.rejected(true)} if true is not None else {})
 
 
 def _projection(

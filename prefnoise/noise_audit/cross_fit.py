@@ -139,26 +139,37 @@ def _check_folds(frame: pl.DataFrame, folds: int) -> None:
         raise PrefnoiseError(f"{frame.height} pairs are too few for {folds} folds; use fewer --folds")
 
 
-def given_margins(frame: pl.DataFrame, *, reward_col: str | None = None, margin_col: str | None = None) -> pl.DataFrame:
+def given_margins(
+    frame: pl.DataFrame, *, reward_col: str | None = None, margin_col: str | None = None, name: str = "data"
+) -> pl.DataFrame:
     """``frame`` with ``oof_margin`` from precomputed predictions: ``chosen_COL − rejected_COL`` for
-    ``reward_col`` COL, or the ``margin_col`` column (margin = reward(chosen) − reward(rejected))."""
+    ``reward_col`` COL, or the ``margin_col`` column (margin = reward(chosen) − reward(rejected)). A null,
+    NaN or infinite value is a PrefnoiseError naming ``name`` (the file), its row (1-based) and column."""
 
     if (reward_col is None) == (margin_col is None):
         raise PrefnoiseError("give exactly one of --reward-col and --margin-col")
     needed = [margin_col] if margin_col is not None else [C.chosen(reward_col), C.rejected(reward_col)]
-    missing = [name for name in needed if name not in frame.columns]
+    missing = [column for column in needed if column not in frame.columns]
     if missing:
-        raise PrefnoiseError(f"column {missing[0]!r} not found; the table has {C.name_list(frame.columns)}")
+        raise PrefnoiseError(f"{name}: column {missing[0]!r} not found; the table has {C.name_list(frame.columns)}")
     values = []
-    for name in needed:
+    for column in needed:
         try:
-            column = frame[name].cast(pl.Float64, strict=True)
+            numbers = frame[column].cast(pl.Float64, strict=True)
         except Exception:  # polars raises several types for a column that is not numeric
-            raise PrefnoiseError(f"column {name!r} must hold numbers, it is {frame[name].dtype}") from None
-        bad = (column.is_null() | ~column.is_finite()).arg_true()
+            raise PrefnoiseError(f"{name}: column {column!r} must hold numbers, it is {frame[column].dtype}") from None
+        bad = (numbers.is_null() | ~numbers.is_finite()).arg_true()
         if bad.len():
-            raise PrefnoiseError(f"column {name!r}, row {int(bad[0]) + 1}: missing or not a finite number")
-        values.append(column.to_numpy())
+            row = int(bad[0])
+            value = numbers[row]
+            what = "a missing value (null)" if value is None else "nan" if np.isnan(value) else \
+                "inf" if value > 0 else "-inf"
+            more = f", and {bad.len() - 1} more row(s)" if bad.len() > 1 else ""
+            raise PrefnoiseError(
+                f"{name}: column {column!r} has {what} at row {row + 1}{more}; a margin needs a finite number "
+                "in every row: fix those scores or leave their rows out"
+            )
+        values.append(numbers.to_numpy())
     margin = values[0] if margin_col is not None else values[0] - values[1]
     seen = ~unseen_mask(frame)
     if seen.any():

@@ -199,7 +199,7 @@ def _margin_evidence(
 
     note = None
     if options.given_margins:
-        scored = given_margins(frame, reward_col=options.reward_col, margin_col=options.margin_col)
+        scored = given_margins(frame, reward_col=options.reward_col, margin_col=options.margin_col, name=name)
         margins = scored[MARGIN].to_numpy()
         backend = "given predictions"
         parameters: dict[str, Any] = {"reward_col": options.reward_col, "margin_col": options.margin_col}
