@@ -74,3 +74,19 @@ def make_feature_pairs(n: int, dim: int = 8, seed: int = 0) -> pl.DataFrame:
     from prefnoise.experiments.features import linear_feature_pairs
 
     return linear_feature_pairs(n, dim, seed=seed)
+
+
+# The longest single tests go to the front of the queue: xdist hands tests out in collection order, and a
+# 100-second test collected last would leave one worker idle for its whole run at the end of the suite.
+FIRST = ("tests/test_readme_examples.py::test_readme_examples_match_a_fresh_run",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the longest tests first (the Ray group next: one worker runs all of it), the rest in file order."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.nodeid in FIRST:
+            return 0
+        return 1 if item.get_closest_marker("ray") is not None else 2
+
+    items.sort(key=rank)  # stable: file order within each rank

@@ -58,6 +58,11 @@ def test_comparison_masks_only_what_a_rerun_changes() -> None:
     assert not examples.same_output("95 flipped", "76 flipped")  # counts are exact
     assert examples.same_output("agreement 0.7600", "agreement 0.7601")  # one unit in the last place
     assert not examples.same_output("agreement 0.7600", "agreement 0.7620")
+    # a trained model's margins on another CPU: within 0.1 % of their value
+    assert examples.same_output("│ -20.9307 │ 0.9912 │", "│ -20.9315 │ 0.9912 │")
+    assert not examples.same_output("│ -20.9307 │", "│ -20.9557 │")  # 0.12 %
+    assert examples.same_output('{"bias": 0.23216115681881483}', '{"bias": 0.2321610798489469}')  # JSON reprs
+    assert not examples.same_output("rate 0.28", "rate 0.2800")  # printed precision is part of the output
 
 
 def test_status_of_a_failed_command_reaches_echo(tmp_path: Path) -> None:
