@@ -41,12 +41,13 @@ def synthetic_table(directory: Path, pairs: int) -> Path:
     return path
 
 
-def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+def timed(command: list[str], env: dict[str, str], cwd: str | None = None) -> tuple[float, float]:
     """Wall and CPU (user + system) seconds of ``command`` (a failure stops the benchmark with its stderr).
-    On a shared machine the CPU seconds move less with the load than the wall time."""
+    On a shared machine the CPU seconds move less with the load than the wall time. ``cwd``: where it runs
+    (``python -m`` imports the package of its working directory first, whatever PYTHONPATH says)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=cwd)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode not in (0, 4):  # 4: the flip rate undetermined (audit still ran every fold model)
@@ -73,7 +74,7 @@ def run_case(name: str, tag: str, data: Path, model: list[str], repeats: int, wo
         line = (f"  run {repeat + 1}: fit-reward {one_fit:.1f} s ({fit_cpu:.1f} s CPU), audit {full:.1f} s "
                 f"({full_cpu:.1f} s CPU), ratio {ratios[-1]:.2f} wall, {cpu_ratios[-1]:.2f} CPU")
         if before is not None:  # the same audit by the code in ``before`` (one fit per fold model)
-            earlier, earlier_cpu = timed(audit, {**env, "PYTHONPATH": before})
+            earlier, earlier_cpu = timed(audit, {**env, "PYTHONPATH": before}, cwd=before)
             old.append((earlier / one_fit, earlier_cpu / fit_cpu))
             line += f"; audit of {before}: {earlier:.1f} s ({earlier_cpu:.1f} s CPU), ratio {old[-1][0]:.2f} wall, " \
                     f"{old[-1][1]:.2f} CPU"

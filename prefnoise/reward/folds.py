@@ -64,7 +64,7 @@ class StackedMLP(nn.Module):
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             x = torch.baddbmm(bias, x, weight)
             if i < last:
-                x = torch.relu(x)
+                x = torch.relu_(x)  # in place: baddbmm's backward needs its inputs, not its output
         return clip_reward(x.squeeze(-1), self.output_clip)
 
     def member(self, k: int) -> FeatureMLP:
@@ -109,7 +109,8 @@ class StackedTask(RewardTask):
             members.append(FeatureMLP(sides[0].shape[1], config.hidden, config.layers, 0.0, config.output_clip))
         self.model = RewardModel(StackedMLP(members), {"backend": "stacked"})
         self.model.module.to(self.runtime.device)
-        self.sides = [side.to(self.runtime.device) for side in sides]
+        self.both = torch.cat([side.to(self.runtime.device) for side in sides])  # chosen rows, then rejected
+        self.sides = [self.both[: len(sides[0])], self.both[len(sides[0]) :]]
         self.train_rows, self.seeds = [np.asarray(r, dtype=np.int64) for r in train_rows], list(seeds)
         counts = {math.ceil(len(rows) / config.batch_size) for rows in self.train_rows}
         if len(counts) != 1 or min(len(rows) for rows in self.train_rows) == 0:
@@ -141,8 +142,10 @@ class StackedTask(RewardTask):
     def compute(self, table: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
         """(sum over members of each one's mean loss, the per-pair losses, the margins) of one step."""
         valid = torch.as_tensor(table >= 0, device=self.runtime.device)
-        rows = torch.as_tensor(np.where(table >= 0, table, 0), device=self.runtime.device)
-        x = torch.cat([self.sides[0][rows], self.sides[1][rows]], dim=1)
+        rows = np.where(table >= 0, table, 0)
+        both = torch.as_tensor(np.concatenate([rows, rows + len(self.sides[0])], axis=1), device=self.runtime.device)
+        # (F, 2B, in): each member's chosen rows, then its rejected rows, in one gather
+        x = torch.index_select(self.both, 0, both.reshape(-1)).view(*both.shape, self.both.shape[1])
         with self.runtime.autocast():
             rewards = self.net(x).float()
         chosen, rejected = rewards[:, : table.shape[1]], rewards[:, table.shape[1] :]

@@ -19,6 +19,9 @@ def first_nonfinite_parameter(module: torch.nn.Module) -> str | None:
         return None
     # under FSDP a parameter is a DTensor: this process checks its own shard
     local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]
+    sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in local]).cpu()
+    if bool(torch.isfinite(sums).all()):  # a NaN or ±inf entry makes its sum non-finite: none here
+        return None
     finite = torch.stack([torch.isfinite(p.detach()).all() for p in local]).cpu()
     if bool(finite.all()):
         return None

@@ -13,6 +13,7 @@ import torch
 from prefnoise.errors import PrefnoiseError
 from prefnoise.options.training import SCHEDULES
 from prefnoise.training.finite import first_nonfinite_parameter
+from prefnoise.training.memory import keep_freed_memory
 
 
 def learning_rate(step: int, total_steps: int, lr: float, schedule: str, warmup_steps: int) -> float:
@@ -112,6 +113,7 @@ class Trainer:
         self.accelerator = accelerator
         self.lr, self.schedule, self.warmup_steps, self.total_steps = lr, schedule, warmup_steps, total_steps
         self.max_grad_norm = max_grad_norm
+        keep_freed_memory()  # each step's tensors reuse the last step's pages
         optimizer = adamw(model, lr, weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.watch = DivergenceWatch(accelerator, fail)
