@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tests.ray_helpers import ray_cluster  # noqa: F401  (the session's one local Ray, for Ray tests)
+from tests.ray_helpers import mem_bucket, ray_cluster  # noqa: F401  (the session's one local Ray; mem://)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "pairs.parquet"

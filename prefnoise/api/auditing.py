@@ -11,7 +11,7 @@ from typing import Any
 import polars as pl
 
 from prefnoise import columns as C
-from prefnoise.api.engines import engine_of
+from prefnoise.api.engines import MODEL_STAYS_LOCAL, engine_of, engine_paths, name_input, refuse_uris
 from prefnoise.api.tables import (
     InputTable,
     ProgressBar,
@@ -73,20 +73,26 @@ def audit(
     undetermined (``result.estimate.identifiable`` False) the summary's rate is None with a reason, and
     ``fix`` ("drop" or "swap", with ``out``) refuses with a PrefnoiseError of exit code 4. ``engine="ray"``
     (``ray_address``, ``workers``: docs/distributed.md) runs the embedding stage (embed+mlp's encoder batches)
-    on Ray actors, with the same embeddings and so the same estimate. ``reuse_margins``: take the fold
-    models' margins of a previous audit of the same input when data and every option that shapes them match
-    (``summary["margins_note"]`` says whether they were reused, or why not).
+    on Ray actors, with the same embeddings and so the same estimate (``data`` and ``out`` may then be URIs).
+    ``reuse_margins``: take the fold models' margins of a previous audit of the same input when data and every
+    option that shapes them match (``summary["margins_note"]`` says whether they were reused, or why not).
     """
     options = build_options(AuditOptions, options, locals())
     engine_options = engine_of(engine, ray_address, workers)
-    _check_outputs(options, [path_of(data), options.votes], out, plot, overwrite)
-    started = time.time()  # the history entry's duration covers the folds, not only the writing
-    src = input_table(
-        data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
-    )
-    outcome = _run(src, options, drop_invalid, progress_bar or no_bar, engine_options, reuse_margins)
-    if out is not None:
-        _write_table(outcome, src, options, out, started, overwrite)
+    refuse_uris([("--votes", options.votes), ("--plot", plot)])
+    refuse_uris([("--model", options.model), ("--encoder", options.encoder)], MODEL_STAYS_LOCAL)
+    with engine_paths(engine_options, data, [out], overwrite=overwrite, flags=["--out"]) as (
+        local_data, (local_out,)
+    ):
+        _check_outputs(options, [path_of(local_data), options.votes], local_out, plot, overwrite)
+        started = time.time()  # the history entry's duration covers the folds, not only the writing
+        src = input_table(
+            local_data, gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
+        )
+        name_input(src, data)
+        outcome = _run(src, options, drop_invalid, progress_bar or no_bar, engine_options, reuse_margins)
+        if local_out is not None:
+            _write_table(outcome, src, options, local_out, started, overwrite)
     if plot is not None:
         margin_histogram(outcome.table["oof_margin"].to_numpy(), getattr(outcome.estimate, "mixture", None), plot)
     outcome.summary.update(input=src.name, output=output_name(out))

@@ -11,7 +11,7 @@ from typing import Any
 import polars as pl
 
 from prefnoise import columns as C
-from prefnoise.api.engines import engine_of
+from prefnoise.api.engines import MODEL_STAYS_LOCAL, engine_of, engine_paths, refuse_uris
 from prefnoise.api.scoring import score
 from prefnoise.api.tables import (
     ProgressBar,
@@ -76,29 +76,33 @@ def rank_check(
     true reward. With ``model``, ``data`` is scored first (:func:`score`; input options such as ``prompt_col``
     or ``drop_invalid`` then apply). Failed ``min_*`` gates go to ``result.failures``; ``plot`` writes a PNG.
     ``engine="ray"`` (``ray_address``, ``workers``: docs/distributed.md) runs the model's batches and the prompt
-    buckets' statistics on Ray; the numbers equal one process's to 1e-12.
+    buckets' statistics on Ray; the numbers equal one process's to 1e-12; ``data`` may then be a filesystem URI.
     """
 
     options = build_options(RankCheckOptions, options, locals())
     engine_options = engine_of(engine, ray_address, workers)
-    check_output_file(plot, inputs=[path_of(data)], overwrite=overwrite, flag="--plot", suffix=".png")
+    refuse_uris([("--plot", plot)])
+    refuse_uris([("--model", options.model)], MODEL_STAYS_LOCAL)
     label = str(data) if _is_path(data) else table_label(data)  # as given (the CLI's JSON keeps '-')
     sources = {"chosen_score_col": chosen_score_col, "rejected_score_col": rejected_score_col, "split": split,
                "config": config}
-    with _buckets_on(engine_options) as (map_buckets, min_buckets):
-        scoring = {**input_options, **({"drop_invalid": True} if drop_invalid else {})}
-        lazy = _rewards(data, options, sources, scoring, engine_options)
-        memory = DEFAULT_MEMORY_RESPONSES if options.memory_responses is None else options.memory_responses
-        with (progress_bar or no_bar)("rank-check %", 100) as advance:
-            report = rank_report(
-                lazy, pred=options.pred, true=options.true, group_by=list(options.group_by), n_boot=options.bootstrap,
-                seed=options.seed, worst=options.show_worst, layout="long" if options.long else "auto",
-                memory_responses=memory, temp_dir=options.temp_dir, on_progress=advance,
-                map_buckets=map_buckets, min_buckets=min_buckets, name=label,
-            )
-    gates = gate_results(report.overall, options.min_agreement, options.min_kendall, options.min_preservation)
-    if plot is not None:
-        _rank_plot(lazy, report, Path(plot), options.seed)
+    # a remote DATA is read from a private local copy, kept until the figure is drawn from it
+    with engine_paths(engine_options, data, [], overwrite=overwrite) as (local_data, _):
+        check_output_file(plot, inputs=[path_of(local_data)], overwrite=overwrite, flag="--plot", suffix=".png")
+        with _buckets_on(engine_options) as (map_buckets, min_buckets):
+            scoring = {**input_options, **({"drop_invalid": True} if drop_invalid else {})}
+            lazy = _rewards(local_data, options, sources, scoring, engine_options)
+            memory = DEFAULT_MEMORY_RESPONSES if options.memory_responses is None else options.memory_responses
+            with (progress_bar or no_bar)("rank-check %", 100) as advance:
+                report = rank_report(
+                    lazy, pred=options.pred, true=options.true, group_by=list(options.group_by),
+                    n_boot=options.bootstrap, seed=options.seed, worst=options.show_worst,
+                    layout="long" if options.long else "auto", memory_responses=memory, temp_dir=options.temp_dir,
+                    on_progress=advance, map_buckets=map_buckets, min_buckets=min_buckets, name=label,
+                )
+        gates = gate_results(report.overall, options.min_agreement, options.min_kendall, options.min_preservation)
+        if plot is not None:
+            _rank_plot(lazy, report, Path(plot), options.seed)
     return RankCheckResult(report, {"input": label, **report.to_dict(), "gates": gates})
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import polars as pl
 
 from prefnoise import columns as C
-from prefnoise.api.engines import engine_of
+from prefnoise.api.engines import MODEL_STAYS_LOCAL, engine_of, engine_paths, name_input, refuse_uris
 from prefnoise.api.fitting import FitRewardResult
 from prefnoise.api.tables import (
     STDIO,
@@ -88,24 +88,28 @@ def score(
     (``in_training``/``in_validation``); ``summary`` is ``score --json``'s (agreement, held out where known).
     ``engine="ray"`` (``ray_address``, ``workers``: docs/distributed.md) runs the network batches on Ray actors
     (encoder batches of embed+mlp, eval batches of a transformer); the output equals the one-process run's
-    byte for byte.
+    byte for byte. ``data`` and ``out`` may then be filesystem URIs (``model`` stays local).
     """
 
     options = build_options(ScoreOptions, options, locals())
     engine_options = engine_of(engine, ray_address, workers)
-    if out is not None:
-        model_input = str(model) if isinstance(model, str | Path) else None
-        check_output_file(out, inputs=[model_input, path_of(data)], overwrite=overwrite)
+    refuse_uris([("MODEL", model if isinstance(model, str | Path) else None)], MODEL_STAYS_LOCAL)
     started = time.perf_counter()
-    reward_model, splits, model_name = _reward_model(model, options.cache_dir)
-    inputs = gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
-    frame, history, entry = _scoring_input(data, options, model_name, inputs)
-    with _remote_forward(engine_options, model, reward_model, options):
-        on_driver = replace(options, device="cpu") if engine_options.distributed else options
-        scored = _scored(reward_model, frame, on_driver, drop_invalid, table_label(data), model_name, progress_bar)
-    if splits is not None and not options.responses:
-        scored = mark_seen(scored, splits)  # in_training / in_validation travel on to rank-check --group-by
-    rows = write_table(scored, out, entry=entry, history=history, overwrite=overwrite) if out else scored.height
+    with engine_paths(engine_options, data, [out], overwrite=overwrite) as (local_data, (local_out,)):
+        if local_out is not None:
+            model_input = str(model) if isinstance(model, str | Path) else None
+            check_output_file(local_out, inputs=[model_input, path_of(local_data)], overwrite=overwrite)
+        reward_model, splits, model_name = _reward_model(model, options.cache_dir)
+        inputs = gather_input_options(prompt_col, chosen_col, rejected_col, layout, drop_invalid, input_options)
+        frame, history, entry = _scoring_input(local_data, options, model_name, inputs, name=data)
+        with _remote_forward(engine_options, model, reward_model, options):
+            on_driver = replace(options, device="cpu") if engine_options.distributed else options
+            scored = _scored(reward_model, frame, on_driver, drop_invalid, table_label(data), model_name,
+                             progress_bar)
+        if splits is not None and not options.responses:
+            scored = mark_seen(scored, splits)  # in_training / in_validation travel on to rank-check --group-by
+        rows = (write_table(scored, local_out, entry=entry, history=history, overwrite=overwrite) if local_out
+                else scored.height)
     summary = _summary(table_label(data), reward_model, scored, model_name, rows, out, options.responses, started)
     summary.update({} if options.responses else agreement_summary(scored))
     return _with_truncation(ScoreResult(scored, reward_model, summary))
@@ -126,8 +130,9 @@ def _remote_forward(engine: EngineOptions, model: Any, reward_model: Any, option
             reward_model.remote = None
 
 
-def _scoring_input(data: Table, options: ScoreOptions, model_name: str, inputs: dict[str, Any]) -> tuple:
-    """(frame, its provenance history, the new history entry) of the table to score."""
+def _scoring_input(data: Table, options: ScoreOptions, model_name: str, inputs: dict[str, Any], name: Any) -> tuple:
+    """(frame, its provenance history, the new history entry) of the table to score (``data``: its local
+    copy when ``name`` is a remote URI)."""
 
     parameters = {"model": model_name, "responses": options.responses, "batch_size": options.batch_size}
     if options.responses:
@@ -136,6 +141,7 @@ def _scoring_input(data: Table, options: ScoreOptions, model_name: str, inputs: 
         history = read_history(path) if path and path != STDIO and Path(path).suffix == ".parquet" else []
         return frame, history, new_history_entry("score", parameters)
     src = input_table(data, inputs)
+    name_input(src, name)
     return src.collect(), src.history, new_history_entry("score", parameters, source=src.source)
 
 

@@ -57,7 +57,9 @@ def split(
     options = build_options(SplitOptions, options, locals())
     engine_options = engine_of(engine, ray_address, workers)
     outs = [train_out, test_out]
-    with engine_paths(engine_options, data, outs, overwrite=overwrite) as (local_data, (local_train, local_test)):
+    with engine_paths(engine_options, data, outs, overwrite=overwrite, flags=("TRAIN", "TEST")) as (
+        local_data, (local_train, local_test)
+    ):
         _check_outputs(local_data, local_train, local_test, overwrite)
         src = input_table(
             local_data,

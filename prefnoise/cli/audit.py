@@ -9,7 +9,6 @@ nothing fixed).
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -126,7 +125,7 @@ BootstrapOption = Annotated[int, typer.Option("--bootstrap", help="Bootstrap res
 ShowSuspectsOption = Annotated[int, typer.Option("--show-suspects", help="How many of the most suspect pairs to list.")]
 ShowTextOption = Annotated[bool, typer.Option("--show-text", help="Include prompt and responses of the listed pairs.")]
 PlotOption = Annotated[
-    Path | None, typer.Option("--plot", help="Histogram of out-of-fold margins with the fitted mixture (PNG).")
+    str | None, typer.Option("--plot", help="Histogram of out-of-fold margins with the fitted mixture (PNG).")
 ]
 FixOption = Annotated[str | None, typer.Option("--fix", help="With --out: 'drop' suspects or 'swap' them back.")]
 ThresholdOption = Annotated[float, typer.Option("--threshold", help="--fix acts on pairs with suspicion above this.")]

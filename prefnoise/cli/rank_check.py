@@ -57,7 +57,7 @@ LongOption = Annotated[bool, typer.Option("--long", help="Treat DATA as a long t
 GroupByOption = Annotated[list[str] | None, typer.Option("--group-by", help="Also split the report by this column.")]
 BootstrapOption = Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% interval.")]
 ShowWorstOption = Annotated[int, typer.Option("--show-worst", help="List the K most wrongly ranked pairs.")]
-PlotOption = Annotated[Path | None, typer.Option("--plot", help="Write a PNG figure here.")]
+PlotOption = Annotated[str | None, typer.Option("--plot", help="Write a PNG figure here.")]
 MinAgreementOption = Annotated[float | None, typer.Option("--min-agreement", help="Fail (exit 1) below this.")]
 MinKendallOption = Annotated[float | None, typer.Option("--min-kendall", help="Fail (exit 1) below this.")]
 MinPreservationOption = Annotated[float | None, typer.Option("--min-preservation", help="Fail (exit 1) below this.")]

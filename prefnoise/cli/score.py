@@ -68,7 +68,7 @@ register_engine("score")
 @cli_errors
 def score_command(
     model_dir: Annotated[
-        Path,
+        str,
         typer.Argument(
             metavar="MODEL",
             help="Directory written by `prefnoise fit-reward`, or a sequence-classification reward model "

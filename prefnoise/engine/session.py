@@ -73,12 +73,15 @@ def quiet_ray_warnings() -> Iterator[None]:
         yield
 
 
-def _runtime_env() -> dict[str, Any]:
-    """Workers import prefnoise as the driver does: this package's parent directory on their path."""
-    root = str(Path(__file__).resolve().parents[2])
+def _runtime_env() -> dict[str, Any] | None:
+    """Workers import prefnoise as the driver does: the driver's PYTHONPATH, led by this package's parent
+    directory when prefnoise runs from a source tree (an installed prefnoise is each node's own install: a
+    site-packages directory on their path could shadow the packages of another node's environment)."""
+    root = Path(__file__).resolve().parents[2]
+    installed = root.name in ("site-packages", "dist-packages")
     path = os.environ.get("PYTHONPATH", "")
-    parts = [root, *[p for p in path.split(os.pathsep) if p and p != root]]
-    return {"env_vars": {"PYTHONPATH": os.pathsep.join(parts)}}
+    parts = [*([] if installed else [str(root)]), *[p for p in path.split(os.pathsep) if p and p != str(root)]]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(parts)}} if parts else None
 
 
 def _init(ray: Any, options: EngineOptions) -> None:
@@ -90,8 +93,8 @@ def _init(ray: Any, options: EngineOptions) -> None:
     try:
         if options.ray_address is None:
             ray.init(address=LOCAL, num_cpus=options.workers, runtime_env=_runtime_env(), **quiet)
-        else:
-            ray.init(address=options.ray_address, **quiet)
+        else:  # a joined cluster's workers too: the driver's code where its nodes can reach it
+            ray.init(address=options.ray_address, runtime_env=_runtime_env(), **quiet)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = options.ray_address or "a local cluster"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
