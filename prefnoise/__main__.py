@@ -25,6 +25,15 @@ def stop_at_startup(signum: int, frame: Any) -> None:
     raise SystemExit(EXIT_SIGNAL_BASE + signum)
 
 
+def ignore_stop_signals_while_exiting() -> None:
+    """Once the command has ended, its outputs are complete (or removed) and its exit code is set: a stop
+    signal while the interpreter exits (atexit cleanup, then a second or more unloading torch) is ignored.
+    Otherwise Python, which puts the default handlers back as it finalizes, ends the process raw (-2/-15) and
+    the code is lost, or the startup handler prints "no output was written" after the outputs were written."""
+    for sig in STARTUP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # SIG_IGN survives finalization; a Python handler does not
+
+
 def run() -> None:
     """Refuse in one line an address-space limit (ulimit -v) too small to load the libraries; run the CLI."""
     os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # before anything imports torch
@@ -42,6 +51,8 @@ def run() -> None:
     except KeyboardInterrupt:  # Ctrl-C outside a command (parsing the options): nothing was written
         sys.stderr.write("Interrupted; no output was written.\n")
         sys.exit(EXIT_SIGNAL_BASE + signal.SIGINT)
+    finally:
+        ignore_stop_signals_while_exiting()
 
 
 if __name__ == "__main__":

@@ -90,6 +90,15 @@ def test_split_names_test_not_out_when_test_is_the_input(tmp_path):
     assert "OUT" not in line
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``sig`` (Linux: the SigCgt mask of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc/PID/status")
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_while_the_libraries_load_exits_with_its_code_and_one_line(tmp_path, sig, code):
     # before, the CLI's handlers were not installed yet: SIGTERM killed the process raw (-15) and Ctrl-C
@@ -99,12 +108,42 @@ def test_a_signal_while_the_libraries_load_exits_with_its_code_and_one_line(tmp_
     out = tmp_path / "o.parquet"
     proc = subprocess.Popen([sys.executable, "-m", "prefnoise", "corrupt", str(src), str(out), "--rate", "0.1"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(0.25)  # importing polars, pyarrow and the CLI takes a second or more
+    # prefnoise/__main__ has installed its startup handlers (SIGHUP's is the last): importing polars, pyarrow
+    # and the CLI takes a second or more from here. (A fixed 0.25 s came before Python had even imported
+    # `site` at load 6: the signal then ends the interpreter, before any prefnoise code; not this test's case.)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not _catches(proc.pid, signal.SIGHUP) and time.monotonic() < deadline:
+        time.sleep(0.005)
     proc.send_signal(sig)
     err = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == code, err
     assert "Traceback" not in err and err.count("\n") == 1 and "no output was written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.csv"]
+
+
+# The command is done (a stand-in for prefnoise.cli, so no library loads); then a stop signal arrives in an
+# atexit handler (Python handlers still active) or as __main__'s globals are freed (after Python put the
+# default handlers back).
+_SIGNAL_WHILE_EXITING = """
+import atexit, os, signal, sys, types
+sys.modules["prefnoise.cli"] = types.SimpleNamespace(main=lambda: sys.exit(int(sys.argv[2])))
+from prefnoise.__main__ import run
+class Late:
+    def __del__(self, kill=os.kill, pid=os.getpid(), sig=int(sys.argv[1])):
+        kill(pid, sig)
+late = Late()
+atexit.register(os.kill, os.getpid(), int(sys.argv[1]))
+run()
+"""
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 0), (signal.SIGTERM, 1), (signal.SIGHUP, 2)])
+def test_a_signal_after_the_command_ended_keeps_its_exit_code(sig, code):
+    # the sweep's fit-reward/audit/score at 2-9 s: the outputs were complete, then SIGINT/SIGTERM in the
+    # second or more the interpreter takes to exit (unloading torch) ended the process raw, -2/-15, silently
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_EXITING, str(int(sig)), str(code)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (code, "")
 
 
 def test_a_working_directory_that_is_not_utf8_is_one_line_not_an_internal_error(tmp_path, monkeypatch):
@@ -148,3 +187,37 @@ def test_a_config_name_before_the_command_is_refused_not_ignored(tmp_path, value
         f"Error: --config {value!r} before the command takes a .yaml/.yml options file; a hub dataset's config "
         "name goes after the command (prefnoise COMMAND DATA --config NAME)"
     )
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_never_replaces_a_finished_run_it_cannot_continue(tmp_path):
+    from tests.cli_helpers import assert_one_line_error, invoke
+
+    # before, fit-reward --resume on a run without checkpoints trained anew and replaced the finished model
+    src, out = ROOT / "sample_data" / "pairs.parquet", tmp_path / "rm"
+    fit = ("fit-reward", src, "--out", out, "--epochs", "1", "--hidden", "4")
+    assert invoke(*fit).exit_code == 0
+    before = _tree(out)
+    assert_one_line_error(invoke(*fit, "--resume"), f"--resume: --out {out} holds an earlier `prefnoise fit-reward` "
+                          "run with no checkpoint to continue", "pass --overwrite to replace it")
+    assert _tree(out) == before
+    fresh = invoke("fit-reward", src, "--out", tmp_path / "new", "--epochs", "1", "--hidden", "4", "--resume")
+    assert fresh.exit_code == 0 and (tmp_path / "new" / "model.safetensors").is_file()  # nothing to lose: a new run
+
+
+def test_check_resumable_accepts_a_run_with_a_checkpoint_and_a_new_directory(tmp_path):
+    from prefnoise.errors import PrefnoiseError
+    from prefnoise.training.runs import TRAINER_STATE, check_resumable
+
+    check_resumable(tmp_path / "missing", "missing", "align")
+    check_resumable(tmp_path, "empty", "align")
+    with pytest.raises(PrefnoiseError, match=r"earlier `prefnoise align` run with no checkpoint to continue"):
+        check_resumable(tmp_path, "ours", "align")
+    (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)
+    with pytest.raises(PrefnoiseError):  # a checkpoint half written (no trainer state) is none
+        check_resumable(tmp_path, "ours", "align")
+    (tmp_path / "checkpoints" / "step-2" / TRAINER_STATE).write_text("{}")
+    check_resumable(tmp_path, "ours", "align")

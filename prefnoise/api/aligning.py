@@ -58,6 +58,10 @@ def align(data: Table, *, model: str, out: str | Path | None = None, options: Al
     state = None
     if out and not dry_run:
         state = check_output_dir(out, command="align", inputs=[source, model], overwrite=overwrite, resume=cfg.resume)
+        if cfg.resume:
+            from prefnoise.training.runs import check_resumable  # heavy: prefnoise.training loads torch
+
+            check_resumable(out, state, "align")
     src = input_table(data, input_options)
     frame, name = src.collect(), source if source is not None else src.name
     if dry_run:

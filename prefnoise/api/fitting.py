@@ -52,7 +52,11 @@ def fit_reward(data: Table, out: str | Path | None = None, *, options: FitReward
     config = options or FitRewardConfig(drop_invalid=input_options.get("drop_invalid", False), **fit_options)
     if out is not None:
         inputs = [path_of(data), config.model, config.encoder, config.cache_dir]
-        check_output_dir(out, command="fit-reward", inputs=inputs, overwrite=overwrite, resume=config.resume)
+        state = check_output_dir(out, command="fit-reward", inputs=inputs, overwrite=overwrite, resume=config.resume)
+        if config.resume and not overwrite:  # both: continue a checkpoint if there is one, else replace
+            from prefnoise.training.runs import check_resumable  # heavy: prefnoise.training loads torch
+
+            check_resumable(out, state, "fit-reward")
     src = input_table(data, {**input_options, "drop_invalid": config.drop_invalid})
     frame = src.collect()
     backend, model_path = backend_of(config.model, C.chosen(C.FEATURES) in frame.columns)

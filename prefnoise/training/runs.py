@@ -49,6 +49,16 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+def check_resumable(out: str | Path, state: str, command: str) -> None:
+    """PrefnoiseError when ``--resume`` would replace the earlier ``command`` run in ``out`` (``state`` 'ours')
+    because it left no checkpoint to continue: only --overwrite replaces a run. A new or empty ``out`` starts
+    a new run (an interruption before the first checkpoint leaves nothing to continue)."""
+    if state == "ours" and latest_checkpoint(Path(out) / CHECKPOINTS_DIR) is None:
+        raise PrefnoiseError(f"--resume: --out {out} holds an earlier `prefnoise {command}` run with no checkpoint "
+                             "to continue (--save-every N writes them); pass --overwrite to replace it, or give a "
+                             "new directory")
+
+
 def save_checkpoint(accelerator, checkpoints: Path, step: int, state: dict[str, Any],
                     extra: Callable[[Path], None] | None = None) -> Path:
     """Save model, optimizer and every process's RNG state at ``step``, with ``state`` (options,
