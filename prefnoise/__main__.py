@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, NoReturn
 
 from prefnoise.resources import address_space_problem
 
@@ -48,11 +51,34 @@ def run() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # commands catch Ctrl-C as KeyboardInterrupt
     try:
         main()
+        code: Any = 0
     except KeyboardInterrupt:  # Ctrl-C outside a command (parsing the options): nothing was written
         sys.stderr.write("Interrupted; no output was written.\n")
-        sys.exit(EXIT_SIGNAL_BASE + signal.SIGINT)
+        code = EXIT_SIGNAL_BASE + signal.SIGINT
+    except SystemExit as stop:
+        code = stop.code
     finally:
         ignore_stop_signals_while_exiting()
+    end_process(code)
+
+
+def end_process(code: Any) -> NoReturn:
+    """End the process with exit status ``code`` (as ``sys.exit`` reads it) once the command is over: other
+    Python threads joined and the atexit handlers run (prefnoise's locks and temporary files, the libraries'
+    own), the standard streams flushed, then no interpreter teardown. Unloading torch and the other
+    libraries module by module takes seconds, and a library's own thread that calls into the finalizing
+    interpreter aborts the process (pyarrow's JSON read-ahead after a parse error: SIGABRT, exit -6)."""
+    if code is not None and not isinstance(code, int):
+        sys.stderr.write(f"{code}\n")
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()  # as the interpreter would before its atexit handlers
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -221,3 +221,28 @@ def test_check_resumable_accepts_a_run_with_a_checkpoint_and_a_new_directory(tmp
         check_resumable(tmp_path, "ours", "align")
     (tmp_path / "checkpoints" / "step-2" / TRAINER_STATE).write_text("{}")
     check_resumable(tmp_path, "ours", "align")
+
+
+_EXIT_AFTER_THE_COMMAND = """
+import atexit, sys, threading, time, types
+code = int(sys.argv[1]) if sys.argv[1].isdigit() else sys.argv[1]
+sys.modules["prefnoise.cli"] = types.SimpleNamespace(main=lambda: sys.exit(code))
+from prefnoise.__main__ import run
+def late_writer():
+    time.sleep(0.3)
+    print("thread done", flush=True)
+threading.Thread(target=late_writer).start()
+atexit.register(print, "atexit ran")
+sys.stdout.write("buffered, not flushed")
+run()
+"""
+
+
+@pytest.mark.parametrize(("code", "status", "stderr"), [("0", 0, ""), ("3", 3, ""), ("bad", 1, "bad\n")])
+def test_the_process_ends_after_its_threads_and_atexit_handlers_with_the_commands_code(code, status, stderr):
+    # end_process skips the interpreter's teardown (seconds of unloading torch; pyarrow's read-ahead thread
+    # calling into it aborted the process), but not what a normal exit does first
+    done = subprocess.run([sys.executable, "-c", _EXIT_AFTER_THE_COMMAND, code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (status, stderr)
+    assert done.stdout == "buffered, not flushedthread done\natexit ran\n"

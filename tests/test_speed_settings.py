@@ -58,6 +58,8 @@ def test_the_cli_lets_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
     import prefnoise.cli
 
     monkeypatch.setattr(prefnoise.cli, "main", lambda: None)
+    ended = []
+    monkeypatch.setattr(entry, "end_process", ended.append)  # the real one ends the process (os._exit)
     handlers = {sig: signal.getsignal(sig) for sig in (*entry.STARTUP_SIGNALS, signal.SIGINT)}
     try:
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
@@ -66,6 +68,7 @@ def test_the_cli_lets_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
         monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
         entry.run()
         assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+        assert ended == [0, 0]
     finally:  # run() installs its own signal handlers: the test process gets its own back
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
