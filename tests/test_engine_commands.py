@@ -336,7 +336,7 @@ def _free_port() -> int:
 
 
 @ray_test
-@pytest.mark.slow
+@pytest.mark.fresh_ray  # its own Ray cluster (20-40 s): `pytest -m fresh_ray`, not in the default run
 def test_ray_address_joins_a_running_cluster_and_its_workers_run_this_checkout(tmp_path):
     """A head node started with the ray CLI (its own port and temp dir); a driver in a subprocess (not this
     process's Ray) joins it by --ray-address. The head's environment lacks PYTHONPATH: the workers import

@@ -121,7 +121,7 @@ def test_score_transformer_on_ray_equals_local_byte_for_byte(ray_cluster, gpt2_m
 
 
 @ray_test
-@pytest.mark.slow
+@pytest.mark.fresh_ray  # its own Ray cluster (20-40 s): `pytest -m fresh_ray`, not in the default run
 def test_cli_runs_on_ray_print_only_prefnoises_own_lines_on_stderr(gpt2_model, tmp_path):
     """The command starts its own Ray here (a fresh process, as a user's): Ray's log lines, warnings and
     progress bars stay off stderr (in a pipe, prefnoise draws no bar either), and the run's report is stdout's.
