@@ -285,11 +285,8 @@ _SHOWN = 5
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _walk(directory: Path, unreadable: list[str] | None = None) -> Iterable[tuple[str, Path]]:
