@@ -45,6 +45,7 @@ WORDS = np.array(
 def make_dataset(path: Path, rows: int, *, with_ids: bool, seed: int = 0) -> None:
     """Write ``rows`` pairs with ~1 KB of pseudo-text per row, in 64k-row groups."""
     rng = np.random.default_rng(seed)
+    partial = path.with_name(path.name + ".partial")  # renamed once complete: a killed run leaves nothing to reuse
     writer = None
     chunk = 65_536
     for start in range(0, rows, chunk):
@@ -62,9 +63,10 @@ def make_dataset(path: Path, rows: int, *, with_ids: bool, seed: int = 0) -> Non
             data = {"pair_id": [f"{i:016x}" for i in range(start, start + n)], **data}
         table = pa.table(data)
         if writer is None:
-            writer = pq.ParquetWriter(path, table.schema, compression="zstd")
+            writer = pq.ParquetWriter(partial, table.schema, compression="zstd")
         writer.write_table(table)
     writer.close()
+    partial.replace(path)
 
 
 def run_variant(variant: str, source: Path, out: Path) -> None:
@@ -76,10 +78,12 @@ def run_variant(variant: str, source: Path, out: Path) -> None:
         from prefnoise.cli import app
 
         try:
-            app(["corrupt", str(source), str(out), "--rate", "0.2", "--seed", "1", "--json"], standalone_mode=False)
+            code = app(["corrupt", str(source), str(out), "--rate", "0.2", "--seed", "1", "--json"],
+                       standalone_mode=False)
         except SystemExit as stop:
-            if stop.code:
-                raise
+            code = stop.code
+        if code:  # a failed run must not be timed as a fast one
+            raise SystemExit(f"prefnoise corrupt {source} exited {code}")
     elif variant == "datasets-map":
         import random
 

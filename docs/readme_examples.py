@@ -30,6 +30,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,12 +247,15 @@ def check(write: bool = False, verbose: bool = True, long: bool = True, root: Pa
                     continue
                 if block.flag == "long" and not long:
                     continue
+                started = time.perf_counter()
                 if block.flag == "setup-output":
                     produced = ["\n".join(setup_outputs[1:])]
                 else:
                     produced = run_commands(block.commands, work, env)
                 if verbose:
-                    print(f"{name} line {block.start + 1}: {len(block.commands) or 1} command(s)", file=sys.stderr)
+                    seconds = time.perf_counter() - started
+                    print(f"{name} line {block.start + 1}: {len(block.commands) or 1} command(s), {seconds:.1f} s",
+                          file=sys.stderr)
                 for index, (shown, new) in enumerate(zip(block.outputs, produced)):
                     if same_output(normalise(shown), normalise(new, work)):
                         continue

@@ -95,7 +95,7 @@ def stackable(config: FitRewardConfig) -> str | None:
 
 class StackedTask(RewardTask):
     """The reward task over a stack: each optimizer step takes one batch per member (a (F, B) table of
-    row indices, −1 where a member's last batch of the epoch is shorter)."""
+    row indices, B the longest member's batch, −1 where a member's batch is shorter)."""
 
     def __init__(self, config: FitRewardConfig, sides: Sequence[Tensor], train_rows: Sequence[np.ndarray],
                  seeds: Sequence[int], run: Run) -> None:
@@ -133,9 +133,10 @@ class StackedTask(RewardTask):
             self.net.train()
             self.total, self.count = 0.0, 0
             for k in range(spe):
-                table = np.full((len(orders), size), -1, dtype=np.int64)
-                for member, order in enumerate(orders):
-                    part = order[k * size : (k + 1) * size]
+                parts = [order[k * size : (k + 1) * size] for order in orders]
+                # as wide as the longest member's batch: an epoch's short last batch is not padded to full size
+                table = np.full((len(parts), max(len(part) for part in parts)), -1, dtype=np.int64)
+                for member, part in enumerate(parts):
                     table[member, : len(part)] = part
                 yield Step((epoch - 1) * spe + k, [table], [1.0])
 
