@@ -59,12 +59,14 @@ def test_split_errors():
 
 # --- acceptance: symmetric losses survive label noise --------------------------------------------
 # The setting at a CI-sized scale: 8k pairs of 16-d vectors with a random linear true
-# reward, 40 epochs. bench/reward_robustness.py runs the full 20k pairs (table in bench/RESULTS.md).
+# reward, 20 epochs. bench/reward_robustness.py runs the full 20k pairs (table in bench/RESULTS.md).
+# Means over the 3 seeds here: symmetric 40%: sigmoid 0.904, ramp 0.888, logistic 0.708; asymmetric
+# 30%/10%: 0.972, 0.971, 0.906 (at 40 epochs, twice the time: 0.883, 0.872, 0.645 and 0.966, 0.968, 0.844).
 NOISES = {
     "symmetric 40%": dict(kind="symmetric", rate=0.4),
     "asymmetric 30%/10%": dict(kind="asymmetric", rate_pos=0.3, rate_neg=0.1, by="column:first_better"),
 }
-ACCEPTANCE = dict(epochs=40, hidden=128, val_fraction=0.25, device="cpu")
+ACCEPTANCE = dict(epochs=20, hidden=128, val_fraction=0.25, device="cpu")
 
 
 @pytest.mark.slow
