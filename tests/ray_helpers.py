@@ -7,6 +7,7 @@ started once. Without ray[data] installed the fixture skips the test.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from prefnoise.errors import PrefnoiseError
 
 RAY_CPUS = 2
+IDLE_WORKER_KEPT_MS = 3_600_000  # the test cluster's idle workers live an hour (Ray's default: a second)
 
 
 def ray_test(function):
@@ -37,7 +39,13 @@ def ray_cluster():
     from prefnoise.engine import ray_session  # ray: loaded only when a Ray test runs
     from prefnoise.options import EngineOptions  # beside the session it configures
 
-    with ray_session(EngineOptions(engine="ray", workers=RAY_CPUS)) as session:
+    # Ray kills an idle worker after a second once it holds more processes than CPUs: while a test's actors
+    # (a model each) are alive, so every test after one would boot new task workers (seconds each on 2
+    # cores); the test cluster keeps them (the raylet reads RAY_* settings from its environment at start)
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as env:  # only while the cluster starts: later subprocesses lack it
+            env.setenv("RAY_idle_worker_killing_time_threshold_ms", str(IDLE_WORKER_KEPT_MS))
+            session = stack.enter_context(ray_session(EngineOptions(engine="ray", workers=RAY_CPUS)))
         yield session
 
 
