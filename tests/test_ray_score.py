@@ -94,13 +94,25 @@ def _score_both(model: Path, data: Path, tmp_path: Path, suffix: str, *extra: st
 
 
 @ray_test
-def test_score_embed_mlp_on_ray_equals_local_byte_for_byte(ray_cluster, minilm_model, tmp_path, mem_bucket):
+def test_score_embed_mlp_on_ray_equals_local_byte_for_byte(ray_cluster, minilm_model, tmp_path, mem_bucket,
+                                                           monkeypatch):
+    from prefnoise.reward import remote
+
+    passes = []  # Ray Data executions of model actors: each starts the actors, which load the encoder
+
+    def counted(*args, **kwargs):
+        passes.append(args[2])
+        return map_blocks(*args, **kwargs)
+
+    map_blocks = remote.map_blocks
+    monkeypatch.setattr(remote, "map_blocks", counted)
     data = tmp_path / "pairs.parquet"
     _real_rows(30).write_parquet(data)  # 60 real responses, most longer than max_length 64: one encoder batch
     # one actor: MiniLM loads in seconds per actor; several actors' order is the engine tests' and the GPT-2 test's.
     # The Ray run reads a file:// URI and writes a remote one (a private local file, uploaded and moved)
     ray_paths = (data.as_uri(), "mem://out/scored.jsonl", mem_bucket / "out" / "scored.jsonl")
     local, ray = _score_both(minilm_model, data, tmp_path, ".jsonl", workers="1", ray_paths=ray_paths)
+    assert passes == [remote._Worker]  # both sides' encoder batches in one pass (one per side before)
     assert local == ray
     assert local["rows"] == 30 and local["truncated_sequences"] > 30  # the truncation counts are the same
     assert sorted(p.name for p in (mem_bucket / "out").iterdir()) == ["scored.jsonl"]  # no temporary left
