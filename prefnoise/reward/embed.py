@@ -135,7 +135,8 @@ class Encoder:
         ``on_progress(k)`` advances by the texts the encoder has just run on (cached texts are not
         counted; :meth:`missing` gives the total beforehand).
         """
-        _check_inputs(inputs)
+        if inputs not in EMBED_INPUTS:
+            raise PrefnoiseError(f"unknown encoder input {inputs!r}; use {' or '.join(EMBED_INPUTS)}")
         pool_states(torch.zeros(1, 1, 1), torch.ones(1, 1), pooling)  # validates pooling
         prompts = _inputs_prompts(prompts, inputs)
         caches = {p: self.cache(inputs, p) for p in POOLINGS}
@@ -145,76 +146,32 @@ class Encoder:
         for i in np.flatnonzero(~caches[pooling].fill(keys, out)):
             rows_of.setdefault(keys[i], []).append(int(i))
         if rows_of:
-
-            def place(batch_keys: list[str], pooled: dict[str, np.ndarray]) -> None:
-                for key, vector in zip(batch_keys, pooled[pooling], strict=True):
-                    out[rows_of[key]] = vector
-
-            firsts = {key: rows[0] for key, rows in rows_of.items()}
-            self._encode(self._batches(prompts, responses, firsts), caches, device, on_progress, place)
+            self._encode(prompts, responses, rows_of, out, caches, pooling, device, on_progress)
         return out
 
-    @torch.no_grad()
-    def embed_ahead(
-        self,
-        sides: Sequence[tuple[Sequence[str], Sequence[str]]],
-        *,
-        device: torch.device,
-        on_progress: Callable[[int], None] | None = None,
-        pooling: str = "mean",
-        inputs: str = "joint",
-    ) -> None:
-        """Store in the cache, in one encoder pass, every text of ``sides`` (each (prompts, responses)) that
-        :meth:`embed` of each side in turn would run the encoder on: the same batches in the same order, so
-        the same vectors, and each side's :meth:`embed` then reads them from the cache. Under ``--engine ray``
-        one pass is one start of the actors (each loads the encoder), not one per side."""
-        _check_inputs(inputs)
-        pool_states(torch.zeros(1, 1, 1), torch.ones(1, 1), pooling)  # validates pooling
-        if self.remote is None and ENCODER_ENGINE.get() is None:
-            return  # here one pass costs what two do, and each side's embed reads the cache once, not twice
-        caches = {p: self.cache(inputs, p) for p in POOLINGS}
-        planned: set[str] = set()  # texts an earlier side embeds: the cache holds them by this side's turn
-        batches = []
-        for prompts, responses in sides:
-            prompts = _inputs_prompts(prompts, inputs)
-            keys = caches[pooling].keys_for(prompts, responses)
-            first: dict[str, int] = {}
-            for i, key in enumerate(keys):
-                first.setdefault(key, i)
-            misses = [key for key in caches[pooling].missing(keys, self.dim) if key not in planned]
-            planned.update(misses)
-            batches += self._batches(prompts, responses, {key: first[key] for key in misses})
-        if batches:
-            self._encode(batches, caches, device, on_progress, None)
-
-    def _batches(self, prompts: Sequence[str], responses: Sequence[str], firsts: dict[str, int]) -> list[tuple]:
-        """Encoder batches (keys, prompts, responses) of the texts ``firsts`` maps (key -> its first row)."""
-        items = list(firsts.items())
-        return [
-            ([key for key, _ in part], [prompts[i] for _, i in part], [responses[i] for _, i in part])
-            for part in (items[start : start + self.batch_size] for start in range(0, len(items), self.batch_size))
-        ]
-
-    def _encode(self, batches, caches, device, on_progress, place) -> None:
-        """Run the encoder on each of ``batches`` (here, or on Ray actors under ``--engine ray``), store every
-        pooling and hand each batch's keys and vectors to ``place`` (when given)."""
+    def _encode(self, prompts, responses, rows_of, out, caches, pooling, device, on_progress) -> None:
+        """Run the encoder once per key of ``rows_of`` (here, or on Ray actors under ``--engine ray``), fill its
+        rows of ``out`` and store every pooling."""
         engine = ENCODER_ENGINE.get()
         remote = self.remote if self.remote is not None or engine is None else engine(self)
         if remote is None:
             self.model.to(device)
-        pairs = ((batch_prompts, batch_responses) for _, batch_prompts, batch_responses in batches)
+        firsts = [(key, rows[0]) for key, rows in rows_of.items()]
+        batches = [firsts[start : start + self.batch_size] for start in range(0, len(firsts), self.batch_size)]
+        pairs = (([prompts[i] for _, i in rows], [responses[i] for _, i in rows]) for rows in batches)
         runs = remote.embeddings(pairs, len(batches)) if remote is not None else (
             self.pooled(batch_prompts, batch_responses, device) for batch_prompts, batch_responses in pairs
         )
         new: dict[str, dict[str, np.ndarray]] = {p: {} for p in POOLINGS}
-        for (batch_keys, _, _), pooled in zip(batches, runs, strict=True):
-            self.texts_encoded += len(batch_keys)
+        for batch_rows, pooled in zip(batches, runs, strict=True):
+            self.texts_encoded += len(batch_rows)
             for name in POOLINGS:
-                new[name].update(zip(batch_keys, pooled[name], strict=True))
-            if place is not None:
-                place(batch_keys, pooled)
+                for (key, _), vector in zip(batch_rows, pooled[name]):
+                    new[name][key] = vector
+                    if name == pooling:
+                        out[rows_of[key]] = vector
             if on_progress is not None:
-                on_progress(len(batch_keys))
+                on_progress(len(batch_rows))
             if sum(len(v) for v in new.values()) >= FLUSH_EVERY:  # an interrupted run keeps its work
                 for name in POOLINGS:
                     caches[name].add(new[name])
@@ -245,11 +202,6 @@ class Encoder:
         self.tokenizer.save_pretrained(str(directory))
 
 
-def _check_inputs(inputs: str) -> None:
-    if inputs not in EMBED_INPUTS:
-        raise PrefnoiseError(f"unknown encoder input {inputs!r}; use {' or '.join(EMBED_INPUTS)}")
-
-
 def _inputs_prompts(prompts: Sequence[str], inputs: str) -> list[str]:
     """The prompts the encoder reads for ``inputs``: as given (joint) or empty (response alone)."""
     return list(prompts) if inputs == "joint" else [""] * len(prompts)
@@ -278,18 +230,6 @@ class EmbedMLPRewardModel(MLPRewardModel):
 
     def _encoder_parts(self) -> list[tuple[str, str]]:
         return [tuple(part.split("-")) for part in self.parts if part != LENGTH]  # type: ignore[misc]
-
-    def embed_ahead(self, prompts: Sequence[str], sides: Sequence[Sequence[str]], *, device: torch.device,
-                    on_progress: Callable[[int], None] | None = None) -> None:
-        """Before :meth:`prepare` of each of ``sides`` (the responses of each side): the encoder's batches of
-        every side in one pass per encoder input (:meth:`Encoder.embed_ahead`; under ``--engine ray`` the
-        actors then load the encoder once, not once per side)."""
-        first_pooling: dict[str, str] = {}
-        for inputs, pooling in self._encoder_parts():
-            first_pooling.setdefault(inputs, pooling)  # the part whose embed runs the encoder for this input
-        for inputs, pooling in first_pooling.items():
-            self.encoder.embed_ahead([(prompts, responses) for responses in sides], device=device,
-                                     on_progress=on_progress, pooling=pooling, inputs=inputs)
 
     def to_embed(self, prompts: Sequence[str], responses: Sequence[str]) -> int:
         """How many encoder forward texts :meth:`prepare` of these rows will run (cache misses)."""

@@ -89,9 +89,6 @@ def prepare_sides(
     prompts = df[C.PROMPT].to_list()
     if on_embed_start is not None and hasattr(model, "to_embed"):
         on_embed_start(model.to_embed(prompts + prompts, df[C.CHOSEN].to_list() + df[C.REJECTED].to_list()))
-    if hasattr(model, "embed_ahead"):  # embed+mlp under --engine ray: both sides' encoder batches in one pass
-        model.embed_ahead(prompts, [df[C.CHOSEN].to_list(), df[C.REJECTED].to_list()], device=device,
-                          on_progress=on_progress)
     wants_features = model.backend == "mlp"
     chat = prompt_messages_of(model, df)
     sides, truncation = [], []
