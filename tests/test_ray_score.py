@@ -89,30 +89,41 @@ def _score_both(model: Path, data: Path, tmp_path: Path, suffix: str, *extra: st
     return summaries[0], summaries[1]
 
 
+def count_passes(monkeypatch) -> dict[str, int]:
+    """Counts, from now on, of the encoder's runs over cache misses (``Encoder._encode`` calls, either engine) and
+    of the Ray Data executions the model stages start (each one starts its actors and loads the model)."""
+    from prefnoise.reward import remote
+    from prefnoise.reward.embed import Encoder
+
+    counts = {"encoder runs": 0, "ray executions": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(Encoder, "_encode", counted("encoder runs", Encoder._encode))
+    monkeypatch.setattr(remote, "map_blocks", counted("ray executions", remote.map_blocks))
+    return counts
+
+
 # Each Ray run starts its actors (a process that imports torch and loads the model: seconds), so each backend
 # is checked in one output format; the writer is the local engine's, given the same frame.
 
 
 @ray_test
 def test_score_embed_mlp_on_ray_equals_local_byte_for_byte(ray_cluster, minilm_model, tmp_path, mem_bucket,
-                                                           monkeypatch):
-    from prefnoise.reward import remote
-
-    passes = []  # Ray Data executions of model actors: each starts the actors, which load the encoder
-
-    def counted(*args, **kwargs):
-        passes.append(args[2])
-        return map_blocks(*args, **kwargs)
-
-    map_blocks = remote.map_blocks
-    monkeypatch.setattr(remote, "map_blocks", counted)
+                                                            monkeypatch):
     data = tmp_path / "pairs.parquet"
     _real_rows(30).write_parquet(data)  # 60 real responses, most longer than max_length 64: one encoder batch
     # one actor: MiniLM loads in seconds per actor; several actors' order is the engine tests' and the GPT-2 test's.
     # The Ray run reads a file:// URI and writes a remote one (a private local file, uploaded and moved)
     ray_paths = (data.as_uri(), "mem://out/scored.jsonl", mem_bucket / "out" / "scored.jsonl")
+    passes = count_passes(monkeypatch)
     local, ray = _score_both(minilm_model, data, tmp_path, ".jsonl", workers="1", ray_paths=ray_paths)
-    assert passes == [remote._Worker]  # both sides' encoder batches in one pass (one per side before)
+    # both sides' texts in one encoder run per command (not one per side), so the Ray run starts its actors once
+    assert passes == {"encoder runs": 2, "ray executions": 1}
     assert local == ray
     assert local["rows"] == 30 and local["truncated_sequences"] > 30  # the truncation counts are the same
     assert sorted(p.name for p in (mem_bucket / "out").iterdir()) == ["scored.jsonl"]  # no temporary left
@@ -259,6 +270,7 @@ def test_audit_embedding_stage_on_ray_gives_the_same_embeddings_and_estimate(ray
     data = mem_bucket / "pairs.parquet"
     _real_rows(24).write_parquet(data)
     outputs = []
+    passes = count_passes(monkeypatch)
     for engine in ("local", "ray"):  # the Ray run reads and writes remote URIs (copied in, uploaded)
         source, out = (data, tmp_path / "audit-local.jsonl") if engine == "local" else (
             "mem://pairs.parquet", "mem://audit-ray.jsonl")
@@ -272,6 +284,7 @@ def test_audit_embedding_stage_on_ray_gives_the_same_embeddings_and_estimate(ray
         outputs.append((json.loads(result.stdout), written.read_bytes()))
         outputs[-1] += (_stored_vectors(tmp_path / f"cache-{engine}" / STORE_NAME),)
         assert outputs[-1][0].pop("input") == str(source) and outputs[-1][0].pop("output") == str(out)
+    assert passes == {"encoder runs": 2, "ray executions": 1}  # one embedding stage run per command, both sides
     (local, local_table, local_cache), (ray, ray_table, ray_cache) = outputs
     assert local_cache == ray_cache  # the same key -> vector bytes, both poolings
     assert len(local_cache) == 2 * 48  # every response embedded once per pooling, by the actors as here

@@ -112,6 +112,14 @@ def test_embeddings_are_computed_once_across_folds_losses_and_runs(pattern_bert,
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(BertModel, "forward", counting)
+    runs = []  # the encoder's runs over cache misses: one per fit, for both sides and both inputs together
+    encode = Encoder._encode
+
+    def counting_runs(self, jobs, *args):
+        runs.append(len(jobs))  # the inputs (joint, response) the run embeds
+        return encode(self, jobs, *args)
+
+    monkeypatch.setattr(Encoder, "_encode", counting_runs)
     frame = pattern_pairs(48, seed=2)
     folds = fold_of_pair_id(frame[C.PAIR_ID], 3, seed=0)
     options = dict(
@@ -136,6 +144,7 @@ def test_embeddings_are_computed_once_across_folds_losses_and_runs(pattern_bert,
     assert sum(texts_seen) == first_run  # the second run never ran the encoder
     # the bar's totals announce exactly the texts then embedded; the second run announces none
     assert starts[0] > 0 and sum(starts) == first_run and starts[6:] == [0] * 6
+    assert runs[0] == 2 and len(runs) == sum(1 for total in starts if total)  # the first: joint and response texts
 
 
 def test_embed_features_round_trip(pattern_bert, tmp_path):

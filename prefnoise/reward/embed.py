@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -135,49 +136,73 @@ class Encoder:
         ``on_progress(k)`` advances by the texts the encoder has just run on (cached texts are not
         counted; :meth:`missing` gives the total beforehand).
         """
-        if inputs not in EMBED_INPUTS:
-            raise PrefnoiseError(f"unknown encoder input {inputs!r}; use {' or '.join(EMBED_INPUTS)}")
+        _check_inputs(inputs)
         pool_states(torch.zeros(1, 1, 1), torch.ones(1, 1), pooling)  # validates pooling
         prompts = _inputs_prompts(prompts, inputs)
         caches = {p: self.cache(inputs, p) for p in POOLINGS}
         keys = caches[pooling].keys_for(prompts, responses)
         out = np.zeros((len(keys), self.dim), dtype=np.float32)
-        rows_of: dict[str, list[int]] = {}  # each text the cache lacks -> the rows that hold it
-        for i in np.flatnonzero(~caches[pooling].fill(keys, out)):
-            rows_of.setdefault(keys[i], []).append(int(i))
-        if rows_of:
-            self._encode(prompts, responses, rows_of, out, caches, pooling, device, on_progress)
+        absent = np.flatnonzero(~caches[pooling].fill(keys, out))
+        if len(absent):
+            self._encode([_misses(caches, keys, prompts, responses, {keys[i] for i in absent})], device, on_progress)
+            out[absent] = caches[pooling].lookup([keys[i] for i in absent], self.dim)
         return out
 
-    def _encode(self, prompts, responses, rows_of, out, caches, pooling, device, on_progress) -> None:
-        """Run the encoder once per key of ``rows_of`` (here, or on Ray actors under ``--engine ray``), fill its
-        rows of ``out`` and store every pooling."""
+    @torch.no_grad()
+    def embed_missing(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        parts: Sequence[tuple[str, str]],
+        *,
+        device: torch.device,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Embed every distinct text that any of ``parts`` ((input, pooling) pairs) lacks in the cache, storing
+        every pooling: all in one run of encoder batches (one Ray Data execution under ``--engine ray``),
+        cut per input in first-seen order, so later :meth:`embed` calls of these rows are cache hits.
+        ``on_progress`` as in :meth:`embed`."""
+        jobs = []
+        for inputs in dict.fromkeys(i for i, _ in parts):
+            _check_inputs(inputs)
+            texts = _inputs_prompts(prompts, inputs)
+            caches = {p: self.cache(inputs, p) for p in POOLINGS}
+            keys = caches["mean"].keys_for(texts, responses)
+            absent = {k for i, p in parts if i == inputs for k in caches[p].missing(keys, self.dim)}
+            if absent:
+                jobs.append(_misses(caches, keys, texts, responses, absent))
+        if jobs:
+            self._encode(jobs, device, on_progress)
+
+    def _encode(self, jobs: Sequence[_Misses], device: torch.device, on_progress: Callable[[int], None] | None
+                ) -> None:
+        """Run the encoder once per text of ``jobs`` (here, or on Ray actors under ``--engine ray``: one pass for
+        all of them; batches of ``batch_size`` never mix jobs) and store every pooling in each job's caches."""
         engine = ENCODER_ENGINE.get()
         remote = self.remote if self.remote is not None or engine is None else engine(self)
         if remote is None:
             self.model.to(device)
-        firsts = [(key, rows[0]) for key, rows in rows_of.items()]
-        batches = [firsts[start : start + self.batch_size] for start in range(0, len(firsts), self.batch_size)]
-        pairs = (([prompts[i] for _, i in rows], [responses[i] for _, i in rows]) for rows in batches)
+        size = self.batch_size
+        batches = [(job, start) for job in jobs for start in range(0, len(job.keys), size)]
+        pairs = ((job.prompts[start : start + size], job.responses[start : start + size]) for job, start in batches)
         runs = remote.embeddings(pairs, len(batches)) if remote is not None else (
             self.pooled(batch_prompts, batch_responses, device) for batch_prompts, batch_responses in pairs
         )
-        new: dict[str, dict[str, np.ndarray]] = {p: {} for p in POOLINGS}
-        for batch_rows, pooled in zip(batches, runs, strict=True):
-            self.texts_encoded += len(batch_rows)
+        held = 0  # vectors computed and not yet stored (all poolings)
+        for (job, start), pooled in zip(batches, runs, strict=True):
+            keys = job.keys[start : start + size]
+            self.texts_encoded += len(keys)
             for name in POOLINGS:
-                for (key, _), vector in zip(batch_rows, pooled[name]):
-                    new[name][key] = vector
-                    if name == pooling:
-                        out[rows_of[key]] = vector
+                job.new[name].update(zip(keys, pooled[name]))
+            held += len(keys) * len(POOLINGS)
             if on_progress is not None:
-                on_progress(len(batch_rows))
-            if sum(len(v) for v in new.values()) >= FLUSH_EVERY:  # an interrupted run keeps its work
-                for name in POOLINGS:
-                    caches[name].add(new[name])
-                new = {p: {} for p in POOLINGS}
-        for name in POOLINGS:
-            caches[name].add(new[name])
+                on_progress(len(keys))
+            if held >= FLUSH_EVERY:  # an interrupted run keeps its work
+                held = 0
+                for each in jobs:
+                    each.store()
+        for job in jobs:
+            job.store()
 
     @torch.no_grad()
     def pooled(self, prompts: Sequence[str], responses: Sequence[str], device: torch.device) -> dict[str, np.ndarray]:
@@ -200,6 +225,41 @@ class Encoder:
         with quiet_transformers():
             self.model.save_pretrained(str(directory), safe_serialization=True)
         self.tokenizer.save_pretrained(str(directory))
+
+
+@dataclass
+class _Misses:
+    """The distinct texts of one encoder input that the cache lacks (first-seen order), and its caches (one per
+    pooling) with the vectors computed and not yet stored."""
+
+    caches: dict[str, EmbeddingCache]
+    keys: list[str]
+    prompts: list[str]
+    responses: list[str]
+    new: dict[str, dict[str, np.ndarray]] = field(default_factory=lambda: {p: {} for p in POOLINGS})
+
+    def store(self) -> None:
+        """Write the held vectors to the caches."""
+        for name, vectors in self.new.items():
+            self.caches[name].add(vectors)
+            self.new[name] = {}
+
+
+def _misses(caches: dict[str, EmbeddingCache], keys: Sequence[str], prompts: Sequence[str],
+            responses: Sequence[str], absent: set[str]) -> _Misses:
+    """The :class:`_Misses` of the rows whose key is in ``absent`` (each key once, at its first row)."""
+    firsts: dict[str, int] = {}
+    for row, key in enumerate(keys):
+        if key in absent:
+            firsts.setdefault(key, row)
+    rows = list(firsts.values())
+    return _Misses(caches, [keys[i] for i in rows], [prompts[i] for i in rows], [responses[i] for i in rows])
+
+
+def _check_inputs(inputs: str) -> None:
+    """PrefnoiseError for an encoder input other than joint or response."""
+    if inputs not in EMBED_INPUTS:
+        raise PrefnoiseError(f"unknown encoder input {inputs!r}; use {' or '.join(EMBED_INPUTS)}")
 
 
 def _inputs_prompts(prompts: Sequence[str], inputs: str) -> list[str]:
@@ -235,6 +295,15 @@ class EmbedMLPRewardModel(MLPRewardModel):
         """How many encoder forward texts :meth:`prepare` of these rows will run (cache misses)."""
         inputs = dict.fromkeys(i for i, _ in self._encoder_parts())
         return sum(self.encoder.missing(prompts, responses, i) for i in inputs)
+
+    def embed_missing(self, prompts: Sequence[str], responses: Sequence[str], *, device: torch.device,
+                      on_progress: Callable[[int], None] | None = None) -> None:
+        """Embed every text of these rows that an encoder part lacks, in one run of the encoder (one Ray Data
+        execution under ``--engine ray``), before :meth:`prepare` reads them per side from the cache;
+        ``on_progress`` advances by the texts embedded (:meth:`to_embed` of the same rows in all)."""
+        parts = self._encoder_parts()
+        if parts:
+            self.encoder.embed_missing(prompts, responses, parts, device=device, on_progress=on_progress)
 
     def prepare(self, prompts, responses, features, *, device, on_progress=None):
         inputs = [i for i, _ in self._encoder_parts()]

@@ -5,8 +5,9 @@ embedding cache, the MLP head, writing), and only hands its network batches out:
 cache misses (:meth:`prefnoise.reward.embed.Encoder.embed`) and reward-model eval batches
 (:func:`prefnoise.reward.scoring.pair_rewards`). Each batch is exactly the batch the local engine would
 run, so every embedding and reward equals the one-process run bit for bit; results come back in order
-(:func:`prefnoise.engine.map_blocks`). Each actor loads the model once per pass (one Ray Data execution: an
-encoder call, or a table's eval batches), on its GPU when the cluster has GPUs, else on CPU;
+(:func:`prefnoise.engine.map_blocks`). Each actor loads the model once per pass (one Ray Data execution: one
+encoder run over every cache miss of a command's rows, both sides and all encoder inputs; or a table's eval
+batches), on its GPU when the cluster has GPUs, else on CPU;
 ``trust_remote_code`` stays off (the loaders never pass it).
 """
 

@@ -84,11 +84,16 @@ def prepare_sides(
 
     Text backends leave what they had to cut in ``model.truncation`` (a list, one entry per side).
     embed+mlp first announces ``on_embed_start(total)``, the texts the encoder must run on (cache
-    misses of both sides), and then advances ``on_progress`` by the texts embedded.
+    misses of both sides), embeds them all in one run of the encoder (one Ray Data execution under
+    ``--engine ray``), advancing ``on_progress`` by the texts embedded, and then reads each side from
+    the cache.
     """
     prompts = df[C.PROMPT].to_list()
-    if on_embed_start is not None and hasattr(model, "to_embed"):
-        on_embed_start(model.to_embed(prompts + prompts, df[C.CHOSEN].to_list() + df[C.REJECTED].to_list()))
+    if hasattr(model, "embed_missing"):  # both sides' cache misses in one encoder run, before each side reads
+        both = df[C.CHOSEN].to_list() + df[C.REJECTED].to_list()
+        if on_embed_start is not None:
+            on_embed_start(model.to_embed(prompts + prompts, both))
+        model.embed_missing(prompts + prompts, both, device=device, on_progress=on_progress)
     wants_features = model.backend == "mlp"
     chat = prompt_messages_of(model, df)
     sides, truncation = [], []
@@ -277,6 +282,8 @@ def score_responses(
     n = df.height
     prompts = df[C.PROMPT].to_list() if C.PROMPT in df.columns else [""] * n
     responses = df[RESPONSE].to_list() if RESPONSE in df.columns else [""] * n
+    if hasattr(model, "embed_missing"):  # every encoder input's cache misses in one encoder run
+        model.embed_missing(prompts, responses, device=runtime.device, on_progress=on_embed)
     side = model.prepare(
         prompts, responses, feature_array(df, C.FEATURES), device=runtime.device, on_progress=on_embed,
         **prompt_messages_of(model, df)
