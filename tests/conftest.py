@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# One OpenMP/MKL thread in every process the tests start (prefnoise commands, accelerate launches, the docs
+# examples), as the in-process tests use (_one_torch_thread): the two xdist workers already fill both cores of
+# a 2-core machine, and each child's second torch thread only contended with the other worker (the suite used
+# ~10% less CPU with it). setdefault: a run that sets it keeps its own value.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
 import polars as pl
