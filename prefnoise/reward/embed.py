@@ -156,12 +156,14 @@ class Encoder:
         parts: Sequence[tuple[str, str]],
         *,
         device: torch.device,
+        on_start: Callable[[int], None] | None = None,
         on_progress: Callable[[int], None] | None = None,
     ) -> None:
         """Embed every distinct text that any of ``parts`` ((input, pooling) pairs) lacks in the cache, storing
         every pooling: all in one run of encoder batches (one Ray Data execution under ``--engine ray``),
         cut per input in first-seen order, so later :meth:`embed` calls of these rows are cache hits.
-        ``on_progress`` as in :meth:`embed`."""
+        ``on_start(total)`` first gets the number of texts the encoder will run on; ``on_progress`` as in
+        :meth:`embed`."""
         jobs = []
         for inputs in dict.fromkeys(i for i, _ in parts):
             _check_inputs(inputs)
@@ -171,6 +173,8 @@ class Encoder:
             absent = {k for i, p in parts if i == inputs for k in caches[p].missing(keys, self.dim)}
             if absent:
                 jobs.append(_misses(caches, keys, texts, responses, absent))
+        if on_start is not None:
+            on_start(sum(len(job.keys) for job in jobs))
         if jobs:
             self._encode(jobs, device, on_progress)
 
@@ -297,13 +301,18 @@ class EmbedMLPRewardModel(MLPRewardModel):
         return sum(self.encoder.missing(prompts, responses, i) for i in inputs)
 
     def embed_missing(self, prompts: Sequence[str], responses: Sequence[str], *, device: torch.device,
+                      on_start: Callable[[int], None] | None = None,
                       on_progress: Callable[[int], None] | None = None) -> None:
         """Embed every text of these rows that an encoder part lacks, in one run of the encoder (one Ray Data
         execution under ``--engine ray``), before :meth:`prepare` reads them per side from the cache;
-        ``on_progress`` advances by the texts embedded (:meth:`to_embed` of the same rows in all)."""
+        ``on_start(total)`` first gets how many texts that is (0 without encoder parts), ``on_progress``
+        advances by the texts embedded."""
         parts = self._encoder_parts()
         if parts:
-            self.encoder.embed_missing(prompts, responses, parts, device=device, on_progress=on_progress)
+            self.encoder.embed_missing(prompts, responses, parts, device=device, on_start=on_start,
+                                       on_progress=on_progress)
+        elif on_start is not None:
+            on_start(0)
 
     def prepare(self, prompts, responses, features, *, device, on_progress=None):
         inputs = [i for i, _ in self._encoder_parts()]

@@ -91,9 +91,7 @@ def prepare_sides(
     prompts = df[C.PROMPT].to_list()
     if hasattr(model, "embed_missing"):  # both sides' cache misses in one encoder run, before each side reads
         both = df[C.CHOSEN].to_list() + df[C.REJECTED].to_list()
-        if on_embed_start is not None:
-            on_embed_start(model.to_embed(prompts + prompts, both))
-        model.embed_missing(prompts + prompts, both, device=device, on_progress=on_progress)
+        model.embed_missing(prompts + prompts, both, device=device, on_start=on_embed_start, on_progress=on_progress)
     wants_features = model.backend == "mlp"
     chat = prompt_messages_of(model, df)
     sides, truncation = [], []
