@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,6 +20,7 @@ from prefnoise.data import (
     read_table,
     write_table,
 )
+from prefnoise.data.provenance import METADATA_KEY
 from prefnoise.errors import PrefnoiseError
 from tests.conftest import make_pairs
 
@@ -229,7 +231,9 @@ def test_batches_stream_in_bounded_chunks_and_write_back(tmp_path):
     sizes = [b.height for b in src.batches()]
     assert max(sizes) <= 128 and sum(sizes) == 1000
     assert write_table(src.batches(), tmp_path / "out.parquet", row_group_size=300) == 1000
-    assert pq.ParquetFile(tmp_path / "out.parquet").metadata.num_row_groups == 8  # one per batch
+    meta = pq.ParquetFile(tmp_path / "out.parquet").metadata
+    # row groups of row_group_size rows, whatever the batches' sizes (128 here)
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [300, 300, 300, 100]
     _same_content(read_table(tmp_path / "out.parquet"), read_table(path))
 
 
@@ -259,3 +263,25 @@ def test_scan_raw_reads_any_format_without_canonical_checks(tmp_path):
         assert scanned.select("reward").collect()["reward"].to_list() == [1.0, 2.0, 3.0], name
     with pytest.raises(PrefnoiseError, match="missing required column"):
         read_table(tmp_path / "long.parquet")  # the canonical reader still insists on pairs
+
+
+def test_a_later_batch_of_another_type_is_cast_safely_or_refused(tmp_path):
+    """The file's types are the first batch's; a later batch is cast to them by Arrow's safe cast, so
+    2.0 joins an integer column and 1.5 is refused rather than truncated to 1."""
+    base = {"prompt": ["p"], "chosen": ["c"], "rejected": ["r"]}
+    first = pl.DataFrame({**base, "x": [1]})
+    assert write_table([first, pl.DataFrame({**base, "x": [2.0]})], tmp_path / "ok.parquet") == 2
+    assert pl.read_parquet(tmp_path / "ok.parquet")["x"].to_list() == [1, 2]
+    with pytest.raises(pa.ArrowInvalid, match="truncated"):
+        write_table([first, pl.DataFrame({**base, "x": [1.5]})], tmp_path / "lossy.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.parquet"]
+
+
+def test_the_history_counts_every_batch_written(tmp_path):
+    from prefnoise.data import new_history_entry
+
+    frames = [make_pairs(1000).slice(start, 128) for start in range(0, 1000, 128)]
+    entry = new_history_entry("corrupt", {"rate": 0.1}, seed=1)
+    assert write_table(iter(frames), tmp_path / "out.parquet", entry=entry) == 1000
+    history = json.loads(pq.read_metadata(tmp_path / "out.parquet").metadata[METADATA_KEY])["history"]
+    assert [(h["command"], h["rows_out"]) for h in history] == [("corrupt", 1000)]

@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from polars.exceptions import PanicException
+from polars.io.plugins import register_io_source
 
 from prefnoise import __version__
 from prefnoise.atomic import atomic_path
-from prefnoise.data.conversational import to_conversational
+from prefnoise.data.conversational import MESSAGE_COLUMNS, to_conversational
 from prefnoise.data.provenance import METADATA_KEY, HistoryEntry
 from prefnoise.data.schema import DEFAULT_BATCH_SIZE, STDIN, drop_internal, first_error_line, to_polars
 from prefnoise.errors import PrefnoiseError
@@ -68,21 +69,19 @@ def write_table(
     rows = 0
     try:
         with atomic_path(target) as tmp:
-            writer: _BackgroundWriter | None = None
-            message_types: dict[str, pa.DataType] = {}
+            writer: _SinkWriter | _ArrowWriter | None = None
             try:
                 for frame in frames:
-                    table = to_conversational(drop_internal(frame).to_arrow(), message_types)
+                    frame = drop_internal(frame)
                     if writer is None:
-                        writer = _BackgroundWriter(tmp, table.schema, row_group_size)
-                    writer.put(table)
-                    rows += table.num_rows
+                        writer = _open_writer(tmp, frame, row_group_size)
+                    rows += writer.put(frame)
                 if writer is None:
                     raise PrefnoiseError("no rows to write: every input row was filtered out")
                 record = entry.to_dict(rows_out=rows) if isinstance(entry, HistoryEntry) else entry
                 full_history = history + ([record] if record else [])
                 payload = {"format": 1, "prefnoise_version": __version__, "history": full_history}
-                writer.finish({METADATA_KEY: json.dumps(payload, default=str)})
+                writer.finish({METADATA_KEY.decode(): json.dumps(payload, default=str)})
             finally:
                 if writer is not None:
                     writer.close()
@@ -151,16 +150,102 @@ def _write_text_table(frames: Iterable[pl.DataFrame], dest: Path, kind: str) -> 
     return rows
 
 
-class _BackgroundWriter:
-    """A ParquetWriter fed through a small queue by a thread of its own.
+def _open_writer(path: Path, first: pl.DataFrame, row_group_size: int) -> _SinkWriter | _ArrowWriter:
+    """The Parquet writer for a table whose first batch is ``first``: polars' sink, or for a conversational
+    table (written as TRL's message lists) pyarrow's writer, which keeps the lists' ``list<struct<string>>``
+    types where polars would write large ones."""
+    if all(helper in first.columns for helper, _ in MESSAGE_COLUMNS):
+        return _ArrowWriter(path, row_group_size)
+    return _SinkWriter(path, first.schema, row_group_size)
 
-    Encoding and compressing a row group (pyarrow, GIL released) then overlaps with reading and
-    transforming the next batch; the queue bound keeps at most two batches in flight.
+
+class _Aborted(Exception):
+    """Raised inside the sink's source when the caller gives up: the sink stops without finishing."""
+
+
+_ABORT = object()
+
+
+class _SinkWriter:
+    """polars' streaming Parquet sink on a thread of its own, fed frames through a small queue.
+
+    The sink encodes and compresses every column on all cores (pyarrow's ParquetWriter encodes one
+    row group at a time on one), in row groups of ``row_group_size``. It runs off the main thread so
+    that a signal still reaches the caller at once; the queue bound keeps at most two frames in
+    flight. The key-value metadata is added when the last frame is in (``finish``).
     """
 
-    def __init__(self, path: Path, schema: pa.Schema, row_group_size: int) -> None:
+    def __init__(self, path: Path, schema: pl.Schema, row_group_size: int) -> None:
         self.schema = schema
-        self.writer = pq.ParquetWriter(path, schema, compression="zstd")
+        self.arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self.metadata: dict[str, str] | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.thread = threading.Thread(
+            target=self._run, args=(path, row_group_size), name="prefnoise-parquet-writer", daemon=True
+        )
+        self.thread.start()
+
+    def _frames(self, *_: Any) -> Iterator[pl.DataFrame]:
+        while (frame := self.queue.get()) is not None:
+            if frame is _ABORT:
+                self.done = True
+                raise _Aborted
+            yield frame
+        self.done = True
+
+    def _run(self, path: Path, row_group_size: int) -> None:
+        try:
+            register_io_source(self._frames, schema=self.schema).sink_parquet(
+                path, compression="zstd", compression_level=1, row_group_size=row_group_size,
+                metadata=lambda _: self.metadata or {},
+            )
+        except BaseException as error:  # re-raised in the caller's thread
+            self.error = error
+        while not self.done:  # after a failure: drain until the caller stops putting
+            item = self.queue.get()
+            self.done = item is None or item is _ABORT
+
+    def put(self, frame: pl.DataFrame) -> int:
+        """Queue one frame (cast to the file's schema) for writing; return its rows; re-raise a writer failure."""
+        if self.error is not None:
+            raise self.error
+        if frame.schema != self.schema:  # Arrow's safe cast: refuses to truncate 1.5 to an integer column
+            frame = pl.DataFrame(frame.to_arrow().cast(self.arrow_schema))
+        self.queue.put(frame)
+        return frame.height
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        """Add the key-value metadata, then wait for every queued frame to be written."""
+        self.metadata = metadata
+        self._join(None)
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Stop the sink (if still running) without finishing the file."""
+        self._join(_ABORT)
+
+    def _join(self, last: Any) -> None:
+        if self.thread.is_alive():
+            self.queue.put(last)
+            self.thread.join()
+
+
+class _ArrowWriter:
+    """A pyarrow ParquetWriter fed through a small queue by a thread of its own, for conversational tables.
+
+    Each frame's JSON message columns become TRL's message lists (:func:`to_conversational`), typed by the
+    first batch. Encoding a row group (GIL released) overlaps with preparing the next one; the queue bound
+    keeps at most two batches in flight.
+    """
+
+    def __init__(self, path: Path, row_group_size: int) -> None:
+        self.path = path
+        self.writer: pq.ParquetWriter | None = None
+        self.schema: pa.Schema | None = None
+        self.message_types: dict[str, pa.DataType] = {}
         self.row_group_size = row_group_size
         self.queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
@@ -171,27 +256,36 @@ class _BackgroundWriter:
         while (table := self.queue.get()) is not None:
             if self.error is None:
                 try:
+                    assert self.writer is not None
                     self.writer.write_table(table, row_group_size=self.row_group_size)
                 except BaseException as error:  # re-raised in the caller's thread
                     self.error = error
 
-    def put(self, table: pa.Table) -> None:
-        """Queue one table (cast to the file's schema) for writing; re-raise a writer failure."""
+    def put(self, frame: pl.DataFrame) -> int:
+        """Queue one frame as TRL's message lists (cast to the file's schema); return its rows; re-raise a
+        writer failure."""
         if self.error is not None:
             raise self.error
+        table = to_conversational(frame.to_arrow(), self.message_types)
+        if self.schema is None:
+            self.schema = table.schema
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
         self.queue.put(table if table.schema == self.schema else table.cast(self.schema))
+        return table.num_rows
 
-    def finish(self, metadata: dict[bytes, str]) -> None:
+    def finish(self, metadata: dict[str, str]) -> None:
         """Wait for every queued table, then add the key-value metadata."""
         self._join()
         if self.error is not None:
             raise self.error
+        assert self.writer is not None
         self.writer.add_key_value_metadata(metadata)
 
     def close(self) -> None:
         """Stop the thread (if still running) and close the file."""
         self._join()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def _join(self) -> None:
         if self.thread.is_alive():
