@@ -278,12 +278,14 @@ def test_fit_reward_cli_embed_features_and_errors(pattern_bert, tmp_path):
     assert_nothing_written(tmp_path / "y")
 
 
-def test_score_shows_an_embedding_bar_for_texts_the_cache_lacks(pattern_bert, tmp_path):
+def test_score_shows_an_embedding_bar_for_texts_the_cache_lacks(pattern_bert, tmp_path, monkeypatch):
     """pn.score on embed+mlp: the bar counts the encoder's texts (its slow part) while the cache lacks them,
-    and the scoring rows once every text is cached."""
+    and the scoring rows once every text is cached; the bar's total comes from the one scan of the cache
+    that finds the texts to embed (no second scan to count them first)."""
     import contextlib
 
     import prefnoise as pn
+    from prefnoise.reward.cache import EmbeddingCache
 
     frame = pattern_pairs(16, seed=6)
     fit = fit_reward_model(frame, backend="embed+mlp", encoder_path=pattern_bert, cache_dir=tmp_path / "fit",
@@ -298,7 +300,12 @@ def test_score_shows_an_embedding_bar_for_texts_the_cache_lacks(pattern_bert, tm
 
     other = pattern_pairs(8, seed=7)  # texts the fit never saw, scored with a fresh cache
     fit.model.encoder.cache_dir = tmp_path / "score"
+    scans = []
+    missing = EmbeddingCache.missing
+    monkeypatch.setattr(EmbeddingCache, "missing", lambda self, *a, **k: scans.append(1) or missing(self, *a, **k))
     pn.score(fit, other, device="cpu", progress_bar=recording_bar)
+    assert len(scans) == len(fit.model.parts)  # one scan per cached part
     pn.score(fit, other, device="cpu", progress_bar=recording_bar)
     assert bars[0]["description"] == "embedding" and bars[0]["total"] == bars[0]["advanced"] > 0
     assert bars[1] == {"description": "scoring", "total": 8, "advanced": 8}  # all cached now
+    assert len(scans) == 2 * len(fit.model.parts)

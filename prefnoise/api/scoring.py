@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -153,12 +153,45 @@ def _scored(
     from prefnoise.reward import score_responses, score_table  # pulls torch: loaded only when a reward model runs
 
     run = score_responses if options.responses else score_table
-    # embed+mlp spends its time in the encoder (texts not in the embedding cache): the bar follows that
-    misses = _texts_to_embed(reward_model, frame, options.responses)
-    with (progress_bar or no_bar)(*(("embedding", misses) if misses else ("scoring", frame.height))) as advance:
-        progress = {"on_embed": advance} if misses else {"on_progress": advance}
+    with contextlib.ExitStack() as bars:
+        progress = _ScoringProgress(bars, progress_bar or no_bar, frame.height)
+        if not hasattr(reward_model, "embed_missing"):
+            progress.start("scoring", frame.height)
         return run(reward_model, frame, options.batch_size, device=options.device, drop_invalid=drop_invalid,
-                   source=source, model_name=model_name, **progress)
+                   source=source, model_name=model_name, on_embed_start=progress.embed_start,
+                   on_embed=progress.embedded, on_progress=progress.scored)
+
+
+class _ScoringProgress:
+    """score's one bar: "embedding" by texts when embed+mlp's encoder has texts to run on (its time goes
+    there), else "scoring" by rows; opened once the count of texts to embed is known."""
+
+    def __init__(self, bars: contextlib.ExitStack, progress_bar: ProgressBar, rows: int) -> None:
+        self.bars, self.progress_bar, self.rows = bars, progress_bar, rows
+        self.advance: Callable[[int], None] | None = None
+        self.embedding = False
+
+    def start(self, description: str, total: int) -> None:
+        """Open the bar (once)."""
+        if self.advance is None:
+            self.advance = self.bars.enter_context(self.progress_bar(description, total))
+
+    def embed_start(self, texts: int) -> None:
+        """The encoder will run on ``texts`` texts (0: all cached)."""
+        self.embedding = texts > 0
+        self.start(*(("embedding", texts) if self.embedding else ("scoring", self.rows)))
+
+    def embedded(self, n: int) -> None:
+        """``n`` more texts embedded."""
+        if self.advance is not None and self.embedding:
+            self.advance(n)
+
+    def scored(self, n: int) -> None:
+        """``n`` more rows scored."""
+        if not self.embedding:
+            self.start("scoring", self.rows)
+            assert self.advance is not None
+            self.advance(n)
 
 
 def _summary(
@@ -186,15 +219,3 @@ def _with_truncation(result: ScoreResult) -> ScoreResult:
     result.summary["truncated_sequences"] = sum(s["truncated"] for s in truncation)
     result.truncation_note = describe_truncation(truncation, result.model.config.get("max_length") or 0, saved=True)
     return result
-
-
-def _texts_to_embed(reward_model: Any, frame: pl.DataFrame, responses: bool) -> int:
-    """How many texts scoring ``frame`` makes an embed+mlp model's encoder run (0 for other backends)."""
-    if not hasattr(reward_model, "to_embed") or C.PROMPT not in frame.columns:
-        return 0
-    prompts = frame[C.PROMPT].to_list()
-    if responses:
-        return reward_model.to_embed(prompts, frame["response"].to_list()) if "response" in frame.columns else 0
-    if C.CHOSEN not in frame.columns or C.REJECTED not in frame.columns:
-        return 0
-    return reward_model.to_embed(prompts + prompts, frame[C.CHOSEN].to_list() + frame[C.REJECTED].to_list())

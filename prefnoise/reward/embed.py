@@ -295,11 +295,6 @@ class EmbedMLPRewardModel(MLPRewardModel):
     def _encoder_parts(self) -> list[tuple[str, str]]:
         return [tuple(part.split("-")) for part in self.parts if part != LENGTH]  # type: ignore[misc]
 
-    def to_embed(self, prompts: Sequence[str], responses: Sequence[str]) -> int:
-        """How many encoder forward texts :meth:`prepare` of these rows will run (cache misses)."""
-        inputs = dict.fromkeys(i for i, _ in self._encoder_parts())
-        return sum(self.encoder.missing(prompts, responses, i) for i in inputs)
-
     def embed_missing(self, prompts: Sequence[str], responses: Sequence[str], *, device: torch.device,
                       on_start: Callable[[int], None] | None = None,
                       on_progress: Callable[[int], None] | None = None) -> None:

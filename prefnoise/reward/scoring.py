@@ -230,10 +230,12 @@ def score_table(
     source: str = "data",
     model_name: str | None = None,
     on_embed: Progress | None = None,
+    on_embed_start: Callable[[int], None] | None = None,
 ) -> pl.DataFrame:
     """``df`` with float32 ``chosen_reward`` and ``rejected_reward`` from ``model``.
 
-    ``on_progress(n)`` advances by rows scored; ``on_embed(n)`` by texts embed+mlp's encoder ran on.
+    ``on_progress(n)`` advances by rows scored; embed+mlp first calls ``on_embed_start(total)`` with the
+    texts its encoder must run on (those not in the embedding cache) and ``on_embed(n)`` advances by them.
 
     Feature vectors (mlp) must be finite: a bad row raises PrefnoiseError naming ``source``, or with
     ``drop_invalid`` is left out of the result. Non-finite rewards (a damaged model, e.g. NaN
@@ -242,7 +244,7 @@ def score_table(
     df, rows = checked_features(model, df, (C.chosen(C.FEATURES), C.rejected(C.FEATURES)), source, drop_invalid)
     runtime = scoring_runtime(device)
     model.module.to(runtime.device)
-    sides = prepare_sides(model, df, runtime.device, on_embed)
+    sides = prepare_sides(model, df, runtime.device, on_embed, on_embed_start)
     chosen, rejected = pair_rewards(
         model, sides, np.arange(df.height), runtime, batch_size or EVAL_BATCH[model.backend], on_progress
     )
@@ -264,10 +266,11 @@ def score_responses(
     source: str = "data",
     model_name: str | None = None,
     on_embed: Progress | None = None,
+    on_embed_start: Callable[[int], None] | None = None,
 ) -> pl.DataFrame:
     """``df`` (one row per prompt, response) with a float32 ``reward`` column from ``model``.
 
-    Finite features and finite rewards are checked as in :func:`score_table`.
+    Finite features and finite rewards are checked, and the progress callbacks called, as in :func:`score_table`.
     """
     missing = [c for c in (C.PROMPT, RESPONSE) if c not in df.columns]
     if model.backend == "mlp":
@@ -281,7 +284,7 @@ def score_responses(
     prompts = df[C.PROMPT].to_list() if C.PROMPT in df.columns else [""] * n
     responses = df[RESPONSE].to_list() if RESPONSE in df.columns else [""] * n
     if hasattr(model, "embed_missing"):  # every encoder input's cache misses in one encoder run
-        model.embed_missing(prompts, responses, device=runtime.device, on_progress=on_embed)
+        model.embed_missing(prompts, responses, device=runtime.device, on_start=on_embed_start, on_progress=on_embed)
     side = model.prepare(
         prompts, responses, feature_array(df, C.FEATURES), device=runtime.device, on_progress=on_embed,
         **prompt_messages_of(model, df)
