@@ -251,6 +251,35 @@ def test_fingerprint_changes_with_content_and_not_with_location(tmp_path, pairs)
     assert file_fingerprint(jsonl).startswith("blake2b:")
 
 
+def test_a_fingerprint_reads_each_file_once_until_it_changes(tmp_path, monkeypatch):
+    """A second fingerprint of unchanged files reads nothing; rewriting a file, even to the same size
+    and modification time, or relinking a link gives a fresh fingerprint."""
+    import os
+
+    from prefnoise.data import file_fingerprint, provenance
+
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"a" * 1000)
+    (folder / "config.json").write_text("{}")
+    reads = []
+    content = provenance._content_fingerprint
+    monkeypatch.setattr(provenance, "_content_fingerprint", lambda *a: reads.append(1) or content(*a))
+    first = file_fingerprint(folder)
+    assert file_fingerprint(folder) == first and len(reads) == 1
+    stat = (folder / "weights.bin").stat()
+    (folder / "weights.bin").write_bytes(b"b" * 1000)
+    os.utime(folder / "weights.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime
+    second = file_fingerprint(folder)
+    assert second != first and len(reads) == 2
+    link = tmp_path / "link.json"
+    link.symlink_to(folder / "config.json")
+    via_link = file_fingerprint(link)
+    link.unlink()
+    link.symlink_to(folder / "weights.bin")
+    assert file_fingerprint(link) != via_link and len(reads) == 4
+
+
 def test_scan_raw_reads_any_format_without_canonical_checks(tmp_path):
     long = pl.DataFrame({"prompt_id": ["a", "a", "b"], "response": ["x", "y", "z"], "reward": [1.0, 2.0, 3.0]})
     long.write_parquet(tmp_path / "long.parquet")

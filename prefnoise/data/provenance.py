@@ -43,6 +43,34 @@ def file_fingerprint(path: str | Path, *, files: list[Path] | None = None) -> st
     chosen = files is not None
     if files is None:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    key = (str(path.resolve()), chosen, tuple(_identity(file) for file in files))
+    if key not in _FINGERPRINTS:  # each file is read once per process while it stays as it was
+        while len(_FINGERPRINTS) >= _KEPT_FINGERPRINTS:
+            del _FINGERPRINTS[next(iter(_FINGERPRINTS))]  # the oldest
+        _FINGERPRINTS[key] = _content_fingerprint(path, files, chosen)
+    return _FINGERPRINTS[key]
+
+
+_FINGERPRINTS: dict[tuple[Any, ...], str] = {}
+_KEPT_FINGERPRINTS = 64
+
+
+def _identity(file: Path) -> tuple[Any, ...]:
+    """What changes when ``file`` (or the file a link points to) is written, replaced or relinked: its name,
+    the link's target, and device, inode, size and modification and change times (nanoseconds)."""
+    stats = []
+    for stat in (os.lstat, os.stat):
+        try:
+            info = stat(file)
+        except OSError:
+            stats.append(None)
+            continue
+        stats.append((info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
+    return (str(file), os.readlink(file) if file.is_symlink() else None, *stats)
+
+
+def _content_fingerprint(path: Path, files: list[Path], chosen: bool) -> str:
+    """:func:`file_fingerprint` of ``files`` (of ``path``), read from disk."""
     digest = hashlib.blake2b(digest_size=16)
     kinds = set()
     root = path.resolve() if path.is_dir() else None
