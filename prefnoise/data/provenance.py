@@ -8,6 +8,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,14 +45,20 @@ def file_fingerprint(path: str | Path, *, files: list[Path] | None = None) -> st
     if files is None:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     key = (str(path.resolve()), chosen, tuple(_identity(file) for file in files))
-    if key not in _FINGERPRINTS:  # each file is read once per process while it stays as it was
+    with _FINGERPRINTS_LOCK:
+        known = _FINGERPRINTS.get(key)
+    if known is not None:  # each file is read once per process while it stays as it was
+        return known
+    fingerprint = _content_fingerprint(path, files, chosen)
+    with _FINGERPRINTS_LOCK:
         while len(_FINGERPRINTS) >= _KEPT_FINGERPRINTS:
             del _FINGERPRINTS[next(iter(_FINGERPRINTS))]  # the oldest
-        _FINGERPRINTS[key] = _content_fingerprint(path, files, chosen)
-    return _FINGERPRINTS[key]
+        _FINGERPRINTS[key] = fingerprint
+    return fingerprint
 
 
 _FINGERPRINTS: dict[tuple[Any, ...], str] = {}
+_FINGERPRINTS_LOCK = threading.Lock()
 _KEPT_FINGERPRINTS = 64
 
 
