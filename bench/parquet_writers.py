@@ -1,7 +1,8 @@
 """Which Parquet writer can keep up with corrupt's stream: the same 16k-row batches, read with pyarrow as corrupt
-reads them, written (1) through a pyarrow ParquetWriter on a background thread (what corrupt does now) or (2) by
-polars' streaming ``sink_parquet`` fed from a Python IO source (``polars.io.plugins.register_io_source``), which
-encodes on every core. No flips, no checks: the write path alone, each variant in its own process.
+reads them, written (1) through a pyarrow ParquetWriter on a background thread (corrupt's writer until
+2026-12-07) or (2) by polars' streaming ``sink_parquet`` fed from a Python IO source
+(``polars.io.plugins.register_io_source``), which encodes on every core (every Parquet output's writer since:
+``prefnoise/data/write.py``). No flips, no checks: the write path alone, each variant in its own process.
 
     .venv/bin/python bench/parquet_writers.py --source /tmp/bench-corrupt/pairs-2000000.parquet --rounds 2
 
