@@ -54,6 +54,7 @@ def quick_run(tmp_path_factory):
     return out, json.loads(result.stdout)
 
 
+@pytest.mark.xdist_group("reproduce-synthetic")  # one worker builds the module's quick run once
 def test_quick_synthetic_writes_every_cell_and_a_figure(quick_run):
     out, payload = quick_run
     config = S.SyntheticConfig.quick()
@@ -68,6 +69,7 @@ def test_quick_synthetic_writes_every_cell_and_a_figure(quick_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
+@pytest.mark.xdist_group("reproduce-synthetic")  # one worker builds the module's quick run once
 def test_quick_synthetic_agrees_with_the_papers_direction(quick_run):
     """At the highest noise rate, symmetric losses rank held-out pairs at least as well as logistic."""
     out, payload = quick_run

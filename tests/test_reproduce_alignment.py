@@ -48,6 +48,7 @@ def quick_run(tmp_path_factory):
     return out, json.loads(result.stdout)
 
 
+@pytest.mark.xdist_group("reproduce-alignment")  # one worker builds the module's quick run once
 def test_quick_alignment_writes_every_cell_and_a_figure(quick_run):
     out, payload = quick_run
     config = A.AlignmentConfig.quick()
@@ -67,6 +68,7 @@ def test_quick_alignment_writes_every_cell_and_a_figure(quick_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.xdist_group("reproduce-alignment")  # one worker builds the module's quick run once
 def test_quick_alignment_learns_clean_and_sympo_holds_up_at_the_highest_rate(quick_run):
     out, payload = quick_run
     results = pl.read_parquet(out / "results.parquet")
