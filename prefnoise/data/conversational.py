@@ -112,13 +112,18 @@ def from_conversational(frame: pl.DataFrame, name: str) -> tuple[pl.DataFrame, p
     return frame, pl.col("__broken"), pl.col("__mismatch")
 
 
+def carries_messages(columns: list[str]) -> bool:
+    """Whether a canonical table with ``columns`` holds a conversational table's JSON message columns (it is
+    then written back in TRL's conversational format)."""
+    return all(helper in columns for helper, _ in MESSAGE_COLUMNS)
+
+
 def to_conversational(table: pa.Table, message_types: dict[str, pa.DataType]) -> pa.Table:
     """``table`` with its JSON message columns turned back into TRL's conversational columns
     (``prompt``, ``chosen``, ``rejected`` as lists of message structs) and dropped; unchanged when
     it lacks any of them. ``message_types`` holds each column's list type, fixed by the first batch
     so every batch of one file gets the same schema."""
-    names = table.column_names
-    if not all(helper in names for helper, _ in MESSAGE_COLUMNS):
+    if not carries_messages(table.column_names):
         return table
     for helper, column in MESSAGE_COLUMNS:
         values = [None if raw is None else json.loads(raw) for raw in table.column(helper).to_pylist()]

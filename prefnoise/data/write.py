@@ -22,7 +22,7 @@ from polars.io.plugins import register_io_source
 
 from prefnoise import __version__
 from prefnoise.atomic import atomic_path
-from prefnoise.data.conversational import MESSAGE_COLUMNS, to_conversational
+from prefnoise.data.conversational import carries_messages, to_conversational
 from prefnoise.data.provenance import METADATA_KEY, HistoryEntry
 from prefnoise.data.schema import DEFAULT_BATCH_SIZE, STDIN, drop_internal, first_error_line, to_polars
 from prefnoise.errors import PrefnoiseError
@@ -154,7 +154,7 @@ def _open_writer(path: Path, first: pl.DataFrame, row_group_size: int) -> _SinkW
     """The Parquet writer for a table whose first batch is ``first``: polars' sink, or for a conversational
     table (written as TRL's message lists) pyarrow's writer, which keeps the lists' ``list<struct<string>>``
     types where polars would write large ones."""
-    if all(helper in first.columns for helper, _ in MESSAGE_COLUMNS):
+    if carries_messages(first.columns):
         return _ArrowWriter(path, row_group_size)
     return _SinkWriter(path, first.schema, row_group_size)
 
@@ -244,7 +244,6 @@ class _ArrowWriter:
     def __init__(self, path: Path, row_group_size: int) -> None:
         self.path = path
         self.writer: pq.ParquetWriter | None = None
-        self.schema: pa.Schema | None = None
         self.message_types: dict[str, pa.DataType] = {}
         self.row_group_size = row_group_size
         self.queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=2)
@@ -267,10 +266,10 @@ class _ArrowWriter:
         if self.error is not None:
             raise self.error
         table = to_conversational(frame.to_arrow(), self.message_types)
-        if self.schema is None:
-            self.schema = table.schema
+        if self.writer is None:  # the file's schema is the first batch's
             self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
-        self.queue.put(table if table.schema == self.schema else table.cast(self.schema))
+        schema = self.writer.schema
+        self.queue.put(table if table.schema == schema else table.cast(schema))
         return table.num_rows
 
     def finish(self, metadata: dict[str, str]) -> None:
