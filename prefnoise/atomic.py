@@ -79,20 +79,29 @@ def atomic_path(dest: str | Path, *, directory: bool = False, command: str | Non
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
 
 
-def _new_temporary(parent: Path, prefix: str, *, directory: bool) -> Path:
-    """A new temporary file or directory in ``parent``, registered for removal before any signal can
-    interrupt between its creation and its registration (a SIGTERM there left it behind)."""
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM, SIGHUP and SIGINT back for the block (in the main thread), so that what it creates is in
+    the hands of its cleanup before a stop signal can interrupt; a signal that came meanwhile is raised on
+    leaving. A thread started in the block inherits the mask: stop signals keep going to the main thread."""
     main = threading.current_thread() is threading.main_thread()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if main else None
     try:
+        yield
+    finally:
+        if blocked is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending signal is raised now: cleaned up
+
+
+def _new_temporary(parent: Path, prefix: str, *, directory: bool) -> Path:
+    """A new temporary file or directory in ``parent``, registered for removal before any signal can
+    interrupt between its creation and its registration (a SIGTERM there left it behind)."""
+    with stop_signals_deferred():
         if directory:
             return register_temporary(tempfile.mkdtemp(prefix=prefix, dir=parent))
         fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
         os.close(fd)
         return register_temporary(name)
-    finally:
-        if blocked is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending signal is raised now: cleaned up
 
 
 RENAME_NOREPLACE = 1

@@ -75,6 +75,34 @@ def test_signal_while_writing_leaves_no_partial_output(tmp_path, big_pairs, sig,
     assert list(out_dir.iterdir()) == [] and list(temp.iterdir()) == []
 
 
+SIGNAL_AS_THE_WRITER_STARTS = """
+import os, signal, sys, time
+from prefnoise.data import write
+start = write._SinkWriter.__init__
+def start_then_signal(self, *args, **kwargs):
+    start(self, *args, **kwargs)  # the sink's thread runs and will create the file
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)  # a signal not held back is raised here, before write_table holds the writer
+write._SinkWriter.__init__ = start_then_signal
+from prefnoise.__main__ import run
+sys.argv = ["prefnoise", *sys.argv[1:]]
+run()
+"""
+
+
+def test_sigterm_as_the_parquet_writer_starts_leaves_nothing(tmp_path, sample_path):
+    """A stop signal between the writer thread's start and the command holding the writer used to leave the
+    temporary file behind: the thread created it after the clean-up had run."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", SIGNAL_AS_THE_WRITER_STARTS, "corrupt", str(sample_path),
+                           str(out_dir / "noisy.parquet"), "--rate", "0.2"], env=env, capture_output=True, timeout=60)
+    assert done.returncode == 143, done.stderr.decode()
+    time.sleep(0.5)  # the writer thread, had it outlived the process's clean-up, would have created it by now
+    assert list(out_dir.iterdir()) == []
+
+
 def test_sigterm_while_reading_stdin_removes_the_spooled_copy(tmp_path, sample_path):
     temp = tmp_path / "tmp"
     temp.mkdir()

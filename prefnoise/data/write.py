@@ -21,7 +21,7 @@ from polars.exceptions import PanicException
 from polars.io.plugins import register_io_source
 
 from prefnoise import __version__
-from prefnoise.atomic import atomic_path
+from prefnoise.atomic import atomic_path, stop_signals_deferred
 from prefnoise.data.conversational import carries_messages, to_conversational
 from prefnoise.data.provenance import METADATA_KEY, HistoryEntry
 from prefnoise.data.schema import DEFAULT_BATCH_SIZE, STDIN, drop_internal, first_error_line, to_polars
@@ -74,7 +74,10 @@ def write_table(
                 for frame in frames:
                     frame = drop_internal(frame)
                     if writer is None:
-                        writer = _open_writer(tmp, frame, row_group_size)
+                        # the sink's thread creates the file: a stop signal before ``writer`` holds it would leave
+                        # that thread writing after the clean-up below; it is raised once ``close`` can stop it
+                        with stop_signals_deferred():
+                            writer = _open_writer(tmp, frame, row_group_size)
                     rows += writer.put(frame)
                 if writer is None:
                     raise PrefnoiseError("no rows to write: every input row was filtered out")
