@@ -30,6 +30,7 @@ from prefnoise.data.locate import (
 from prefnoise.data.mapping import ColumnMap, check_column_map, map_score_columns
 from prefnoise.data.nesting import read_json_checked
 from prefnoise.data.provenance import file_fingerprint, read_provenance
+from prefnoise.data.read_ahead import read_ahead
 from prefnoise.data.schema import (
     DEFAULT_BATCH_SIZE,
     STDIN,
@@ -332,7 +333,7 @@ class PreferenceSource:
 
     def _canonical_batches(self, *, count: bool) -> Iterator[pl.DataFrame]:
         offset = 0
-        for record_batch in self._arrow_batches():
+        for record_batch in read_ahead(self._arrow_batches()):  # the next batch decodes while this one is used
             if record_batch.num_rows == 0:
                 continue
             frame = to_polars(record_batch, self.name)
