@@ -175,23 +175,18 @@ def check_model_dir(path: str | Path, what: str) -> Path:
 
 
 def _kind(cls: Any) -> str:
-    """"config", "tokenizer" or "model": what ``cls.from_pretrained`` loads."""
+    """"config", "tokenizer" or "model": what ``cls.from_pretrained`` loads. The model classes are imported
+    last: transformers' modeling_utils takes ~1.5 s to import, which a tokenizer or config alone never needs."""
     # transformers is heavy: loaded only when a model is read
-    from transformers import (
-        AutoConfig,
-        AutoTokenizer,
-        PretrainedConfig,
-        PreTrainedModel,
-        PreTrainedTokenizerBase,
-    )
-
-    # transformers is heavy: loaded only when a model is read
-    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+    from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
     if cls is AutoConfig or (isinstance(cls, type) and issubclass(cls, PretrainedConfig)):
         return "config"
     if cls is AutoTokenizer or (isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerBase)):
         return "tokenizer"
+    from transformers import PreTrainedModel  # the heavy import: only for a model class
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass  # light once the line above ran
+
     if isinstance(cls, type) and issubclass(cls, (_BaseAutoModelClass, PreTrainedModel)):
         return "model"
     raise TypeError(f"prefnoise.hf.from_pretrained cannot load {cls!r}")

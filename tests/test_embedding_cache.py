@@ -93,6 +93,17 @@ def test_the_encoder_runs_once_per_distinct_text(minilm_path, fresh, tmp_path, m
     assert encoder.texts_encoded == 4 and encoder.missing([""] * 10, texts, "response") == 0
 
 
+def test_a_run_whose_texts_are_all_cached_never_loads_the_encoder_network(minilm_path, fresh, tmp_path):
+    _embed(_encoder(minilm_path, tmp_path), TEXTS[:5])  # fills the cache
+    store_module._STORES.clear()
+    encoder = _encoder(minilm_path, tmp_path)
+    assert encoder.dim == 384 and encoder._model is None  # the width comes from config.json
+    np.testing.assert_allclose(_embed(encoder, TEXTS[:5]), _expected(fresh, TEXTS[:5]), atol=1e-5)
+    assert encoder._model is None and encoder.forward_calls == 0
+    _embed(encoder, TEXTS[:6])  # one text the cache lacks: now the network loads and runs once
+    assert encoder._model is not None and encoder.forward_calls == 1 and encoder.dim == 384
+
+
 # --- concurrent writers ----------------------------------------------------------------------------
 
 _WRITER = textwrap.dedent("""

@@ -73,12 +73,11 @@ class Encoder:
         cache_dir: str | Path | None = None,
         what: str = "--encoder",
     ) -> None:
-        from transformers import AutoModel  # heavy: loaded when an encoder is
-
         self.path = check_reward_model_dir(path, what)
+        self.what = what
         self.tokenizer = load_tokenizer(self.path, what)
-        self.model = from_pretrained(AutoModel, self.path, what=what, dtype=torch.float32).eval()
-        self.model.requires_grad_(False)
+        self._model: Any = None  # loaded on first use: a run whose texts are all cached never needs it
+        self._config: Any = None
         self.max_length = max_length
         self.batch_size = batch_size
         self.cache_dir = cache_dir
@@ -90,9 +89,30 @@ class Encoder:
         self.remote: Any = None
 
     @property
+    def model(self) -> Any:
+        """The frozen encoder network, loaded on first use (its files were checked when this was built)."""
+        if self._model is None:
+            from transformers import AutoModel  # heavy (~1.5 s to import): loaded when the encoder must run
+
+            self._model = from_pretrained(AutoModel, self.path, what=self.what, dtype=torch.float32).eval()
+            self._model.requires_grad_(False)
+        return self._model
+
+    def load(self) -> Encoder:
+        """Load the network now, so that damaged weights are an error at once rather than at the first cache miss."""
+        _ = self.model
+        return self
+
+    @property
     def dim(self) -> int:
-        """Embedding width."""
-        return int(self.model.config.hidden_size)
+        """Embedding width (from the config: the network need not be loaded)."""
+        if self._model is not None:
+            return int(self._model.config.hidden_size)
+        if self._config is None:
+            from transformers import AutoConfig  # light beside AutoModel
+
+            self._config = from_pretrained(AutoConfig, self.path, what=self.what)
+        return int(self._config.hidden_size)
 
     @property
     def fingerprint(self) -> str:

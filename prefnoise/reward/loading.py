@@ -57,7 +57,7 @@ def load_reward_model(directory: str | Path, *, cache_dir: str | Path | None = N
                 max_length=config["max_length"],
                 cache_dir=cache_dir,
                 what=f"{SAVED_AS} encoder",
-            )
+            ).load()  # its cache entries are trusted by the recorded fingerprint: the copy itself is checked here
             width = embed_feature_dim(config["embed_features"], encoder.dim)
             if width != config["input_dim"]:
                 raise PrefnoiseError(
