@@ -101,3 +101,21 @@ def test_a_parquet_source_reads_ahead_with_the_same_batches_and_checks(tmp_path)
     with pytest.raises(PrefnoiseError, match=r"invalid UTF-8 in column 'chosen' at row 2501;"):
         list(open_source(bad, batch_size=1000).batches())
     assert not _readers()
+
+
+def test_peeking_at_the_schema_reads_one_batch_and_nothing_ahead(tmp_path, monkeypatch):
+    path = tmp_path / "pairs.parquet"
+    make_pairs(3000).write_parquet(path, row_group_size=1000)
+    read = []
+    original = pq.ParquetFile.iter_batches
+
+    def counted(self, *args, **kwargs):
+        for batch in original(self, *args, **kwargs):
+            read.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    source = open_source(path, batch_size=1000)
+    assert "pair_id" in source.schema and "prompt" in source.schema
+    assert read == [1000]  # with reading ahead the peek would decode two more batches and throw them away
+    assert [f.height for f in source.batches()] == [1000] * 3

@@ -122,7 +122,7 @@ class PreferenceSource:
     def schema(self) -> pl.Schema:
         """The canonical schema the batches will have (reads the first batch)."""
         if self._schema is None:
-            first = next(self._canonical_batches(count=False), None)
+            first = next(self._canonical_batches(self._arrow_batches(), count=False), None)  # no read-ahead: one batch
             if first is None:
                 if self.drop_invalid and any(batch.num_rows for batch in self._arrow_batches()):
                     raise PrefnoiseError(
@@ -136,7 +136,8 @@ class PreferenceSource:
         """Validated canonical batches; raises PrefnoiseError naming the file and rows at fault."""
         self.rows_read = 0
         self.dropped = {}
-        return self._canonical_batches(count=True)
+        # the next batch decodes while this one is used
+        return self._canonical_batches(read_ahead(self._arrow_batches()), count=True)
 
     def collect(self) -> pl.DataFrame:
         """The whole validated table in memory."""
@@ -331,9 +332,9 @@ class PreferenceSource:
             except (pa.ArrowException, OSError) as error:
                 raise self._read_error(label, error) from None
 
-    def _canonical_batches(self, *, count: bool) -> Iterator[pl.DataFrame]:
+    def _canonical_batches(self, record_batches: Iterable[pa.RecordBatch], *, count: bool) -> Iterator[pl.DataFrame]:
         offset = 0
-        for record_batch in read_ahead(self._arrow_batches()):  # the next batch decodes while this one is used
+        for record_batch in record_batches:
             if record_batch.num_rows == 0:
                 continue
             frame = to_polars(record_batch, self.name)

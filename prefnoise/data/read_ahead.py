@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from prefnoise.atomic import stop_signals_deferred
 
@@ -25,7 +25,7 @@ class _End:
     """The reader's last item: the source ran out."""
 
 
-class _Failure(Generic[T]):
+class _Failure:
     """The reader's last item when the source raised: the error, re-raised in the caller's thread."""
 
     def __init__(self, error: BaseException) -> None:
