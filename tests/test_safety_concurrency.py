@@ -59,6 +59,12 @@ def holds(out: Path) -> bool:
         return False
 
 
+def reading_stdin(tmp: Path) -> bool:
+    """Whether a run started by :func:`start` in ``tmp`` has begun copying its stdin, which it does only after
+    checking its output: holding the lock alone does not say the check is over (it is taken just before)."""
+    return any((tmp / "TMP").glob("prefnoise-stdin-*"))
+
+
 def feed(proc: subprocess.Popen, data: bytes) -> tuple[int, str]:
     _, err = proc.communicate(data, timeout=300)
     return proc.returncode, err.decode()
@@ -222,7 +228,7 @@ def test_a_file_created_at_out_mid_run_is_kept_and_the_result_left_beside_it(tmp
 def test_a_file_created_at_out_before_the_write_starts_is_refused(tmp_path, sample_path):
     out = tmp_path / "noisy.parquet"
     first = start(["corrupt", "-", out, "--rate", "0.2", "-q"], tmp_path)
-    wait_for(lambda: holds(out), first)
+    wait_for(lambda: holds(out) and reading_stdin(tmp_path), first)
     out.write_bytes(b"the user's own file\n")
     code, err = feed(first, sample_path.read_bytes())
     assert code == 2
@@ -233,7 +239,7 @@ def test_a_file_created_at_out_before_the_write_starts_is_refused(tmp_path, samp
 def test_a_file_added_to_the_out_directory_mid_run_is_kept(tmp_path, sample_path):
     out = tmp_path / "rm"
     first = start(["fit-reward", "-", "--out", out, "--epochs", "1", "-q"], tmp_path)
-    wait_for(lambda: holds(out), first)
+    wait_for(lambda: holds(out) and reading_stdin(tmp_path), first)
     out.mkdir()
     (out / "NOTES.md").write_text("mine\n")
     code, err = feed(first, sample_path.read_bytes())
