@@ -306,6 +306,24 @@ def test_a_later_batch_of_another_type_is_cast_safely_or_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.parquet"]
 
 
+
+def test_the_parquet_sink_writes_to_the_file_it_was_opened_on_never_to_the_path(tmp_path):
+    """polars' sink, given a path, opens it from a task of its own that can outlive a failed
+    ``sink_parquet``; it then recreated the temporary file after the clean-up had removed it (under load,
+    about 1 failed write in 30). Given the file the writer opened, nothing it does can create a path: here
+    the file is moved away once the writer holds it, and every row still lands in it."""
+    from prefnoise.data.write import _SinkWriter
+
+    frame = pl.DataFrame({"prompt": ["p"] * 3, "chosen": ["c"] * 3, "rejected": ["r"] * 3})
+    writer = _SinkWriter(tmp_path / "out.parquet", frame.schema, row_group_size=2)
+    (tmp_path / "out.parquet").rename(tmp_path / "moved.parquet")
+    assert writer.put(frame) == 3
+    writer.finish({"k": "v"})
+    writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moved.parquet"]
+    assert pl.read_parquet(tmp_path / "moved.parquet").equals(frame)
+    assert pq.read_metadata(tmp_path / "moved.parquet").metadata[b"k"] == b"v"
+
 def test_the_history_counts_every_batch_written(tmp_path):
     from prefnoise.data import new_history_entry
 

@@ -176,9 +176,14 @@ class _SinkWriter:
     row group at a time on one), in row groups of ``row_group_size``. It runs off the main thread so
     that a signal still reaches the caller at once; the queue bound keeps at most two frames in
     flight. The key-value metadata is added when the last frame is in (``finish``).
+
+    The sink writes to a file this thread opened, never to a path: when its source fails, polars'
+    ``sink_parquet`` can return before its own task has opened the path, and that task then recreated
+    the file after the caller's clean-up had removed it (seen under load, about 1 failed write in 30).
     """
 
     def __init__(self, path: Path, schema: pl.Schema, row_group_size: int) -> None:
+        self.handle = open(path, "wb")  # noqa: SIM115 (closed by finish or close)
         self.schema = schema
         self.arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=2)
@@ -186,7 +191,7 @@ class _SinkWriter:
         self.error: BaseException | None = None
         self.done = False
         self.thread = threading.Thread(
-            target=self._run, args=(path, row_group_size), name="prefnoise-parquet-writer", daemon=True
+            target=self._run, args=(row_group_size,), name="prefnoise-parquet-writer", daemon=True
         )
         self.thread.start()
 
@@ -198,10 +203,10 @@ class _SinkWriter:
             yield frame
         self.done = True
 
-    def _run(self, path: Path, row_group_size: int) -> None:
+    def _run(self, row_group_size: int) -> None:
         try:
             register_io_source(self._frames, schema=self.schema).sink_parquet(
-                path, compression="zstd", compression_level=1, row_group_size=row_group_size,
+                self.handle, compression="zstd", compression_level=1, row_group_size=row_group_size,
                 metadata=lambda _: self.metadata or {},
             )
         except BaseException as error:  # re-raised in the caller's thread
@@ -225,10 +230,12 @@ class _SinkWriter:
         self._join(None)
         if self.error is not None:
             raise self.error
+        self.handle.close()
 
     def close(self) -> None:
-        """Stop the sink (if still running) without finishing the file."""
+        """Stop the sink (if still running) without finishing the file, and close the file."""
         self._join(_ABORT)
+        self.handle.close()
 
     def _join(self, last: Any) -> None:
         if self.thread.is_alive():
