@@ -18,6 +18,7 @@ from polars.exceptions import PanicException
 from polars.io.plugins import register_io_source
 
 from prefnoise.data.canonical import LAYOUTS, canonicalize
+from prefnoise.data.json_lines import json_lines_batches
 from prefnoise.data.locate import (
     check_saved_dataset,
     detect_format,
@@ -28,7 +29,6 @@ from prefnoise.data.locate import (
     spool_stdin,
 )
 from prefnoise.data.mapping import ColumnMap, check_column_map, map_score_columns
-from prefnoise.data.nesting import read_json_checked
 from prefnoise.data.provenance import file_fingerprint, read_provenance
 from prefnoise.data.read_ahead import read_ahead
 from prefnoise.data.schema import (
@@ -83,6 +83,7 @@ class PreferenceSource:
         self._schema: pl.Schema | None = None
         self._files: list[Path] = []
         self._shard_columns: list[str] | None = None
+        self._mixed_json: set[Path] = set()  # JSON lines files read by polars (json_lines_batches)
         self._multi = path.is_dir()  # errors name each file of a directory, else the source
         if isinstance(hub, HubFiles):
             self.format = hub.format
@@ -298,7 +299,9 @@ class PreferenceSource:
             for file in self._files:
                 label = str(file) if self.path.is_dir() else self.name
                 # every byte passes the nesting check before the parser, which recurses once per level
-                yield label, functools.partial(read_json_checked, pa.input_stream(str(file)), label, options)
+                yield label, functools.partial(
+                    json_lines_batches, file, label, options, batch_size=self.batch_size, mixed=self._mixed_json
+                )
         elif self.format == "csv":
             options = pa_csv.ReadOptions(block_size=32 * 2**20)
             # UTF-8 is checked below (naming the row) instead of turning a bad column into binary
