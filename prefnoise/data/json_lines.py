@@ -12,15 +12,13 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pyarrow.json as pa_json
-from polars.exceptions import PanicException
 
 from prefnoise.data.nesting import DepthCheckedJson, read_json_checked
-from prefnoise.data.schema import first_error_line
 from prefnoise.errors import PrefnoiseError, PrefnoiseWarning
 
 # Arrow's message when a later value does not fit the type it inferred: "Column(/a/b) changed from string to boolean"
 _TYPE_CHANGE = re.compile(r"Column\(/([^)]*)\) changed from (\w+) to (\w+)")
-_CHUNK = 32 * 2**20
+_CHUNK = 32 * 2**20  # bytes read (and nesting-checked) at a time before polars parses the whole file
 
 
 def json_lines_batches(
@@ -30,10 +28,11 @@ def json_lines_batches(
 
     A column whose values mix types Arrow cannot unify (strings with ``true``, ``3.5`` or objects) is
     read as polars reads it, a string column holding the others as their JSON text, provided Arrow meets
-    the mix in its first block (32 MiB), before any batch went out: the whole file is then read again,
+    the mix in its first block (``options.block_size``), before any batch went out: the whole file is then read again,
     in memory, by polars' reader (after the same nesting check), and a PrefnoiseWarning says which
     column was read as text. ``mixed`` remembers such files, so that a second read goes to polars at
-    once and warns no more. A mix found later is a PrefnoiseError naming the column.
+    once and warns no more. A mix found later is a PrefnoiseError naming the column. polars' own reading
+    errors propagate, for the caller to word as every other reading error.
     """
     if file in mixed:
         yield from _read_with_polars(file, label).to_arrow().to_batches(max_chunksize=batch_size)
@@ -52,8 +51,8 @@ def json_lines_batches(
         if sent:
             raise PrefnoiseError(
                 f"{label}: column {column!r} holds {after} values after {before} ones past the file's first "
-                f"{_CHUNK // 2**20} MiB, too late to read it as text; write every value of that column as a JSON "
-                "string"
+                f"{options.block_size / 2**20:g} MiB, too late to read it as text; write every value of that column "
+                "as a JSON string"
             ) from None
     frame = _read_with_polars(file, label)
     mixed.add(file)
@@ -79,7 +78,4 @@ def _read_with_polars(file: Path, label: str) -> pl.DataFrame:
     if checked.error is not None:
         raise checked.error
     buffer.seek(0)
-    try:
-        return pl.read_ndjson(buffer, infer_schema_length=None)
-    except (pl.exceptions.PolarsError, PanicException) as error:
-        raise PrefnoiseError(f"{label}: cannot read as json ({first_error_line(error)})") from None
+    return pl.read_ndjson(buffer, infer_schema_length=None)

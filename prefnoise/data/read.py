@@ -332,7 +332,7 @@ class PreferenceSource:
                     check_batch(batch, label, row)
                     row += batch.num_rows
                     yield batch
-            except (pa.ArrowException, OSError) as error:
+            except (pa.ArrowException, OSError, pl.exceptions.PolarsError, PanicException) as error:  # polars: JSON
                 raise self._read_error(label, error) from None
 
     def _canonical_batches(self, record_batches: Iterable[pa.RecordBatch], *, count: bool) -> Iterator[pl.DataFrame]:
